@@ -1,0 +1,199 @@
+"""The function entry points: ``save``, ``async_save``, ``load``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckpt._coordinator import Coordinator, LocalCoordinator
+from ckpt._engine import PendingSave, SaveResult, Snapshotter
+from ckpt._flatten import ShardedTensor, plan_load
+from ckpt._format import Manifest
+from ckpt._options import LoadOptions
+from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError, storage_errors
+from recovery import Loader, LoadStats, candidates
+from storage_backends import StorageBackend, StorageBackendError, open_backend
+
+log = logging.getLogger(__name__)
+
+_default_lock = threading.Lock()
+_default: Snapshotter | None = None
+
+
+def _default_snapshotter() -> Snapshotter:
+    """One engine per process so that ``ckpt.async_save`` reuses its staging memory."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Snapshotter()
+        return _default
+
+
+def open_url(url: str | os.PathLike[str] | StorageBackend) -> StorageBackend:
+    """A storage backend for ``url`` (a backend object is passed through)."""
+    if not isinstance(url, (str, os.PathLike)):
+        return url
+    try:
+        return open_backend(url)
+    except StorageBackendError as exc:
+        raise StorageError(str(exc), retryable=exc.retryable) from exc
+
+
+def async_save(
+    state: Mapping[str, Any],
+    url: str | os.PathLike[str] | StorageBackend,
+    *,
+    step: int,
+    user_metadata: Mapping[str, Any] | None = None,
+    coordinator: Coordinator | None = None,
+) -> PendingSave:
+    """Snapshot ``state`` to host memory and write it in the background.
+
+    Returns once every tensor is copied; training may then change them. At most one
+    save is in flight per process: a second call waits for the first one's staging
+    buffer. Call ``result()`` on the handle to wait for the commit.
+
+    Raises:
+        CheckpointError: an earlier background save failed and nobody looked at it, or
+            the state cannot be checkpointed.
+    """
+    backend = open_url(url)
+    return _default_snapshotter().async_save(
+        state, backend, step, coordinator or LocalCoordinator(), user_metadata=user_metadata
+    )
+
+
+def save(
+    state: Mapping[str, Any],
+    url: str | os.PathLike[str] | StorageBackend,
+    *,
+    step: int,
+    user_metadata: Mapping[str, Any] | None = None,
+    coordinator: Coordinator | None = None,
+) -> SaveResult:
+    """Save ``state`` as ``step`` and return once the checkpoint is committed."""
+    return async_save(state, url, step=step, user_metadata=user_metadata, coordinator=coordinator).result()
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a restore did.
+
+    Attributes:
+        step: the step loaded.
+        skipped: newer committed steps that failed validation, with the reason.
+        stats: bytes read, amplification and time of the tensor reads.
+    """
+
+    step: int
+    skipped: tuple[tuple[int, str], ...] = field(default_factory=tuple)
+    stats: LoadStats | None = None
+
+
+def load(
+    state: Mapping[str, Any],
+    url: str | os.PathLike[str] | StorageBackend,
+    *,
+    step: int | None = None,
+    strict: bool = True,
+    options: LoadOptions | None = None,
+) -> int:
+    """Load a committed checkpoint into ``state`` in place.
+
+    Args:
+        state: the same kind of dict that was saved; modules, optimizers and tensors
+            are filled in place, plain values are replaced.
+        url: the checkpoint root.
+        step: the step to load; None loads the newest committed step that verifies,
+            falling back to older ones when the newest is corrupt.
+        strict: whether keys present on one side only are errors.
+        options: reader settings.
+
+    Returns:
+        The step loaded.
+
+    Raises:
+        CheckpointNotFoundError: no committed checkpoint (or not ``step``).
+        CorruptCheckpointError: ``step`` was given and fails verification, or every
+            committed step does.
+        StateMismatchError: the state does not match the checkpoint.
+    """
+    return restore(state, url, step=step, strict=strict, options=options).step
+
+
+def restore(
+    state: Mapping[str, Any],
+    url: str | os.PathLike[str] | StorageBackend,
+    *,
+    step: int | None = None,
+    strict: bool = True,
+    options: LoadOptions | None = None,
+) -> RestoreReport:
+    """``load`` that reports which steps it skipped and what it read."""
+    backend = open_url(url)
+    skipped: list[tuple[int, str]] = []
+    for candidate in candidates(backend, step):
+        if candidate.manifest is None:
+            log.warning("skipping checkpoint step %d: %s", candidate.step, candidate.error)
+            skipped.append((candidate.step, str(candidate.error)))
+            continue
+        try:
+            stats = load_manifest(state, backend, candidate.manifest, strict=strict, options=options)
+        except CorruptCheckpointError as exc:
+            if step is not None:
+                raise
+            log.warning(
+                "checkpoint step %d failed verification (%s); falling back to an older one",
+                candidate.step, exc,
+            )
+            skipped.append((candidate.step, str(exc)))
+            continue
+        if skipped:
+            log.warning(
+                "restored step %d after skipping %s", candidate.step, ", ".join(str(s) for s, _ in skipped)
+            )
+        return RestoreReport(candidate.step, tuple(skipped), stats)
+    if skipped:
+        raise CorruptCheckpointError(
+            f"every committed checkpoint under {backend.url} failed verification: "
+            + "; ".join(f"step {s}: {why}" for s, why in skipped)
+        )
+    raise CheckpointNotFoundError(f"no committed checkpoint under {backend.url}")
+
+
+def load_manifest(
+    state: Mapping[str, Any],
+    backend: StorageBackend,
+    manifest: Manifest,
+    *,
+    strict: bool = True,
+    options: LoadOptions | None = None,
+) -> LoadStats:
+    """Fill ``state`` from one validated manifest."""
+    stored = {name: (entry.dtype, entry.shape) for name, entry in manifest.tensors.items()}
+    plan = plan_load(state, manifest.state, stored, strict=strict)
+    with storage_errors(f"loading step {manifest.step} from {backend.url}", missing=CorruptCheckpointError):
+        stats = Loader(backend, manifest, options).load(plan.destinations)
+    for key, tree in plan.trees.items():
+        target = state[key]
+        if isinstance(target, nn.Module):
+            target.load_state_dict(tree, strict=strict)
+        elif isinstance(target, (torch.Tensor, ShardedTensor)):
+            continue  # filled in place
+        elif hasattr(target, "load_state_dict") and hasattr(target, "state_dict"):
+            target.load_state_dict(tree)
+        elif isinstance(target, dict) and isinstance(tree, dict):
+            target.clear()
+            target.update(tree)
+        elif isinstance(target, list) and isinstance(tree, list):
+            target[:] = tree
+        elif isinstance(state, dict):
+            state[key] = tree
+    return stats

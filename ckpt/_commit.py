@@ -1,0 +1,67 @@
+"""Merge per-rank shard indexes into a manifest and publish it: the commit point."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ckpt._format import Manifest, ShardIndex, TensorEntry, manifest_path, step_prefix
+from ckpt.errors import CoordinationError, storage_errors
+from storage_backends import StorageBackend
+
+
+def merge_indexes(
+    *,
+    step: int,
+    generation: str,
+    world_size: int,
+    chunk_bytes: int,
+    indexes: Sequence[ShardIndex],
+    user_metadata: Mapping[str, Any] | None = None,
+    layout: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """One manifest from every rank's index; data file paths become relative to the step prefix."""
+    tensors: dict[str, TensorEntry] = {}
+    files: dict[str, int] = {}
+    state: dict[str, Any] | None = None
+    for index in sorted(indexes, key=lambda i: i.rank):
+        files.update(index.files)
+        if index.state is not None and state is None:
+            state = index.state
+        for name, entry in index.tensors.items():
+            known = tensors.get(name)
+            if known is None:
+                tensors[name] = entry
+                continue
+            if known.dtype != entry.dtype or known.shape != entry.shape:
+                raise CoordinationError(
+                    f"step {step}: ranks disagree on tensor {name!r}: {known.dtype}{list(known.shape)} "
+                    f"vs {entry.dtype}{list(entry.shape)} (rank {index.rank})"
+                )
+            tensors[name] = TensorEntry(known.dtype, known.shape, known.pieces + entry.pieces)
+    return Manifest(
+        step=step,
+        generation=generation,
+        world_size=world_size,
+        chunk_bytes=chunk_bytes,
+        tensors=tensors,
+        files=files,
+        state=state or {},
+        created_unix=time.time(),
+        user_metadata=dict(user_metadata or {}),
+        layout=dict(layout or {}),
+    )
+
+
+def publish(backend: StorageBackend, manifest: Manifest) -> None:
+    """Write the manifest with an atomic create; refuse when the step is already committed."""
+    path = manifest_path(manifest.step)
+    with storage_errors(f"committing {path} under {backend.url}"):
+        created = backend.put_if_absent(path, manifest.to_bytes())
+    if not created:
+        raise CoordinationError(
+            f"step {manifest.step} under {backend.url} is already committed by another writer; "
+            f"this save (generation {manifest.generation}) was not committed. Delete "
+            f"{step_prefix(manifest.step)}/ first if you mean to replace it"
+        )

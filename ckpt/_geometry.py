@@ -1,0 +1,72 @@
+"""Where a stored or requested piece sits inside its global tensor."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangular region of a global tensor: ``offsets[d] .. offsets[d] + lengths[d]``."""
+
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def full(cls, shape: Sequence[int]) -> Box:
+        return cls(tuple(0 for _ in shape), tuple(int(n) for n in shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.lengths)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        return tuple(o + n for o, n in zip(self.offsets, self.lengths))
+
+    def intersect(self, other: Box) -> Box | None:
+        """The common region, or None when they do not overlap (or either is empty)."""
+        offsets = []
+        lengths = []
+        for a0, an, b0, bn in zip(self.offsets, self.lengths, other.offsets, other.lengths):
+            lo = max(a0, b0)
+            hi = min(a0 + an, b0 + bn)
+            if hi <= lo:
+                return None
+            offsets.append(lo)
+            lengths.append(hi - lo)
+        return Box(tuple(offsets), tuple(lengths))
+
+    def relative_to(self, outer: Box) -> tuple[slice, ...]:
+        """Index of this region inside ``outer``'s local tensor."""
+        return tuple(
+            slice(o - oo, o - oo + n) for o, n, oo in zip(self.offsets, self.lengths, outer.offsets)
+        )
+
+    def within(self, shape: Sequence[int]) -> bool:
+        return len(shape) == self.ndim and all(
+            o >= 0 and n >= 0 and o + n <= s for o, n, s in zip(self.offsets, self.lengths, shape)
+        )
+
+
+def row_span(piece: Box, region: Box) -> tuple[int, int]:
+    """Elements of ``piece``'s row-major storage that hold the rows ``region`` touches.
+
+    ``region`` must lie inside ``piece``. The span covers whole rows along dimension 0
+    so that the bytes read can be viewed as a tensor and sliced; it is exact whenever
+    ``region`` spans the piece fully in every other dimension.
+
+    Returns:
+        (first element, number of elements).
+    """
+    if piece.ndim == 0:
+        return 0, 1
+    row = math.prod(piece.lengths[1:])
+    first_row = region.offsets[0] - piece.offsets[0]
+    return first_row * row, region.lengths[0] * row

@@ -1,0 +1,291 @@
+"""``CheckpointManager``: wraps a training loop with a save policy, retention and restore."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Literal
+
+from ckpt._api import RestoreReport, open_url, restore
+from ckpt._coordinator import Coordinator, LocalCoordinator
+from ckpt._engine import PendingSave, SaveResult, Snapshotter
+from ckpt._format import Manifest
+from ckpt._options import LoadOptions, SaveOptions
+from ckpt._retention import RetentionPolicy, apply_retention, remove_unreferenced
+from ckpt._rng import RNGState
+from ckpt.errors import CheckpointError, CheckpointNotFoundError
+from storage_backends import StorageBackend
+
+log = logging.getLogger(__name__)
+
+RNG_KEY = "_ckpt_rng"
+
+
+@dataclass
+class ManagerMetrics:
+    """Counters a training job can log; ``history`` holds one SaveResult per committed save."""
+
+    saves_started: int = 0
+    saves_committed: int = 0
+    saves_failed: int = 0
+    saves_skipped_busy: int = 0
+    restores_fallbacks: int = 0
+    stall_seconds_total: float = 0.0
+    history: list[SaveResult] = field(default_factory=list)
+
+
+class CheckpointManager:
+    """Saves on a policy, keeps a retention window, restores the newest good checkpoint.
+
+    Args:
+        url: checkpoint root: a local path, ``file://`` URL (``s3://`` with the S3 backend).
+        every_steps: save when ``step`` is a multiple of this.
+        every_seconds: save when this long has passed since the last save started.
+        interval: ``"auto"`` derives the save period from the measured stall and
+            ``mtbf_seconds`` (Young/Daly: sqrt(2 * stall * MTBF)).
+        mtbf_seconds: the job's mean time between failures, for ``interval="auto"``.
+        keep_last: committed checkpoints to keep (the newest is always kept).
+        keep_every: also keep steps that are multiples of this, forever.
+        coordinator: None for the embedded coordinator, or a Coordinator.
+        include_rng: also checkpoint the RNG states (torch, CUDA, Python, NumPy).
+        if_busy: when a save is due while the previous one is still in the background:
+            ``"skip"`` it (logged and counted) or ``"wait"`` for the previous one.
+        save_on_sigterm: on SIGTERM, finish the save in flight, save at the next
+            ``maybe_save`` call, then exit with status 143.
+        save_options / load_options: layout and I/O settings.
+        user_metadata: stored in every manifest.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | StorageBackend,
+        *,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        interval: Literal["auto"] | None = None,
+        mtbf_seconds: float = 24 * 3600.0,
+        keep_last: int | None = 3,
+        keep_every: int | None = None,
+        coordinator: Coordinator | str | None = None,
+        include_rng: bool = False,
+        if_busy: Literal["skip", "wait"] = "skip",
+        save_on_sigterm: bool = True,
+        save_options: SaveOptions | None = None,
+        load_options: LoadOptions | None = None,
+        user_metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        if every_steps is not None and every_steps < 1:
+            raise ValueError("every_steps must be a positive number of steps")
+        if every_seconds is not None and every_seconds <= 0:
+            raise ValueError("every_seconds must be positive")
+        if interval not in (None, "auto"):
+            raise ValueError('interval must be None or "auto"')
+        if if_busy not in ("skip", "wait"):
+            raise ValueError('if_busy must be "skip" or "wait"')
+        self.backend = open_url(url)
+        self.retention = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
+        self.coordinator = self._make_coordinator(coordinator)
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.interval = interval
+        self.mtbf_seconds = mtbf_seconds
+        self.include_rng = include_rng
+        self.if_busy = if_busy
+        self.load_options = load_options
+        self.user_metadata = dict(user_metadata or {})
+        self.metrics = ManagerMetrics()
+        self.last_restore: RestoreReport | None = None
+        self._snapshotter = Snapshotter(save_options)
+        self._last_save_time: float | None = None
+        self._last_saved_step: int | None = None
+        self._preempted: int | None = None
+        self._previous_handler: Any = None
+        self._closed = False
+        self._metrics_lock = threading.Lock()
+        if save_on_sigterm and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._handler_installed = True
+        else:
+            self._handler_installed = False
+
+    @staticmethod
+    def _make_coordinator(coordinator: Coordinator | str | None) -> Coordinator:
+        if coordinator is None:
+            return LocalCoordinator()
+        if isinstance(coordinator, str):
+            raise CheckpointError(
+                f"coordinator URL {coordinator!r} is not supported by this version; "
+                "pass coordinator=None for the embedded coordinator"
+            )
+        return coordinator
+
+    # -- restore -----------------------------------------------------------------------
+
+    def restore(self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
+        """Load the newest committed checkpoint that verifies into ``state``.
+
+        Falls back to older committed steps when the newest fails verification, logging
+        why (see ``last_restore.skipped``).
+
+        Returns:
+            The restored step, or None when there is no checkpoint yet.
+        """
+        state = self._with_rng(state)
+        try:
+            report = restore(state, self.backend, step=step, strict=strict, options=self.load_options)
+        except CheckpointNotFoundError:
+            if step is not None:
+                raise
+            log.info("no checkpoint under %s yet; starting from scratch", self.backend.url)
+            return None
+        self.last_restore = report
+        self.metrics.restores_fallbacks += len(report.skipped)
+        self._last_saved_step = report.step
+        self._last_save_time = time.monotonic()
+        return report.step
+
+    # -- save --------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, state: Mapping[str, Any]) -> PendingSave | None:
+        """Save ``step`` asynchronously if the policy says it is due.
+
+        Blocks only while tensors are copied to host memory. Raises the error of an
+        earlier background save that failed. After a SIGTERM it finishes the save in
+        flight, saves this step, waits for its commit and exits with status 143.
+        """
+        if self._preempted is not None:
+            self._save_and_exit(step, state)
+        if not self._due(step):
+            self._snapshotter.raise_unobserved()
+            return None
+        if self._snapshotter.busy():
+            if self.if_busy == "skip":
+                self.metrics.saves_skipped_busy += 1
+                log.warning(
+                    "step %d: checkpoint due but the previous one is still being written; skipped "
+                    "(storage slower than the save interval: save less often or use if_busy='wait')",
+                    step,
+                )
+                self._snapshotter.raise_unobserved()
+                return None
+        return self.save(step, state)
+
+    def save(self, step: int, state: Mapping[str, Any], *, blocking: bool = False) -> PendingSave:
+        """Save ``step`` now, regardless of the policy (waits for a save in flight first)."""
+        if self._closed:
+            raise CheckpointError("this CheckpointManager is closed")
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = step
+        self.metrics.saves_started += 1
+        try:
+            pending = self._snapshotter.async_save(
+                self._with_rng(state),
+                self.backend,
+                step,
+                self.coordinator,
+                user_metadata=self.user_metadata,
+                on_committed=self._after_commit,
+            )
+        except BaseException:
+            self.metrics.saves_failed += 1
+            raise
+        with self._metrics_lock:
+            self.metrics.stall_seconds_total += pending.stall_seconds
+        pending._future.add_done_callback(self._record)
+        if blocking:
+            pending.result()
+        return pending
+
+    def _record(self, future: Any) -> None:
+        with self._metrics_lock:
+            if future.exception() is None:
+                self.metrics.saves_committed += 1
+                self.metrics.history.append(future.result())
+            else:
+                self.metrics.saves_failed += 1
+
+    def _after_commit(self, manifest: Manifest) -> None:
+        try:
+            remove_unreferenced(self.backend, manifest)
+            apply_retention(self.backend, self.retention)
+        except CheckpointError as exc:  # the checkpoint is committed; GC can run again later
+            log.warning("retention after step %d failed: %s", manifest.step, exc)
+
+    def _due(self, step: int) -> bool:
+        if step == self._last_saved_step:
+            return False
+        if self.every_steps is not None and step % self.every_steps == 0:
+            return True
+        period = self._period_seconds()
+        if period is None:
+            return False
+        return self._last_save_time is None or time.monotonic() - self._last_save_time >= period
+
+    def _period_seconds(self) -> float | None:
+        if self.interval == "auto":
+            if not self.metrics.saves_started:
+                return 0.0  # save once to measure the cost
+            stall = max(self.metrics.stall_seconds_total / self.metrics.saves_started, 1e-3)
+            period = math.sqrt(2.0 * stall * self.mtbf_seconds)
+            return period if self.every_seconds is None else min(period, self.every_seconds)
+        return self.every_seconds
+
+    def _with_rng(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not self.include_rng:
+            return state
+        if RNG_KEY in state:
+            raise CheckpointError(f"state key {RNG_KEY!r} is reserved for include_rng=True")
+        return {**state, RNG_KEY: RNGState()}
+
+    # -- preemption --------------------------------------------------------------------
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("SIGTERM received: will save at the next maybe_save() and exit")
+        self._preempted = signum
+
+    @property
+    def preempted(self) -> bool:
+        """True once SIGTERM arrived (the next ``maybe_save`` saves and exits)."""
+        return self._preempted is not None
+
+    def _save_and_exit(self, step: int, state: Mapping[str, Any]) -> None:
+        try:
+            self._snapshotter.wait()
+        except CheckpointError as exc:
+            log.error("the save in flight failed during preemption: %s", exc)
+        if self._last_saved_step != step:
+            self.save(step, state, blocking=True)
+        log.warning("step %d saved after SIGTERM; exiting", step)
+        self.close()
+        raise SystemExit(128 + signal.SIGTERM)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def wait(self) -> list[SaveResult]:
+        """Wait for the save in flight; re-raise its error."""
+        return self._snapshotter.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight, stop background threads, restore the SIGTERM handler."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._snapshotter.close()
+        finally:
+            self.coordinator.close()
+            if self._handler_installed and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,113 @@
+"""Reusable host buffers that snapshots are copied into.
+
+The copy into these buffers is the only part of a save that training waits for.
+Buffers are kept across saves (one per checkpoint in flight) and only grow, so
+steady-state saves allocate nothing. With CUDA, buffers are pinned and the copies
+run on a side stream that first waits for the producer stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+_ALIGN = 64
+
+
+def align(n: int, to: int = _ALIGN) -> int:
+    return -(-n // to) * to
+
+
+@dataclass
+class StagingBuffer:
+    """One slot's flat byte buffer."""
+
+    data: torch.Tensor  # uint8, 1-D, on the host
+    slot: int
+
+    @property
+    def capacity(self) -> int:
+        return self.data.numel()
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        return self.data[offset : offset + nbytes]
+
+
+class StagingPool:
+    """Host buffers for ``slots`` checkpoints in flight; ``acquire`` blocks while all are busy."""
+
+    def __init__(self, slots: int = 1, *, pin: bool | None = None) -> None:
+        if slots < 1:
+            raise ValueError("a staging pool needs at least one slot")
+        self._pin = torch.cuda.is_available() if pin is None else pin
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._free = list(range(slots))
+        self._cond = threading.Condition()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def pinned(self) -> bool:
+        return self._pin
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(b.numel() for b in self._buffers if b is not None)
+
+    def busy(self) -> bool:
+        with self._cond:
+            return not self._free
+
+    def acquire(self, nbytes: int, timeout: float | None = None) -> StagingBuffer:
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
+                raise TimeoutError("no staging buffer became free in time")
+            slot = self._free.pop()
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < nbytes:
+            self._buffers[slot] = None
+            del buffer  # free the old one before allocating the larger one
+            try:
+                buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+            except BaseException:
+                self.release_slot(slot)
+                raise
+            self._buffers[slot] = buffer
+        return StagingBuffer(buffer, slot)
+
+    def release(self, buffer: StagingBuffer) -> None:
+        self.release_slot(buffer.slot)
+
+    def release_slot(self, slot: int) -> None:
+        with self._cond:
+            if slot not in self._free:
+                self._free.append(slot)
+            self._cond.notify()
+
+    def copy_in(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy each source tensor into its host destination view; returns when all are copied."""
+        cuda_pairs: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for src, dst in pairs:
+            if src.device.type == "cuda":
+                cuda_pairs.setdefault(src.device, []).append((src, dst))
+            else:
+                dst.copy_(src)
+        events = []
+        for device, device_pairs in cuda_pairs.items():
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            # The side stream must see every kernel queued so far that writes these tensors.
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for src, dst in device_pairs:
+                    dst.copy_(src, non_blocking=self._pin)
+                events.append(stream.record_event())
+        for event in events:
+            event.synchronize()
+
+    def close(self) -> None:
+        with self._cond:
+            self._buffers = [None] * len(self._buffers)

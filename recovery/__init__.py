@@ -1,0 +1,16 @@
+"""Restore side of ckpt: choose a committed step, plan reshards, load byte ranges in parallel."""
+
+from recovery._discover import Candidate, candidates, committed_steps, validate_files
+from recovery._loader import Loader, LoadStats
+from recovery._reshard import ReadRequest, plan_reads
+
+__all__ = [
+    "Candidate",
+    "LoadStats",
+    "Loader",
+    "ReadRequest",
+    "candidates",
+    "committed_steps",
+    "plan_reads",
+    "validate_files",
+]

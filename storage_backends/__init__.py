@@ -1,0 +1,23 @@
+"""Byte movers for ckpt: one small protocol and its implementations."""
+
+from storage_backends._errors import (
+    BlobNotFoundError,
+    InvalidPathError,
+    StorageBackendError,
+    StorageFullError,
+)
+from storage_backends._local import LocalBackend
+from storage_backends._protocol import BlobStream, BytesLike, StorageBackend
+from storage_backends._url import open_backend
+
+__all__ = [
+    "BlobNotFoundError",
+    "BlobStream",
+    "BytesLike",
+    "InvalidPathError",
+    "LocalBackend",
+    "StorageBackend",
+    "StorageBackendError",
+    "StorageFullError",
+    "open_backend",
+]
