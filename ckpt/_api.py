@@ -17,7 +17,12 @@ from ckpt._engine import PendingSave, SaveResult, Snapshotter
 from ckpt._flatten import ShardedTensor, plan_load
 from ckpt._format import Manifest
 from ckpt._options import LoadOptions
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError, storage_errors
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+    storage_errors,
+)
 from recovery import Loader, LoadStats, candidates
 from storage_backends import StorageBackend, StorageBackendError, open_backend
 

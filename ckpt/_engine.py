@@ -358,20 +358,22 @@ class Snapshotter:
     def _write_files(
         self, backend: StorageBackend, prefix: str, files: list[_FilePlan], buffer: StagingBuffer
     ) -> None:
-        host = buffer.data.numpy()
+        host = memoryview(buffer.data.numpy()).cast("B")  # type: ignore[arg-type]
         opts = self.options
         # Hash (or compress) every piece in blocks on the I/O pool, beside the raw writes.
         block_jobs: list[tuple[_Item, list[Future[Any]]]] = []
         for f in files:
             for item in f.items:
-                view = memoryview(host[item.buffer_offset : item.buffer_offset + item.nbytes])
+                view = host[item.buffer_offset : item.buffer_offset + item.nbytes]
                 blocks = [view[i : i + opts.write_block_bytes] for i in range(0, item.nbytes, opts.write_block_bytes)]
                 if f.compressed:
                     level = opts.compression.level if opts.compression else 3
-                    jobs = [self._io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks]
+                    jobs: list[Future[Any]] = [
+                        self._io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks
+                    ]
                 else:
                     jobs = [self._io.submit(chunk_checksums, b, opts.chunk_bytes) for b in blocks]
-                block_jobs.append((item, jobs))
+                block_jobs.append((item, list(jobs)))
         writes = [
             self._io.submit(self._write_raw_file, backend, prefix, f, host)
             for f in files if not f.compressed
@@ -404,14 +406,14 @@ class Snapshotter:
             self._discard(backend, prefix, files)
             raise errors[0]
 
-    def _write_raw_file(self, backend: StorageBackend, prefix: str, f: _FilePlan, host: Any) -> None:
+    def _write_raw_file(self, backend: StorageBackend, prefix: str, f: _FilePlan, host: memoryview) -> None:
         path = f"{prefix}/{f.path}"
         block = self.options.write_block_bytes
         with storage_errors(f"writing {path} under {backend.url}"):
             stream = backend.open_stream(path)
             try:
                 stream.write(f.header)
-                data = memoryview(host[f.buffer_offset : f.buffer_offset + f.nbytes])
+                data = host[f.buffer_offset : f.buffer_offset + f.nbytes]
                 for i in range(0, f.nbytes, block):
                     stream.write(data[i : i + block])
                 stream.commit()

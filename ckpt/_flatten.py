@@ -259,7 +259,7 @@ def _merge(
 ) -> Any:
     if isinstance(stored, dict) and (TENSOR_REF in stored or _NDARRAY in stored):
         name = stored.get(TENSOR_REF, stored.get(_NDARRAY))
-        if name not in stored_tensors:
+        if not isinstance(name, str) or name not in stored_tensors:
             plan.mismatched.append(f"{path!r} refers to tensor {name!r}, which the checkpoint lacks")
             return None
         dtype, shape = stored_tensors[name]

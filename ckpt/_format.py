@@ -62,7 +62,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise CorruptCheckpointError(f"unknown dtype {name!r} in manifest")
-    return getattr(torch, name)  # type: ignore[no-any-return]
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 def safetensors_dtype(name: str) -> str:
@@ -395,8 +396,8 @@ def scan_steps(backend: Any) -> StepListing:
 
     Storage is the source of truth: a step is committed exactly when its manifest exists.
     """
-    committed = []
-    uncommitted = []
+    committed: list[int] = []
+    uncommitted: list[int] = []
     for name in backend.list_prefixes(""):
         step = parse_step_prefix(name)
         if step is None:

@@ -165,16 +165,15 @@ class CheckpointManager:
         if not self._due(step):
             self._snapshotter.raise_unobserved()
             return None
-        if self._snapshotter.busy():
-            if self.if_busy == "skip":
-                self.metrics.saves_skipped_busy += 1
-                log.warning(
-                    "step %d: checkpoint due but the previous one is still being written; skipped "
-                    "(storage slower than the save interval: save less often or use if_busy='wait')",
-                    step,
-                )
-                self._snapshotter.raise_unobserved()
-                return None
+        if self._snapshotter.busy() and self.if_busy == "skip":
+            self.metrics.saves_skipped_busy += 1
+            log.warning(
+                "step %d: checkpoint due but the previous one is still being written; skipped "
+                "(storage slower than the save interval: save less often or use if_busy='wait')",
+                step,
+            )
+            self._snapshotter.raise_unobserved()
+            return None
         return self.save(step, state)
 
     def save(self, step: int, state: Mapping[str, Any], *, blocking: bool = False) -> PendingSave:

@@ -92,7 +92,7 @@ def remove_unreferenced(backend: StorageBackend, manifest: Manifest) -> list[str
     (leftovers of an aborted attempt at the same step by another generation)."""
     prefix = step_prefix(manifest.step)
     with storage_errors(f"listing {prefix} under {backend.url}"):
-        present = backend.list(prefix)
+        present = backend.list_objects(prefix)
     keep = {f"{prefix}/{path}" for path in manifest.files} | {f"{prefix}/{MANIFEST_NAME}"}
     stale = [p for p in present if p not in keep and not p.startswith(f"{prefix}/{INDEX_DIR}/")]
     if stale:

@@ -24,7 +24,7 @@ class RNGState:
             "python": {"version": version, "internal": list(internal), "gauss_next": gauss},
             "numpy": {
                 "kind": np_kind,
-                "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                "keys": torch.from_numpy(np.asarray(np_keys).astype(np.int64)),
                 "pos": int(np_pos),
                 "has_gauss": int(np_has_gauss),
                 "cached_gaussian": float(np_gauss),

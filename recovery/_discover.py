@@ -7,7 +7,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ckpt._format import Manifest, read_manifest, scan_steps, step_prefix
-from ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, storage_errors
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    storage_errors,
+)
 from storage_backends import BlobNotFoundError, StorageBackend
 
 log = logging.getLogger(__name__)

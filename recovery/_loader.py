@@ -23,7 +23,12 @@ from ckpt._codec import DIGEST_HEX, checksum, decompress_chunk, stored_chunk_bou
 from ckpt._flatten import Destination
 from ckpt._format import Manifest, StoredPiece, element_size, step_prefix, torch_dtype
 from ckpt._options import LoadOptions
-from ckpt.errors import ChecksumMismatchError, CorruptCheckpointError, StateMismatchError, storage_errors
+from ckpt.errors import (
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    storage_errors,
+)
 from recovery._reshard import ReadRequest, plan_reads
 from storage_backends import StorageBackend
 
@@ -73,6 +78,11 @@ class _Job:
     end: int
     segments: list[_Segment] = field(default_factory=list)
     direct: torch.Tensor | None = None  # read straight into this uint8 view of a target
+
+
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU uint8 tensor (no copy)."""
+    return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
 
 
 class Loader:
@@ -200,8 +210,8 @@ class Loader:
         else:
             buffer = torch.empty(job.end - job.start, dtype=torch.uint8)
         with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
-            self._backend.read_into(path, job.start, buffer.numpy())
-        host = memoryview(buffer.numpy())
+            self._backend.read_into(path, job.start, _bytes_view(buffer))
+        host = _bytes_view(buffer)
         for seg in job.segments:
             raw = self._verify(seg, host, job.start, where)
             if job.direct is None:
@@ -257,7 +267,7 @@ class Loader:
             if piece_shape:
                 rows = req.region.lengths[0]
                 values = values.view([rows, *piece_shape[1:]])
-                src_box_offsets = (req.region.offsets[0],) + seg.piece.box.offsets[1:]
+                src_box_offsets = (req.region.offsets[0], *seg.piece.box.offsets[1:])
                 inner = tuple(
                     slice(o - so, o - so + n)
                     for o, n, so in zip(req.region.offsets, req.region.lengths, src_box_offsets)

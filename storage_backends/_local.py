@@ -144,7 +144,7 @@ class LocalBackend:
 
     def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
         stream = self.open_stream(path)
-        buffers = data if isinstance(data, (list, tuple)) else [data]
+        buffers: Sequence[BytesLike] = data if isinstance(data, (list, tuple)) else [data]  # type: ignore[list-item]
         for buf in buffers:
             stream.write(buf)
         stream.commit()
@@ -222,7 +222,7 @@ class LocalBackend:
     def exists(self, path: str) -> bool:
         return self._resolve(path).is_file()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list_objects(self, prefix: str = "") -> list[str]:
         base = self._resolve_prefix(prefix)
         found: list[str] = []
         for dirpath, _dirnames, filenames in os.walk(base):

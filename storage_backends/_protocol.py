@@ -76,7 +76,7 @@ class StorageBackend(Protocol):
     def exists(self, path: str) -> bool:
         """Whether the object exists."""
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list_objects(self, prefix: str = "") -> list[str]:
         """All object paths under ``prefix`` (recursive), sorted."""
 
     def list_prefixes(self, prefix: str = "") -> list[str]:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: creates .venv, installs torch (CPU
+# build 2.13.0 on these machines), the package with its test extra, makes sure a
+# redis-server binary exists (tests start their own servers on free ports), then
+# runs ruff, mypy and pytest. Extra arguments go to pytest (e.g. --full, -k name).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  "$VPY" -m pip install -q --disable-pip-version-check "torch==${CKPT_TORCH_VERSION:-2.13.0}"
+fi
+"$VPY" -m pip install -q --disable-pip-version-check -e ".[test]"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "redis-server not found; installing it" >&2
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+  fi
+  command -v redis-server >/dev/null 2>&1 || { echo "cannot install redis-server" >&2; exit 1; }
+fi
+
+echo "== ruff"
+"$VPY" -m ruff check ckpt recovery storage_backends tests benchmarks
+echo "== mypy"
+"$VPY" -m mypy
+echo "== pytest"
+set +e
+"$VPY" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
