@@ -1,7 +1,7 @@
 """Restore side of ckpt: choose a committed step, plan reshards, load byte ranges in parallel."""
 
 from recovery._discover import Candidate, candidates, committed_steps, validate_files
-from recovery._loader import Loader, LoadStats
+from recovery._loader import Loader, LoadStats, verify_checkpoint
 from recovery._reshard import ReadRequest, plan_reads
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "committed_steps",
     "plan_reads",
     "validate_files",
+    "verify_checkpoint",
 ]
