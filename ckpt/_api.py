@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt._coordinator import Coordinator, LocalCoordinator
+from ckpt._coordinator import Coordinator, default_coordinator
 from ckpt._engine import PendingSave, SaveResult, Snapshotter
 from ckpt._flatten import ShardedTensor, plan_load
 from ckpt._format import Manifest
@@ -20,6 +20,7 @@ from ckpt._options import LoadOptions
 from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StateMismatchError,
     StorageError,
     storage_errors,
 )
@@ -71,7 +72,7 @@ def async_save(
     """
     backend = open_url(url)
     return _default_snapshotter().async_save(
-        state, backend, step, coordinator or LocalCoordinator(), user_metadata=user_metadata
+        state, backend, step, coordinator or default_coordinator(), user_metadata=user_metadata
     )
 
 
@@ -189,11 +190,11 @@ def load_manifest(
     for key, tree in plan.trees.items():
         target = state[key]
         if isinstance(target, nn.Module):
-            target.load_state_dict(tree, strict=strict)
+            _load_state_dict(key, target, tree, strict=strict)
         elif isinstance(target, (torch.Tensor, ShardedTensor)):
             continue  # filled in place
         elif hasattr(target, "load_state_dict") and hasattr(target, "state_dict"):
-            target.load_state_dict(tree)
+            _load_state_dict(key, target, tree)
         elif isinstance(target, dict) and isinstance(tree, dict):
             target.clear()
             target.update(tree)
@@ -202,3 +203,13 @@ def load_manifest(
         elif isinstance(state, dict):
             state[key] = tree
     return stats
+
+
+def _load_state_dict(key: str, target: Any, tree: Any, **kwargs: Any) -> None:
+    """``target.load_state_dict(tree)``, with its refusal reported as a state mismatch."""
+    try:
+        target.load_state_dict(tree, **kwargs)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise StateMismatchError(
+            f"{key!r}: {type(target).__name__}.load_state_dict refused the checkpoint's state: {exc}"
+        ) from exc

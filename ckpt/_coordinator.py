@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from ckpt._agreement import GroupAgreement
 from ckpt._commit import merge_indexes, publish
-from ckpt._format import Manifest, ShardIndex
+from ckpt._format import INDEX_DIR, Manifest, ShardIndex, manifest_path, step_prefix
+from ckpt.errors import CoordinationError, storage_errors
 from storage_backends import StorageBackend
 
 
@@ -40,6 +42,12 @@ class Coordinator(Protocol):
 
     def begin(self, step: int) -> None:
         """Announce that every rank is about to save ``step`` (training thread)."""
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, by rank (training thread; may be a collective)."""
+
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        """Element-wise OR of ``flags`` across ranks (training thread; may be a collective)."""
 
     def commit(
         self,
@@ -79,6 +87,12 @@ class LocalCoordinator:
     def begin(self, step: int) -> None:
         return None
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        return list(flags)
+
     def commit(
         self,
         backend: StorageBackend,
@@ -101,3 +115,149 @@ class LocalCoordinator:
 
     def close(self) -> None:
         return None
+
+
+class ProcessGroupCoordinator:
+    """Embedded coordination for a ``torch.distributed`` job, with no server.
+
+    Agreement (the generation, the save plan, the policy decision) uses the process
+    group in the training thread. Reports and the commit go through storage, so the
+    background threads never call a collective: each rank writes its shard index as
+    ``step-N/index/<generation>-rank-R.json``; rank 0 waits for all of them, merges them
+    and publishes the manifest; the other ranks wait for the manifest to appear. A rank
+    that never reports makes the step time out: rank 0 leaves an abort marker, every
+    rank raises ``CoordinationError`` and the previous committed step stays the newest.
+
+    Args:
+        group: the process group (default: the whole world).
+        timeout: seconds a rank waits for the others' reports / for the commit.
+    """
+
+    def __init__(self, group: Any = None, *, timeout: float = 600.0) -> None:
+        if not GroupAgreement.available():
+            raise CoordinationError(
+                "ProcessGroupCoordinator needs torch.distributed to be initialised "
+                "(call init_process_group first)"
+            )
+        self._agreement = GroupAgreement(group)
+        self._rank = self._agreement.rank
+        self._world = self._agreement.world_size
+        self._timeout = timeout
+        self._generation = self._agreement.broadcast_from_rank0(new_generation)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def generation(self) -> str:
+        return self._generation
+
+    def begin(self, step: int) -> None:
+        return None
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return self._agreement.all_gather(obj)
+
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        return self._agreement.any_rank(flags)
+
+    def _index_path(self, step: int, rank: int) -> str:
+        return f"{step_prefix(step)}/{INDEX_DIR}/{self._generation}-rank-{rank:05d}.json"
+
+    def _abort_path(self, step: int) -> str:
+        return f"{step_prefix(step)}/{INDEX_DIR}/{self._generation}-ABORTED"
+
+    def commit(
+        self,
+        backend: StorageBackend,
+        step: int,
+        index: ShardIndex,
+        *,
+        chunk_bytes: int,
+        user_metadata: Mapping[str, Any],
+    ) -> Manifest | None:
+        with storage_errors(f"reporting step {step} (rank {self._rank}) under {backend.url}"):
+            backend.write(self._index_path(step, self._rank), index.to_bytes())
+        if self._rank != 0:
+            self._wait_for_commit(backend, step)
+            return None
+        indexes = self._collect(backend, step, index, chunk_bytes)
+        manifest = merge_indexes(
+            step=step,
+            generation=self._generation,
+            world_size=self._world,
+            chunk_bytes=chunk_bytes,
+            indexes=indexes,
+            user_metadata=user_metadata,
+        )
+        publish(backend, manifest)
+        return manifest
+
+    def _collect(
+        self, backend: StorageBackend, step: int, own: ShardIndex, chunk_bytes: int
+    ) -> list[ShardIndex]:
+        wanted = {self._index_path(step, r): r for r in range(1, self._world)}
+        deadline = time.monotonic() + self._timeout
+        for delay in _poll_delays():
+            with storage_errors(f"listing reports of step {step} under {backend.url}"):
+                present = set(backend.list_objects(f"{step_prefix(step)}/{INDEX_DIR}"))
+            missing = sorted(r for path, r in wanted.items() if path not in present)
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                with storage_errors(f"aborting step {step} under {backend.url}"):
+                    backend.write(self._abort_path(step), b"timeout")
+                raise CoordinationError(
+                    f"step {step}: ranks {missing} did not report within {self._timeout:.0f} s; the step "
+                    f"is aborted and the previous committed checkpoint under {backend.url} stays the newest"
+                )
+            time.sleep(delay)
+        indexes = [own]
+        for path in wanted:
+            with storage_errors(f"reading {path} under {backend.url}"):
+                data = backend.read(path)
+            indexes.append(ShardIndex.from_bytes(data, f"{backend.url}/{path}", chunk_bytes))
+        return indexes
+
+    def _wait_for_commit(self, backend: StorageBackend, step: int) -> None:
+        deadline = time.monotonic() + self._timeout
+        for delay in _poll_delays():
+            with storage_errors(f"waiting for the commit of step {step} under {backend.url}"):
+                if backend.exists(manifest_path(step)):
+                    return
+                if backend.exists(self._abort_path(step)):
+                    raise CoordinationError(
+                        f"step {step} was aborted by rank 0 (a rank did not report in time); rank "
+                        f"{self._rank}'s data is discarded"
+                    )
+            if time.monotonic() > deadline:
+                raise CoordinationError(
+                    f"step {step}: rank {self._rank} saw no commit within {self._timeout:.0f} s "
+                    "(rank 0 may have died); the previous committed checkpoint stays the newest"
+                )
+            time.sleep(delay)
+
+    def close(self) -> None:
+        return None
+
+
+def _poll_delays() -> Iterator[float]:
+    delay = 0.002
+    while True:
+        yield delay
+        delay = min(delay * 1.5, 0.1)
+
+
+def default_coordinator() -> Coordinator:
+    """The embedded coordinator that fits this process: the world's process group when
+    torch.distributed is initialised with more than one rank, else a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ProcessGroupCoordinator()
+    return LocalCoordinator()

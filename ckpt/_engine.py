@@ -34,6 +34,7 @@ from ckpt._format import (
     step_prefix,
 )
 from ckpt._options import SaveOptions
+from ckpt._plan import assign_writers, describe
 from ckpt._staging import StagingBuffer, StagingPool, align
 from ckpt.errors import CheckpointError, SaveAbortedError, storage_errors
 from storage_backends import StorageBackend
@@ -102,8 +103,13 @@ class PendingSave:
         return self._future.exception(timeout)
 
     @property
+    def failed(self) -> bool:
+        """Whether the save finished with an error (does not count as looking at it)."""
+        return self._future.done() and self._future.exception() is not None
+
+    @property
     def failed_unobserved(self) -> bool:
-        return self._future.done() and not self._observed and self._future.exception() is not None
+        return not self._observed and self.failed
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
@@ -246,7 +252,8 @@ class Snapshotter:
     def wait(self, timeout: float | None = None) -> list[SaveResult]:
         """Wait for every save in flight; re-raise the first failure."""
         with self._lock:
-            pending = list(self._pending)
+            # A failure the caller already got from ``result()`` is not raised a second time.
+            pending = [p for p in self._pending if not (p._observed and p.failed)]
         results = [p.result(timeout) for p in pending]
         with self._lock:
             self._pending = [p for p in self._pending if not p.done()]
@@ -271,8 +278,15 @@ class Snapshotter:
         start = time.perf_counter()
         coordinator.begin(step)
         tensors, tree = flatten(state)
-        to_write = [t for t in tensors.values() if t.local.numel() > 0 and self._writes(t, coordinator)]
+        plan = assign_writers(coordinator.all_gather(describe(tensors)))
+        rank = coordinator.rank
+        to_write = [
+            t for t in tensors.values()
+            if t.local.numel() > 0 and plan.writer.get((t.name, t.box.offsets, t.box.lengths)) == rank
+        ]
         files, nbytes = plan_files(to_write, self.options, generation=coordinator.generation, rank=coordinator.rank)
+        if self._pool.busy():
+            log.info("step %d: waiting for the checkpoint in flight to free its staging buffer", step)
         buffer = self._pool.acquire(nbytes)
         try:
             pairs = []
@@ -300,9 +314,6 @@ class Snapshotter:
             self._pending.append(pending)
         log.debug("step %d: staged %d bytes in %.3fs", step, nbytes, stall)
         return pending
-
-    def _writes(self, tensor: FlatTensor, coordinator: Coordinator) -> bool:
-        return not tensor.replicated or coordinator.rank == 0
 
     def _run_background(
         self,
@@ -347,7 +358,7 @@ class Snapshotter:
         return SaveResult(
             step=step,
             url=backend.url,
-            committed=manifest is not None,
+            committed=True,
             bytes_written=bytes_written,
             files=len(files),
             stall_seconds=stall,

@@ -11,10 +11,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from ckpt._api import RestoreReport, open_url, restore
-from ckpt._coordinator import Coordinator, LocalCoordinator
+from ckpt._coordinator import Coordinator, default_coordinator
 from ckpt._engine import PendingSave, SaveResult, Snapshotter
 from ckpt._format import Manifest
 from ckpt._options import LoadOptions, SaveOptions
@@ -91,7 +91,7 @@ class CheckpointManager:
             raise ValueError('if_busy must be "skip" or "wait"')
         self.backend = open_url(url)
         self.retention = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
-        self.coordinator = self._make_coordinator(coordinator)
+        self.coordinator = self._make_coordinator(coordinator, self.backend)
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.interval = interval
@@ -116,14 +116,13 @@ class CheckpointManager:
             self._handler_installed = False
 
     @staticmethod
-    def _make_coordinator(coordinator: Coordinator | str | None) -> Coordinator:
+    def _make_coordinator(coordinator: Coordinator | str | None, backend: StorageBackend) -> Coordinator:
         if coordinator is None:
-            return LocalCoordinator()
+            return default_coordinator()
         if isinstance(coordinator, str):
-            raise CheckpointError(
-                f"coordinator URL {coordinator!r} is not supported by this version; "
-                "pass coordinator=None for the embedded coordinator"
-            )
+            from ckpt._redis import RedisCoordinator, job_from_url
+
+            return RedisCoordinator(coordinator, job=None if "job=" in coordinator else job_from_url(backend.url))
         return coordinator
 
     # -- restore -----------------------------------------------------------------------
@@ -137,14 +136,17 @@ class CheckpointManager:
         Returns:
             The restored step, or None when there is no checkpoint yet.
         """
-        state = self._with_rng(state)
+        full = self._with_rng(state)
         try:
-            report = restore(state, self.backend, step=step, strict=strict, options=self.load_options)
+            report = restore(full, self.backend, step=step, strict=strict, options=self.load_options)
         except CheckpointNotFoundError:
             if step is not None:
                 raise
             log.info("no checkpoint under %s yet; starting from scratch", self.backend.url)
             return None
+        if full is not state and isinstance(state, dict):
+            # Plain values were replaced in the copy that carries the RNG entry.
+            state.update({key: value for key, value in full.items() if key != RNG_KEY})
         self.last_restore = report
         self.metrics.restores_fallbacks += len(report.skipped)
         self._last_saved_step = report.step
@@ -159,13 +161,19 @@ class CheckpointManager:
         Blocks only while tensors are copied to host memory. Raises the error of an
         earlier background save that failed. After a SIGTERM it finishes the save in
         flight, saves this step, waits for its commit and exits with status 143.
+
+        With several ranks, the decision is agreed in one small all-reduce per call: a
+        save happens when it is due on any rank and is skipped when any rank is busy.
         """
-        if self._preempted is not None:
+        due, busy, preempted = self._due(step), self._snapshotter.busy(), self._preempted is not None
+        if self.coordinator.world_size > 1:
+            due, busy, preempted = self.coordinator.any_rank([due, busy, preempted])
+        if preempted:
             self._save_and_exit(step, state)
-        if not self._due(step):
+        if not due:
             self._snapshotter.raise_unobserved()
             return None
-        if self._snapshotter.busy() and self.if_busy == "skip":
+        if busy and self.if_busy == "skip":
             self.metrics.saves_skipped_busy += 1
             log.warning(
                 "step %d: checkpoint due but the previous one is still being written; skipped "
@@ -180,8 +188,10 @@ class CheckpointManager:
         """Save ``step`` now, regardless of the policy (waits for a save in flight first)."""
         if self._closed:
             raise CheckpointError("this CheckpointManager is closed")
-        self._last_save_time = time.monotonic()
-        self._last_saved_step = step
+        # An earlier save's error is raised before this step counts as started, so that
+        # calling again with the same step saves it.
+        self._snapshotter.raise_unobserved()
+        started = time.monotonic()
         self.metrics.saves_started += 1
         try:
             pending = self._snapshotter.async_save(
@@ -195,6 +205,8 @@ class CheckpointManager:
         except BaseException:
             self.metrics.saves_failed += 1
             raise
+        self._last_save_time = started
+        self._last_saved_step = step
         with self._metrics_lock:
             self.metrics.stall_seconds_total += pending.stall_seconds
         pending._future.add_done_callback(self._record)
@@ -213,7 +225,10 @@ class CheckpointManager:
     def _after_commit(self, manifest: Manifest) -> None:
         try:
             remove_unreferenced(self.backend, manifest)
-            apply_retention(self.backend, self.retention)
+            plan = apply_retention(self.backend, self.retention)
+            forget = getattr(self.coordinator, "forget_steps", None)
+            if forget is not None:
+                forget(plan.committed)
         except CheckpointError as exc:  # the checkpoint is committed; GC can run again later
             log.warning("retention after step %d failed: %s", manifest.step, exc)
 
@@ -254,7 +269,7 @@ class CheckpointManager:
         """True once SIGTERM arrived (the next ``maybe_save`` saves and exits)."""
         return self._preempted is not None
 
-    def _save_and_exit(self, step: int, state: Mapping[str, Any]) -> None:
+    def _save_and_exit(self, step: int, state: Mapping[str, Any]) -> NoReturn:
         try:
             self._snapshotter.wait()
         except CheckpointError as exc:
