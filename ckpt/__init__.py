@@ -6,6 +6,7 @@ from ckpt._flatten import ShardedTensor
 from ckpt._manager import CheckpointManager, ManagerMetrics
 from ckpt._options import Compression, LoadOptions, SaveOptions
 from ckpt._rng import RNGState
+from ckpt._stateful import ModelOptimizerState
 from ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidStateError",
     "LoadOptions",
     "ManagerMetrics",
+    "ModelOptimizerState",
     "PendingSave",
     "RNGState",
     "ReshardError",

@@ -184,6 +184,10 @@ def load_manifest(
 ) -> LoadStats:
     """Fill ``state`` from one validated manifest."""
     stored = {name: (entry.dtype, entry.shape) for name, entry in manifest.tensors.items()}
+    for value in state.values():
+        hint = getattr(value, "checkpoint_load_hint", None)
+        if callable(hint):
+            hint(manifest.world_size)
     plan = plan_load(state, manifest.state, stored, strict=strict)
     with storage_errors(f"loading step {manifest.step} from {backend.url}", missing=CorruptCheckpointError):
         stats = Loader(backend, manifest, options).load(plan.destinations)

@@ -1,48 +1,114 @@
-"""Random number generator states as checkpointable state (tensors and JSON, no pickle)."""
+"""Random number generator states as checkpointable state (tensors, no pickle).
+
+Every rank has its own RNG states, so they are stored as one row per rank of a
+``[world_size, n]`` byte tensor: rank r writes row r only. A job restored onto a
+different number of ranks gives rank r the row of rank ``r % saved_world_size``.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
+import struct
 from typing import Any
 
 import numpy as np
 import torch
 
+from ckpt._flatten import ShardedTensor
+
+log = logging.getLogger(__name__)
+
+_TORCH_BYTES = torch.get_rng_state().numel()
+_PY_WORDS = 625  # Mersenne Twister state words plus the position
+_NP_WORDS = 624
+# py version, has py gauss, py gauss, np pos, np has gauss, np gauss, CUDA devices
+_HEAD = struct.Struct("<iidiidi")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _cuda_states() -> list[torch.Tensor]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return []
+
+
+def _pack() -> torch.Tensor:
+    """This process's RNG states as one flat uint8 tensor."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_state: Any = np.random.get_state(legacy=True)
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np_state
+    cuda = _cuda_states()
+    head = _HEAD.pack(
+        py_version, py_gauss is not None, py_gauss or 0.0, int(np_pos), int(np_has_gauss), float(np_gauss),
+        len(cuda),
+    )
+    parts = [
+        torch.frombuffer(bytearray(head), dtype=torch.uint8),
+        torch.get_rng_state(),
+        torch.from_numpy(np.asarray(py_internal, dtype=np.uint32).view(np.uint8).copy()),
+        torch.from_numpy(np.asarray(np_keys, dtype=np.uint32).view(np.uint8).copy()),
+        *cuda,
+    ]
+    return torch.cat(parts)
+
+
+def _unpack(blob: torch.Tensor) -> None:
+    data = blob.numpy().tobytes()
+    py_version, py_has_gauss, py_gauss, np_pos, np_has_gauss, np_gauss, cuda_count = _HEAD.unpack_from(data)
+    at = _HEAD.size
+    torch.set_rng_state(blob[at : at + _TORCH_BYTES].clone())
+    at += _TORCH_BYTES
+    py_internal = np.frombuffer(data, dtype=np.uint32, count=_PY_WORDS, offset=at)
+    at += _PY_WORDS * 4
+    random.setstate((py_version, tuple(int(v) for v in py_internal), py_gauss if py_has_gauss else None))
+    np_keys = np.frombuffer(data, dtype=np.uint32, count=_NP_WORDS, offset=at).copy()
+    at += _NP_WORDS * 4
+    np.random.set_state(("MT19937", np_keys, np_pos, np_has_gauss, np_gauss))
+    if cuda_count and torch.cuda.is_available():
+        per_device = (len(data) - at) // cuda_count
+        for device in range(min(cuda_count, torch.cuda.device_count())):
+            start = at + device * per_device
+            torch.cuda.set_rng_state(blob[start : start + per_device].clone(), device)
+
 
 class RNGState:
-    """The RNG states of this process: torch CPU, every CUDA device, Python and NumPy.
+    """The RNG states of every rank: torch CPU, each CUDA device, Python and NumPy.
 
     Put one in the state (the manager does with ``include_rng=True``) to resume with
     exactly the random numbers an uninterrupted run would have drawn.
     """
 
+    def __init__(self) -> None:
+        self._saved_world: int | None = None
+
+    def checkpoint_load_hint(self, saved_world_size: int) -> None:
+        """Told by the loader how many ranks wrote the checkpoint about to be loaded."""
+        self._saved_world = saved_world_size
+
     def state_dict(self) -> dict[str, Any]:
-        version, internal, gauss = random.getstate()
-        np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "python": {"version": version, "internal": list(internal), "gauss_next": gauss},
-            "numpy": {
-                "kind": np_kind,
-                "keys": torch.from_numpy(np.asarray(np_keys).astype(np.int64)),
-                "pos": int(np_pos),
-                "has_gauss": int(np_has_gauss),
-                "cached_gaussian": float(np_gauss),
-            },
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
-        return state
+        rank, world = _rank_and_world()
+        blob = _pack()
+        if self._saved_world is not None:
+            # Loading: ask for the row of the rank whose stream this rank continues.
+            source = rank % self._saved_world
+            if self._saved_world != world and rank == 0:
+                log.warning(
+                    "RNG states were saved by %d ranks and are restored on %d: rank r takes the "
+                    "states of rank r %% %d", self._saved_world, world, self._saved_world,
+                )
+            return {"per_rank": ShardedTensor(torch.empty_like(blob).unsqueeze(0), (self._saved_world, blob.numel()), (source, 0))}
+        return {"per_rank": ShardedTensor(blob.unsqueeze(0), (world, blob.numel()), (rank, 0))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"].to(torch.uint8))
-        py = state["python"]
-        random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-        npy = state["numpy"]
-        np.random.set_state(
-            (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-        )
-        cuda = state.get("cuda")
-        if cuda and torch.cuda.is_available():
-            for device, s in enumerate(cuda[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s.to(torch.uint8), device)
+        per_rank = state["per_rank"]
+        local = per_rank.local if isinstance(per_rank, ShardedTensor) else per_rank
+        self._saved_world = None
+        _unpack(local.reshape(-1).to(torch.uint8))
