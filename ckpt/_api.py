@@ -213,7 +213,7 @@ def _load_state_dict(key: str, target: Any, tree: Any, **kwargs: Any) -> None:
     """``target.load_state_dict(tree)``, with its refusal reported as a state mismatch."""
     try:
         target.load_state_dict(tree, **kwargs)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise StateMismatchError(
             f"{key!r}: {type(target).__name__}.load_state_dict refused the checkpoint's state: {exc}"
         ) from exc

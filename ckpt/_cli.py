@@ -44,15 +44,22 @@ def _newest(url: str, step: int | None) -> tuple[object, int]:
 
 @app.command()
 def demo(
-    url: Annotated[str, typer.Argument(help="where the demo writes")] = "./ckpt-demo",
-    steps: Annotated[int, typer.Option(help="training steps")] = 60,
+    workdir: Annotated[str, typer.Argument(help="where the demo writes (wiped first)")] = "./ckpt-demo",
+    steps: Annotated[int, typer.Option(help="training steps")] = 40,
     every: Annotated[int, typer.Option(help="checkpoint every N steps")] = 5,
+    nproc: Annotated[int, typer.Option(help="training ranks (FSDP2 over gloo when > 1)")] = 1,
+    resume_nproc: Annotated[int | None, typer.Option(help="ranks after the crash (default: --nproc)")] = None,
+    coordinator: Annotated[str | None, typer.Option(help="redis://host:port/db; default: embedded")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the crash step")] = None,
 ) -> None:
-    """Train a small model, SIGKILL it mid-run, restore, finish, and verify against a clean run."""
+    """Train a small model, SIGKILL it mid-run, restore (resharded with --resume-nproc), finish,
+    and verify bit for bit against a run without the failure."""
     from ckpt._demo import run_demo
 
-    result = run_demo(url, steps=steps, every=every, seed=seed, echo=console.print)
+    result = run_demo(
+        workdir, steps=steps, every=every, nproc=nproc, resume_nproc=resume_nproc,
+        coordinator=coordinator, seed=seed, echo=console.print,
+    )
     table = Table(title="checkpoints written (both incarnations)")
     for col in ("step", "stall ms", "background ms", "MiB", "GB/s (background)"):
         table.add_column(col, justify="right")
@@ -72,7 +79,8 @@ def demo(
             f"({statistics.median(backgrounds) / max(statistics.median(stalls), 1e-9):.0f}x hidden from training)"
         )
     console.print(
-        f"crashed at step {result.crash_step}, restored step {result.restored_step}, finished {steps} steps "
+        f"{result.nproc} -> {result.resume_nproc} ranks: crashed at step {result.crash_step}, restored step "
+        f"{result.restored_step}, finished {steps} steps "
         f"in {result.seconds:.1f} s: final state "
         + ("[green]bit-identical[/green] to an uninterrupted run" if result.identical else "[red]DIFFERS[/red]")
     )

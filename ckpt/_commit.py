@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ckpt._format import Manifest, ShardIndex, TensorEntry, manifest_path, step_prefix
-from ckpt.errors import CoordinationError, storage_errors
+from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
 from storage_backends import StorageBackend
 
 
@@ -40,6 +41,15 @@ def merge_indexes(
                     f"vs {entry.dtype}{list(entry.shape)} (rank {index.rank})"
                 )
             tensors[name] = TensorEntry(known.dtype, known.shape, known.pieces + entry.pieces)
+    for name, entry in tensors.items():
+        # Readers refuse a tensor whose pieces do not tile it; never commit one.
+        covered = sum(p.box.numel for p in entry.pieces)
+        if covered != math.prod(entry.shape):
+            raise InvalidStateError(
+                f"step {step}: tensor {name!r} of global shape {list(entry.shape)}: the saved shards "
+                f"cover {covered} of {math.prod(entry.shape)} elements; each element must be saved "
+                "by exactly one rank (check ShardedTensor offsets and global_shape). Not committed"
+            )
     return Manifest(
         step=step,
         generation=generation,

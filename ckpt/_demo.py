@@ -1,22 +1,26 @@
-"""``ckpt demo``: train, crash for real, restore, finish, and check against a clean run.
+"""``ckpt demo``: train, crash for real, restore (optionally on another world size),
+finish, and check the result bit for bit against a run that had no failure.
 
-The parent process runs an uninterrupted reference in-process, then starts the same
-training in a child process with asynchronous checkpoints, SIGKILLs the child at a
-random step, starts it again (it restores the newest committed checkpoint and
-continues), and compares the final parameters and optimizer state bit for bit.
+Each training run is a real child process (``torchrun`` for several ranks, FSDP2 over
+gloo). The crash is a SIGKILL of one training process at a random step. The restarted
+job restores the newest committed checkpoint and continues. The reference run saves
+at the same step the crashed run restored from and continues from there on the same
+world size as the resumed run, so even a resharded resume must match it bit for bit.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,79 +29,109 @@ from torch import nn
 
 WIDTH = 1024
 LAYERS = 4
-BATCH = 32
+ROWS_PER_RANK = 8
 
 
-def build(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    torch.manual_seed(seed)
+def _build(world: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(LAYERS):
         layers += [nn.Linear(WIDTH, WIDTH), nn.GELU(), nn.Dropout(0.1)]
     model = nn.Sequential(*layers, nn.Linear(WIDTH, 10))
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000)
     return model, optimizer, scheduler
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The data of one step, a function of the step only (the data-loader position)."""
-    g = torch.Generator().manual_seed(10_000 + step)
-    return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+def _samples(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``first .. first+count-1`` of the synthetic data set (a function of the index only)."""
+    xs, ys = [], []
+    for index in range(first, first + count):
+        g = torch.Generator().manual_seed(10_000 + index)
+        xs.append(torch.randn(WIDTH, generator=g))
+        ys.append(torch.randint(0, 10, (), generator=g))
+    return torch.stack(xs), torch.stack(ys)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> float:
-    x, y = batch(step)
-    optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return float(loss.detach())
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-
-def final_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    for index, per_param in optimizer.state_dict()["state"].items():
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd_typed = get_state_dict(model, optimizer, options=opts)
+    optim_sd: Any = optim_sd_typed
+    out = {f"model.{k}": v.clone() for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
+    for fqn, per_param in optim_sd.get("state", {}).items():
         for name, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                out[f"optim.{index}.{name}"] = value.clone()
+                out[f"optim.{fqn}.{name}"] = value.clone()
     return out
 
 
-def reference(steps: int) -> dict[str, torch.Tensor]:
-    torch.set_num_threads(1)
-    model, optimizer, scheduler = build()
-    torch.manual_seed(1)
-    for step in range(1, steps + 1):
-        train_step(model, optimizer, scheduler, step)
-    return final_tensors(model, optimizer)
-
-
-def worker(root: str, steps: int, every: int, out: str, report: str) -> None:
-    """The training job: restore, train with async checkpoints, write the final tensors."""
+def worker(args: argparse.Namespace) -> None:
+    """One training process (one rank); torchrun sets RANK and WORLD_SIZE for several."""
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from ckpt._manager import CheckpointManager
+    from ckpt._stateful import ModelOptimizerState
 
     torch.set_num_threads(1)
-    model, optimizer, scheduler = build()
-    torch.manual_seed(1)
-    data = {"next_step": 1}
-    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": data}
-    with CheckpointManager(root, every_steps=every, keep_last=2, include_rng=True, if_busy="wait") as mgr:
-        restored = mgr.restore(state)
-        print(f"restored {restored}", flush=True)
-        start = data["next_step"]
-        reported = 0
-        for step in range(start, steps + 1):
-            train_step(model, optimizer, scheduler, step)
-            data["next_step"] = step + 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from datetime import timedelta
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank() if world > 1 else 0
+    model, optimizer, scheduler = _build(world)
+    torch.manual_seed(1 + rank)
+    data = {"next_sample": 0, "next_step": 1}
+    state: dict[str, Any] = {"train": ModelOptimizerState(model, optimizer), "scheduler": scheduler, "data": data}
+    mgr = CheckpointManager(
+        args.root, every_steps=args.every, keep_last=3, include_rng=True, if_busy="wait",
+        coordinator=args.coordinator,
+    )
+    restored = mgr.restore(state)
+    if rank == 0:
+        _say(f"restored {restored}")
+    reported = 0
+    for step in range(data["next_step"], args.stop_at + 1):
+        x, y = _samples(data["next_sample"] + rank * ROWS_PER_RANK, ROWS_PER_RANK)
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+        data["next_sample"] += world * ROWS_PER_RANK
+        data["next_step"] = step + 1
+        if args.save:
             mgr.maybe_save(step, state)
-            print(f"step {step}", flush=True)
-            reported = _append_results(mgr, report, reported)
-        mgr.wait()
-        _append_results(mgr, report, reported)
-    save_file(final_tensors(model, optimizer), out)
+        _say(f"rank {rank} pid {os.getpid()} step {step}")
+        if rank == 0:
+            reported = _append_results(mgr, args.report, reported)
+    if args.save and args.stop_at % args.every:
+        mgr.save(args.stop_at, state)
+    mgr.close()
+    if rank == 0:
+        _append_results(mgr, args.report, reported)
+    final = _full_state(model, optimizer)
+    if rank == 0:
+        save_file(final, args.out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _say(line: str) -> None:
+    # One write per line: ranks share the pipe, and print() writes the newline separately.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _append_results(mgr: Any, report: str, reported: int) -> int:
@@ -112,57 +146,136 @@ def _append_results(mgr: Any, report: str, reported: int) -> int:
     return len(history)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass
 class DemoResult:
+    nproc: int
+    resume_nproc: int
     crash_step: int
     restored_step: int | None
     identical: bool
-    saves: list[dict[str, Any]]
-    seconds: float
+    saves: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
 
-def run_demo(root: str, *, steps: int = 60, every: int = 5, seed: int | None = None,
-             keep: bool = False, echo: Any = print) -> DemoResult:
+class _Launcher:
+    def __init__(self, workdir: Path, steps: int, every: int, coordinator: str | None) -> None:
+        self.workdir = workdir
+        self.steps = steps
+        self.every = every
+        self.coordinator = coordinator
+        self.report = workdir / "saves.jsonl"
+
+    def command(self, nproc: int, root: Path, out: Path, *, stop_at: int, save: bool = True) -> list[str]:
+        worker_args = [
+            "-m", "ckpt._demo", "--root", str(root), "--every", str(self.every), "--stop-at", str(stop_at),
+            "--out", str(out), "--report", str(self.report),
+        ]
+        if self.coordinator:
+            worker_args += ["--coordinator", self.coordinator]
+        if not save:
+            worker_args.append("--no-save")
+        if nproc == 1:
+            return [sys.executable, *worker_args]
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *worker_args,
+        ]
+
+    def run(self, cmd: list[str]) -> str:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+        if done.returncode != 0:
+            raise RuntimeError(f"training run failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+        return done.stdout
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_demo(
+    workdir: str, *, steps: int = 40, every: int = 5, nproc: int = 1, resume_nproc: int | None = None,
+    coordinator: str | None = None, seed: int | None = None, echo: Any = print,
+) -> DemoResult:
     """Run the whole demo and return what happened; ``echo`` prints progress lines."""
     from safetensors.torch import load_file
 
+    from ckpt._format import scan_steps
+    from storage_backends import LocalBackend
+
     t0 = time.perf_counter()
+    resume_nproc = resume_nproc or nproc
     rng = random.Random(seed)
     crash_step = rng.randint(2 * every + 1, steps - 2)
-    root_path = Path(root)
-    if root_path.exists() and not keep:
-        shutil.rmtree(root_path)
-    root_path.mkdir(parents=True, exist_ok=True)
-    out = root_path / "final.safetensors"
-    report = root_path / "saves.jsonl"
-    report.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "ckpt._demo", str(root_path / "ckpts"), str(steps), str(every), str(out), str(report)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = Path(workdir)
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    launcher = _Launcher(base, steps, every, coordinator)
+    root = base / "ckpts"
 
-    echo(f"[1/4] training {steps} steps in a child process, async checkpoint every {every} steps")
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    echo(f"[1/4] training {steps} steps on {nproc} rank(s), async checkpoint every {every} steps -> {root}")
+    cmd = launcher.command(nproc, root, base / "unused.safetensors", stop_at=steps)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), start_new_session=True)
     assert child.stdout is not None
+    victim_rank = nproc - 1
     for line in child.stdout:
-        if line.strip() == f"step {crash_step}":
-            os.kill(child.pid, signal.SIGKILL)
+        parts = line.split()
+        if len(parts) == 6 and parts[0] == "rank" and int(parts[1]) == victim_rank and int(parts[5]) == crash_step:
+            os.kill(int(parts[3]), signal.SIGKILL)
             break
-    child.wait(timeout=120)
-    echo(f"[2/4] SIGKILLed the child at step {crash_step} (exit status {child.returncode})")
+    child.stdout.close()
+    try:
+        child.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    echo(f"[2/4] SIGKILLed rank {victim_rank} at step {crash_step}; the job died (exit status {child.returncode})")
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if rerun.returncode != 0:
-        raise RuntimeError(f"the restarted training failed:\n{rerun.stderr}")
-    restored_line = next((ln for ln in rerun.stdout.splitlines() if ln.startswith("restored")), "restored None")
+    committed = scan_steps(LocalBackend(root)).committed
+    restored_expected = committed[-1] if committed else None
+    out = launcher.run(launcher.command(resume_nproc, root, base / "final.safetensors", stop_at=steps))
+    restored_line = next((ln for ln in out.splitlines() if ln.startswith("restored")), "restored None")
     restored = None if restored_line.split()[1] == "None" else int(restored_line.split()[1])
-    echo(f"[3/4] restarted: restored step {restored}, trained to step {steps}")
+    echo(f"[3/4] relaunched on {resume_nproc} rank(s): restored step {restored}, trained to step {steps}")
 
-    expected = reference(steps)
-    got = load_file(str(out))
+    # The reference never fails. On one world size it is a single run; when the resume
+    # reshards, it reaches the restored step on the original world size, saves there and
+    # continues on the resumed world size, as the recovered job did.
+    ref_root = base / "reference"
+    saves_seen = launcher.report.read_text() if launcher.report.exists() else ""
+    if restored is not None and resume_nproc != nproc:
+        launcher.run(launcher.command(nproc, ref_root, base / "ref-mid.safetensors", stop_at=restored))
+        launcher.run(launcher.command(resume_nproc, ref_root, base / "reference.safetensors", stop_at=steps, save=False))
+    else:
+        launcher.run(launcher.command(resume_nproc, ref_root, base / "reference.safetensors", stop_at=steps, save=False))
+    launcher.report.write_text(saves_seen)
+    expected = load_file(str(base / "reference.safetensors"))
+    got = load_file(str(base / "final.safetensors"))
     identical = expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    echo(f"[4/4] compared with an uninterrupted run: {'bit-identical' if identical else 'DIFFERENT'}")
-    saves = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
-    return DemoResult(crash_step, restored, identical, saves, time.perf_counter() - t0)
+    echo(f"[4/4] compared with a run without failure: {'bit-identical' if identical else 'DIFFERENT'}")
+    if restored != restored_expected:
+        echo(f"      note: newest committed step was {restored_expected}, restore chose {restored}")
+    saves = [json.loads(line) for line in saves_seen.splitlines() if line]
+    return DemoResult(nproc, resume_nproc, crash_step, restored, identical, saves, time.perf_counter() - t0)
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="ckpt demo training worker (run by `ckpt demo`)")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--every", type=int, required=True)
+    parser.add_argument("--stop-at", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--report", required=True)
+    parser.add_argument("--coordinator", default=None)
+    parser.add_argument("--no-save", dest="save", action="store_false")
+    worker(parser.parse_args())
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    _main()

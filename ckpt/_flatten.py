@@ -12,6 +12,7 @@ is allocated, e.g. the moments of an optimizer that has not stepped yet).
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import nn
 
 from ckpt._format import dtype_name, torch_dtype
 from ckpt._geometry import Box
-from ckpt.errors import InvalidStateError, StateMismatchError
+from ckpt.errors import CorruptCheckpointError, InvalidStateError, StateMismatchError
 
 TENSOR_REF = "__tensor__"
 _TUPLE = "__tuple__"
@@ -285,8 +286,13 @@ def _merge(
             return target
         plan.destinations.append(Destination(name, local, box))
         return target
+    if not allow_new and target is not _ABSENT and local_geometry(target) is not None:
+        plan.mismatched.append(f"{path!r} is a tensor in the state but a {type(stored).__name__} in the checkpoint")
+        return target
     if isinstance(stored, dict) and _TUPLE in stored:
         items = stored[_TUPLE]
+        if not isinstance(items, list):
+            raise _malformed(path, stored)
         target_items = target if isinstance(target, (tuple, list)) else None
         return tuple(
             _merge(v, target_items[i] if target_items is not None and i < len(target_items) else _ABSENT,
@@ -294,6 +300,12 @@ def _merge(
             for i, v in enumerate(items)
         )
     if isinstance(stored, dict) and _ITEMS in stored:
+        pairs = stored[_ITEMS]
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and (p[0] is None or isinstance(p[0], (str, int, float)))
+            for p in pairs
+        ):
+            raise _malformed(path, stored)
         target_map = target if isinstance(target, Mapping) else {}
         out = {}
         for k, v in stored[_ITEMS]:
@@ -303,9 +315,17 @@ def _merge(
         _note_missing(target_map, stored_keys=[k for k, _ in stored[_ITEMS]], path=path, plan=plan)
         return out
     if isinstance(stored, dict) and _BYTES in stored:
-        return base64.b64decode(stored[_BYTES])
+        try:
+            return base64.b64decode(stored[_BYTES], validate=True)
+        except (TypeError, binascii.Error) as exc:
+            raise _malformed(path, stored) from exc
     if isinstance(stored, dict) and _DTYPE in stored:
-        return torch_dtype(stored[_DTYPE])
+        if not isinstance(stored[_DTYPE], str):
+            raise _malformed(path, stored)
+        try:
+            return torch_dtype(stored[_DTYPE])
+        except CorruptCheckpointError as exc:
+            raise _malformed(path, stored) from exc
     if isinstance(stored, dict):
         target_map = target if isinstance(target, Mapping) else {}
         out = {}
@@ -323,6 +343,13 @@ def _merge(
             for i, v in enumerate(stored)
         ]
     return stored
+
+
+def _malformed(path: str, stored: Any) -> CorruptCheckpointError:
+    text = repr(stored)
+    return CorruptCheckpointError(
+        f"the checkpoint's state tree is malformed at {path!r}: {text[:80]}{'...' if len(text) > 80 else ''}"
+    )
 
 
 def _note_missing(target: Mapping[Any, Any], *, stored_keys: list[Any], path: str, plan: LoadPlan) -> None:

@@ -301,7 +301,7 @@ def _parse_tensors(
         if not isinstance(entry, dict):
             raise CorruptCheckpointError(f"{here} is not an object")
         dtype = entry.get("dtype")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise CorruptCheckpointError(f"{here}: unknown dtype {dtype!r}")
         shape = _int_list(entry.get("shape"), f"{here}: shape")
         pieces_raw = entry.get("pieces")
@@ -338,6 +338,8 @@ def _parse_piece(
         raise CorruptCheckpointError(f"{where}: a piece is not an object")
     box = Box(tuple(_int_list(raw.get("offsets"), f"{where}: offsets")),
               tuple(_int_list(raw.get("lengths"), f"{where}: lengths")))
+    if len(box.offsets) != len(box.lengths):
+        raise CorruptCheckpointError(f"{where}: piece offsets and lengths differ in rank")
     if not box.within(shape):
         raise CorruptCheckpointError(f"{where}: piece {box} lies outside the shape {shape}")
     file = safe_relative_path(raw.get("file"), where)

@@ -184,6 +184,8 @@ class Loader:
         dest = destinations[req.target]
         if req.piece.codec != "raw" or req.raw_start != 0 or req.raw_length != raw_length:
             return None
+        if req.region != req.piece.box:  # whole rows read, only some columns wanted
+            return None
         if dest.tensor.device.type != "cpu" or dest.tensor.is_complex():
             return None
         view = dest.tensor[req.region.relative_to(dest.box)] if dest.box.ndim else dest.tensor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +41,20 @@ def _os_error(exc: OSError, path: str, action: str) -> StorageBackendError:
     return StorageBackendError(
         f"{action} {path!r} failed: {exc.strerror or exc}", path=path, retryable=retryable
     )
+
+
+def _not_found(exc: OSError) -> bool:
+    # A directory ("prefix") or anything below a file is not an object either.
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
+def _check_range(path: str, offset: int, length: int, size: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise StorageBackendError(
+            f"cannot read {path!r} at offset {offset} (length {length}): "
+            f"the object has {size} bytes",
+            path=path,
+        )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -145,9 +160,14 @@ class LocalBackend:
     def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
         stream = self.open_stream(path)
         buffers: Sequence[BytesLike] = data if isinstance(data, (list, tuple)) else [data]  # type: ignore[list-item]
-        for buf in buffers:
-            stream.write(buf)
-        stream.commit()
+        try:
+            for buf in buffers:
+                stream.write(buf)
+            stream.commit()
+        except BaseException:
+            # e.g. a TypeError for a non-buffer: do not leave the temp file behind.
+            stream.abort()
+            raise
 
     def open_stream(self, path: str) -> _LocalStream:
         try:
@@ -183,20 +203,48 @@ class LocalBackend:
             except FileNotFoundError:
                 pass
 
-    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        if length is None:
-            length = self.size(path) - offset
-        buf = bytearray(length)
-        self.read_into(path, offset, buf)
-        return bytes(buf)
-
-    def read_into(self, path: str, offset: int, out: BytesLike) -> None:
+    def _open_object(self, path: str) -> tuple[int, int]:
+        """Open ``path`` for reading; returns (fd, size of that very file)."""
         target = self._resolve(path)
-        view = memoryview(out).cast("B")
         try:
             fd = os.open(target, os.O_RDONLY)
         except OSError as exc:
+            if _not_found(exc):
+                raise BlobNotFoundError(f"{path!r} does not exist (opening)", path=path) from exc
             raise _os_error(exc, path, "opening") from exc
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise _os_error(exc, path, "stat of") from exc
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise BlobNotFoundError(f"{path!r} is a prefix, not an object", path=path)
+        return fd, st.st_size
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        # Size and bytes come from one open file, so a concurrent replace cannot mix versions.
+        fd, size = self._open_object(path)
+        try:
+            if length is None:
+                length = size - offset
+            _check_range(path, offset, length, size)
+            buf = bytearray(length)
+            self._read_fd(fd, path, offset, memoryview(buf))
+            return bytes(buf)
+        finally:
+            os.close(fd)
+
+    def read_into(self, path: str, offset: int, out: BytesLike) -> None:
+        view = memoryview(out).cast("B")
+        fd, size = self._open_object(path)
+        try:
+            _check_range(path, offset, len(view), size)
+            self._read_fd(fd, path, offset, view)
+        finally:
+            os.close(fd)
+
+    def _read_fd(self, fd: int, path: str, offset: int, view: memoryview) -> None:
         try:
             done = 0
             while done < len(view):
@@ -210,14 +258,18 @@ class LocalBackend:
                 done += n
         except OSError as exc:
             raise _os_error(exc, path, "reading") from exc
-        finally:
-            os.close(fd)
 
     def size(self, path: str) -> int:
+        target = self._resolve(path)
         try:
-            return self._resolve(path).stat().st_size
+            st = target.stat()
         except OSError as exc:
+            if _not_found(exc):
+                raise BlobNotFoundError(f"{path!r} does not exist (stat of)", path=path) from exc
             raise _os_error(exc, path, "stat of") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise BlobNotFoundError(f"{path!r} is a prefix, not an object", path=path)
+        return st.st_size
 
     def exists(self, path: str) -> bool:
         return self._resolve(path).is_file()
@@ -237,37 +289,38 @@ class LocalBackend:
         base = self._resolve_prefix(prefix)
         try:
             return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
     def delete(self, paths: Iterable[str]) -> None:
         for path in paths:
             try:
                 os.unlink(self._resolve(path))
-            except FileNotFoundError:
-                continue
             except OSError as exc:
+                if _not_found(exc):
+                    continue  # absent, a prefix, or below an object: not an object
                 raise _os_error(exc, path, "deleting") from exc
 
     def delete_prefix(self, prefix: str) -> None:
         base = self._resolve_prefix(prefix)
         if base == self._root:
             raise InvalidPathError("refusing to delete the whole backend root", path=prefix)
-        for dirpath, dirnames, filenames in os.walk(base, topdown=False):
-            for name in filenames:
-                try:
-                    os.unlink(os.path.join(dirpath, name))
-                except FileNotFoundError:
-                    pass
-            for name in dirnames:
-                try:
-                    os.rmdir(os.path.join(dirpath, name))
-                except FileNotFoundError:
-                    pass
         try:
-            os.rmdir(base)
-        except FileNotFoundError:
-            pass
+            for dirpath, dirnames, filenames in os.walk(base, topdown=False):
+                for name in filenames:
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        pass
+                for name in dirnames:
+                    try:
+                        os.rmdir(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        pass
+            try:
+                os.rmdir(base)
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # nothing there, or an object (which is not under its own prefix)
         except OSError as exc:
             raise _os_error(exc, prefix, "deleting") from exc
 

@@ -14,14 +14,22 @@ def open_backend(url: str | os.PathLike[str]) -> StorageBackend:
     """Open the backend for ``url``: a plain path or ``file://`` URL.
 
     Raises:
-        StorageBackendError: the scheme is not supported.
+        StorageBackendError: the URL is empty or malformed, or its scheme is not supported.
     """
     text = os.fspath(url)
+    if not text.strip():
+        # An unset setting must not silently turn the current directory into the root.
+        raise StorageBackendError("empty storage URL: give a directory or a file:///path URL")
     parsed = urlparse(text)
     if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
         if parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
                 raise StorageBackendError(f"file URL with a host is not supported: {text!r}")
+            if not parsed.path or parsed.query or parsed.fragment:
+                raise StorageBackendError(
+                    f"file URL {text!r} has no path, or a '?' or '#' that would be dropped: "
+                    "use file:///absolute/path with those characters percent-encoded"
+                )
             return LocalBackend(unquote(parsed.path))
         return LocalBackend(text)
     raise StorageBackendError(

@@ -1,0 +1,83 @@
+"""Helpers shared by the format, corruption and state tests: custom saves and manifest edits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ckpt
+from ckpt._coordinator import LocalCoordinator
+from ckpt._format import MANIFEST_NAME, step_prefix
+from storage_backends import LocalBackend
+
+
+def save_with(
+    state: Mapping[str, Any], root: Path, step: int, options: ckpt.SaveOptions | None = None
+) -> ckpt.SaveResult:
+    """Save ``state`` as ``step`` under ``root`` with its own engine (``ckpt.save`` uses the default one)."""
+    snap = ckpt.Snapshotter(options)
+    backend = LocalBackend(root)
+    try:
+        return snap.async_save(state, backend, step, LocalCoordinator()).result()
+    finally:
+        snap.close()
+        backend.close()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """The directory of ``step``'s prefix."""
+    return root / step_prefix(step)
+
+
+def manifest_path(root: Path, step: int) -> Path:
+    return step_dir(root, step) / MANIFEST_NAME
+
+
+def read_manifest(root: Path, step: int) -> dict[str, Any]:
+    """The manifest of ``step`` as parsed JSON."""
+    doc: dict[str, Any] = json.loads(manifest_path(root, step).read_bytes())
+    return doc
+
+
+def write_manifest(root: Path, step: int, doc: Mapping[str, Any]) -> None:
+    """Replace the manifest of ``step`` (it is read-only on purpose; tests tamper anyway)."""
+    path = manifest_path(root, step)
+    path.chmod(0o644)
+    path.write_text(json.dumps(doc))
+
+
+def piece_of(root: Path, step: int, tensor: str) -> dict[str, Any]:
+    """The single stored piece of ``tensor`` in ``step``'s manifest."""
+    (piece,) = read_manifest(root, step)["tensors"][tensor]["pieces"]
+    return dict(piece)
+
+
+def data_file(root: Path, step: int, relative: str) -> Path:
+    return step_dir(root, step) / relative
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Invert every bit of the byte at ``offset`` of ``path``."""
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``tensor`` (so NaN payloads, -0.0 and fp8 compare exactly)."""
+    t = tensor.detach().contiguous()
+    if t.is_complex():
+        t = torch.view_as_real(t).contiguous()
+    return t.reshape(-1).view(torch.uint8)
+
+
+def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same dtype, shape and bytes."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.equal(bits(actual), bits(expected))
