@@ -9,6 +9,7 @@ while its generation is current (I4).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -18,8 +19,10 @@ from typing import Any, Protocol
 from ckpt._agreement import GroupAgreement
 from ckpt._commit import merge_indexes, publish
 from ckpt._format import INDEX_DIR, Manifest, ShardIndex, manifest_path, step_prefix
-from ckpt.errors import CoordinationError, storage_errors
+from ckpt.errors import CheckpointError, CoordinationError, storage_errors
 from storage_backends import StorageBackend
+
+log = logging.getLogger(__name__)
 
 
 def new_generation() -> str:
@@ -187,16 +190,28 @@ class ProcessGroupCoordinator:
             self._wait_for_commit(backend, step)
             return None
         indexes = self._collect(backend, step, index, chunk_bytes)
-        manifest = merge_indexes(
-            step=step,
-            generation=self._generation,
-            world_size=self._world,
-            chunk_bytes=chunk_bytes,
-            indexes=indexes,
-            user_metadata=user_metadata,
-        )
-        publish(backend, manifest)
+        try:
+            manifest = merge_indexes(
+                step=step,
+                generation=self._generation,
+                world_size=self._world,
+                chunk_bytes=chunk_bytes,
+                indexes=indexes,
+                user_metadata=user_metadata,
+            )
+            publish(backend, manifest)
+        except BaseException as exc:
+            # Tell the waiting ranks now instead of letting them wait out their timeout.
+            try:
+                self._write_abort(backend, step, f"rank 0 could not publish the manifest: {exc}")
+            except CheckpointError as marker_exc:
+                log.warning("step %d: could not leave the abort marker: %s", step, marker_exc)
+            raise
         return manifest
+
+    def _write_abort(self, backend: StorageBackend, step: int, reason: str) -> None:
+        with storage_errors(f"aborting step {step} under {backend.url}"):
+            backend.write(self._abort_path(step), reason.encode())
 
     def _collect(
         self, backend: StorageBackend, step: int, own: ShardIndex, chunk_bytes: int
@@ -210,8 +225,7 @@ class ProcessGroupCoordinator:
             if not missing:
                 break
             if time.monotonic() > deadline:
-                with storage_errors(f"aborting step {step} under {backend.url}"):
-                    backend.write(self._abort_path(step), b"timeout")
+                self._write_abort(backend, step, f"ranks {missing} did not report within {self._timeout:.0f} s")
                 raise CoordinationError(
                     f"step {step}: ranks {missing} did not report within {self._timeout:.0f} s; the step "
                     f"is aborted and the previous committed checkpoint under {backend.url} stays the newest"
@@ -231,9 +245,10 @@ class ProcessGroupCoordinator:
                 if backend.exists(manifest_path(step)):
                     return
                 if backend.exists(self._abort_path(step)):
+                    reason = backend.read(self._abort_path(step)).decode(errors="replace")
                     raise CoordinationError(
-                        f"step {step} was aborted by rank 0 (a rank did not report in time); rank "
-                        f"{self._rank}'s data is discarded"
+                        f"step {step} was aborted by rank 0 ({reason}); rank {self._rank}'s data is "
+                        "discarded and the previous committed checkpoint stays the newest"
                     )
             if time.monotonic() > deadline:
                 raise CoordinationError(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckpt._codec import CHECKSUM_ALGORITHM, CODECS, DIGEST_HEX, chunk_count
+from ckpt._codec import CHECKSUM_ALGORITHM, CODECS, DIGEST_HEX, checksum, chunk_count
 from ckpt._geometry import Box
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 
@@ -218,10 +218,11 @@ class Manifest:
             "layout": self.layout,
             "user_metadata": self.user_metadata,
         }
-        return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+        return seal_manifest(json.dumps(doc, separators=(",", ":"), allow_nan=True).encode())
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        verify_manifest_seal(data, where)
         raw = _parse_json(data, where)
         if raw.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"{where}: not a ckpt manifest (format={raw.get('format')!r})")
@@ -259,6 +260,33 @@ class Manifest:
             user_metadata=raw.get("user_metadata") or {},
             layout=raw.get("layout") or {},
         )
+
+
+_SEAL_OPEN = b'{"manifest_checksum":"'
+_SEAL_BLANK = b"0" * DIGEST_HEX
+
+
+def seal_manifest(body: bytes) -> bytes:
+    """Prefix a JSON object with the checksum of the whole manifest.
+
+    The digest is taken over the final bytes with the digest itself written as zeros,
+    so a reader checks exactly the bytes it read, without re-serialising anything.
+    """
+    if not body.startswith(b"{") or body == b"{}":
+        raise ValueError("a manifest body must be a non-empty JSON object")
+    rest = b'",' + body[1:]
+    digest = checksum(_SEAL_OPEN + _SEAL_BLANK + rest).encode()
+    return _SEAL_OPEN + digest + rest
+
+
+def verify_manifest_seal(data: bytes, where: str) -> None:
+    """Raise ``CorruptCheckpointError`` unless ``data`` carries a matching manifest checksum."""
+    end = len(_SEAL_OPEN) + DIGEST_HEX
+    if not data.startswith(_SEAL_OPEN) or len(data) < end + 2:
+        raise CorruptCheckpointError(f"{where}: the manifest carries no checksum; the file is corrupt or foreign")
+    stored = data[len(_SEAL_OPEN) : end]
+    if checksum(_SEAL_OPEN + _SEAL_BLANK + data[end:]).encode() != stored:
+        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch; the file is corrupt")
 
 
 def _parse_json(data: bytes, where: str) -> dict[str, Any]:

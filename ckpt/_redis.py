@@ -11,6 +11,8 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 ``step:<s>:done``              list: one token per non-committer when the step ends
 ``committed``                  sorted set of committed steps (the index; rebuilt from
                                storage when Redis lost it)
+``indexed``                    set once ``committed`` was merged with a storage scan; its
+                               absence means Redis may have lost part of the index
 ``hb:<gen>``                   sorted set: rank -> time of its last heartbeat (ms)
 =============================  ==========================================================
 
@@ -26,16 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlparse, urlunparse
 
 import redis
 from tenacity import (
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
     wait_random_exponential,
@@ -187,9 +190,12 @@ class RedisCoordinator:
         query_job = parse_qs(parsed.query).get("job", [None])[0]
         self.job = job or query_job or "default"
         self._prefix = f"ckpt:{self.job}:"
+        # ``job`` is ours; every other query option (ssl_ca_certs, ssl_cert_reqs, ...) is redis-py's.
+        client_query = urlencode([(k, v) for k, v in parse_qsl(parsed.query) if k != "job"])
         # redis-py's return types are loose unions; the protocol knows what each call returns.
         self._client: Any = client or redis.Redis.from_url(
-            url.split("?")[0], socket_timeout=None, socket_connect_timeout=5, health_check_interval=0
+            urlunparse(parsed._replace(query=client_query)),
+            socket_timeout=None, socket_connect_timeout=5, health_check_interval=0,
         )
         self._timeout = timeout
         self._retry_seconds = retry_seconds
@@ -238,7 +244,7 @@ class RedisCoordinator:
     def _call(self, what: str, fn: Callable[[], T], *, count: bool = True) -> T:
         """Run one Redis call, retrying through connection loss (e.g. a restarting server)."""
         retrying = Retrying(
-            retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+            retry=retry_if_exception(_retryable),
             stop=stop_after_delay(self._retry_seconds) | stop_after_attempt(1000),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
             reraise=True,
@@ -250,6 +256,11 @@ class RedisCoordinator:
                         with self._lock:
                             self.round_trips += 1
                     return fn()
+        except redis.AuthenticationError as exc:
+            raise CoordinationError(
+                f"Redis coordinator ({what}, rank {self._rank}): authentication failed: {exc}; check "
+                "the password in the coordinator URL (redis://:PASSWORD@host:port/db)"
+            ) from exc
         except redis.RedisError as exc:
             raise CoordinationError(f"Redis coordinator ({what}, rank {self._rank}): {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -330,15 +341,20 @@ class RedisCoordinator:
             self.wait_outcome(step, backend)
             return None
         indexes = [index, *self.collect(step, chunk_bytes)]
-        manifest = merge_indexes(
-            step=step,
-            generation=self._generation,
-            world_size=self._world,
-            chunk_bytes=chunk_bytes,
-            indexes=indexes,
-            user_metadata=user_metadata,
-        )
-        publish(backend, manifest)
+        try:
+            manifest = merge_indexes(
+                step=step,
+                generation=self._generation,
+                world_size=self._world,
+                chunk_bytes=chunk_bytes,
+                indexes=indexes,
+                user_metadata=user_metadata,
+            )
+            publish(backend, manifest)
+        except BaseException as exc:
+            # Wake the other ranks now instead of letting them wait out their timeout.
+            self._abort_quietly(step, f"the committer (rank {self._rank}) could not publish the manifest: {exc}")
+            raise
         self.mark_committed(step)
         return manifest
 
@@ -390,8 +406,14 @@ class RedisCoordinator:
         keys = [*self._step_keys(step)[:3], self._key("committed"), self._step_keys(step)[4]]
         result = self._script(_COMMIT, keys, [self._generation, step, self._world - 1, self._ttl], f"committing step {step}")
         if result[0] == "FENCED":
-            # The manifest is already durable: storage is the truth, the step is committed.
+            # The manifest is already durable: storage is the truth, the step is committed. But
+            # this writer is a zombie: it must stop (no retention, no further saves).
             log.warning("step %d committed in storage, but generation %s was superseded in Redis", step, self._generation)
+            raise FencedError(
+                f"job {self.job}: step {step}'s manifest was published, but this writer's generation "
+                f"{self._generation} was superseded by {result[1]} before it could mark the step "
+                "committed; a newer incarnation of the job owns the checkpoints now"
+            )
 
     def wait_outcome(self, step: int, backend: StorageBackend | None = None) -> None:
         """Non-committer: wait until the step is committed; raise when it is aborted."""
@@ -439,6 +461,13 @@ class RedisCoordinator:
         self._script(_ABORT, self._step_keys(step), [self._generation, self._world - 1, reason, self._ttl], f"aborting step {step}")
         log.warning("step %d aborted: %s", step, reason)
 
+    def _abort_quietly(self, step: int, reason: str) -> None:
+        """``abort`` on a path that is already failing: its own error must not hide the first."""
+        try:
+            self.abort(step, reason)
+        except CoordinationError as exc:
+            log.warning("step %d: could not mark the step aborted in Redis: %s", step, exc)
+
     # -- heartbeats ------------------------------------------------------------------
 
     def _beat(self) -> None:
@@ -474,16 +503,35 @@ class RedisCoordinator:
 
     def committed_steps(self, backend: StorageBackend) -> list[int]:
         """Committed steps, newest first, from Redis; rebuilt from storage when Redis has none."""
-        key = self._key("committed")
-        steps = self._call("reading the index", lambda: self._client.zrevrange(key, 0, -1), count=False)
-        if steps:
+        key, marker = self._key("committed"), self._key("indexed")
+
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.zrevrange(key, 0, -1)
+            pipe.exists(marker)
+            return list(pipe.execute())
+
+        steps, complete = self._call("reading the index", read, count=False)
+        if complete:
             return [int(s) for s in steps]
+        # No marker: Redis never saw a storage scan, or lost its state (FLUSHALL, a restart
+        # without persistence) and only holds the steps committed since. Merge, never drop:
+        # a step committed while we scan is in Redis and must stay.
         with storage_errors(f"listing checkpoints under {backend.url}"):
             found = scan_steps(backend).committed
-        if found:
-            self._call("rebuilding the index", lambda: self._client.zadd(key, {str(s): s for s in found}), count=False)
-            log.info("job %s: rebuilt the committed-step index from storage (%d steps)", self.job, len(found))
-        return sorted(found, reverse=True)
+        merged = sorted({*found, *(int(s) for s in steps)}, reverse=True)
+
+        def rebuild() -> None:
+            pipe = self._client.pipeline(transaction=True)
+            if merged:
+                pipe.zadd(key, {str(s): s for s in merged})
+            pipe.set(marker, "1")
+            pipe.execute()
+
+        self._call("rebuilding the index", rebuild, count=False)
+        if len(merged) > len(steps):
+            log.info("job %s: rebuilt the committed-step index from storage (%d steps)", self.job, len(merged))
+        return merged
 
     def forget_steps(self, steps: Sequence[int]) -> None:
         """Drop deleted steps from the index (retention)."""
@@ -495,6 +543,15 @@ class RedisCoordinator:
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
         self._client.close()
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Connection loss and timeouts are worth retrying; a refused password or certificate is not."""
+    if isinstance(exc, redis.AuthenticationError):  # a ConnectionError subclass in redis-py
+        return False
+    if isinstance(exc, redis.ConnectionError) and isinstance(exc.__context__, ssl.SSLCertVerificationError):
+        return False
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 def describe_state(client: redis.Redis, job: str) -> dict[str, Any]:

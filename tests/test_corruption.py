@@ -174,6 +174,19 @@ def test_manifest_that_is_not_a_json_object_is_corrupt(root: Path, content: byte
     assert "manifest.json" in str(info.value)
 
 
+def test_a_changed_plain_value_in_the_manifest_fails_its_checksum(root: Path) -> None:
+    """Plain values live only in the manifest: its own checksum catches a change to one."""
+    save(root)
+    path = manifest_path(root, STEP)
+    data = path.read_bytes()
+    assert b'"step":' in data
+    tampered = data.replace(b'"step":', b'"stap":', 1)
+    path.chmod(0o644)
+    path.write_bytes(tampered)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="manifest checksum mismatch"):
+        load_step(root)
+
+
 _REQUIRED = [
     "format", "format_version", "step", "generation", "world_size",
     "checksum_algorithm", "chunk_bytes", "files", "tensors", "state",
