@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import statistics
 import sys
 from typing import Annotated
@@ -176,6 +177,66 @@ def gc(
         plan = apply_retention(backend, policy)
     verb = "would delete" if dry_run else "deleted"
     console.print(f"{verb} committed steps {list(plan.committed)} and partial steps {list(plan.abandoned)}")
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="checkpoint root to read")],
+    dst: Annotated[str, typer.Argument(help="checkpoint root (--to ckpt), file or directory to write")],
+    step: StepOption = None,
+    to: Annotated[str, typer.Option(help="ckpt | safetensors | torch")] = "ckpt",
+    world_size: Annotated[int | None, typer.Option(help="--to ckpt: ranks of the new layout")] = None,
+    dim: Annotated[int, typer.Option(help="--to ckpt: dimension the tensors are split along")] = 0,
+    prefix: Annotated[str | None, typer.Option(help="export only names starting with this, stripped (e.g. 'model.')")] = None,
+    max_shard_size: Annotated[str | None, typer.Option(help="--to safetensors: e.g. 5GB; writes shards + index.json")] = None,
+) -> None:
+    """Re-lay a checkpoint for another world size, or export it consolidated (safetensors, torch)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from ckpt._convert import export_safetensors, export_torch, relayout
+
+    source = open_url(src)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[-40:])
+
+        if to == "ckpt":
+            if world_size is None:
+                raise typer.BadParameter("--to ckpt needs --world-size")
+            result = relayout(source, open_url(dst), world_size=world_size, step=step, dim=dim, progress=progress)
+        elif to == "safetensors":
+            limit = _parse_size(max_shard_size) if max_shard_size else None
+            result = export_safetensors(source, dst, step=step, prefix=prefix, max_shard_bytes=limit, progress=progress)
+        elif to == "torch":
+            result = export_torch(source, dst, step=step, prefix=prefix, progress=progress)
+        else:
+            raise typer.BadParameter("--to must be ckpt, safetensors or torch")
+    console.print(
+        f"step {result.step}: {result.tensors} tensors, {_human(result.bytes)} -> {dst} ({len(result.files)} files)"
+    )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    unit = match.group(2).upper() if match else "?"
+    if match is None or unit not in _UNITS:
+        raise typer.BadParameter(f"cannot read the size {text!r} (e.g. 500MB, 5GB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ckpt._format import Manifest, ShardIndex, TensorEntry, manifest_path, step_prefix
+from ckpt._geometry import Box
 from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
 from storage_backends import StorageBackend
 
@@ -50,6 +51,14 @@ def merge_indexes(
                 f"cover {covered} of {math.prod(entry.shape)} elements; each element must be saved "
                 "by exactly one rank (check ShardedTensor offsets and global_shape). Not committed"
             )
+        # The right count can still hide a hole: shards that overlap leave elements unsaved.
+        overlap = _first_overlap([p.box for p in entry.pieces])
+        if overlap is not None:
+            raise InvalidStateError(
+                f"step {step}: tensor {name!r} of global shape {list(entry.shape)}: saved shards "
+                f"{overlap[0]} and {overlap[1]} overlap, so other elements are never saved; each "
+                "element must be saved by exactly one rank (check ShardedTensor offsets). Not committed"
+            )
     return Manifest(
         step=step,
         generation=generation,
@@ -62,6 +71,29 @@ def merge_indexes(
         user_metadata=dict(user_metadata or {}),
         layout=dict(layout or {}),
     )
+
+
+def _first_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:
+    """Two of ``boxes`` that share an element, or None.
+
+    A sweep along the dimension with the most distinct offsets, so that the usual
+    layouts (Shard on any dimension, 2-D meshes) compare each box with few others.
+    """
+    boxes = [b for b in boxes if b.numel]
+    if len(boxes) < 2:
+        return None
+    if boxes[0].ndim == 0:
+        return boxes[0], boxes[1]
+    dim = max(range(boxes[0].ndim), key=lambda d: len({b.offsets[d] for b in boxes}))
+    active: list[Box] = []
+    for box in sorted(boxes, key=lambda b: b.offsets[dim]):
+        start = box.offsets[dim]
+        active = [a for a in active if a.offsets[dim] + a.lengths[dim] > start]
+        for other in active:
+            if other.intersect(box) is not None:
+                return other, box
+        active.append(box)
+    return None
 
 
 def publish(backend: StorageBackend, manifest: Manifest) -> None:

@@ -278,6 +278,25 @@ class Snapshotter:
         start = time.perf_counter()
         coordinator.begin(step)
         tensors, tree = flatten(state)
+        return self.save_flat(
+            tensors, tree, backend, step, coordinator,
+            user_metadata=user_metadata, on_committed=on_committed, started=start,
+        )
+
+    def save_flat(
+        self,
+        tensors: Mapping[str, FlatTensor],
+        tree: dict[str, Any],
+        backend: StorageBackend,
+        step: int,
+        coordinator: Coordinator,
+        *,
+        user_metadata: Mapping[str, Any] | None = None,
+        on_committed: Callable[[Manifest], None] | None = None,
+        started: float | None = None,
+    ) -> PendingSave:
+        """``async_save`` of a state that is already flattened (offline conversion uses it)."""
+        start = time.perf_counter() if started is None else started
         plan = assign_writers(coordinator.all_gather(describe(tensors)))
         rank = coordinator.rank
         to_write = [
@@ -473,7 +492,7 @@ class Snapshotter:
 @dataclass
 class _IndexBase:
     rank: int
-    tensors: dict[str, FlatTensor]
+    tensors: Mapping[str, FlatTensor]
     tree: dict[str, Any] | None
 
     def build(self, files: list[_FilePlan]) -> ShardIndex:

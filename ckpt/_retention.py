@@ -95,8 +95,14 @@ def remove_unreferenced(backend: StorageBackend, manifest: Manifest) -> list[str
         present = backend.list_objects(prefix)
     keep = {f"{prefix}/{path}" for path in manifest.files} | {f"{prefix}/{MANIFEST_NAME}"}
     stale = [p for p in present if p not in keep and not p.startswith(f"{prefix}/{INDEX_DIR}/")]
-    if stale:
-        with storage_errors(f"deleting stale files in {prefix} under {backend.url}"):
+    with storage_errors(f"deleting stale files in {prefix} under {backend.url}"):
+        if stale:
             backend.delete(stale)
-        log.info("removed %d stale files from committed step %d", len(stale), manifest.step)
+        # Nobody may write into a committed step any more: unfinished writes there are dead.
+        unfinished = backend.abort_unfinished(prefix)
+    if stale or unfinished:
+        log.info(
+            "committed step %d: removed %d stale files and %d unfinished writes",
+            manifest.step, len(stale), unfinished,
+        )
     return stale

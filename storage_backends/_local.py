@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -323,6 +324,26 @@ class LocalBackend:
                 pass  # nothing there, or an object (which is not under its own prefix)
         except OSError as exc:
             raise _os_error(exc, prefix, "deleting") from exc
+
+    def abort_unfinished(self, prefix: str, older_than_seconds: float = 0.0) -> int:
+        """Remove temporary files of streams that never committed (a writer died)."""
+        base = self._resolve_prefix(prefix)
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for name in filenames:
+                if not (name.startswith(".") and _TMP_MARK in name):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.stat(path).st_mtime <= cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise _os_error(exc, prefix, "removing unfinished files under") from exc
+        return removed
 
     def close(self) -> None:
         pass

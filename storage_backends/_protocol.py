@@ -88,5 +88,13 @@ class StorageBackend(Protocol):
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under ``prefix`` (a "directory"), including unfinished ones."""
 
+    def abort_unfinished(self, prefix: str, older_than_seconds: float = 0.0) -> int:
+        """Drop unfinished streams under ``prefix`` started more than ``older_than_seconds`` ago
+        (temporary files, incomplete multipart uploads) left by writers that died.
+
+        Returns:
+            How many were removed.
+        """
+
     def close(self) -> None:
         """Release connections and thread pools."""

@@ -171,5 +171,8 @@ class FaultyBackend:
     def delete_prefix(self, prefix: str) -> None:
         self.inner.delete_prefix(prefix)
 
+    def abort_unfinished(self, prefix: str, older_than_seconds: float = 0.0) -> int:
+        return self.inner.abort_unfinished(prefix, older_than_seconds)
+
     def close(self) -> None:
         self.inner.close()

@@ -478,6 +478,18 @@ class BackendConformance:
         backend.write("step-1/data/r0", b"again")
         assert backend.list_objects("step-1") == ["step-1/data/r0"]
 
+    def test_abort_unfinished_drops_dead_streams_only(self, backend: StorageBackend) -> None:
+        """Streams a dead writer left open are dropped; committed objects and young streams stay."""
+        backend.write("step-1/data/done", b"done")
+        dead = backend.open_stream("step-1/data/dead")
+        dead.write(payload(10_000, seed=16))
+        assert backend.abort_unfinished("step-1", older_than_seconds=3600) == 0
+        assert backend.abort_unfinished("step-1") == 1
+        assert backend.abort_unfinished("step-1") == 0
+        assert backend.list_objects("step-1") == ["step-1/data/done"]
+        assert backend.read("step-1/data/done") == b"done"
+        dead.abort()  # the writer's own abort after the fact is harmless
+
     def test_delete_prefix_missing_is_a_no_op(self, backend: StorageBackend) -> None:
         """Deleting a prefix that holds nothing succeeds and touches nothing else."""
         backend.write("keep/obj", b"k")

@@ -166,6 +166,8 @@ class SlowBackend:
 class Net(nn.Module):
     """An MLP with dropout (so the RNG state matters) and a bulky buffer (so saves take time)."""
 
+    bulk: torch.Tensor
+
     def __init__(self, extra_floats: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
@@ -256,7 +258,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     state = build_state(args.extra_mb)
     backend = SlowBackend(
         args.root, delay_ms=args.slow_save_ms, hang_step=args.hang_step, hang_phase=args.hang_phase

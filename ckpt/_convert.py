@@ -1,0 +1,299 @@
+"""Offline conversion: re-lay a checkpoint for another world size, or export it.
+
+* ``relayout``: a new ckpt checkpoint whose tensors are split along one dimension into
+  ``world_size`` pieces, as if ``world_size`` ranks had saved them (torch.chunk sizes,
+  the same rule as DTensor ``Shard``), so each rank of the new job reads only its files.
+* ``export_safetensors``: one consolidated safetensors file, or several with a
+  Hugging Face style ``*.index.json`` when ``max_shard_bytes`` is set.
+* ``export_torch``: a plain ``{name: tensor}`` dict written with ``torch.save``.
+
+Memory stays bounded: re-layout holds one target rank's data at a time, exports hold
+one tensor at a time (``export_torch`` holds all of them, by its nature).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt._commit import merge_indexes, publish
+from ckpt._coordinator import new_generation
+from ckpt._engine import Snapshotter
+from ckpt._flatten import Destination, FlatTensor
+from ckpt._format import (
+    Manifest,
+    ShardIndex,
+    TensorEntry,
+    element_size,
+    safetensors_dtype,
+    torch_dtype,
+)
+from ckpt._geometry import Box
+from ckpt._options import SaveOptions
+from ckpt._plan import PieceInfo
+from ckpt.errors import CheckpointError, storage_errors
+from recovery import Loader, candidates
+from storage_backends import StorageBackend
+
+Progress = Callable[[int, int, str], None]  # bytes done, bytes total, what
+
+
+def _no_progress(done: int, total: int, what: str) -> None:
+    return None
+
+
+def open_manifest(backend: StorageBackend, step: int | None) -> Manifest:
+    """The manifest of ``step`` (newest committed when None), validated."""
+    for candidate in candidates(backend, step):
+        if candidate.manifest is not None:
+            return candidate.manifest
+        if step is not None and candidate.error is not None:
+            raise candidate.error
+    raise CheckpointError(f"no usable committed checkpoint under {backend.url}")
+
+
+def split_box(shape: Sequence[int], parts: int, index: int, dim: int) -> Box:
+    """Region ``index`` of ``parts`` along ``dim`` (torch.chunk sizes; trailing parts may be empty)."""
+    if not shape:
+        return Box((), ())
+    size = shape[dim]
+    chunk = math.ceil(size / parts) if size else 0
+    lo = min(size, index * chunk)
+    hi = min(size, lo + chunk)
+    offsets = [0] * len(shape)
+    lengths = list(shape)
+    offsets[dim] = lo
+    lengths[dim] = hi - lo
+    return Box(tuple(offsets), tuple(lengths))
+
+
+def _read_region(loader: Loader, name: str, entry: TensorEntry, box: Box) -> torch.Tensor:
+    tensor = torch.empty(box.lengths, dtype=torch_dtype(entry.dtype))
+    if box.numel:
+        loader.load([Destination(name, tensor, box)])
+    return tensor
+
+
+class _OfflineRanks:
+    """Plays the coordinator for ``world_size`` ranks saved one after another in one process."""
+
+    def __init__(self, world_size: int, descriptions: list[list[PieceInfo]]) -> None:
+        self._world = world_size
+        self._descriptions = descriptions
+        self._indexes: list[ShardIndex] = []
+        self.rank = 0
+        self.generation = new_generation()
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    def begin(self, step: int) -> None:
+        return None
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return list(self._descriptions)
+
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        return list(flags)
+
+    def commit(
+        self, backend: StorageBackend, step: int, index: ShardIndex, *, chunk_bytes: int,
+        user_metadata: Mapping[str, Any],
+    ) -> Manifest | None:
+        self._indexes.append(index)
+        if len(self._indexes) < self._world:
+            return None
+        manifest = merge_indexes(
+            step=step, generation=self.generation, world_size=self._world, chunk_bytes=chunk_bytes,
+            indexes=self._indexes, user_metadata=user_metadata,
+        )
+        publish(backend, manifest)
+        return manifest
+
+    def close(self) -> None:
+        return None
+
+    @property
+    def files(self) -> list[str]:
+        return [f for index in self._indexes for f in index.files]
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    step: int
+    tensors: int
+    bytes: int
+    files: list[str]
+
+
+def relayout(
+    src: StorageBackend,
+    dst: StorageBackend,
+    *,
+    world_size: int,
+    step: int | None = None,
+    dim: int = 0,
+    options: SaveOptions | None = None,
+    progress: Progress = _no_progress,
+) -> ConvertResult:
+    """Write ``step`` of ``src`` to ``dst`` as a checkpoint of ``world_size`` ranks."""
+    if world_size < 1:
+        raise ValueError("world_size must be at least 1")
+    manifest = open_manifest(src, step)
+    loader = Loader(src, manifest)
+    boxes: dict[int, dict[str, Box]] = {}
+    for rank in range(world_size):
+        per_rank: dict[str, Box] = {}
+        for name, entry in manifest.tensors.items():
+            if not entry.shape:
+                box = Box((), ()) if rank == 0 else None
+            else:
+                d = dim if dim < len(entry.shape) else 0
+                box = split_box(entry.shape, world_size, rank, d)
+            if box is not None:
+                per_rank[name] = box
+        boxes[rank] = per_rank
+    descriptions = [
+        [PieceInfo(n, b.offsets, b.lengths, b.numel * element_size(manifest.tensors[n].dtype))
+         for n, b in boxes[r].items() if b.numel]
+        for r in range(world_size)
+    ]
+    ranks = _OfflineRanks(world_size, descriptions)
+    total = manifest.total_bytes
+    done = 0
+    engine = Snapshotter(options)
+    try:
+        for rank in range(world_size):
+            ranks.rank = rank
+            tensors: dict[str, FlatTensor] = {}
+            for name, box in boxes[rank].items():
+                entry = manifest.tensors[name]
+                local = _read_region(loader, name, entry, box)
+                tensors[name] = FlatTensor(name, local, tuple(entry.shape), box, False, entry.dtype)
+                done += local.numel() * local.element_size()
+                progress(done, total, f"rank {rank}/{world_size}: {name}")
+            pending = engine.save_flat(
+                tensors, manifest.state, dst, manifest.step, ranks,
+                user_metadata={**manifest.user_metadata, "converted_from": f"{src.url} step {manifest.step}"},
+            )
+            pending.result()
+    finally:
+        engine.close()
+    return ConvertResult(manifest.step, len(manifest.tensors), total, sorted(ranks.files))
+
+
+def _selected(manifest: Manifest, prefix: str | None) -> list[tuple[str, str]]:
+    """(stored name, exported name) pairs, keeping only names under ``prefix`` and stripping it."""
+    out = []
+    for name in sorted(manifest.tensors):
+        if prefix:
+            if not name.startswith(prefix):
+                continue
+            out.append((name, name[len(prefix):]))
+        else:
+            out.append((name, name))
+    if not out:
+        raise CheckpointError(f"no tensor names start with {prefix!r}")
+    return out
+
+
+def export_safetensors(
+    src: StorageBackend,
+    path: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    prefix: str | None = None,
+    max_shard_bytes: int | None = None,
+    progress: Progress = _no_progress,
+) -> ConvertResult:
+    """Consolidate ``step`` into safetensors file(s) at ``path`` (a file, or a directory when sharded)."""
+    manifest = open_manifest(src, step)
+    loader = Loader(src, manifest)
+    names = _selected(manifest, prefix)
+    groups: list[list[tuple[str, str]]] = [[]]
+    group_bytes = 0
+    for stored, exported in names:
+        nbytes = manifest.tensors[stored].nbytes
+        if max_shard_bytes and groups[-1] and group_bytes + nbytes > max_shard_bytes:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append((stored, exported))
+        group_bytes += nbytes
+    target = os.fspath(path)
+    if len(groups) == 1 and not max_shard_bytes:
+        file_paths = [target]
+    else:
+        os.makedirs(target, exist_ok=True)
+        file_paths = [
+            os.path.join(target, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors") for i in range(len(groups))
+        ]
+    total = sum(manifest.tensors[s].nbytes for s, _ in names)
+    done = 0
+    weight_map = {}
+    for group, file_path in zip(groups, file_paths):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", "source": f"ckpt step {manifest.step}"}}
+        offset = 0
+        for stored, exported in group:
+            entry = manifest.tensors[stored]
+            shape = list(entry.shape) + ([2] if torch_dtype(entry.dtype).is_complex else [])
+            header[exported] = {
+                "dtype": safetensors_dtype(entry.dtype), "shape": shape,
+                "data_offsets": [offset, offset + entry.nbytes],
+            }
+            offset += entry.nbytes
+            weight_map[exported] = os.path.basename(file_path)
+        body = json.dumps(header, separators=(",", ":")).encode()
+        body += b" " * (-len(body) % 8)
+        tmp = f"{file_path}.tmp"
+        with open(tmp, "wb") as out:
+            out.write(len(body).to_bytes(8, "little") + body)
+            for stored, _ in group:
+                entry = manifest.tensors[stored]
+                tensor = _read_region(loader, stored, entry, Box.full(entry.shape))
+                if tensor.is_complex():
+                    tensor = torch.view_as_real(tensor)
+                out.write(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+                done += entry.nbytes
+                progress(done, total, stored)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, file_path)
+    if len(file_paths) > 1 or max_shard_bytes:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index_path = os.path.join(target, "model.safetensors.index.json")
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
+        file_paths.append(index_path)
+    return ConvertResult(manifest.step, len(names), total, file_paths)
+
+
+def export_torch(
+    src: StorageBackend,
+    path: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    prefix: str | None = None,
+    progress: Progress = _no_progress,
+) -> ConvertResult:
+    """Consolidate ``step`` into one ``{name: tensor}`` dict saved with ``torch.save``."""
+    manifest = open_manifest(src, step)
+    loader = Loader(src, manifest)
+    names = _selected(manifest, prefix)
+    total = sum(manifest.tensors[s].nbytes for s, _ in names)
+    out: dict[str, torch.Tensor] = {}
+    done = 0
+    for stored, exported in names:
+        entry = manifest.tensors[stored]
+        out[exported] = _read_region(loader, stored, entry, Box.full(entry.shape))
+        done += entry.nbytes
+        progress(done, total, stored)
+    with storage_errors(f"writing {path}"):
+        torch.save(out, os.fspath(path))
+    return ConvertResult(manifest.step, len(names), total, [os.fspath(path)])
