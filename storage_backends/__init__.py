@@ -8,6 +8,7 @@ from storage_backends._errors import (
 )
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import BlobStream, BytesLike, StorageBackend
+from storage_backends._s3 import RetryPolicy, S3Backend, S3Config
 from storage_backends._url import open_backend
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "BytesLike",
     "InvalidPathError",
     "LocalBackend",
+    "RetryPolicy",
+    "S3Backend",
+    "S3Config",
     "StorageBackend",
     "StorageBackendError",
     "StorageFullError",

@@ -8,10 +8,16 @@ from urllib.parse import unquote, urlparse
 from storage_backends._errors import StorageBackendError
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import StorageBackend
+from storage_backends._s3 import S3Backend, S3Config
 
 
-def open_backend(url: str | os.PathLike[str]) -> StorageBackend:
-    """Open the backend for ``url``: a plain path or ``file://`` URL.
+def open_backend(url: str | os.PathLike[str], *, s3_config: S3Config | None = None) -> StorageBackend:
+    """Open the backend for ``url``: a plain path, ``file://`` URL or ``s3://bucket/prefix``.
+
+    Args:
+        url: where the checkpoints live.
+        s3_config: settings of the S3 backend (default: boto3's environment: credentials
+            chain, ``AWS_ENDPOINT_URL``, region).
 
     Raises:
         StorageBackendError: the URL is empty or malformed, or its scheme is not supported.
@@ -32,6 +38,8 @@ def open_backend(url: str | os.PathLike[str]) -> StorageBackend:
                 )
             return LocalBackend(unquote(parsed.path))
         return LocalBackend(text)
+    if parsed.scheme == "s3":
+        return S3Backend(text, s3_config)
     raise StorageBackendError(
-        f"unsupported storage URL scheme {parsed.scheme!r} in {text!r}: use a local path or file://"
+        f"unsupported storage URL scheme {parsed.scheme!r} in {text!r}: use a local path, file:// or s3://"
     )
