@@ -151,7 +151,7 @@ def restore(
             skipped.append((candidate.step, str(candidate.error)))
             continue
         try:
-            stats = load_manifest(state, backend, candidate.manifest, strict=strict, options=options)
+            stats = load_manifest(state, candidate.backend, candidate.manifest, strict=strict, options=options)
         except CorruptCheckpointError as exc:
             if step is not None:
                 raise

@@ -130,6 +130,8 @@ class ProcessGroupCoordinator:
     and publishes the manifest; the other ranks wait for the manifest to appear. A rank
     that never reports makes the step time out: rank 0 leaves an abort marker, every
     rank raises ``CoordinationError`` and the previous committed step stays the newest.
+    A step saved again after a failed attempt reports under ``<generation>-retryK`` so that
+    nobody reads the failed attempt's reports or abort marker.
 
     Args:
         group: the process group (default: the whole world).
@@ -147,6 +149,7 @@ class ProcessGroupCoordinator:
         self._world = self._agreement.world_size
         self._timeout = timeout
         self._generation = self._agreement.broadcast_from_rank0(new_generation)
+        self._attempts: dict[int, int] = {}  # step -> saves begun (same on every rank)
 
     @property
     def rank(self) -> int:
@@ -161,7 +164,7 @@ class ProcessGroupCoordinator:
         return self._generation
 
     def begin(self, step: int) -> None:
-        return None
+        self._attempts[step] = self._attempts.get(step, 0) + 1
 
     def all_gather(self, obj: Any) -> list[Any]:
         return self._agreement.all_gather(obj)
@@ -169,11 +172,16 @@ class ProcessGroupCoordinator:
     def any_rank(self, flags: Sequence[bool]) -> list[bool]:
         return self._agreement.any_rank(flags)
 
+    def _attempt_tag(self, step: int) -> str:
+        # A retry must not see the failed attempt's abort marker, nor its stale reports.
+        retry = self._attempts.get(step, 1) - 1
+        return f"{self._generation}-retry{retry}" if retry > 0 else self._generation
+
     def _index_path(self, step: int, rank: int) -> str:
-        return f"{step_prefix(step)}/{INDEX_DIR}/{self._generation}-rank-{rank:05d}.json"
+        return f"{step_prefix(step)}/{INDEX_DIR}/{self._attempt_tag(step)}-rank-{rank:05d}.json"
 
     def _abort_path(self, step: int) -> str:
-        return f"{step_prefix(step)}/{INDEX_DIR}/{self._generation}-ABORTED"
+        return f"{step_prefix(step)}/{INDEX_DIR}/{self._attempt_tag(step)}-ABORTED"
 
     def commit(
         self,

@@ -16,12 +16,12 @@ from typing import Any, Literal, NoReturn
 from ckpt._api import RestoreReport, open_url, restore
 from ckpt._coordinator import Coordinator, default_coordinator
 from ckpt._engine import PendingSave, SaveResult, Snapshotter
-from ckpt._format import Manifest
+from ckpt._format import Manifest, parse_step_prefix
 from ckpt._options import LoadOptions, SaveOptions
 from ckpt._retention import RetentionPolicy, apply_retention, remove_unreferenced
 from ckpt._rng import RNGState
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
-from storage_backends import StorageBackend
+from storage_backends import StorageBackend, TieredBackend
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class CheckpointManager:
         mtbf_seconds: the job's mean time between failures, for ``interval="auto"``.
         keep_last: committed checkpoints to keep (the newest is always kept).
         keep_every: also keep steps that are multiples of this, forever.
+        keep_last_local: with a TieredBackend, committed steps kept on the local tier
+            (default: keep_last); keep_last/keep_every then apply to the remote tier. Steps
+            not yet replicated are never deleted locally.
         coordinator: None for the embedded coordinator, or a Coordinator.
         include_rng: also checkpoint the RNG states (torch, CUDA, Python, NumPy).
         if_busy: when a save is due while the previous one is still in the background:
@@ -73,6 +76,7 @@ class CheckpointManager:
         mtbf_seconds: float = 24 * 3600.0,
         keep_last: int | None = 3,
         keep_every: int | None = None,
+        keep_last_local: int | None = None,
         coordinator: Coordinator | str | None = None,
         include_rng: bool = False,
         if_busy: Literal["skip", "wait"] = "skip",
@@ -91,6 +95,9 @@ class CheckpointManager:
             raise ValueError('if_busy must be "skip" or "wait"')
         self.backend = open_url(url)
         self.retention = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
+        self.local_retention = RetentionPolicy(
+            keep_last=keep_last_local if keep_last_local is not None else keep_last, keep_every=keep_every
+        )
         self.coordinator = self._make_coordinator(coordinator, self.backend)
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -225,7 +232,14 @@ class CheckpointManager:
     def _after_commit(self, manifest: Manifest) -> None:
         try:
             remove_unreferenced(self.backend, manifest)
-            plan = apply_retention(self.backend, self.retention)
+            if isinstance(self.backend, TieredBackend):
+                unreplicated = {parse_step_prefix(d) for d in self.backend.unreplicated()}
+                protect = {s for s in unreplicated if s is not None}
+                apply_retention(self.backend.local, self.local_retention, protect=protect)
+                plan = apply_retention(self.backend.remote, self.retention)
+                self.backend.retry_failed()
+            else:
+                plan = apply_retention(self.backend, self.retention)
             forget = getattr(self.coordinator, "forget_steps", None)
             if forget is not None:
                 forget(plan.committed)

@@ -7,8 +7,8 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 ``step:<s>``                   hash: state (open/ready/committing/committed/aborted), gen,
                                world, reason
 ``step:<s>:idx``               hash: rank -> that rank's shard index (JSON)
-``step:<s>:ready``             list: pushed once when every non-committer has reported
-``step:<s>:done``              list: one token per non-committer when the step ends
+``step:<s>:ready:<gen>``       list: pushed once when every non-committer has reported
+``step:<s>:done:<gen>``        list: one token per non-committer when the step ends
 ``committed``                  sorted set of committed steps (the index; rebuilt from
                                storage when Redis lost it)
 ``indexed``                    set once ``committed`` was merged with a storage scan; its
@@ -237,8 +237,10 @@ class RedisCoordinator:
             self._key("gen"),
             self._key("step", step),
             self._key("step", step, "idx"),
-            self._key("step", step, "ready"),
-            self._key("step", step, "done"),
+            # Per generation: a zombie's blocking pop must never take a token meant for
+            # the current incarnation's committer or waiters.
+            self._key("step", step, "ready", self._generation),
+            self._key("step", step, "done", self._generation),
         ]
 
     def _call(self, what: str, fn: Callable[[], T], *, count: bool = True) -> T:

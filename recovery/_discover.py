@@ -49,35 +49,66 @@ def validate_files(backend: StorageBackend, manifest: Manifest) -> None:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A committed step considered for restore: its manifest, or why it cannot be used."""
+    """A committed step considered for restore: its manifest, or why it cannot be used.
+
+    Attributes:
+        backend: where to read it from (one tier of a tiered backend, else the backend).
+    """
 
     step: int
     manifest: Manifest | None
     error: CheckpointError | None
+    backend: StorageBackend
+
+
+def _tiers(backend: StorageBackend) -> list[StorageBackend]:
+    tiers = getattr(backend, "tiers", None)
+    return list(tiers()) if callable(tiers) else [backend]
+
+
+def _examine(tier: StorageBackend, step: int) -> Candidate:
+    try:
+        manifest = read_manifest(tier, step)
+        validate_files(tier, manifest)
+    except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+        return Candidate(step, None, exc, tier)
+    except BlobNotFoundError as exc:  # deleted between listing and reading
+        return Candidate(step, None, CheckpointNotFoundError(str(exc)), tier)
+    return Candidate(step, manifest, None, tier)
 
 
 def candidates(backend: StorageBackend, step: int | None = None) -> Iterator[Candidate]:
     """Committed steps to try, newest first (only ``step`` when given), each validated.
 
+    With a tiered backend every step is offered from each tier that holds it, the
+    fast tier first, so a corrupt or lost local copy falls back to the remote copy of
+    the same step before an older step.
+
     Raises:
         CheckpointNotFoundError: ``step`` is given and not committed.
+        CorruptCheckpointError: ``step`` is given and fails validation in every tier.
     """
+    tiers = _tiers(backend)
     if step is not None:
-        try:
-            manifest = read_manifest(backend, step)
-        except CheckpointNotFoundError as exc:
-            raise CheckpointNotFoundError(f"step {step} is not a committed checkpoint under {backend.url}") from exc
-        validate_files(backend, manifest)
-        yield Candidate(step, manifest, None)
+        holders = [t for t in tiers if step in committed_steps(t)] if len(tiers) > 1 else tiers
+        found_any = False
+        last_error: CheckpointError | None = None
+        for tier in holders:
+            candidate = _examine(tier, step)
+            if candidate.manifest is None:
+                if isinstance(candidate.error, CheckpointNotFoundError):
+                    continue
+                last_error = candidate.error
+                continue
+            found_any = True
+            yield candidate
+        if not found_any:
+            if last_error is not None:
+                raise last_error
+            raise CheckpointNotFoundError(f"step {step} is not a committed checkpoint under {backend.url}")
         return
-    for found in committed_steps(backend):
-        try:
-            manifest = read_manifest(backend, found)
-            validate_files(backend, manifest)
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-            yield Candidate(found, None, exc)
-            continue
-        except BlobNotFoundError as exc:  # deleted between listing and reading
-            yield Candidate(found, None, CheckpointNotFoundError(str(exc)))
-            continue
-        yield Candidate(found, manifest, None)
+    per_tier = [(tier, set(committed_steps(tier))) for tier in tiers]
+    for found in sorted(set().union(*(steps for _, steps in per_tier)), reverse=True):
+        for tier, steps in per_tier:
+            if found in steps:
+                yield _examine(tier, found)

@@ -9,6 +9,7 @@ from storage_backends._errors import (
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import BlobStream, BytesLike, StorageBackend
 from storage_backends._s3 import RetryPolicy, S3Backend, S3Config
+from storage_backends._tiered import TieredBackend
 from storage_backends._url import open_backend
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "StorageBackend",
     "StorageBackendError",
     "StorageFullError",
+    "TieredBackend",
     "open_backend",
 ]
