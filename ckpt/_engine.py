@@ -14,6 +14,7 @@ import math
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class SaveResult:
         stall_seconds: time training was blocked (flatten + plan + staging copy).
         persist_seconds: background time to write this rank's data durably.
         commit_seconds: background time from durable data to the committed manifest.
+        write_imbalance: the busiest rank's planned bytes over the mean (1.0 = balanced).
     """
 
     step: int
@@ -65,6 +67,7 @@ class SaveResult:
     stall_seconds: float
     persist_seconds: float
     commit_seconds: float
+    write_imbalance: float = 1.0
 
     @property
     def total_seconds(self) -> float:
@@ -161,6 +164,9 @@ def plan_files(
         else:
             raw.append(t)
     files: list[_FilePlan] = []
+    # Unique per save: a writer of an earlier, failed attempt at the same step can never
+    # replace a file of this one.
+    nonce = uuid.uuid4().hex[:8]
     for group, is_compressed, suffix in ((raw, False, "safetensors"), (compressed, True, "zst")):
         if not group:
             continue
@@ -174,7 +180,7 @@ def plan_files(
             loads[k] += t.nbytes
         for members in bins:
             index = len(files)
-            path = f"{DATA_DIR}/{generation}-r{rank:05d}-{index:03d}.{suffix}"
+            path = f"{DATA_DIR}/{generation}-r{rank:05d}-{nonce}-{index:03d}.{suffix}"
             # Widest elements first keeps every tensor aligned to its element size.
             members.sort(key=lambda t: (-t.local.element_size(), t.name))
             files.append(_FilePlan(path=path, compressed=is_compressed,
@@ -326,7 +332,7 @@ class Snapshotter:
         )
         future = self._persist.submit(
             self._run_background, backend, step, coordinator, files, buffer, index_base,
-            dict(user_metadata or {}), stall, on_committed,
+            dict(user_metadata or {}), stall, on_committed, plan.imbalance,
         )
         pending = PendingSave(step, backend.url, stall, future)
         with self._lock:
@@ -345,6 +351,7 @@ class Snapshotter:
         user_metadata: dict[str, Any],
         stall: float,
         on_committed: Callable[[Manifest], None] | None,
+        imbalance: float,
     ) -> SaveResult:
         prefix = step_prefix(step)
         t0 = time.perf_counter()
@@ -371,8 +378,9 @@ class Snapshotter:
             ) from exc
         bytes_written = sum(f.stored_bytes for f in files)
         log.info(
-            "step %d (rank %d): %d bytes durable in %.3fs, committed after %.3fs more",
-            step, coordinator.rank, bytes_written, t1 - t0, t2 - t1,
+            "step %d (rank %d): %d bytes durable in %.3fs, committed after %.3fs more "
+            "(busiest writer / mean: %.2f)",
+            step, coordinator.rank, bytes_written, t1 - t0, t2 - t1, imbalance,
         )
         return SaveResult(
             step=step,
@@ -380,6 +388,7 @@ class Snapshotter:
             committed=True,
             bytes_written=bytes_written,
             files=len(files),
+            write_imbalance=imbalance,
             stall_seconds=stall,
             persist_seconds=t1 - t0,
             commit_seconds=t2 - t1,
