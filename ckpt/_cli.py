@@ -52,6 +52,8 @@ def demo(
     resume_nproc: Annotated[int | None, typer.Option(help="ranks after the crash (default: --nproc)")] = None,
     coordinator: Annotated[str | None, typer.Option(help="redis://host:port/db; default: embedded")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the crash step")] = None,
+    kill_during: Annotated[str, typer.Option(help="step: after a training step; save: while a checkpoint is written")] = "step",
+    torchrun_restarts: Annotated[bool, typer.Option(help="let torchrun --max-restarts restart the job (same size)")] = False,
 ) -> None:
     """Train a small model, SIGKILL it mid-run, restore (resharded with --resume-nproc), finish,
     and verify bit for bit against a run without the failure."""
@@ -59,7 +61,8 @@ def demo(
 
     result = run_demo(
         workdir, steps=steps, every=every, nproc=nproc, resume_nproc=resume_nproc,
-        coordinator=coordinator, seed=seed, echo=console.print,
+        coordinator=coordinator, seed=seed, kill_during=kill_during, torchrun_restarts=torchrun_restarts,
+        echo=console.print,
     )
     table = Table(title="checkpoints written (both incarnations)")
     for col in ("step", "stall ms", "background ms", "MiB", "GB/s (background)"):

@@ -13,6 +13,7 @@ one tensor at a time (``export_torch`` holds all of them, by its nature).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -166,7 +167,8 @@ def relayout(
         for r in range(world_size)
     ]
     ranks = _OfflineRanks(world_size, descriptions)
-    total = manifest.total_bytes
+    # Tensor bytes, as counted below (file sizes would add headers: the bar never reached 100%).
+    total = sum(entry.nbytes for entry in manifest.tensors.values())
     done = 0
     engine = Snapshotter(options)
     try:
@@ -252,18 +254,25 @@ def export_safetensors(
         body = json.dumps(header, separators=(",", ":")).encode()
         body += b" " * (-len(body) % 8)
         tmp = f"{file_path}.tmp"
-        with open(tmp, "wb") as out:
-            out.write(len(body).to_bytes(8, "little") + body)
-            for stored, _ in group:
-                entry = manifest.tensors[stored]
-                tensor = _read_region(loader, stored, entry, Box.full(entry.shape))
-                if tensor.is_complex():
-                    tensor = torch.view_as_real(tensor)
-                out.write(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-                done += entry.nbytes
-                progress(done, total, stored)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(tmp, "wb") as out:
+                out.write(len(body).to_bytes(8, "little") + body)
+                for stored, _ in group:
+                    entry = manifest.tensors[stored]
+                    tensor = _read_region(loader, stored, entry, Box.full(entry.shape))
+                    if tensor.is_complex():
+                        tensor = torch.view_as_real(tensor)
+                    # reshape first: a 0-d tensor cannot be viewed as bytes of another size.
+                    out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    done += entry.nbytes
+                    progress(done, total, stored)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            # A failed export leaves no partial file behind.
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         os.replace(tmp, file_path)
     if len(file_paths) > 1 or max_shard_bytes:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

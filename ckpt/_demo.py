@@ -111,8 +111,8 @@ def worker(args: argparse.Namespace) -> None:
         scheduler.step()
         data["next_sample"] += world * ROWS_PER_RANK
         data["next_step"] = step + 1
-        if args.save:
-            mgr.maybe_save(step, state)
+        if args.save and mgr.maybe_save(step, state) is not None:
+            _say(f"rank {rank} pid {os.getpid()} saving {step}")
         _say(f"rank {rank} pid {os.getpid()} step {step}")
         if rank == 0:
             reported = _append_results(mgr, args.report, reported)
@@ -171,7 +171,9 @@ class _Launcher:
         self.coordinator = coordinator
         self.report = workdir / "saves.jsonl"
 
-    def command(self, nproc: int, root: Path, out: Path, *, stop_at: int, save: bool = True) -> list[str]:
+    def command(
+        self, nproc: int, root: Path, out: Path, *, stop_at: int, save: bool = True, max_restarts: int = 0
+    ) -> list[str]:
         worker_args = [
             "-m", "ckpt._demo", "--root", str(root), "--every", str(self.every), "--stop-at", str(stop_at),
             "--out", str(out), "--report", str(self.report),
@@ -184,7 +186,8 @@ class _Launcher:
             return [sys.executable, *worker_args]
         return [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *worker_args,
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+            "--max-restarts", str(max_restarts), *worker_args,
         ]
 
     def run(self, cmd: list[str]) -> str:
@@ -195,14 +198,55 @@ class _Launcher:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # Without it, torchrun restarts reuse stale gloo addresses from the shared rendezvous store.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def _run_and_kill(cmd: list[str], victim_rank: int, event: str, at_step: int, *, keep_reading: bool) -> tuple[int, list[str]]:
+    """Run ``cmd``; SIGKILL ``victim_rank`` when it reports ``event`` ("step" or "saving") at
+    ``at_step``. Returns the exit status and the lines printed after the kill (when
+    ``keep_reading``, e.g. by workers that torchrun restarted)."""
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), start_new_session=True
+    )
+    assert child.stdout is not None
+    after: list[str] = []
+    killed = False
+    for line in child.stdout:
+        if killed:
+            after.append(line.rstrip("\n"))
+            continue
+        parts = line.split()
+        if (len(parts) == 6 and parts[0] == "rank" and int(parts[1]) == victim_rank
+                and parts[4] == event and int(parts[5]) == at_step):
+            os.kill(int(parts[3]), signal.SIGKILL)
+            killed = True
+            if not keep_reading:
+                break
+    child.stdout.close()
+    try:
+        child.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    if not killed:
+        raise RuntimeError(f"rank {victim_rank} never reported {event} {at_step}; nothing was killed")
+    return child.returncode, after
 
 
 def run_demo(
     workdir: str, *, steps: int = 40, every: int = 5, nproc: int = 1, resume_nproc: int | None = None,
-    coordinator: str | None = None, seed: int | None = None, echo: Any = print,
+    coordinator: str | None = None, seed: int | None = None, kill_during: str = "step",
+    torchrun_restarts: bool = False, echo: Any = print,
 ) -> DemoResult:
-    """Run the whole demo and return what happened; ``echo`` prints progress lines."""
+    """Run the whole demo and return what happened; ``echo`` prints progress lines.
+
+    Args:
+        kill_during: "step" kills the victim right after a training step; "save" kills it
+            while a checkpoint it started is being written.
+        torchrun_restarts: let torchrun (``--max-restarts 1``) restart the job on the same
+            world size instead of relaunching it.
+    """
     from safetensors.torch import load_file
 
     from ckpt._format import scan_steps
@@ -211,7 +255,12 @@ def run_demo(
     t0 = time.perf_counter()
     resume_nproc = resume_nproc or nproc
     rng = random.Random(seed)
-    crash_step = rng.randint(2 * every + 1, steps - 2)
+    if kill_during == "save":
+        crash_step = every * rng.randint(2, max(2, (steps - 2) // every))
+    else:
+        crash_step = rng.randint(2 * every + 1, steps - 2)
+    if torchrun_restarts and (nproc == 1 or resume_nproc not in (None, nproc)):
+        raise ValueError("torchrun restarts need --nproc > 1 and the same world size after the crash")
     base = Path(workdir)
     if base.exists():
         shutil.rmtree(base)
@@ -220,29 +269,27 @@ def run_demo(
     root = base / "ckpts"
 
     echo(f"[1/4] training {steps} steps on {nproc} rank(s), async checkpoint every {every} steps -> {root}")
-    cmd = launcher.command(nproc, root, base / "unused.safetensors", stop_at=steps)
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), start_new_session=True)
-    assert child.stdout is not None
     victim_rank = nproc - 1
-    for line in child.stdout:
-        parts = line.split()
-        if len(parts) == 6 and parts[0] == "rank" and int(parts[1]) == victim_rank and int(parts[5]) == crash_step:
-            os.kill(int(parts[3]), signal.SIGKILL)
-            break
-    child.stdout.close()
-    try:
-        child.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    echo(f"[2/4] SIGKILLed rank {victim_rank} at step {crash_step}; the job died (exit status {child.returncode})")
-
-    committed = scan_steps(LocalBackend(root)).committed
-    restored_expected = committed[-1] if committed else None
-    out = launcher.run(launcher.command(resume_nproc, root, base / "final.safetensors", stop_at=steps))
+    event = "saving" if kill_during == "save" else "step"
+    if torchrun_restarts:
+        cmd = launcher.command(nproc, root, base / "final.safetensors", stop_at=steps, max_restarts=1)
+        status, after = _run_and_kill(cmd, victim_rank, event, crash_step, keep_reading=True)
+        echo(f"[2/4] SIGKILLed rank {victim_rank} at {event} {crash_step}; torchrun restarted the job")
+        if status != 0:
+            raise RuntimeError(f"the job restarted by torchrun failed (exit status {status})")
+        out = "\n".join(after)
+        committed_before = None
+    else:
+        cmd = launcher.command(nproc, root, base / "unused.safetensors", stop_at=steps)
+        status, _ = _run_and_kill(cmd, victim_rank, event, crash_step, keep_reading=False)
+        echo(f"[2/4] SIGKILLed rank {victim_rank} at {event} {crash_step}; the job died (exit status {status})")
+        committed = scan_steps(LocalBackend(root)).committed
+        committed_before = committed[-1] if committed else None
+        out = launcher.run(launcher.command(resume_nproc, root, base / "final.safetensors", stop_at=steps))
     restored_line = next((ln for ln in out.splitlines() if ln.startswith("restored")), "restored None")
     restored = None if restored_line.split()[1] == "None" else int(restored_line.split()[1])
-    echo(f"[3/4] relaunched on {resume_nproc} rank(s): restored step {restored}, trained to step {steps}")
+    how = "restarted by torchrun" if torchrun_restarts else "relaunched"
+    echo(f"[3/4] {how} on {resume_nproc} rank(s): restored step {restored}, trained to step {steps}")
 
     # The reference never fails. On one world size it is a single run; when the resume
     # reshards, it reaches the restored step on the original world size, saves there and
@@ -259,8 +306,8 @@ def run_demo(
     got = load_file(str(base / "final.safetensors"))
     identical = expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     echo(f"[4/4] compared with a run without failure: {'bit-identical' if identical else 'DIFFERENT'}")
-    if restored != restored_expected:
-        echo(f"      note: newest committed step was {restored_expected}, restore chose {restored}")
+    if committed_before is not None and restored != committed_before:
+        echo(f"      note: newest committed step was {committed_before}, restore chose {restored}")
     saves = [json.loads(line) for line in saves_seen.splitlines() if line]
     return DemoResult(nproc, resume_nproc, crash_step, restored, identical, saves, time.perf_counter() - t0)
 
