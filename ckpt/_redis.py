@@ -504,7 +504,8 @@ class RedisCoordinator:
     # -- the index of committed steps (I5: rebuilt from storage when lost) ---------------
 
     def committed_steps(self, backend: StorageBackend) -> list[int]:
-        """Committed steps, newest first, from Redis; rebuilt from storage when Redis has none."""
+        """Committed steps, newest first, from Redis; merged with a storage scan when Redis may
+        have lost part of the index (no ``indexed`` marker: FLUSHALL, a restart without persistence)."""
         key, marker = self._key("committed"), self._key("indexed")
 
         def read() -> list[Any]:
