@@ -118,6 +118,9 @@ class _OfflineRanks:
         publish(backend, manifest)
         return manifest
 
+    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
+        return None
+
     def close(self) -> None:
         return None
 

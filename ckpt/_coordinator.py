@@ -66,6 +66,10 @@ class Coordinator(Protocol):
         Runs in a background thread; never calls torch.distributed collectives.
         """
 
+    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
+        """This rank cannot save ``step`` (its data write failed): abort the step now so the
+        other ranks fail fast instead of waiting out their timeout. Background thread."""
+
     def close(self) -> None: ...
 
 
@@ -115,6 +119,9 @@ class LocalCoordinator:
         )
         publish(backend, manifest)
         return manifest
+
+    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
+        return None
 
     def close(self) -> None:
         return None
@@ -217,6 +224,9 @@ class ProcessGroupCoordinator:
             raise
         return manifest
 
+    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
+        self._write_abort(backend, step, f"rank {self._rank} failed: {reason}")
+
     def _write_abort(self, backend: StorageBackend, step: int, reason: str) -> None:
         with storage_errors(f"aborting step {step} under {backend.url}"):
             backend.write(self._abort_path(step), reason.encode())
@@ -232,6 +242,12 @@ class ProcessGroupCoordinator:
             missing = sorted(r for path, r in wanted.items() if path not in present)
             if not missing:
                 break
+            if self._abort_path(step) in present:
+                with storage_errors(f"reading the abort marker of step {step} under {backend.url}"):
+                    reason = backend.read(self._abort_path(step)).decode(errors="replace")
+                raise CoordinationError(
+                    f"step {step} was aborted ({reason}); the previous committed checkpoint stays the newest"
+                )
             if time.monotonic() > deadline:
                 self._write_abort(backend, step, f"ranks {missing} did not report within {self._timeout:.0f} s")
                 raise CoordinationError(
@@ -255,7 +271,7 @@ class ProcessGroupCoordinator:
                 if backend.exists(self._abort_path(step)):
                     reason = backend.read(self._abort_path(step)).decode(errors="replace")
                     raise CoordinationError(
-                        f"step {step} was aborted by rank 0 ({reason}); rank {self._rank}'s data is "
+                        f"step {step} was aborted ({reason}); rank {self._rank}'s data is "
                         "discarded and the previous committed checkpoint stays the newest"
                     )
             if time.monotonic() > deadline:

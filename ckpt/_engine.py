@@ -358,6 +358,12 @@ class Snapshotter:
         try:
             try:
                 self._write_files(backend, prefix, files, buffer)
+            except BaseException as exc:
+                try:
+                    coordinator.report_failure(backend, step, repr(exc))
+                except Exception as report_exc:  # the step fails either way
+                    log.warning("step %d: could not tell the other ranks: %s", step, report_exc)
+                raise
             finally:
                 self._pool.release(buffer)
             t1 = time.perf_counter()

@@ -458,6 +458,9 @@ class RedisCoordinator:
             self.abort(step, reason)
             raise CoordinationError(f"step {step} aborted: {reason}; the previous committed checkpoint stays the newest")
 
+    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
+        self.abort(step, f"rank {self._rank} failed: {reason}")
+
     def abort(self, step: int, reason: str) -> None:
         """Mark the step aborted and wake every waiting rank."""
         self._script(_ABORT, self._step_keys(step), [self._generation, self._world - 1, reason, self._ttl], f"aborting step {step}")
