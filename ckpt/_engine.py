@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ckpt._codec import chunk_checksums, compress_chunks
+from ckpt._codec import checksum, chunk_checksums, compress_chunks
 from ckpt._coordinator import Coordinator
 from ckpt._flatten import FlatTensor, flatten
 from ckpt._format import (
@@ -405,24 +405,22 @@ class Snapshotter:
     ) -> None:
         host = memoryview(buffer.data.numpy()).cast("B")  # type: ignore[arg-type]
         opts = self.options
-        # Hash (or compress) every piece in blocks on the I/O pool, beside the raw writes.
-        block_jobs: list[tuple[_Item, list[Future[Any]]]] = []
-        for f in files:
-            for item in f.items:
-                view = host[item.buffer_offset : item.buffer_offset + item.nbytes]
-                blocks = [view[i : i + opts.write_block_bytes] for i in range(0, item.nbytes, opts.write_block_bytes)]
-                if f.compressed:
-                    level = opts.compression.level if opts.compression else 3
-                    jobs: list[Future[Any]] = [
-                        self._io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks
-                    ]
-                else:
-                    jobs = [self._io.submit(chunk_checksums, b, opts.chunk_bytes) for b in blocks]
-                block_jobs.append((item, list(jobs)))
+        # Raw files: one writer thread each, hashing every block just before writing it.
+        # Compressed pieces: compressed (and hashed) in blocks on the pool, then written.
         writes = [
             self._io.submit(self._write_raw_file, backend, prefix, f, host)
             for f in files if not f.compressed
         ]
+        block_jobs: list[tuple[_Item, list[Future[Any]]]] = []
+        for f in files:
+            if not f.compressed:
+                continue
+            for item in f.items:
+                view = host[item.buffer_offset : item.buffer_offset + item.nbytes]
+                blocks = [view[i : i + opts.write_block_bytes] for i in range(0, item.nbytes, opts.write_block_bytes)]
+                level = opts.compression.level if opts.compression else 3
+                jobs = [self._io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks]
+                block_jobs.append((item, jobs))
         errors: list[BaseException] = []
         frames_by_item: dict[int, list[bytes]] = {}
         for item, jobs in block_jobs:
@@ -431,13 +429,10 @@ class Snapshotter:
             except BaseException as exc:
                 errors.append(exc)
                 continue
-            if results and isinstance(results[0], list):
-                frames = [frame for block in results for frame in block]
-                frames_by_item[id(item)] = frames
-                item.chunk_sizes = tuple(len(fr) for fr in frames)
-                item.checksums = "".join(chunk_checksums(memoryview(fr), max(len(fr), 1)) for fr in frames)
-            else:
-                item.checksums = "".join(results)
+            frames = [frame for block in results for frame in block]
+            frames_by_item[id(item)] = frames
+            item.chunk_sizes = tuple(len(fr) for fr in frames)
+            item.checksums = "".join(checksum(fr) for fr in frames)
         writes += [
             self._io.submit(self._write_compressed_file, backend, prefix, f, frames_by_item)
             for f in files if f.compressed and not errors
@@ -458,9 +453,20 @@ class Snapshotter:
             stream = backend.open_stream(path)
             try:
                 stream.write(f.header)
-                data = host[f.buffer_offset : f.buffer_offset + f.nbytes]
-                for i in range(0, f.nbytes, block):
-                    stream.write(data[i : i + block])
+                # Items lie back to back in the buffer: write in large blocks, hashing each
+                # item's block (chunk-aligned to the item) right before it goes out.
+                written = f.buffer_offset
+                for item in f.items:
+                    digests = []
+                    for i in range(0, item.nbytes, block):
+                        end = item.buffer_offset + min(i + block, item.nbytes)
+                        digests.append(chunk_checksums(host[item.buffer_offset + i : end], self.options.chunk_bytes))
+                        if end - written >= block:
+                            stream.write(host[written:end])
+                            written = end
+                    item.checksums = "".join(digests)
+                if written < f.buffer_offset + f.nbytes:
+                    stream.write(host[written : f.buffer_offset + f.nbytes])
                 stream.commit()
             except BaseException:
                 stream.abort()
