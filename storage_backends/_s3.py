@@ -17,6 +17,7 @@ calls are idempotent: same key, same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-import boto3
 import botocore.exceptions as bce
+import botocore.session
 from botocore.config import Config
 from tenacity import (
     Retrying,
@@ -184,6 +185,12 @@ def _error_code(exc: bce.ClientError) -> str:
     return status
 
 
+def _precondition_failed(exc: StorageBackendError) -> bool:
+    """Whether ``exc`` is the server refusing a conditional request (HTTP 412)."""
+    cause = exc.__cause__
+    return isinstance(cause, bce.ClientError) and _error_code(cause) in ("PreconditionFailed", "412")
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, _TRANSIENT):
         return True
@@ -194,6 +201,27 @@ def _retryable(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return int(status) >= 500
     return False
+
+
+_loader_lock = threading.Lock()
+_shared_loader: Any = None
+
+
+def _botocore_session(profile: str | None) -> Any:
+    """A fresh botocore session (own credentials and profile) sharing one data loader.
+
+    Loading the S3 service model and endpoint rules takes a good fraction of a second of
+    CPU; every backend (``ckpt.load("s3://...")`` opens one per call) would pay it again.
+    The loader only caches the read-only JSON models, so sharing it is safe.
+    """
+    global _shared_loader
+    session = botocore.session.Session(profile=profile)
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _shared_loader)
+    return session
 
 
 class _ViewReader(io.RawIOBase):
@@ -322,13 +350,42 @@ class _S3Stream:
             if self._pending_bytes:
                 self._send(self._take(self._pending_bytes))
             parts = [f.result() for f in self._parts]
-            upload_id = self._upload_id
-            self._backend._call("completing", self._path, lambda: self._backend._client.complete_multipart_upload(
-                Bucket=self._backend.bucket, Key=self._key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+            self._complete(parts)
             self._closed = True
         except BaseException:
             self.abort()
             raise
+
+    def _complete(self, parts: list[dict[str, Any]]) -> None:
+        backend, upload_id = self._backend, self._upload_id
+        tries = 0
+
+        def call() -> None:
+            nonlocal tries
+            tries += 1
+            try:
+                backend._client.complete_multipart_upload(
+                    Bucket=backend.bucket, Key=self._key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+            except bce.ClientError as exc:
+                # A retry after a completion whose answer was lost: the upload is gone
+                # because it became the object. Anything else is a real failure.
+                if not (tries > 1 and _error_code(exc) == "NoSuchUpload" and self._is_completed(parts)):
+                    raise
+
+        backend._call("completing", self._path, call)
+
+    def _is_completed(self, parts: list[dict[str, Any]]) -> bool:
+        """Whether the object now under the key is this upload (its multipart ETag)."""
+        try:
+            digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+        except ValueError:  # ETags that are not MD5s (SSE-KMS): cannot tell
+            return False
+        expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
+        try:
+            head = self._backend._client.head_object(Bucket=self._backend.bucket, Key=self._key)
+        except bce.ClientError:
+            return False
+        return str(head.get("ETag")) == expected
 
     def abort(self) -> None:
         self._closed = True
@@ -374,26 +431,35 @@ class S3Backend:
 
     def _make_client(self) -> Any:
         cfg = self.config
-        session = boto3.session.Session(
-            profile_name=cfg.profile,
-            aws_access_key_id=cfg.aws_access_key_id,
-            aws_secret_access_key=cfg.aws_secret_access_key,
-            aws_session_token=cfg.aws_session_token,
-        )
         endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = cfg.region or session.region_name or "us-east-1"
-        botocore_config = Config(
-            region_name=region,
-            s3={"addressing_style": cfg.addressing_style},
-            # Retries are ours (one tenacity policy for every call); botocore tries once.
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=cfg.connect_timeout,
-            read_timeout=cfg.read_timeout,
-            max_pool_connections=cfg.max_pool_connections,
-            request_checksum_calculation="when_required" if cfg.checksum_algorithm is None else "when_supported",
-            response_checksum_validation="when_required",
-        )
-        return session.client("s3", endpoint_url=endpoint, config=botocore_config)
+        try:
+            session = _botocore_session(cfg.profile)
+            region = cfg.region or session.get_config_variable("region") or "us-east-1"
+            botocore_config = Config(
+                region_name=region,
+                s3={"addressing_style": cfg.addressing_style},
+                # Retries are ours (one tenacity policy for every call); botocore tries once.
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                connect_timeout=cfg.connect_timeout,
+                read_timeout=cfg.read_timeout,
+                max_pool_connections=cfg.max_pool_connections,
+                request_checksum_calculation="when_required" if cfg.checksum_algorithm is None else "when_supported",
+                response_checksum_validation="when_required",
+            )
+            return session.create_client(
+                "s3",
+                region_name=region,
+                endpoint_url=endpoint,
+                aws_access_key_id=cfg.aws_access_key_id,
+                aws_secret_access_key=cfg.aws_secret_access_key,
+                aws_session_token=cfg.aws_session_token,
+                config=botocore_config,
+            )
+        except bce.BotoCoreError as exc:
+            raise StorageBackendError(
+                f"cannot set up the S3 client for s3://{self.bucket}: {exc}: check the profile, "
+                "region and endpoint settings (S3Config or the AWS_* environment)"
+            ) from exc
 
     @property
     def url(self) -> str:
@@ -514,8 +580,7 @@ class S3Backend:
             self._put(path, key, [view], IfNoneMatch="*")
             return True
         except StorageBackendError as exc:
-            cause = exc.__cause__
-            if not (isinstance(cause, bce.ClientError) and _error_code(cause) in ("PreconditionFailed", "412")):
+            if not _precondition_failed(exc):
                 raise
         # A retried PUT may have succeeded the first time: the object being ours means we won.
         try:
@@ -528,32 +593,83 @@ class S3Backend:
             return self._conditional
         with self._probe_lock:
             if self._conditional is None:
-                probe = f".ckpt-probe/{uuid.uuid4().hex}"
-                key = self._key(probe)
-                try:
-                    self._put(probe, key, [memoryview(b"1")], IfNoneMatch="*")
-                    try:
-                        self._put(probe, key, [memoryview(b"2")], IfNoneMatch="*")
-                        self._conditional = False
-                        log.warning(
-                            "%s ignores If-None-Match: commits use check-then-put; rely on the "
-                            "coordinator's fencing against concurrent committers", self.url,
-                        )
-                    except StorageBackendError as exc:
-                        cause = exc.__cause__
-                        self._conditional = isinstance(cause, bce.ClientError) and _error_code(cause) in ("PreconditionFailed", "412")
-                finally:
-                    self.delete([probe])
+                self._conditional = self._probe_conditional()
         return bool(self._conditional)
 
+    def _probe_conditional(self) -> bool:
+        """Whether the server refuses a second ``If-None-Match: *`` PUT of one key.
+
+        Only a clear answer counts: any other failure propagates and the next commit
+        probes again (a transient fault must not switch conditional puts off for good).
+        """
+        probe = f".ckpt-probe/{uuid.uuid4().hex}"
+        key = self._key(probe)
+        try:
+            try:
+                self._put(probe, key, [memoryview(b"1")], IfNoneMatch="*")
+            except StorageBackendError as exc:
+                if _precondition_failed(exc):
+                    return True  # an earlier try of this very PUT landed: the header is honoured
+                raise
+            try:
+                self._put(probe, key, [memoryview(b"2")], IfNoneMatch="*")
+            except StorageBackendError as exc:
+                if _precondition_failed(exc):
+                    return True
+                raise
+            log.warning(
+                "%s ignores If-None-Match: commits use check-then-put; rely on the "
+                "coordinator's fencing against concurrent committers", self.url,
+            )
+            return False
+        finally:
+            try:
+                self.delete([probe])
+            except StorageBackendError as exc:  # a leftover probe is invisible to listings
+                log.warning("could not delete the probe object %s: %s", probe, exc)
+
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        if length is None:
-            length = self.size(path) - offset
-        if length < 0 or offset < 0:
+        if offset < 0 or (length is not None and length < 0):
             raise StorageBackendError(f"invalid range {offset}+{length} of {path!r}", path=path)
+        if length is None:
+            return self._read_to_end(path, offset)
         buf = bytearray(length)
         self.read_into(path, offset, buf)
         return bytes(buf)
+
+    def _read_to_end(self, path: str, offset: int) -> bytes:
+        # One GET, not HEAD then GET: an object replaced in between must not yield a mix
+        # of two versions (or a spurious "short object" error).
+        key = self._key(path)
+
+        def call() -> bytes | None:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+            if offset:
+                args["Range"] = f"bytes={offset}-"
+            try:
+                response = self._client.get_object(**args)
+            except bce.ClientError as exc:
+                if offset and _error_code(exc) in ("InvalidRange", "416"):
+                    return None  # at or past the end: size() tells which
+                raise
+            body = response["Body"]
+            try:
+                data = bytes(body.read())  # botocore checks the length against Content-Length
+            finally:
+                body.close()
+            if offset and response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200:
+                data = data[offset:]  # a server that ignored the Range header
+            return data
+
+        data = self._call("reading", path, call)
+        if data is not None:
+            return data
+        size = self.size(path)
+        if offset == size:
+            return b""
+        raise StorageBackendError(
+            f"{path!r}: offset {offset} lies past the end of the object ({size} bytes)", path=path
+        )
 
     def read_into(self, path: str, offset: int, out: BytesLike) -> None:
         key = self._key(path)
@@ -563,13 +679,30 @@ class S3Backend:
                 raise StorageBackendError(f"{path!r} is shorter than offset {offset}", path=path)
             return
         done = 0
+        etag: str | None = None
+
+        def get(first: int, last: int) -> Any:
+            nonlocal done, etag
+            args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={first}-{last}"}
+            if done and etag:
+                # Resuming after a dropped connection: only from the same version of the object.
+                args["IfMatch"] = etag
+            try:
+                return self._client.get_object(**args)
+            except bce.ClientError as exc:
+                if not (done and _error_code(exc) in ("PreconditionFailed", "412")):
+                    raise
+            # Replaced since the first bytes came: start over on the new version.
+            done, etag = 0, None
+            return self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{last}")
 
         def call() -> None:
-            nonlocal done
+            nonlocal done, etag
             # HTTP byte ranges are inclusive; a retry fetches only what is still missing.
-            first = offset + done
             last = offset + len(target) - 1
-            response = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}")
+            response = get(offset + done, last)
+            first = offset + done
+            etag = etag or response.get("ETag")
             body = response["Body"]
             try:
                 while done < len(target):
@@ -635,25 +768,50 @@ class S3Backend:
                 names.extend(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
             return names
 
-        return sorted(n for n in self._call("listing", prefix, call) if n and n != ".ckpt-probe")
+        names = sorted(n for n in self._call("listing", prefix, call) if n and n != ".ckpt-probe")
+        # Servers that keep objects in a file system (SeaweedFS) keep a directory after its
+        # last object is deleted and list it as a common prefix (AWS never does). A prefix
+        # is a "directory" only while it holds an object.
+        if len(names) <= 1:
+            return [n for n in names if self._holds_objects(f"{base}{n}/", prefix)]
+        with ThreadPoolExecutor(min(8, len(names)), thread_name_prefix="ckpt-s3-list") as pool:
+            held = list(pool.map(lambda n: self._holds_objects(f"{base}{n}/", prefix), names))
+        return [n for n, h in zip(names, held) if h]
+
+    def _holds_objects(self, key_prefix: str, prefix: str) -> bool:
+        response = self._call("listing", prefix, lambda: self._client.list_objects_v2(
+            Bucket=self.bucket, Prefix=key_prefix, MaxKeys=1))
+        return bool(response.get("Contents"))
 
     def delete(self, paths: Iterable[str]) -> None:
-        keys = [self._key(p) for p in paths]
-        for start in range(0, len(keys), 1000):
-            batch = keys[start : start + 1000]
+        pairs = [(p, self._key(p)) for p in paths]
+        for start in range(0, len(pairs), 1000):
+            batch = pairs[start : start + 1000]
 
-            def call(batch: list[str] = batch) -> Any:
-                return self._client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            def call(batch: list[tuple[str, str]] = batch) -> list[dict[str, Any]]:
+                response = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for _, k in batch], "Quiet": True}
                 )
+                errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+                passing = [e for e in errors if _ERRORS.get(str(e.get("Code")), (StorageBackendError, False, ""))[1]]
+                if passing:
+                    # Keys the server could not delete this time (throttled, 5xx) in an
+                    # answer that is itself a success: the batch again (deleting is idempotent).
+                    first = passing[0]
+                    raise bce.ClientError(
+                        {"Error": {"Code": str(first.get("Code")), "Message": f"{first.get('Message')} (key {first.get('Key')})"}},
+                        "DeleteObjects",
+                    )
+                return errors
 
-            response = self._call("deleting", batch[0], call)
-            errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            errors = self._call("deleting", batch[0][0], call)
             if errors:
                 first = errors[0]
-                raise StorageBackendError(
-                    f"deleting s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} ({first.get('Message')})",
-                    path=self._relative(str(first.get("Key", ""))), retryable=first.get("Code") in _ERRORS and _ERRORS[first["Code"]][1],
+                code = str(first.get("Code") or "")
+                kind, _, advice = _ERRORS.get(code, (StorageBackendError, False, "unexpected error"))
+                raise kind(
+                    f"deleting s3://{self.bucket}/{first.get('Key')}: {code} ({first.get('Message')}): {advice}",
+                    path=self._relative(str(first.get("Key", ""))),
                 )
 
     def delete_prefix(self, prefix: str) -> None:
@@ -685,11 +843,10 @@ class S3Backend:
             try:
                 self._call("aborting the upload of", self._relative(key), abort)
                 removed += 1
-            except BlobNotFoundError:
-                continue
             except StorageBackendError as exc:
-                if "NoSuchUpload" not in str(exc):
-                    raise
+                cause = exc.__cause__
+                if not (isinstance(cause, bce.ClientError) and _error_code(cause) in ("NoSuchUpload", "404")):
+                    raise  # an upload that vanished meanwhile (completed or aborted) is fine
         return removed
 
     def close(self) -> None:
