@@ -159,6 +159,9 @@ class SlowBackend:
     def delete_prefix(self, prefix: str) -> None:
         self._inner.delete_prefix(prefix)
 
+    def abort_unfinished(self, prefix: str, older_than_seconds: float = 0.0) -> int:
+        return self._inner.abort_unfinished(prefix, older_than_seconds)
+
     def close(self) -> None:
         self._inner.close()
 
