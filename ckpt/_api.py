@@ -76,6 +76,20 @@ def async_save(
     )
 
 
+def _blocking_save(
+    state: Mapping[str, Any],
+    url: str | os.PathLike[str] | StorageBackend,
+    step: int,
+    user_metadata: Mapping[str, Any] | None,
+    coordinator: Coordinator | None,
+) -> SaveResult:
+    backend = open_url(url)
+    return _default_snapshotter().async_save(
+        state, backend, step, coordinator or default_coordinator(), user_metadata=user_metadata,
+        overlap_writes=True,
+    ).result()
+
+
 def save(
     state: Mapping[str, Any],
     url: str | os.PathLike[str] | StorageBackend,
@@ -85,7 +99,8 @@ def save(
     coordinator: Coordinator | None = None,
 ) -> SaveResult:
     """Save ``state`` as ``step`` and return once the checkpoint is committed."""
-    return async_save(state, url, step=step, user_metadata=user_metadata, coordinator=coordinator).result()
+    # Nobody trains meanwhile: stream each file while the next one is staged.
+    return _blocking_save(state, url, step, user_metadata, coordinator)
 
 
 @dataclass(frozen=True)

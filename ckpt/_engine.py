@@ -274,8 +274,14 @@ class Snapshotter:
         *,
         user_metadata: Mapping[str, Any] | None = None,
         on_committed: Callable[[Manifest], None] | None = None,
+        overlap_writes: bool = False,
     ) -> PendingSave:
-        """Stage ``state`` for ``step`` and return; the write and the commit run in the background."""
+        """Stage ``state`` for ``step`` and return; the write and the commit run in the background.
+
+        With ``overlap_writes`` each data file starts streaming as soon as it is staged,
+        while later files are still being copied: the save commits sooner, but the copy
+        shares the CPU with the writes, so the stall grows. Blocking saves use it.
+        """
         if self._closed:
             raise CheckpointError("this checkpointer is closed; create a new one")
         if not isinstance(step, int) or step < 0:
@@ -287,6 +293,7 @@ class Snapshotter:
         return self.save_flat(
             tensors, tree, backend, step, coordinator,
             user_metadata=user_metadata, on_committed=on_committed, started=start,
+            overlap_writes=overlap_writes,
         )
 
     def save_flat(
@@ -300,6 +307,7 @@ class Snapshotter:
         user_metadata: Mapping[str, Any] | None = None,
         on_committed: Callable[[Manifest], None] | None = None,
         started: float | None = None,
+        overlap_writes: bool = False,
     ) -> PendingSave:
         """``async_save`` of a state that is already flattened (offline conversion uses it)."""
         start = time.perf_counter() if started is None else started
@@ -313,15 +321,27 @@ class Snapshotter:
         if self._pool.busy():
             log.info("step %d: waiting for the checkpoint in flight to free its staging buffer", step)
         buffer = self._pool.acquire(nbytes)
+        host = memoryview(buffer.data.numpy()).cast("B")  # type: ignore[arg-type]
+        early: list[Future[None]] = []
         try:
-            pairs = []
-            for f in files:
-                for item in f.items:
-                    src = _storage_view(item.tensor.local)
-                    dst = buffer.view(item.buffer_offset, item.nbytes).view(src.dtype).view(src.shape)
-                    pairs.append((src, dst))
-            self._pool.copy_in(pairs)
+            groups = [[f] for f in files] if overlap_writes else [files]
+            for group in groups:
+                pairs = []
+                for f in group:
+                    for item in f.items:
+                        src = _storage_view(item.tensor.local)
+                        dst = buffer.view(item.buffer_offset, item.nbytes).view(src.dtype).view(src.shape)
+                        pairs.append((src, dst))
+                self._pool.copy_in(pairs)
+                if overlap_writes:
+                    early += [
+                        self._io.submit(self._write_raw_file, backend, step_prefix(step), f, host)
+                        for f in group if not f.compressed
+                    ]
         except BaseException:
+            for write in early:  # the buffer may only be reused once nobody reads it
+                write.exception()
+            self._discard(backend, step_prefix(step), files)
             self._pool.release(buffer)
             raise
         stall = time.perf_counter() - start
@@ -332,7 +352,7 @@ class Snapshotter:
         )
         future = self._persist.submit(
             self._run_background, backend, step, coordinator, files, buffer, index_base,
-            dict(user_metadata or {}), stall, on_committed, plan.imbalance,
+            dict(user_metadata or {}), stall, on_committed, plan.imbalance, early,
         )
         pending = PendingSave(step, backend.url, stall, future)
         with self._lock:
@@ -352,12 +372,13 @@ class Snapshotter:
         stall: float,
         on_committed: Callable[[Manifest], None] | None,
         imbalance: float,
+        early_writes: list[Future[None]],
     ) -> SaveResult:
         prefix = step_prefix(step)
         t0 = time.perf_counter()
         try:
             try:
-                self._write_files(backend, prefix, files, buffer)
+                self._write_files(backend, prefix, files, buffer, early_writes)
             except BaseException as exc:
                 try:
                     coordinator.report_failure(backend, step, repr(exc))
@@ -401,13 +422,19 @@ class Snapshotter:
         )
 
     def _write_files(
-        self, backend: StorageBackend, prefix: str, files: list[_FilePlan], buffer: StagingBuffer
+        self,
+        backend: StorageBackend,
+        prefix: str,
+        files: list[_FilePlan],
+        buffer: StagingBuffer,
+        early_writes: list[Future[None]],
     ) -> None:
         host = memoryview(buffer.data.numpy()).cast("B")  # type: ignore[arg-type]
         opts = self.options
-        # Raw files: one writer thread each, hashing every block just before writing it.
+        # Raw files: one writer thread each, hashing every block just before writing it
+        # (already running when the save overlapped writes with staging).
         # Compressed pieces: compressed (and hashed) in blocks on the pool, then written.
-        writes = [
+        writes: list[Future[Any]] = list(early_writes) or [
             self._io.submit(self._write_raw_file, backend, prefix, f, host)
             for f in files if not f.compressed
         ]

@@ -208,6 +208,7 @@ class CheckpointManager:
                 self.coordinator,
                 user_metadata=self.user_metadata,
                 on_committed=self._after_commit,
+                overlap_writes=blocking,
             )
         except BaseException:
             self.metrics.saves_failed += 1
