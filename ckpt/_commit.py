@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ckpt._format import Manifest, ShardIndex, TensorEntry, manifest_path, step_prefix
+from ckpt._format import Manifest, ShardIndex, StoredPiece, TensorEntry, manifest_path, step_prefix
 from ckpt._geometry import Box
 from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
 from storage_backends import StorageBackend
@@ -27,6 +27,8 @@ def merge_indexes(
     tensors: dict[str, TensorEntry] = {}
     files: dict[str, int] = {}
     state: dict[str, Any] | None = None
+    # Pieces are gathered in lists and frozen once: appending to tuples per rank is quadratic.
+    pieces: dict[str, list[StoredPiece]] = {}
     for index in sorted(indexes, key=lambda i: i.rank):
         files.update(index.files)
         if index.state is not None and state is None:
@@ -35,13 +37,15 @@ def merge_indexes(
             known = tensors.get(name)
             if known is None:
                 tensors[name] = entry
+                pieces[name] = list(entry.pieces)
                 continue
             if known.dtype != entry.dtype or known.shape != entry.shape:
                 raise CoordinationError(
                     f"step {step}: ranks disagree on tensor {name!r}: {known.dtype}{list(known.shape)} "
                     f"vs {entry.dtype}{list(entry.shape)} (rank {index.rank})"
                 )
-            tensors[name] = TensorEntry(known.dtype, known.shape, known.pieces + entry.pieces)
+            pieces[name].extend(entry.pieces)
+    tensors = {name: TensorEntry(e.dtype, e.shape, tuple(pieces[name])) for name, e in tensors.items()}
     for name, entry in tensors.items():
         # Readers refuse a tensor whose pieces do not tile it; never commit one.
         covered = sum(p.box.numel for p in entry.pieces)

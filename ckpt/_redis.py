@@ -111,7 +111,7 @@ if st == 'committed' then return {'OK'} end
 redis.call('HSET', KEYS[2], 'state', 'committed', 'gen', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[2])
-redis.call('DEL', KEYS[3])
+redis.call('UNLINK', KEYS[3])
 local waiting = tonumber(ARGV[3])
 while waiting > 0 do
   local n = math.min(waiting, 1000)
@@ -130,7 +130,7 @@ if st == 'committed' then return {'COMMITTED'} end
 if st and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1] then return {'OTHER'} end
 redis.call('HSET', KEYS[2], 'state', 'aborted', 'gen', ARGV[1], 'reason', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[3])
+redis.call('UNLINK', KEYS[3])
 local waiting = tonumber(ARGV[2])
 while waiting > 0 do
   local n = math.min(waiting, 1000)

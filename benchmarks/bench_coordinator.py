@@ -1,0 +1,1272 @@
+"""Scale benchmark of the Redis coordinator protocol: 256 to 4096 simulated ranks.
+
+    .venv/bin/python -m benchmarks.bench_coordinator [--ranks 256,1024,4096] [--steps 3]
+        [--warmup 1] [--real-ranks 256] [--threads-per-proc 256] [--replicas-per-proc 2048]
+        [--tensors 4] [--piece-mib 16] [--heartbeat-seconds 4] [--straggler-seconds 2.5]
+        [--straggler-max-ranks 1024] [--heartbeat-ttl 600] [--json OUT]
+
+A full run (256, 1024 and 4096 ranks) takes about 1.5 minutes on 2 cores and needs an
+open-file limit of about 2 x 4096 + 64 (raised to the hard limit when allowed).
+
+It starts its own ``redis-server`` (``--save "" --appendonly no``) on a free loopback
+port (never a shared one) and, for each world size N, drives the real
+``ckpt._redis.RedisCoordinator`` protocol methods, one coordinator and one connection
+per simulated rank:
+
+- the committer (rank 0) runs alone in its own process, as it would on a real job. It
+  takes the generation, then per step: ``collect(step)`` (one blocking pop until every
+  report is in, then the COLLECT script), ``merge_indexes`` + ``publish`` of the
+  manifest to a temporary local directory (``LocalBackend``, fsync included; timed
+  separately and left out of the protocol latency), then ``mark_committed(step)``;
+- ranks 1..N-1 report with a valid ``ShardIndex`` (``--tensors`` Shard(0) pieces of
+  ``--piece-mib`` MiB with one checksum per MiB chunk, two small replicated tensors
+  written by one rank each; about 2.4 KiB of JSON), then wait for the outcome. The
+  first ``--real-ranks`` of them are threads (``--threads-per-proc`` per process), each
+  with its own ``RedisCoordinator`` calling ``report(step, index_json)`` and
+  ``wait_outcome(step)``. The rest are replicas (``--replicas-per-proc`` per process,
+  one asyncio connection each): before every step a shadow ``RedisCoordinator`` of the
+  same rank, with a client that records instead of sending, runs ``report`` and
+  ``wait_outcome``; the replica then sends exactly those commands (same keys,
+  arguments and script SHA; the blocking pop again, with the between-pop checks,
+  whenever it times out) and counts them the way ckpt's counter does. 4096 threads
+  running ``RedisCoordinator`` need more CPU than two cores have: once their burst of
+  reports outlasts the 1 s blocking-pop slice, the waiting threads' checks starve the
+  ones still reporting and the step does not complete within ckpt's 600 s timeout.
+  Every rank is connected and waiting before the step; a start signal then releases
+  all of them at once (a worst-case burst of reports).
+
+Each thread's coordinator gets a redis-py client that logs every command it sends, so
+round trips are counted both by ckpt's own ``round_trips`` counter and as every command
+a rank really sent (the uncounted checks between blocking pops included). Timestamps
+are ``CLOCK_MONOTONIC``, comparable across the processes of this machine.
+
+Per world size it reports (medians and maxima over the measured steps):
+
+- round trips per rank per checkpoint: mean and max over the non-committers, and the
+  committer's, by the counter and by the command log;
+- commit latency: from the moment Redis has the last report to the reply of
+  ``mark_committed``, without the manifest merge + publish (shown beside it), split
+  into the COLLECT round trip, decoding + parsing the reports and the COMMIT round
+  trip; and to the moment the last waiter wakes. "The last report is in" is when the
+  committer's blocking pop returns: the script that stores the last report pushes the
+  token that wakes it, and Redis writes that reply in the same event-loop pass as the
+  reporter's. The latency from the last reporter's own reply timestamp is shown too
+  (that thread shares a GIL with hundreds of others, so its clock reading can lag);
+- Redis-side script times (SLOWLOG, threshold 250 us, so only COLLECT/COMMIT and slow
+  reports are logged and the log stays out of the memory numbers), EVALSHA/BLPOP call
+  counts (INFO commandstats, reset per step) and Redis CPU;
+- Redis memory (INFO memory, polled every 2 ms from another connection): before the
+  step, the peak rise during it (all reports are held from the last report to the
+  commit), split into keys (``used_memory_dataset``) and client buffers, the Lua VM
+  peak, and what the step leaves behind once its per-step keys are gone (MEMORY USAGE
+  of the job's keys);
+- the committer's Python work for N reports measured in one process without Redis
+  (parse, merge, manifest serialisation), to tell it apart from Redis and contention.
+
+Then, informative only: the load of N ranks' heartbeat loops (ckpt's: ZADD + EXPIRE
+per rank per second; threads for the real ranks, the shadow's commands for replicas); the cost of one ``lost_ranks()`` scan at N heartbeats;
+and, up to ``--straggler-max-ranks``, a step whose last rank reports
+``--straggler-seconds`` late, so every waiting rank's 1 s blocking pop times out and it
+polls GET + HGETALL + ZRANGE of the heartbeat set in between (the heartbeat set is
+kept fresh for all N ranks by one bulk ZADD every 0.5 s from this process).
+
+The simulated ranks use a heartbeat TTL of ``--heartbeat-ttl`` (600 s) instead of
+ckpt's 15 s: hundreds of threads per GIL on a loaded 2-core machine can go that long
+without running, and liveness is not what is measured here.
+
+Machine notes: all simulated ranks share this machine's cores, so report round trips
+and the wake-up fan-out after the commit are dominated by scheduling here (real ranks
+run on their own hosts); at 4096 ranks the burst of reports plus the commit outlasts
+ckpt's 1 s blocking-pop slice, so early reporters poll once or twice. Redis-side
+times (SLOWLOG, commandstats) and the committer's own work are the robust numbers.
+Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import math
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from hashlib import sha1
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ckpt._commit import merge_indexes, publish
+from ckpt._format import DEFAULT_CHUNK_BYTES, ShardIndex, StoredPiece, TensorEntry
+from ckpt._geometry import Box
+from ckpt._redis import _ABORT, _COLLECT, _COMMIT, _REPORT, RedisCoordinator
+from storage_backends import LocalBackend
+
+COLS = 4096  # columns of every simulated global tensor (float32: 16 KiB per row)
+ROW_BYTES = COLS * 4
+HEADER_BYTES = 1024  # a plausible safetensors header per data file
+REPLICATED = 2  # small replicated tensors per state (written by one rank each)
+SLOWLOG_US = 250
+POLL_S = 0.002
+THREAD_STACK = 256 << 10
+TARGET_ROUND_TRIPS = 3
+TARGET_LATENCY_MS = 20.0
+TARGET_AT = 4096
+SCRIPT_NAMES = {sha1(src.encode()).hexdigest(): name
+                for name, src in (("REPORT", _REPORT), ("COLLECT", _COLLECT), ("COMMIT", _COMMIT))}
+
+
+def now_ns() -> int:
+    """A system-wide monotonic clock: comparable between processes of this machine."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def ms(ns: float) -> float:
+    return ns / 1e6
+
+
+# --------------------------------------------------------------------------- the simulated state
+
+
+def shard_index(rank: int, world: int, *, tensors: int, piece_bytes: int, generation: str) -> ShardIndex:
+    """What rank ``rank`` reports: its Shard(0) rows of every large tensor, valid format v1."""
+    rows = max(1, piece_bytes // ROW_BYTES)
+    nbytes = rows * ROW_BYTES
+    chunks = math.ceil(nbytes / DEFAULT_CHUNK_BYTES)
+    path = f"data/{generation}-r{rank:05d}-000.safetensors"
+    entries: dict[str, TensorEntry] = {}
+    offset = HEADER_BYTES
+    for i in range(tensors):
+        digests = "".join(f"{(rank << 32 | i << 16 | c) & (2**64 - 1):016x}" for c in range(chunks))
+        piece = StoredPiece(Box((rank * rows, 0), (rows, COLS)), path, offset, nbytes, "raw", digests)
+        entries[f"layers.{i}.weight"] = TensorEntry("float32", (world * rows, COLS), (piece,))
+        offset += nbytes
+    for i in range(REPLICATED):
+        pieces: tuple[StoredPiece, ...] = ()
+        if i % world == rank:  # the writer chosen for this replicated tensor
+            pieces = (StoredPiece(Box((0,), (COLS,)), path, offset, ROW_BYTES, "raw", f"{i:016x}"),)
+            offset += ROW_BYTES
+        entries[f"layers.{i}.norm"] = TensorEntry("float32", (COLS,), pieces)
+    state = {"meta": {"epoch": 1, "note": "bench"}} if rank == 0 else None
+    return ShardIndex(rank=rank, tensors=entries, files={path: offset}, state=state)
+
+
+# --------------------------------------------------------------------------- redis plumbing
+
+
+class LoggingRedis(redis.Redis):
+    """A redis-py client that logs every command it sends: (name, start ns, reply ns)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: list[tuple[str, int, int]] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        start = now_ns()
+        try:
+            return super().execute_command(*args, **options)
+        finally:
+            self.commands.append((str(args[0]).upper(), start, now_ns()))
+
+
+def client_for(port: int) -> LoggingRedis:
+    return LoggingRedis(host="127.0.0.1", port=port, socket_connect_timeout=10, health_check_interval=0)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (no orphaned ranks or servers)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """Our own redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, directory: Path, maxclients: int) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not on PATH")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxclients", str(maxclients), "--tcp-backlog", "4096", "--protected-mode", "no",
+             "--slowlog-log-slower-than", str(SLOWLOG_US), "--slowlog-max-len", "100000",
+             "--dir", str(directory), "--logfile", str(directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+        )
+        self.client: Any = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+        self.version = self.client.info("server")["redis_version"]
+        self.maxclients = int(self.client.config_get("maxclients")["maxclients"] or maxclients)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu_seconds(self) -> float:
+        info = self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def commandstats(self) -> dict[str, dict[str, float]]:
+        return {k.removeprefix("cmdstat_"): v for k, v in self.client.info("commandstats").items()}
+
+    def script_times(self) -> dict[str, list[int]]:
+        """Microseconds of every slow-logged EVALSHA, by script name; then reset the log."""
+        out: dict[str, list[int]] = {}
+        for entry in self.client.slowlog_get(100000):
+            words = entry["command"].split()
+            if len(words) > 1 and words[0].upper() == b"EVALSHA":
+                name = SCRIPT_NAMES.get(words[1].decode(), "other")
+                out.setdefault(name, []).append(int(entry["duration"]))
+        self.client.slowlog_reset()
+        return out
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+MEMORY_FIELDS = ("used_memory", "used_memory_dataset", "mem_clients_normal", "used_memory_vm_eval")
+
+
+def memory_sample(client: Any) -> dict[str, int]:
+    """INFO memory: total, keys (dataset), client buffers and the Lua VM, in bytes."""
+    info = client.info("memory")
+    sample = {k: int(info.get(k, 0)) for k in MEMORY_FIELDS}
+    if sample["used_memory_dataset"] > sample["used_memory"]:
+        # Redis computes it as an unsigned difference that wraps around while a large
+        # reply sits in a client's output buffer; such a sample says nothing.
+        sample["used_memory_dataset"] = 0
+    return sample
+
+
+class MemoryPoller:
+    """Polls INFO memory from its own connection; keeps the peak of each field."""
+
+    def __init__(self, port: int) -> None:
+        self._client: Any = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        self._stop = threading.Event()
+        self.peak = dict.fromkeys(MEMORY_FIELDS, 0)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for k, v in memory_sample(self._client).items():
+                self.peak[k] = max(self.peak[k], v)
+            time.sleep(POLL_S)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+        return self.peak
+
+
+def job_key_bytes(client: Any, job: str) -> tuple[int, int]:
+    """(number of keys, MEMORY USAGE summed) of one job's keys."""
+    keys = list(client.scan_iter(f"ckpt:{job}:*", count=1000))
+    return len(keys), sum(int(client.memory_usage(k) or 0) for k in keys)
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a child process simulates."""
+
+    port: int
+    job: str
+    world: int
+    ranks: tuple[int, ...]
+    tensors: int
+    piece_bytes: int
+    generation: str = ""
+    manifest_dir: str = ""
+    heartbeat_ttl: float = 600.0
+
+
+def _coordinator(spec: Spec, rank: int, client: redis.Redis | None, *, heartbeat: bool) -> RedisCoordinator:
+    return RedisCoordinator(
+        f"redis://127.0.0.1:{spec.port}/0", job=spec.job, rank=rank, world_size=spec.world,
+        generation=spec.generation or None, start_heartbeat=heartbeat, client=client, timeout=600.0,
+        heartbeat_ttl=spec.heartbeat_ttl,
+    )
+
+
+def committer_main(conn: Connection, spec: Spec) -> None:
+    """Rank 0: takes the generation, then collects, publishes and commits each step."""
+    die_with_parent()
+    client = client_for(spec.port)
+    coord = _coordinator(spec, 0, client, heartbeat=False)  # generation=None: rank 0 takes one
+    conn.send(coord.generation)
+    own = shard_index(0, spec.world, tensors=spec.tensors, piece_bytes=spec.piece_bytes,
+                      generation=coord.generation)
+    backend = LocalBackend(spec.manifest_dir)
+    beating: RedisCoordinator | None = None
+    while True:
+        msg = conn.recv()
+        if msg[0] == "close":
+            coord.close()
+            conn.send("closed")
+            return
+        if msg[0] == "arm":
+            conn.send("armed")
+            continue
+        if msg[0] == "hb_start":
+            beating = _coordinator(replace(spec, generation=coord.generation), 0, None, heartbeat=True)
+            conn.send("ok")
+            continue
+        if msg[0] == "hb_stop":
+            if beating is not None:
+                beating.close()
+            conn.send("ok")
+            continue
+        step = msg[1]
+        rt0, c0 = coord.round_trips, len(client.commands)
+        try:
+            reports = coord.collect(step, DEFAULT_CHUNK_BYTES)
+            collected = now_ns()
+            manifest = merge_indexes(step=step, generation=coord.generation, world_size=spec.world,
+                                     chunk_bytes=DEFAULT_CHUNK_BYTES, indexes=[own, *reports])
+            merged = now_ns()
+            publish(backend, manifest)
+            published = now_ns()
+            coord.mark_committed(step)
+        except Exception as exc:  # reported to the parent
+            conn.send(f"committer: {exc!r}")
+            continue
+        sent = client.commands[c0:]
+        wake = [end for name, _, end in sent if name == "BLPOP"][-1]
+        scripts = [(start, end) for name, start, end in sent if name == "EVALSHA"]
+        conn.send({
+            "wake": wake, "collect": scripts[-2], "collected": collected, "merged": merged,
+            "published": published, "commit": scripts[-1], "round_trips": coord.round_trips - rt0,
+            "commands": len(sent), "manifest_bytes": len(manifest.to_bytes()),
+        })
+
+
+@dataclass
+class RankRecord:
+    rank: int
+    reported_count: int
+    sent: int
+    replied: int
+    woken: int
+    round_trips: int
+    commands: int
+    extra: dict[str, int]
+    replica: bool = False  # a protocol replica (asyncio) rather than a RedisCoordinator thread
+
+
+def _rank_step(coord: RedisCoordinator, client: LoggingRedis, index: bytes, step: int, delay: float,
+               go: threading.Event, out: list[RankRecord | BaseException]) -> None:
+    try:
+        go.wait()
+        if delay:
+            time.sleep(delay)
+        rt0, c0 = coord.round_trips, len(client.commands)
+        sent = now_ns()
+        count = coord.report(step, index)
+        replied = now_ns()
+        coord.wait_outcome(step)
+        woken = now_ns()
+        names = Counter(name for name, _, _ in client.commands[c0:])
+        extra = {k: v for k, v in names.items() if k not in ("EVALSHA", "BLPOP")}
+        out.append(RankRecord(coord.rank, count, sent, replied, woken, coord.round_trips - rt0,
+                              sum(names.values()), extra))
+    except BaseException as exc:  # reported to the parent, which stops the run
+        out.append(exc)
+
+
+def ranks_main(conn: Connection, spec: Spec) -> None:
+    """Simulates ``spec.ranks`` (never rank 0), one thread + coordinator + connection each."""
+    die_with_parent()
+    threading.stack_size(THREAD_STACK)
+    clients = {r: client_for(spec.port) for r in spec.ranks}
+    coords = {r: _coordinator(spec, r, clients[r], heartbeat=False) for r in spec.ranks}
+    indexes = {r: shard_index(r, spec.world, tensors=spec.tensors, piece_bytes=spec.piece_bytes,
+                              generation=spec.generation).to_bytes() for r in spec.ranks}
+    for c in clients.values():
+        c.ping()  # connect now, not inside the timed step
+    beating: list[RedisCoordinator] = []
+    conn.send(("ready", len(next(iter(indexes.values())))))
+    while True:
+        msg = conn.recv()
+        if msg[0] == "close":
+            for coord in coords.values():
+                coord.close()
+            conn.send("closed")
+            return
+        if msg[0] == "hb_start":
+            beating = [_coordinator(spec, r, None, heartbeat=True) for r in spec.ranks]
+            conn.send("ok")
+            continue
+        if msg[0] == "hb_stop":
+            for coord in beating:
+                coord.close()
+            beating = []
+            conn.send("ok")
+            continue
+        _, step, delays = msg  # "arm": start every thread; it waits for "go"
+        go = threading.Event()
+        out: list[RankRecord | BaseException] = []
+        threads = [
+            threading.Thread(target=_rank_step, args=(coords[r], clients[r], indexes[r], step,
+                                                      delays.get(r, 0.0), go, out), daemon=True)
+            for r in spec.ranks
+        ]
+        for t in threads:
+            t.start()
+        conn.send("armed")
+        conn.recv()  # "go"
+        go.set()
+        for t in threads:
+            t.join()
+        errors = [e for e in out if isinstance(e, BaseException)]
+        if errors:
+            conn.send(f"{len(errors)} simulated ranks failed, e.g. {errors[0]!r}")
+        else:
+            conn.send([asdict(r) for r in out if isinstance(r, RankRecord)])
+
+
+# --------------------------------------------------------------------------- protocol replicas
+
+def encode(*args: bytes | str | int | float) -> bytes:
+    """One RESP2 command, its arguments encoded as redis-py encodes them."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+class Resp:
+    """A minimal RESP2 connection on asyncio: a replica's transport."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Resp:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 24)
+        return cls(reader, writer)
+
+    async def call(self, *args: bytes | str | int | float) -> Any:
+        self.writer.write(encode(*args))
+        return await self.read()
+
+    async def read(self) -> Any:
+        line = await self.reader.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else (await self.reader.readexactly(n + 2))[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [await self.read() for _ in range(n)]
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        raise redis.ResponseError(rest.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+Command = tuple[Any, ...]
+
+
+class RecordingPipeline(redis.client.Pipeline):
+    """A pipeline whose ``execute`` records its commands instead of sending them."""
+
+    def __init__(self, owner: ScriptedRedis) -> None:
+        super().__init__(owner.connection_pool, owner.response_callbacks, False, None)
+        self.owner = owner
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        commands = [args for args, _ in self.command_stack]
+        self.owner.sent.extend(commands)
+        self.reset()
+        return [1] * len(commands)
+
+
+class ScriptedRedis(redis.Redis):
+    """Stands in for redis-py inside a ``RedisCoordinator``, without a server: it records
+    every command the coordinator sends and answers from ``answers`` (by command name)."""
+
+    def __init__(self) -> None:
+        super().__init__(host="127.0.0.1", port=1)  # never connects
+        self.sent: list[Command] = []
+        self.answers: dict[str, list[Any]] = {}
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(args)
+        queue = self.answers.get(str(args[0]).upper())
+        return queue.pop(0) if queue else None
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> RecordingPipeline:
+        return RecordingPipeline(self)
+
+    def take(self) -> list[Command]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+@dataclass
+class Script:
+    """What a RedisCoordinator sends for one step, and how it counts it."""
+
+    report: Command
+    pop: Command  # the blocking pop on the outcome list
+    checks: list[Command]  # what it sends between two pops that time out
+    report_round_trips: int
+    pop_round_trips: int
+    check_round_trips: int
+
+
+class Replica:
+    """A non-committer whose commands come from a real ``RedisCoordinator``, sent on asyncio.
+
+    A shadow coordinator (same job, rank, world size and generation, a ``ScriptedRedis``
+    client) runs ``report`` and ``wait_outcome`` before each step, once with a pop that
+    returns at once and once with a pop that times out; that yields the exact commands
+    (keys, arguments, script SHA) ckpt sends and how its ``round_trips`` counter counts
+    them. In the step the replica sends them itself: the report, then the pop, and the
+    between-pop checks whenever a pop times out, until the outcome arrives. It does not
+    re-implement ckpt's decisions between pops (it only checks the generation), and its
+    heartbeat is the shadow's ``_beat`` commands once per second. It costs a fraction of
+    a thread's CPU, so thousands of ranks fit on two cores.
+    """
+
+    def __init__(self, spec: Spec, rank: int, conn: Resp, index: bytes) -> None:
+        self.spec, self.rank, self.conn, self.index = spec, rank, conn, index
+        self.shadow = ScriptedRedis()
+        self.coord = _coordinator(spec, rank, self.shadow, heartbeat=False)
+
+    def script(self, step: int) -> Script:
+        shadow, coord, gen = self.shadow, self.coord, self.spec.generation.encode()
+        shadow.take()
+        rt0 = coord.round_trips
+        shadow.answers = {"EVALSHA": [[b"OK", b"1"]]}
+        coord.report(step, self.index)
+        report = shadow.take()[-1]
+        rt1 = coord.round_trips
+        shadow.answers = {"BLPOP": [[b"done", b"committed"]]}
+        coord.wait_outcome(step)
+        pop = shadow.take()[-1]
+        rt2 = coord.round_trips
+        shadow.answers = {"BLPOP": [None, [b"done", b"committed"]], "GET": [gen], "HGETALL": [{}], "ZRANGE": [[]]}
+        coord.wait_outcome(step)
+        checks = shadow.take()[1:-1]
+        rt3 = coord.round_trips
+        return Script(report, pop, checks, rt1 - rt0, rt2 - rt1, (rt3 - rt2) - 2 * (rt2 - rt1))
+
+    async def run_step(self, script: Script, delay: float, go: asyncio.Event) -> RankRecord:
+        await go.wait()
+        if delay:
+            await asyncio.sleep(delay)
+        extra = Counter[str]()
+        sent = now_ns()
+        status, detail = await self.conn.call(*script.report)
+        replied = now_ns()
+        if status != b"OK":
+            raise RuntimeError(f"rank {self.rank}: report refused: {status!r} {detail!r}")
+        round_trips, commands = script.report_round_trips, 1
+        deadline = time.monotonic() + 600.0
+        while time.monotonic() < deadline:
+            got = await self.conn.call(*script.pop)
+            round_trips += script.pop_round_trips
+            commands += 1
+            if got is not None:
+                if got[1] != b"committed":
+                    raise RuntimeError(f"rank {self.rank}: the step was aborted")
+                return RankRecord(self.rank, int(detail), sent, replied, now_ns(), round_trips, commands,
+                                  dict(extra), replica=True)
+            for check in script.checks:
+                reply = await self.conn.call(*check)
+                name = str(check[0]).upper()
+                extra[name] += 1
+                if name == "GET" and reply != self.spec.generation.encode():
+                    raise RuntimeError(f"rank {self.rank}: the generation is now {reply!r}")
+            round_trips += script.check_round_trips
+            commands += len(script.checks)
+        raise RuntimeError(f"rank {self.rank}: no outcome within 600 s")
+
+    async def heartbeat(self, conn: Resp) -> None:
+        """The shadow's heartbeat commands, pipelined, once per second (ckpt's loop)."""
+        while True:
+            self.coord._beat()
+            commands = self.shadow.take()
+            conn.writer.write(b"".join(encode(*c) for c in commands))
+            for _ in commands:
+                await conn.read()
+            await asyncio.sleep(1.0)
+
+
+def replicas_main(conn: Connection, spec: Spec) -> None:
+    """Simulates ``spec.ranks`` as replicas on one event loop."""
+    die_with_parent()
+    asyncio.run(_replicas(conn, spec))
+
+
+async def _replicas(conn: Connection, spec: Spec) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def recv() -> Any:
+        return await loop.run_in_executor(None, conn.recv)
+
+    replicas = [
+        Replica(spec, r, await Resp.connect(spec.port),
+                shard_index(r, spec.world, tensors=spec.tensors, piece_bytes=spec.piece_bytes,
+                            generation=spec.generation).to_bytes())
+        for r in spec.ranks
+    ]
+    beating: list[tuple[Resp, asyncio.Task[None]]] = []
+    conn.send(("ready", len(replicas[0].index)))
+    while True:
+        msg = await recv()
+        if msg[0] == "close":
+            for rep in replicas:
+                rep.conn.close()
+            conn.send("closed")
+            return
+        if msg[0] == "hb_start":
+            for rep in replicas:
+                hb_conn = await Resp.connect(spec.port)
+                beating.append((hb_conn, asyncio.create_task(rep.heartbeat(hb_conn))))
+            conn.send("ok")
+            continue
+        if msg[0] == "hb_stop":
+            for hb_conn, task in beating:
+                task.cancel()
+                hb_conn.close()
+            beating = []
+            conn.send("ok")
+            continue
+        _, step, delays = msg  # "arm"
+        go = asyncio.Event()
+        tasks = [asyncio.create_task(rep.run_step(rep.script(step), delays.get(rep.rank, 0.0), go))
+                 for rep in replicas]
+        conn.send("armed")
+        await recv()  # "go"
+        go.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            conn.send(f"{len(errors)} protocol replicas failed, e.g. {errors[0]!r}")
+        else:
+            conn.send([asdict(r) for r in results if isinstance(r, RankRecord)])
+
+
+# --------------------------------------------------------------------------- one world size
+
+
+class StepFailed(RuntimeError):
+    """A step did not commit (a simulated rank or the committer raised)."""
+
+
+@dataclass
+class StepResult:
+    """The measurements of one step."""
+
+    world: int
+    step: int
+    straggler_s: float
+    reports_ms: float  # start signal -> last report reply
+    report_rtt_p50_ms: float
+    report_rtt_p99_ms: float
+    latency_ms: float  # last report in Redis (committer woke) -> mark_committed reply, no manifest
+    latency_from_reply_ms: float  # the same from the last reporter's own reply timestamp
+    latency_with_manifest_ms: float
+    wake_ms: float  # last reporter's reply timestamp -> committer woke from its blocking pop
+    collect_rtt_ms: float
+    parse_ms: float
+    merge_ms: float
+    publish_ms: float
+    commit_rtt_ms: float
+    last_waiter_ms: float  # committer woke -> last waiter woke
+    fanout_first_ms: float  # mark_committed reply -> first / median / last waiter woke
+    fanout_median_ms: float
+    fanout_last_ms: float
+    rt_max: int  # RedisCoordinator threads: ckpt's round_trips counter
+    rt_mean: float
+    cmds_max: int  # RedisCoordinator threads: every command sent
+    cmds_mean: float
+    replica_rt_max: int  # protocol replicas: round trips as ckpt counts them
+    replica_rt_mean: float
+    replica_cmds_max: int
+    replica_cmds_mean: float
+    committer_rt: int
+    committer_cmds: int
+    extra_commands: dict[str, int]
+    redis_scripts_us: dict[str, list[int]]
+    redis_calls: dict[str, int]
+    redis_usec_per_call: dict[str, float]
+    redis_cpu_s: float
+    wall_s: float
+    mem_before: dict[str, int]  # MEMORY_FIELDS
+    mem_peak: dict[str, int]
+    mem_after: dict[str, int]
+    job_keys_after: int
+    job_key_bytes_before: int  # MEMORY USAGE of the job's keys
+    job_key_bytes_after: int
+    manifest_bytes: int
+
+    def peak_delta(self, key: str = "used_memory") -> int:
+        return self.mem_peak[key] - self.mem_before[key]
+
+    @property
+    def max_round_trips(self) -> int:
+        """The most round trips (as ckpt counts them) any rank made in this step."""
+        return max(self.rt_max, self.replica_rt_max, self.committer_rt)
+
+    @property
+    def max_commands(self) -> int:
+        return max(self.cmds_max, self.replica_cmds_max, self.committer_cmds)
+
+    @property
+    def kept_bytes(self) -> int:
+        """What the step left in Redis once its per-step keys are gone."""
+        return self.job_key_bytes_after - self.job_key_bytes_before
+
+
+class World:
+    """The processes simulating one world size against one redis-server."""
+
+    def __init__(self, server: RedisServer, world: int, args: argparse.Namespace, manifest_dir: Path) -> None:
+        self.server = server
+        self.world = world
+        self.job = f"bench-{world}-{os.getpid()}"
+        ctx = mp.get_context("spawn")
+        base = Spec(server.port, self.job, world, (), args.tensors, args.piece_mib << 20,
+                    manifest_dir=str(manifest_dir), heartbeat_ttl=args.heartbeat_ttl)
+        self.committer_conn, child = ctx.Pipe()
+        self.committer = ctx.Process(target=committer_main, args=(child, base), daemon=True)
+        self.committer.start()
+        self.generation: str = self.committer_conn.recv()
+        for source in (_REPORT, _COLLECT, _COMMIT, _ABORT):
+            server.client.script_load(source)  # the replicas call EVALSHA directly
+        others = list(range(1, world))
+        real, replicas = others[: args.real_ranks], others[args.real_ranks :]
+        self.real_ranks, self.replica_ranks = len(real), len(replicas)
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for ranks, per_proc, target in ((real, args.threads_per_proc, ranks_main),
+                                        (replicas, args.replicas_per_proc, replicas_main)):
+            procs = -(-len(ranks) // per_proc)
+            for i in range(procs):
+                spec = replace(base, ranks=tuple(ranks[i::procs]), generation=self.generation)
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=target, args=(child, spec), daemon=True)
+                proc.start()
+                self.conns.append(parent)
+                self.procs.append(proc)
+        self.index_bytes = max(conn.recv()[1] for conn in self.conns)
+
+    def _all(self, msg: tuple[Any, ...]) -> list[Any]:
+        for conn in self.conns:
+            conn.send(msg)
+        return [conn.recv() for conn in self.conns]
+
+    def step(self, step: int, delays: dict[int, float]) -> StepResult:
+        srv = self.server
+        self.committer_conn.send(("arm",))
+        self.committer_conn.recv()
+        self._all(("arm", step, delays))
+        srv.client.slowlog_reset()
+        srv.client.config_resetstat()
+        keys_before = job_key_bytes(srv.client, self.job)[1]
+        mem_before = memory_sample(srv.client)
+        cpu0 = srv.cpu_seconds()
+        poller = MemoryPoller(srv.port)
+        start = time.monotonic()
+        self.committer_conn.send(("go", step))
+        for conn in self.conns:
+            conn.send(("go",))
+        replies = [conn.recv() for conn in self.conns]
+        committer = self.committer_conn.recv()
+        wall = time.monotonic() - start
+        mem_peak = poller.stop()
+        cpu = srv.cpu_seconds() - cpu0
+        failures = [r for r in [*replies, committer] if isinstance(r, str)]
+        if failures:
+            raise StepFailed(f"step {step}: " + "; ".join(failures))
+        records = [RankRecord(**r) for reply in replies for r in reply]
+        stats = srv.commandstats()
+        time.sleep(0.2)  # client buffers shrink in the server's cron
+        mem_after = memory_sample(srv.client)
+        keys_after = job_key_bytes(srv.client, self.job)
+        result = analyse(self.world, step, max(delays.values(), default=0.0), records, committer,
+                         srv.script_times(), stats, cpu, wall)
+        result.mem_before, result.mem_peak, result.mem_after = mem_before, mem_peak, mem_after
+        result.job_keys_after, result.job_key_bytes_after = keys_after
+        result.job_key_bytes_before = keys_before
+        return result
+
+    def heartbeats(self, on: bool) -> None:
+        msg = ("hb_start" if on else "hb_stop",)
+        self.committer_conn.send(msg)
+        self.committer_conn.recv()
+        self._all(msg)
+
+    def close(self) -> None:
+        self._all(("close",))
+        self.committer_conn.send(("close",))
+        self.committer_conn.recv()
+        for proc in [*self.procs, self.committer]:
+            proc.join(timeout=30)
+
+
+def analyse(world: int, step: int, straggler: float, records: list[RankRecord], c: dict[str, Any],
+            scripts: dict[str, list[int]], stats: dict[str, dict[str, float]], cpu: float,
+            wall: float) -> StepResult:
+    """Timings and counts of one step; the caller fills in the memory fields."""
+    last = next(r for r in records if r.reported_count == world - 1)  # the report that completed the set
+    t0 = min(r.sent for r in records) if records else c["wake"]
+    t_last = last.replied if records else c["wake"]
+    manifest_ns = c["published"] - c["collected"]
+    committed = c["commit"][1]
+    rtts = sorted(r.replied - r.sent for r in records) or [0]
+    fanout = sorted(r.woken - committed for r in records) or [0]
+    extra: Counter[str] = Counter()
+    for r in records:
+        extra.update(r.extra)
+    real = [r for r in records if not r.replica]
+    replicas = [r for r in records if r.replica]
+    return StepResult(
+        world=world, step=step, straggler_s=straggler,
+        reports_ms=ms(t_last - t0),
+        report_rtt_p50_ms=ms(rtts[len(rtts) // 2]),
+        report_rtt_p99_ms=ms(rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]),
+        latency_ms=ms(committed - c["wake"] - manifest_ns),
+        latency_from_reply_ms=ms(committed - t_last - manifest_ns),
+        latency_with_manifest_ms=ms(committed - c["wake"]),
+        wake_ms=ms(c["wake"] - t_last),
+        collect_rtt_ms=ms(c["collect"][1] - c["collect"][0]),
+        parse_ms=ms(c["collected"] - c["collect"][1]),
+        merge_ms=ms(c["merged"] - c["collected"]),
+        publish_ms=ms(c["published"] - c["merged"]),
+        commit_rtt_ms=ms(c["commit"][1] - c["commit"][0]),
+        last_waiter_ms=ms(max((r.woken for r in records), default=committed) - c["wake"]),
+        fanout_first_ms=ms(fanout[0]),
+        fanout_median_ms=ms(fanout[len(fanout) // 2]),
+        fanout_last_ms=ms(fanout[-1]),
+        rt_max=max((r.round_trips for r in real), default=0),
+        rt_mean=statistics.fmean(r.round_trips for r in real) if real else 0.0,
+        cmds_max=max((r.commands for r in real), default=0),
+        cmds_mean=statistics.fmean(r.commands for r in real) if real else 0.0,
+        replica_rt_max=max((r.round_trips for r in replicas), default=0),
+        replica_rt_mean=statistics.fmean(r.round_trips for r in replicas) if replicas else 0.0,
+        replica_cmds_max=max((r.commands for r in replicas), default=0),
+        replica_cmds_mean=statistics.fmean(r.commands for r in replicas) if replicas else 0.0,
+        committer_rt=c["round_trips"],
+        committer_cmds=c["commands"],
+        extra_commands=dict(extra),
+        redis_scripts_us=scripts,
+        redis_calls={k: int(v["calls"]) for k, v in stats.items()},
+        redis_usec_per_call={k: float(v["usec_per_call"]) for k, v in stats.items()},
+        redis_cpu_s=cpu,
+        wall_s=wall,
+        mem_before={}, mem_peak={}, mem_after={}, job_keys_after=0, job_key_bytes_before=0,
+        job_key_bytes_after=0,
+        manifest_bytes=c["manifest_bytes"],
+    )
+
+
+@dataclass
+class HeartbeatResult:
+    world: int
+    seconds: float
+    zadd_per_s: float
+    zadd_usec_per_call: float
+    expire_usec_per_call: float
+    redis_cpu_fraction: float
+    lost_ranks_ms: float  # one lost_ranks() call, client side
+    zrange_usec_per_call: float  # its ZRANGE of N members, server side
+    poll_cores_projected: float  # N waiting ranks polling once per second, Redis CPU (cores)
+    straggler: StepResult | None = None
+    straggler_error: str | None = None
+
+
+class HeartbeatRefresher:
+    """Keeps all N ranks' heartbeats fresh with one bulk ZADD every 0.5 s (a stand-in
+    for N heartbeat threads, so that starved simulated threads cannot abort a step)."""
+
+    def __init__(self, port: int, key: str, world: int) -> None:
+        self._client: Any = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        self._key, self._world = key, world
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        now = int(time.time() * 1000)
+        self._client.zadd(self._key, {str(r): now for r in range(self._world)})
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+
+
+def measure_heartbeats(w: World, args: argparse.Namespace) -> HeartbeatResult:
+    """Heartbeat load, the cost of a lost_ranks() scan, and a step with a straggler."""
+    srv = w.server
+    # 1. The load of N real heartbeat threads (ckpt's own loop: ZADD + EXPIRE per second).
+    w.heartbeats(True)
+    time.sleep(1.5)  # every thread has beaten at least once
+    srv.client.config_resetstat()
+    cpu0, start = srv.cpu_seconds(), time.monotonic()
+    time.sleep(args.heartbeat_seconds)
+    cpu, seconds = srv.cpu_seconds() - cpu0, time.monotonic() - start
+    stats = srv.commandstats()
+    w.heartbeats(False)
+    zadd = stats.get("zadd", {"calls": 0, "usec_per_call": 0.0})
+    expire = stats.get("expire", {"calls": 0, "usec_per_call": 0.0})
+    refresher = HeartbeatRefresher(srv.port, f"ckpt:{w.job}:hb:{w.generation}", w.world)
+    try:
+        # 2. One lost_ranks() scan of N heartbeats, as every waiting rank runs once per slice.
+        probe = RedisCoordinator(srv.url, job=w.job, rank=0, world_size=w.world, generation=w.generation,
+                                 start_heartbeat=False, heartbeat_ttl=args.heartbeat_ttl)
+        srv.client.config_resetstat()
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            probe.lost_ranks()
+            times.append(time.perf_counter() - t)
+        probe.close()
+        zrange_us = float(srv.commandstats().get("zrange", {"usec_per_call": 0.0})["usec_per_call"])
+        # 3. A step whose last rank reports late: every waiting rank polls between pops.
+        straggler, error = None, None
+        if args.straggler_seconds > 0 and w.world <= args.straggler_max_ranks:
+            try:
+                straggler = w.step(10_000, {w.world - 1: args.straggler_seconds})
+            except StepFailed as exc:
+                error = str(exc)
+    finally:
+        refresher.stop()
+    per_poll_us = zrange_us + 2.0  # + GET + HGETALL of the step hash (a few us each)
+    return HeartbeatResult(
+        world=w.world, seconds=seconds, zadd_per_s=zadd["calls"] / seconds,
+        zadd_usec_per_call=float(zadd["usec_per_call"]), expire_usec_per_call=float(expire["usec_per_call"]),
+        redis_cpu_fraction=cpu / seconds, lost_ranks_ms=statistics.median(times) * 1e3,
+        zrange_usec_per_call=zrange_us, poll_cores_projected=w.world * per_poll_us / 1e6,
+        straggler=straggler, straggler_error=error,
+    )
+
+
+def committer_cpu(world: int, args: argparse.Namespace) -> dict[str, float]:
+    """The committer's Python work for N reports, in this process, without Redis (ms).
+
+    The same calls as on the commit path: the decode/encode ``collect`` does, one
+    ``ShardIndex.from_bytes`` per report, ``merge_indexes`` and ``Manifest.to_bytes``.
+    """
+    kwargs = {"tensors": args.tensors, "piece_bytes": args.piece_mib << 20, "generation": "bench"}
+    raws = [shard_index(r, world, **kwargs).to_bytes() for r in range(1, world)]
+    own = shard_index(0, world, **kwargs)
+    t0 = time.perf_counter()
+    texts = [raw.decode() for raw in raws]
+    reports = [ShardIndex.from_bytes(t.encode(), "report", DEFAULT_CHUNK_BYTES) for t in texts]
+    t1 = time.perf_counter()
+    manifest = merge_indexes(step=1, generation="bench", world_size=world, chunk_bytes=DEFAULT_CHUNK_BYTES,
+                             indexes=[own, *reports])
+    t2 = time.perf_counter()
+    manifest.to_bytes()
+    t3 = time.perf_counter()
+    return {"parse_ms": (t1 - t0) * 1e3, "parse_us_per_report": (t1 - t0) * 1e6 / max(1, world - 1),
+            "merge_ms": (t2 - t1) * 1e3, "serialise_ms": (t3 - t2) * 1e3}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, float],
+                 args: argparse.Namespace) -> str:
+    def col(key: str) -> list[float]:
+        return [float(getattr(s, key)) for s in steps]
+
+    def row(label: str, key: str, unit: str = "ms", fmt: str = "8.2f") -> str:
+        values = col(key)
+        return f"  {label:<62} {_med(values):{fmt}} {max(values):{fmt}}  {unit}"
+
+    rt_max = max(s.max_round_trips for s in steps)
+    cmds_max = max(s.max_commands for s in steps)
+    lat = _med(col("latency_ms"))
+    scripts: dict[str, list[int]] = {}
+    for s in steps:
+        for name, values in s.redis_scripts_us.items():
+            scripts.setdefault(name, []).extend(values)
+    mib = 2**20
+
+    def peak(key: str) -> float:
+        return _med([float(s.peak_delta(key)) for s in steps])
+
+    lines = [
+        f"== {world} ranks: committer process; {w.real_ranks} RedisCoordinator threads + {w.replica_ranks} "
+        f"protocol replicas in {len(w.procs)} processes; one connection per rank; index {w.index_bytes} B "
+        f"per rank; {len(steps)} steps (after {args.warmup} warm-up) ==",
+        f"  {'metric':<62} {'median':>8} {'max':>8}",
+        row(f"round trips/rank/ckpt, {w.real_ranks} threads: ckpt counter (mean)", "rt_mean", "", "8.2f"),
+        row("  same, every command sent (mean)", "cmds_mean", "", "8.2f"),
+    ]
+    if w.replica_ranks:
+        lines += [
+            row(f"round trips/rank/ckpt, {w.replica_ranks} replicas: as ckpt counts (mean)",
+                "replica_rt_mean", "", "8.2f"),
+            row("  same, every command sent (mean)", "replica_cmds_mean", "", "8.2f"),
+        ]
+    lines += [
+        row("round trips / ckpt, committer: ckpt counter", "committer_rt", "", "8.0f"),
+        row("  same, every command sent", "committer_cmds", "", "8.0f"),
+        f"  {'max over every rank and step: ckpt counter / commands sent':<62} {rt_max:8d} {cmds_max:8d}",
+        row("reports phase: start signal -> last report reply", "reports_ms"),
+        row("report round trip, p50 over ranks", "report_rtt_p50_ms"),
+        row("report round trip, p99 over ranks", "report_rtt_p99_ms"),
+        row("COMMIT LATENCY: last report in -> mark_committed reply", "latency_ms"),
+        row("  = COLLECT round trip (script + reply transfer + RESP parse)", "collect_rtt_ms"),
+        row("  + decode + ShardIndex.from_bytes of every report", "parse_ms"),
+        row("  + COMMIT round trip (script, fan-out to waiters, reply)", "commit_rtt_ms"),
+        row("same, from the last reporter's own reply timestamp", "latency_from_reply_ms"),
+        row("  (last reporter's reply timestamp -> committer woke)", "wake_ms"),
+        row("manifest merge_indexes (not in the latency above)", "merge_ms"),
+        row("manifest publish to local tmp dir, fsync (not above)", "publish_ms"),
+        row("commit latency incl. manifest merge + publish", "latency_with_manifest_ms"),
+        row("last report in -> last waiter woke (incl. manifest)", "last_waiter_ms"),
+        row("mark_committed reply -> first waiter woke", "fanout_first_ms"),
+        row("mark_committed reply -> median waiter woke", "fanout_median_ms"),
+        row("mark_committed reply -> last waiter woke", "fanout_last_ms"),
+        "  Redis-side script time (SLOWLOG >= {} us; us): {}".format(
+            SLOWLOG_US,
+            ", ".join(f"{n} n={len(v)} median {_med([float(x) for x in v]):.0f} max {max(v)}"
+                      for n, v in sorted(scripts.items())) or "none slower than the threshold"),
+        "  Redis calls per step (commandstats): EVALSHA {:.0f} ({:.1f} us/call), BLPOP {:.0f}; "
+        "Redis CPU {:.3f} s over a {:.2f} s step".format(
+            _med([float(s.redis_calls.get("evalsha", 0)) for s in steps]),
+            _med([s.redis_usec_per_call.get("evalsha", 0.0) for s in steps]),
+            _med([float(s.redis_calls.get("blpop", 0)) for s in steps]),
+            _med(col("redis_cpu_s")), _med(col("wall_s"))),
+        "  Redis memory per step: before {:.2f} MiB; peak +{:.2f} MiB = keys (used_memory_dataset) "
+        "+{:.2f} MiB ({:.0f} B per reporting rank) + client buffers +{:.2f} MiB; Lua VM peak {:.2f} MiB "
+        "(not in used_memory)".format(
+            _med([float(s.mem_before["used_memory"]) for s in steps]) / mib, peak("used_memory") / mib,
+            peak("used_memory_dataset") / mib, peak("used_memory_dataset") / max(1, world - 1),
+            peak("mem_clients_normal") / mib, _med([float(s.mem_peak["used_memory_vm_eval"]) for s in steps]) / mib),
+        "  after the commit: {} job keys (gen, committed index, one step hash per committed step); "
+        "+{:.0f} B kept per step (MEMORY USAGE); used_memory {:+.2f} MiB vs before".format(
+            steps[-1].job_keys_after, _med([float(s.kept_bytes) for s in steps]),
+            _med([float(s.mem_after["used_memory"] - s.mem_before["used_memory"]) for s in steps]) / mib),
+        f"  manifest: {steps[0].manifest_bytes / 2**20:.2f} MiB",
+        f"  committer CPU in one quiet process, no Redis: parse {cpu['parse_ms']:.1f} ms "
+        f"({cpu['parse_us_per_report']:.0f} us per report), merge_indexes {cpu['merge_ms']:.1f} ms, "
+        f"Manifest.to_bytes {cpu['serialise_ms']:.1f} ms",
+    ]
+    extras = Counter[str]()
+    for s in steps:
+        extras.update(s.extra_commands)
+    if extras:
+        lines.append(f"  non-protocol commands sent by waiting ranks (all steps): {dict(extras)}")
+    lines.append(f"  {verdict(rt_max <= TARGET_ROUND_TRIPS)}  round trips per rank per checkpoint <= "
+                 f"{TARGET_ROUND_TRIPS}, as ckpt's round_trips counts them (max over every rank and step: {rt_max})")
+    lines.append(f"  {verdict(cmds_max <= TARGET_ROUND_TRIPS)}  the same, counting every command a rank sent, the "
+                 f"checks between blocking pops included (max: {cmds_max})")
+    if world >= TARGET_AT:
+        lines.append(f"  {verdict(lat <= TARGET_LATENCY_MS)}  commit latency after the last report <= "
+                     f"{TARGET_LATENCY_MS:.0f} ms at {TARGET_AT} ranks (median {lat:.2f} ms; "
+                     f"{_med(col('latency_with_manifest_ms')):.2f} ms with the manifest merge + publish)")
+    else:
+        lines.append(f"  info  commit latency {lat:.2f} ms (target {TARGET_LATENCY_MS:.0f} ms applies at {TARGET_AT})")
+    return "\n".join(lines)
+
+
+def format_heartbeats(world: int, hb: HeartbeatResult) -> str:
+    lines = [
+        f"  heartbeats (informative): {hb.zadd_per_s:.0f} ZADD/s from {world} ranks' heartbeat loops over "
+        f"{hb.seconds:.1f} s ({hb.zadd_usec_per_call:.1f} us/call + EXPIRE {hb.expire_usec_per_call:.1f} "
+        f"us/call); Redis CPU {hb.redis_cpu_fraction:.1%} of a core",
+        f"  lost_ranks() with {world} heartbeating ranks: {hb.lost_ranks_ms:.2f} ms client side, ZRANGE "
+        f"{hb.zrange_usec_per_call:.0f} us in Redis; every waiting rank runs it once per 1 s blocking-pop "
+        f"slice -> {hb.poll_cores_projected:.2f} Redis cores when all {world} wait",
+    ]
+    s = hb.straggler
+    if s is not None:
+        replicas = (f"; replicas counter max {s.replica_rt_max} mean {s.replica_rt_mean:.2f}, commands max "
+                    f"{s.replica_cmds_max} mean {s.replica_cmds_mean:.2f}") if s.replica_cmds_max else ""
+        lines.append(
+            f"  straggler step (rank {world - 1} reports {s.straggler_s:.1f} s late; {world} fresh heartbeats): "
+            f"round trips/rank: threads counter max {s.rt_max} mean {s.rt_mean:.2f}, commands max {s.cmds_max} "
+            f"mean {s.cmds_mean:.2f}{replicas}; committer {s.committer_rt}/{s.committer_cmds}; between-pop "
+            f"checks {s.extra_commands}; step {s.wall_s:.2f} s, Redis CPU {s.redis_cpu_s:.2f} s; ZRANGE "
+            f"{s.redis_calls.get('zrange', 0)} calls {s.redis_usec_per_call.get('zrange', 0.0):.0f} us/call; "
+            f"commit latency {s.latency_ms:.2f} ms"
+        )
+    if hb.straggler_error:
+        lines.append(f"  straggler step did not commit: {hb.straggler_error[:300]}")
+    return "\n".join(lines)
+
+
+def format_summary(results: dict[int, list[StepResult]]) -> str:
+    lines = [
+        "== summary (medians over steps; round trips: max over ranks and steps) ==",
+        f"  {'ranks':>6} {'rt max':>8} {'cmds max':>9} {'committer':>9} {'latency ms':>10} "
+        f"{'+manifest':>9} {'last wake':>9} {'peak MiB':>8} {'B/rank':>7} {'kept B':>7}",
+        "  (rt/cmds max: round trips per rank per checkpoint as ckpt counts them / every command sent, "
+        "max over all ranks incl. the committer; latency: last report in -> mark_committed reply, "
+        "manifest excluded; last wake: last report in -> last waiter woke; peak MiB: used_memory "
+        "rise during the step; B/rank: key memory per reporting rank at the peak; kept B: key memory "
+        "left per committed step)",
+    ]
+    for world, steps in results.items():
+        lines.append(
+            f"  {world:>6} {max(s.max_round_trips for s in steps):>8} {max(s.max_commands for s in steps):>9} "
+            f"{max(s.committer_rt for s in steps):>9} {_med([s.latency_ms for s in steps]):>10.2f} "
+            f"{_med([s.latency_with_manifest_ms for s in steps]):>9.2f} "
+            f"{_med([s.last_waiter_ms for s in steps]):>9.2f} "
+            f"{_med([s.peak_delta() / 2**20 for s in steps]):>8.2f} "
+            f"{_med([s.peak_delta('used_memory_dataset') / max(1, world - 1) for s in steps]):>7.0f} "
+            f"{_med([float(s.kept_bytes) for s in steps]):>7.0f}"
+        )
+    counted = [max(s.max_round_trips for s in steps) for steps in results.values()]
+    sent = [max(s.max_commands for s in steps) for steps in results.values()]
+    lines.append(f"  {verdict(len(set(counted)) == 1)}  round trips per rank independent of world size, by "
+                 f"ckpt's counter (max per world size: {counted})")
+    lines.append(f"  {verdict(len(set(sent)) == 1)}  the same, counting every command sent (max per world "
+                 f"size: {sent})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", default="256,1024,4096", help="world sizes, comma-separated")
+    p.add_argument("--steps", type=int, default=3, help="measured checkpoints per world size")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured checkpoints first")
+    p.add_argument("--real-ranks", type=int, default=256,
+                   help="non-committers run as RedisCoordinator threads; the rest are protocol replicas")
+    p.add_argument("--threads-per-proc", type=int, default=256,
+                   help="RedisCoordinator threads per process (fewer threads per GIL: less convoying)")
+    p.add_argument("--replicas-per-proc", type=int, default=2048, help="protocol replicas per process")
+    p.add_argument("--tensors", type=int, default=4, help="Shard(0) tensors in each rank's index")
+    p.add_argument("--piece-mib", type=int, default=16, help="MiB per piece (one checksum per MiB)")
+    p.add_argument("--straggler-seconds", type=float, default=2.5,
+                   help="delay of the last rank in the straggler step (0: skip that step)")
+    p.add_argument("--straggler-max-ranks", type=int, default=1024,
+                   help="largest world size that runs the straggler step (its polling costs the "
+                        "simulated ranks about N x N heartbeat entries parsed per second)")
+    p.add_argument("--heartbeat-seconds", type=float, default=4.0,
+                   help="heartbeat load window (0: skip heartbeats and the straggler step)")
+    p.add_argument("--heartbeat-ttl", type=float, default=600.0,
+                   help="heartbeat TTL of the simulated ranks (ckpt's default is 15 s; thousands of "
+                        "threads on a loaded 2-core machine can miss that without being dead)")
+    p.add_argument("--json", type=Path, help="also write every measurement here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
+    worlds = [int(x) for x in args.ranks.split(",") if x]
+    fds = raise_fd_limit()
+    need = 2 * max(worlds) + 64
+    if fds < need:
+        raise SystemExit(f"open-file limit {fds} is below the {need} this run needs (ulimit -n)")
+    tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-coord-"))
+    server = RedisServer(tmp, maxclients=need)
+    print(f"redis-server {server.version} on 127.0.0.1:{server.port} (own, no persistence, maxclients "
+          f"{server.maxclients}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"manifests under {tmp}", flush=True)
+    results: dict[int, list[StepResult]] = {}
+    heartbeats: dict[int, HeartbeatResult] = {}
+    cpus: dict[int, dict[str, float]] = {}
+    try:
+        for world in worlds:
+            start = time.monotonic()
+            cpu = committer_cpu(world, args)
+            w = World(server, world, args, tmp / f"root-{world}")
+            try:
+                steps = []
+                for step in range(1, args.warmup + args.steps + 1):
+                    result = w.step(step, {})
+                    if step > args.warmup:
+                        steps.append(result)
+                results[world], cpus[world] = steps, cpu
+                print(format_world(world, steps, w, cpu, args), flush=True)
+                if args.heartbeat_seconds > 0:
+                    heartbeats[world] = measure_heartbeats(w, args)
+                    print(format_heartbeats(world, heartbeats[world]), flush=True)
+            finally:
+                w.close()
+            server.client.flushall()
+            print(f"  ({world} ranks done in {time.monotonic() - start:.0f} s, load average "
+                  f"{os.getloadavg()[0]:.1f})\n", flush=True)
+        print(format_summary(results))
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "steps": {w: [asdict(s) for s in steps] for w, steps in results.items()},
+            "heartbeats": {w: asdict(h) for w, h in heartbeats.items()},
+            "committer_cpu": cpus,
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
