@@ -32,7 +32,7 @@ from ckpt._format import (
     ShardIndex,
     TensorEntry,
     element_size,
-    safetensors_dtype,
+    safetensors_header,
     torch_dtype,
 )
 from ckpt._geometry import Box
@@ -241,25 +241,17 @@ def export_safetensors(
         ]
     total = sum(manifest.tensors[s].nbytes for s, _ in names)
     done = 0
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for group, file_path in zip(groups, file_paths):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt", "source": f"ckpt step {manifest.step}"}}
-        offset = 0
-        for stored, exported in group:
-            entry = manifest.tensors[stored]
-            shape = list(entry.shape) + ([2] if torch_dtype(entry.dtype).is_complex else [])
-            header[exported] = {
-                "dtype": safetensors_dtype(entry.dtype), "shape": shape,
-                "data_offsets": [offset, offset + entry.nbytes],
-            }
-            offset += entry.nbytes
-            weight_map[exported] = os.path.basename(file_path)
-        body = json.dumps(header, separators=(",", ":")).encode()
-        body += b" " * (-len(body) % 8)
+        header = safetensors_header(
+            [(exported, manifest.tensors[stored].dtype, manifest.tensors[stored].shape) for stored, exported in group],
+            {"format": "pt", "source": f"ckpt step {manifest.step}"},
+        )
+        weight_map.update((exported, os.path.basename(file_path)) for _, exported in group)
         tmp = f"{file_path}.tmp"
         try:
             with open(tmp, "wb") as out:
-                out.write(len(body).to_bytes(8, "little") + body)
+                out.write(header)
                 for stored, _ in group:
                     entry = manifest.tensors[stored]
                     tensor = _read_region(loader, stored, entry, Box.full(entry.shape))

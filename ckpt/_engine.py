@@ -8,7 +8,6 @@ reports to the coordinator and, on the committer, publishes the manifest.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -31,7 +30,7 @@ from ckpt._format import (
     ShardIndex,
     StoredPiece,
     TensorEntry,
-    safetensors_dtype,
+    safetensors_header,
     step_prefix,
 )
 from ckpt._options import SaveOptions
@@ -201,18 +200,10 @@ def plan_files(
 
 
 def _safetensors_header(f: _FilePlan) -> bytes:
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "ckpt"}}
-    for item in f.items:
-        local = item.tensor.local
-        shape = list(local.shape) + ([2] if local.is_complex() else [])
-        entries[item.tensor.name] = {
-            "dtype": safetensors_dtype(item.tensor.dtype),
-            "shape": shape,
-            "data_offsets": [item.data_offset, item.data_offset + item.nbytes],
-        }
-    body = json.dumps(entries, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return len(body).to_bytes(8, "little") + body
+    return safetensors_header(
+        [(i.tensor.name, i.tensor.dtype, tuple(i.tensor.local.shape)) for i in f.items],
+        {"format": "pt", "writer": "ckpt"},
+    )
 
 
 class Snapshotter:

@@ -11,7 +11,7 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,27 @@ def safetensors_dtype(name: str) -> str:
 
 def element_size(name: str) -> int:
     return _DTYPES[name][1]
+
+
+def safetensors_header(
+    tensors: Sequence[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str]
+) -> bytes:
+    """The header of a safetensors file holding ``(name, torch dtype name, shape)`` packed
+    back to back in this order: length prefix, JSON, padding to 8 bytes.
+
+    Complex tensors are described as their real view (an extra trailing dimension of 2).
+    """
+    entries: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * element_size(dtype)
+        real_shape = [*shape, 2] if dtype.startswith("complex") else list(shape)
+        entries[name] = {"dtype": safetensors_dtype(dtype), "shape": real_shape,
+                         "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
 
 
 def step_prefix(step: int) -> str:
