@@ -21,8 +21,14 @@ CODECS = ("raw", "zstd")
 _local = threading.local()
 
 
-def checksum(data: memoryview | bytes | bytearray) -> str:
-    return xxhash.xxh3_64_hexdigest(data)
+def checksum(*parts: memoryview | bytes | bytearray) -> str:
+    """The digest of ``parts`` concatenated (without concatenating them)."""
+    if len(parts) == 1:
+        return xxhash.xxh3_64_hexdigest(parts[0])
+    state = xxhash.xxh3_64()
+    for part in parts:
+        state.update(part)
+    return state.hexdigest()
 
 
 def chunk_checksums(data: memoryview, chunk_bytes: int) -> str:

@@ -13,6 +13,71 @@ from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
 from storage_backends import StorageBackend
 
 
+class ManifestBuilder:
+    """Merges per-rank shard indexes into one manifest, one index at a time.
+
+    A committer adds each report as it arrives, so that little is left to do once the
+    last one is in: ``add`` checks the index against the others and renders its pieces'
+    JSON; ``build`` checks that the pieces tile every tensor and assembles the manifest.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.ranks: set[int] = set()
+        self._shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._pieces: dict[str, list[StoredPiece]] = {}
+        self._files: dict[str, int] = {}
+        self._state: tuple[int, dict[str, Any]] | None = None
+
+    def add(self, index: ShardIndex) -> None:
+        if index.rank in self.ranks:
+            raise CoordinationError(f"step {self.step}: rank {index.rank} reported twice")
+        for name, entry in index.tensors.items():
+            known = self._shapes.get(name)
+            if known is not None and known != (entry.dtype, entry.shape):
+                raise CoordinationError(
+                    f"step {self.step}: ranks disagree on tensor {name!r}: {known[0]}{list(known[1])} "
+                    f"vs {entry.dtype}{list(entry.shape)} (rank {index.rank})"
+                )
+        self.ranks.add(index.rank)
+        self._files.update(index.files)
+        if index.state is not None and (self._state is None or index.rank < self._state[0]):
+            self._state = (index.rank, index.state)
+        for name, entry in index.tensors.items():
+            self._shapes.setdefault(name, (entry.dtype, entry.shape))
+            pieces = self._pieces.setdefault(name, [])
+            for piece in entry.pieces:
+                _ = piece.json_text  # rendered now, while other reports still arrive
+                pieces.append(piece)
+
+    def build(
+        self,
+        *,
+        generation: str,
+        world_size: int,
+        chunk_bytes: int,
+        user_metadata: Mapping[str, Any] | None = None,
+        layout: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """The manifest; ``InvalidStateError`` when the pieces do not tile some tensor."""
+        tensors = {}
+        for name, (dtype, shape) in self._shapes.items():
+            pieces = self._pieces[name]
+            _check_tiling(self.step, name, shape, pieces)
+            tensors[name] = TensorEntry(dtype, shape, tuple(pieces))
+        return Manifest(
+            step=self.step,
+            generation=generation,
+            world_size=world_size,
+            chunk_bytes=chunk_bytes,
+            tensors=tensors,
+            files=dict(sorted(self._files.items())),
+            state=self._state[1] if self._state else {},
+            created_unix=time.time(),
+            user_metadata=dict(user_metadata or {}),
+            layout=dict(layout or {}),
+        )
+
 def merge_indexes(
     *,
     step: int,
@@ -24,57 +89,32 @@ def merge_indexes(
     layout: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """One manifest from every rank's index; data file paths become relative to the step prefix."""
-    tensors: dict[str, TensorEntry] = {}
-    files: dict[str, int] = {}
-    state: dict[str, Any] | None = None
-    # Pieces are gathered in lists and frozen once: appending to tuples per rank is quadratic.
-    pieces: dict[str, list[StoredPiece]] = {}
+    builder = ManifestBuilder(step)
     for index in sorted(indexes, key=lambda i: i.rank):
-        files.update(index.files)
-        if index.state is not None and state is None:
-            state = index.state
-        for name, entry in index.tensors.items():
-            known = tensors.get(name)
-            if known is None:
-                tensors[name] = entry
-                pieces[name] = list(entry.pieces)
-                continue
-            if known.dtype != entry.dtype or known.shape != entry.shape:
-                raise CoordinationError(
-                    f"step {step}: ranks disagree on tensor {name!r}: {known.dtype}{list(known.shape)} "
-                    f"vs {entry.dtype}{list(entry.shape)} (rank {index.rank})"
-                )
-            pieces[name].extend(entry.pieces)
-    tensors = {name: TensorEntry(e.dtype, e.shape, tuple(pieces[name])) for name, e in tensors.items()}
-    for name, entry in tensors.items():
-        # Readers refuse a tensor whose pieces do not tile it; never commit one.
-        covered = sum(p.box.numel for p in entry.pieces)
-        if covered != math.prod(entry.shape):
-            raise InvalidStateError(
-                f"step {step}: tensor {name!r} of global shape {list(entry.shape)}: the saved shards "
-                f"cover {covered} of {math.prod(entry.shape)} elements; each element must be saved "
-                "by exactly one rank (check ShardedTensor offsets and global_shape). Not committed"
-            )
-        # The right count can still hide a hole: shards that overlap leave elements unsaved.
-        overlap = _first_overlap([p.box for p in entry.pieces])
-        if overlap is not None:
-            raise InvalidStateError(
-                f"step {step}: tensor {name!r} of global shape {list(entry.shape)}: saved shards "
-                f"{overlap[0]} and {overlap[1]} overlap, so other elements are never saved; each "
-                "element must be saved by exactly one rank (check ShardedTensor offsets). Not committed"
-            )
-    return Manifest(
-        step=step,
-        generation=generation,
-        world_size=world_size,
-        chunk_bytes=chunk_bytes,
-        tensors=tensors,
-        files=files,
-        state=state or {},
-        created_unix=time.time(),
-        user_metadata=dict(user_metadata or {}),
-        layout=dict(layout or {}),
+        builder.add(index)
+    return builder.build(
+        generation=generation, world_size=world_size, chunk_bytes=chunk_bytes,
+        user_metadata=user_metadata, layout=layout,
     )
+
+
+def _check_tiling(step: int, name: str, shape: tuple[int, ...], pieces: Sequence[StoredPiece]) -> None:
+    """Readers refuse a tensor whose pieces do not tile it; never commit one."""
+    covered = sum(p.box.numel for p in pieces)
+    if covered != math.prod(shape):
+        raise InvalidStateError(
+            f"step {step}: tensor {name!r} of global shape {list(shape)}: the saved shards "
+            f"cover {covered} of {math.prod(shape)} elements; each element must be saved "
+            "by exactly one rank (check ShardedTensor offsets and global_shape). Not committed"
+        )
+    # The right count can still hide a hole: shards that overlap leave elements unsaved.
+    overlap = _first_overlap([p.box for p in pieces])
+    if overlap is not None:
+        raise InvalidStateError(
+            f"step {step}: tensor {name!r} of global shape {list(shape)}: saved shards "
+            f"{overlap[0]} and {overlap[1]} overlap, so other elements are never saved; each "
+            "element must be saved by exactly one rank (check ShardedTensor offsets). Not committed"
+        )
 
 
 def _first_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:

@@ -95,7 +95,7 @@ class _OfflineRanks:
     def world_size(self) -> int:
         return self._world
 
-    def begin(self, step: int) -> None:
+    def begin(self, step: int, chunk_bytes: int) -> None:
         return None
 
     def all_gather(self, obj: Any) -> list[Any]:

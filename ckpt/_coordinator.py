@@ -1,9 +1,9 @@
 """The coordinator interface and the embedded implementation.
 
 A coordinator turns per-rank "my data for step s is durable" reports into exactly one
-commit. Call order, per save: ``begin(step)`` on every rank in the training thread,
-then ``commit(step, index)`` on every rank from the background thread once that
-rank's data files are durable. The committer writes the manifest last (I1) and only
+commit. Call order, per save: ``begin(step, chunk_bytes)`` on every rank in the
+training thread, then ``commit(step, index)`` on every rank from the background thread
+once that rank's data files are durable. The committer writes the manifest last (I1) and only
 while its generation is current (I4).
 """
 
@@ -43,8 +43,9 @@ class Coordinator(Protocol):
     def generation(self) -> str:
         """This incarnation's fencing token; data files and the manifest carry it."""
 
-    def begin(self, step: int) -> None:
-        """Announce that every rank is about to save ``step`` (training thread)."""
+    def begin(self, step: int, chunk_bytes: int) -> None:
+        """Announce that every rank is about to save ``step`` with checksum chunks of
+        ``chunk_bytes`` (training thread)."""
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, by rank (training thread; may be a collective)."""
@@ -91,7 +92,7 @@ class LocalCoordinator:
     def generation(self) -> str:
         return self._generation
 
-    def begin(self, step: int) -> None:
+    def begin(self, step: int, chunk_bytes: int) -> None:
         return None
 
     def all_gather(self, obj: Any) -> list[Any]:
@@ -170,7 +171,7 @@ class ProcessGroupCoordinator:
     def generation(self) -> str:
         return self._generation
 
-    def begin(self, step: int) -> None:
+    def begin(self, step: int, chunk_bytes: int) -> None:
         self._attempts[step] = self._attempts.get(step, 0) + 1
 
     def all_gather(self, obj: Any) -> list[Any]:

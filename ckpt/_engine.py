@@ -279,7 +279,7 @@ class Snapshotter:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         self.raise_unobserved()
         start = time.perf_counter()
-        coordinator.begin(step)
+        coordinator.begin(step, self.options.chunk_bytes)
         tensors, tree = flatten(state)
         return self.save_flat(
             tensors, tree, backend, step, coordinator,

@@ -13,6 +13,7 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -149,6 +150,11 @@ class StoredPiece:
             out["chunk_sizes"] = list(self.chunk_sizes)
         return out
 
+    @cached_property
+    def json_text(self) -> str:
+        """``to_json`` serialised, kept: a committer renders each piece once, as it arrives."""
+        return _dumps(self.to_json())
+
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -169,6 +175,11 @@ class TensorEntry:
             "pieces": [p.to_json() for p in self.pieces],
         }
 
+    def json_text(self) -> str:
+        """``to_json`` serialised from the pieces' kept texts."""
+        head = _dumps({"dtype": self.dtype, "shape": list(self.shape)})
+        return f'{head[:-1]},"pieces":[{",".join(p.json_text for p in self.pieces)}]}}'
+
 
 @dataclass(frozen=True)
 class ShardIndex:
@@ -188,7 +199,7 @@ class ShardIndex:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+        return _dumps(self.to_json()).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, chunk_bytes: int) -> ShardIndex:
@@ -234,12 +245,15 @@ class Manifest:
             "checksum_algorithm": CHECKSUM_ALGORITHM,
             "chunk_bytes": self.chunk_bytes,
             "files": self.files,
-            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "state": self.state,
             "layout": self.layout,
             "user_metadata": self.user_metadata,
         }
-        return seal_manifest(json.dumps(doc, separators=(",", ":"), allow_nan=True).encode())
+        # The tensors (nearly all of a large manifest) are joined from texts rendered
+        # piece by piece; the rest goes through json.dumps.
+        tensors = ",".join(f"{_dumps(name)}:{entry.json_text()}" for name, entry in self.tensors.items())
+        head = _dumps(doc)
+        return seal_manifest(f'{head[:-1]},"tensors":{{{tensors}}}}}'.encode())
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
@@ -283,6 +297,10 @@ class Manifest:
         )
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 _SEAL_OPEN = b'{"manifest_checksum":"'
 _SEAL_BLANK = b"0" * DIGEST_HEX
 
@@ -295,9 +313,9 @@ def seal_manifest(body: bytes) -> bytes:
     """
     if not body.startswith(b"{") or body == b"{}":
         raise ValueError("a manifest body must be a non-empty JSON object")
-    rest = b'",' + body[1:]
-    digest = checksum(_SEAL_OPEN + _SEAL_BLANK + rest).encode()
-    return _SEAL_OPEN + digest + rest
+    rest = memoryview(body)[1:]
+    digest = checksum(_SEAL_OPEN, _SEAL_BLANK, b'",', rest).encode()
+    return b"".join((_SEAL_OPEN, digest, b'",', rest))
 
 
 def verify_manifest_seal(data: bytes, where: str) -> None:
@@ -306,7 +324,7 @@ def verify_manifest_seal(data: bytes, where: str) -> None:
     if not data.startswith(_SEAL_OPEN) or len(data) < end + 2:
         raise CorruptCheckpointError(f"{where}: the manifest carries no checksum; the file is corrupt or foreign")
     stored = data[len(_SEAL_OPEN) : end]
-    if checksum(_SEAL_OPEN + _SEAL_BLANK + data[end:]).encode() != stored:
+    if checksum(_SEAL_OPEN, _SEAL_BLANK, memoryview(data)[end:]).encode() != stored:
         raise CorruptCheckpointError(f"{where}: manifest checksum mismatch; the file is corrupt")
 
 

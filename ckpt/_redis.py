@@ -2,26 +2,34 @@
 
 Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each other:
 
-=============================  ==========================================================
-``gen``                        the current generation (fencing token) of the job
-``step:<s>``                   hash: state (open/ready/committing/committed/aborted), gen,
-                               world, reason
-``step:<s>:idx``               hash: rank -> that rank's shard index (JSON)
-``step:<s>:ready:<gen>``       list: pushed once when every non-committer has reported
-``step:<s>:done:<gen>``        list: one token per non-committer when the step ends
-``committed``                  sorted set of committed steps (the index; rebuilt from
-                               storage when Redis lost it)
-``indexed``                    set once ``committed`` was merged with a storage scan; its
-                               absence means Redis may have lost part of the index
-``hb:<gen>``                   sorted set: rank -> time of its last heartbeat (ms)
-=============================  ==========================================================
+===============================  ========================================================
+``gen``                          the current generation (fencing token) of the job
+``step:<s>``                     hash: state (open/committing/committed/aborted), gen,
+                                 world, reason
+``step:<s>:ranks:<gen>``         set: the ranks that reported (a retried report counts once)
+``step:<s>:reports:<gen>``       stream: each rank's shard index as it reports, and an
+                                 abort marker that wakes the committer
+``step:<s>:done:<gen>``          list: one outcome token per non-committer when the step ends
+``committed``                    sorted set of committed steps (the index; rebuilt from
+                                 storage when Redis lost it)
+``indexed``                      set once ``committed`` was merged with a storage scan; its
+                                 absence means Redis may have lost part of the index
+``hb:<gen>``                     sorted set: rank -> Redis server time of its last
+                                 heartbeat (ms; one clock for every host)
+===============================  ========================================================
 
-Round trips per checkpoint: a non-committer reports (1) and waits for the outcome
-(1 blocking pop); the committer waits for the reports (1 blocking pop), collects them
-while re-checking its generation (1), publishes the manifest to storage, then marks the
-step committed and wakes the others (1). Every transition is one Lua script, so it is
-atomic; every script first checks the caller's generation, so an older incarnation can
-neither report nor commit (I4). Heartbeats run in their own thread and do not count.
+Round trips per checkpoint. A non-committer reports (1) and blocks until the outcome
+(1); only when the outcome takes longer than half a heartbeat TTL does it check the
+step and the committer's heartbeat (1 per slice). The committer (rank 0) starts
+reading the reports at ``begin``, while its own data is still being written: each
+read takes every report that has arrived (1 per batch; a batch is parsed and merged
+into the manifest before the next read, so only the last few reports are left when
+the last one lands), then it claims the step while re-checking its generation (1),
+publishes the manifest to storage, and marks the step committed, waking the others
+(1). Between batches it checks every rank's heartbeat once per second (1). Every
+transition is one Lua script, so it is atomic; every script first checks the caller's
+generation, so an older incarnation can neither report nor commit (I4). Heartbeats
+run in their own thread and are not counted. Needs Redis >= 6.2.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlparse, urlunparse
 
@@ -45,7 +55,7 @@ from tenacity import (
 )
 
 from ckpt._agreement import GroupAgreement
-from ckpt._commit import merge_indexes, publish
+from ckpt._commit import ManifestBuilder, publish
 from ckpt._coordinator import new_generation
 from ckpt._format import Manifest, ShardIndex, manifest_path, scan_steps
 from ckpt.errors import CoordinationError, FencedError, storage_errors
@@ -55,6 +65,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Reports read per round trip at most, and the pause after a short batch so that the
+# next read takes many reports instead of one (bounds the committer's round trips).
+_READ_COUNT = 1024
+_READ_PAUSE_S = 0.002
+
+# KEYS: gen, step, ranks, reports. ARGV: gen, rank, index JSON, world, step TTL, in-flight TTL.
 _REPORT = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'LOST', ''} end
@@ -62,7 +78,7 @@ if cur ~= ARGV[1] then return {'FENCED', cur} end
 local st = redis.call('HGET', KEYS[2], 'state')
 if st and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1] then
   if st == 'committed' then return {'COMMITTED', ''} end
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2])
   st = false
 end
 if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
@@ -71,66 +87,66 @@ if not st then
   redis.call('HSET', KEYS[2], 'state', 'open', 'gen', ARGV[1], 'world', ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-local n = redis.call('HLEN', KEYS[3])
-if n == tonumber(ARGV[4]) - 1 and redis.call('HGET', KEYS[2], 'state') == 'open' then
-  redis.call('HSET', KEYS[2], 'state', 'ready')
-  redis.call('RPUSH', KEYS[4], 'ready')
-  redis.call('EXPIRE', KEYS[4], ARGV[5])
+if redis.call('SADD', KEYS[3], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[4], '*', 'rank', ARGV[2], 'index', ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[6])
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
 end
-return {'OK', tostring(n)}
+return {'OK', tostring(redis.call('SCARD', KEYS[3]))}
 """
 
-_COLLECT = """
+# Committer, before publishing the manifest. KEYS: gen, step. ARGV: gen, world, step TTL.
+_CLAIM = """
 local cur = redis.call('GET', KEYS[1])
-if not cur then return {'LOST'} end
+if not cur then return {'LOST', ''} end
 if cur ~= ARGV[1] then return {'FENCED', cur} end
 local st = redis.call('HGET', KEYS[2], 'state')
-if tonumber(ARGV[2]) > 1 then
-  if not st then return {'LOST'} end
-  if redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1] then return {'LOST'} end
+if st and redis.call('HGET', KEYS[2], 'gen') == ARGV[1] then
   if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
-  if st ~= 'ready' and st ~= 'committing' then return {'NOTREADY', st} end
-else
-  redis.call('HSET', KEYS[2], 'gen', ARGV[1], 'world', ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  if st == 'committed' then return {'COMMITTED', ''} end
+elseif st == 'committed' then
+  return {'COMMITTED', ''}
 end
-redis.call('HSET', KEYS[2], 'state', 'committing')
-local out = {'OK'}
-local all = redis.call('HGETALL', KEYS[3])
-for i = 2, #all, 2 do out[#out + 1] = all[i] end
-return out
+redis.call('HSET', KEYS[2], 'state', 'committing', 'gen', ARGV[1], 'world', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return {'OK', ''}
 """
 
+# KEYS: gen, step, ranks, reports, committed, done.
+# ARGV: gen, step, waiting ranks, step TTL, in-flight TTL.
 _COMMIT = """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return {'FENCED', cur} end
-local st = redis.call('HGET', KEYS[2], 'state')
-if st == 'committed' then return {'OK'} end
+if redis.call('HGET', KEYS[2], 'state') == 'committed' then return {'OK', ''} end
 redis.call('HSET', KEYS[2], 'state', 'committed', 'gen', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[2])
-redis.call('UNLINK', KEYS[3])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[2])
+redis.call('UNLINK', KEYS[3], KEYS[4])
 local waiting = tonumber(ARGV[3])
 while waiting > 0 do
   local n = math.min(waiting, 1000)
   local batch = {}
   for i = 1, n do batch[i] = 'committed' end
-  redis.call('RPUSH', KEYS[5], unpack(batch))
+  redis.call('RPUSH', KEYS[6], unpack(batch))
   waiting = waiting - n
 end
-redis.call('EXPIRE', KEYS[5], ARGV[4])
-return {'OK'}
+redis.call('EXPIRE', KEYS[6], ARGV[5])
+return {'OK', ''}
 """
 
+# KEYS: gen, step, ranks, reports, done.
+# ARGV: gen, waiting ranks, reason, step TTL, in-flight TTL, '1' when the committer aborts.
 _ABORT = """
 local st = redis.call('HGET', KEYS[2], 'state')
-if st == 'committed' then return {'COMMITTED'} end
-if st and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1] then return {'OTHER'} end
+if st == 'committed' then return {'COMMITTED', ''} end
+if st and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1] then return {'OTHER', ''} end
+if st == 'aborted' then return {'OK', ''} end
+if st == 'committing' and ARGV[6] ~= '1' then return {'COMMITTING', ''} end
 redis.call('HSET', KEYS[2], 'state', 'aborted', 'gen', ARGV[1], 'reason', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('UNLINK', KEYS[3])
+redis.call('XADD', KEYS[4], '*', 'abort', ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
 local waiting = tonumber(ARGV[2])
 while waiting > 0 do
   local n = math.min(waiting, 1000)
@@ -139,14 +155,56 @@ while waiting > 0 do
   redis.call('RPUSH', KEYS[5], unpack(batch))
   waiting = waiting - n
 end
-redis.call('EXPIRE', KEYS[5], ARGV[4])
-return {'OK'}
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+return {'OK', ''}
+"""
+
+# A waiting rank's check. KEYS: gen, step, hb. ARGV: gen, heartbeat TTL (ms), whom to
+# watch: '*' for every rank (the committer: the number of heartbeats and up to 64
+# stale ranks) or one rank (a non-committer watches the committer: '1' when stale).
+_WATCH = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {'LOST', ''} end
+if cur ~= ARGV[1] then return {'FENCED', cur} end
+if redis.call('HGET', KEYS[2], 'gen') == ARGV[1] then
+  local st = redis.call('HGET', KEYS[2], 'state')
+  if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
+  if st == 'committed' then return {'COMMITTED', ''} end
+end
+local t = redis.call('TIME')
+local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+if ARGV[3] == '*' then
+  local out = {'OK', tostring(redis.call('ZCARD', KEYS[3]))}
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', string.format('(%d', oldest), 'LIMIT', 0, 64)
+  for i = 1, #stale do out[#out + 1] = stale[i] end
+  return out
+end
+local seen = redis.call('ZSCORE', KEYS[3], ARGV[3])
+if seen and tonumber(seen) >= oldest then return {'OK', '0'} end
+return {'OK', '1'}
+"""
+
+# KEYS: hb. ARGV: rank, key TTL (s). The score is Redis's clock, so hosts need not agree.
+_BEAT = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 
 def job_from_url(url: str) -> str:
     """A stable job namespace for a checkpoint root (two roots never share one)."""
     return hashlib.sha1(url.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _StepKeys:
+    gen: str
+    step: str
+    ranks: str
+    reports: str
+    done: str
 
 
 class RedisCoordinator:
@@ -197,12 +255,19 @@ class RedisCoordinator:
             urlunparse(parsed._replace(query=client_query)),
             socket_timeout=None, socket_connect_timeout=5, health_check_interval=0,
         )
+        self._scripts = {
+            name: self._client.register_script(source)
+            for name, source in (("REPORT", _REPORT), ("CLAIM", _CLAIM), ("COMMIT", _COMMIT),
+                                 ("ABORT", _ABORT), ("WATCH", _WATCH), ("BEAT", _BEAT))
+        }
         self._timeout = timeout
         self._retry_seconds = retry_seconds
         self._ttl = key_ttl_seconds
+        # Keys of a step in flight are useless once every rank's timeout has passed.
+        self._inflight_ttl = int(max(3600.0, 2 * timeout))
         self._hb_interval = heartbeat_interval
         self._hb_ttl = heartbeat_ttl
-        self.round_trips = 0  # Redis commands issued by the save protocol (not heartbeats)
+        self.round_trips = 0  # Redis round trips of the save protocol (not heartbeats or index reads)
         self._lock = threading.Lock()
         self._agreement = GroupAgreement(group) if (group is not None or GroupAgreement.available()) else None
         if self._agreement is not None:
@@ -219,7 +284,7 @@ class RedisCoordinator:
             else:
                 raise CoordinationError("ranks other than 0 need the generation when there is no process group")
         self._generation = generation
-        self._reports: dict[int, ShardIndex] = {}
+        self._collectors: dict[int, _ReportCollector] = {}
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         if start_heartbeat:
@@ -232,16 +297,16 @@ class RedisCoordinator:
     def _key(self, *parts: object) -> str:
         return self._prefix + ":".join(str(p) for p in parts)
 
-    def _step_keys(self, step: int) -> list[str]:
-        return [
-            self._key("gen"),
-            self._key("step", step),
-            self._key("step", step, "idx"),
-            # Per generation: a zombie's blocking pop must never take a token meant for
-            # the current incarnation's committer or waiters.
-            self._key("step", step, "ready", self._generation),
-            self._key("step", step, "done", self._generation),
-        ]
+    def _step_keys(self, step: int) -> _StepKeys:
+        # Per generation: a zombie can never read, count or take what belongs to the
+        # current incarnation's committer or waiters.
+        return _StepKeys(
+            gen=self._key("gen"),
+            step=self._key("step", step),
+            ranks=self._key("step", step, "ranks", self._generation),
+            reports=self._key("step", step, "reports", self._generation),
+            done=self._key("step", step, "done", self._generation),
+        )
 
     def _call(self, what: str, fn: Callable[[], T], *, count: bool = True) -> T:
         """Run one Redis call, retrying through connection loss (e.g. a restarting server)."""
@@ -267,13 +332,10 @@ class RedisCoordinator:
             raise CoordinationError(f"Redis coordinator ({what}, rank {self._rank}): {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _blpop(self, key: str, timeout: float, what: str) -> Any:
-        return self._call(what, lambda: self._client.blpop([key], timeout=timeout))
-
-    def _script(self, source: str, keys: Sequence[str], args: Sequence[object], what: str) -> list[Any]:
-        script = self._client.register_script(source)
+    def _script(self, name: str, keys: Sequence[str], args: Sequence[Any], what: str) -> list[str]:
+        script = self._scripts[name]
         result = self._call(what, lambda: script(keys=list(keys), args=list(args)))
-        return [r.decode() if isinstance(r, bytes) else r for r in result]
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
     def _take_generation(self) -> str:
         token = new_generation()
@@ -300,6 +362,18 @@ class RedisCoordinator:
             "the step is aborted, the previous committed checkpoint stays the newest"
         )
 
+    def _refusal(self, step: int, status: str, detail: str) -> CoordinationError:
+        """The error for a script's refusal (anything but OK)."""
+        if status == "FENCED":
+            return self._fenced(detail)
+        if status == "LOST":
+            return self._relost(step)
+        if status == "COMMITTED":
+            return CoordinationError(f"step {step} is already committed by an earlier generation")
+        if status == "ABORTED":
+            return CoordinationError(f"step {step} was aborted: {detail}")
+        return CoordinationError(f"step {step}: unexpected answer from Redis: {status} {detail}")
+
     # -- Coordinator interface --------------------------------------------------------
 
     @property
@@ -314,8 +388,16 @@ class RedisCoordinator:
     def generation(self) -> str:
         return self._generation
 
-    def begin(self, step: int) -> None:
-        return None
+    def begin(self, step: int, chunk_bytes: int) -> None:
+        """The committer starts reading reports now, while its own data is still written."""
+        if self._rank != 0 or self._world == 1:
+            return
+        previous = self._collectors.pop(step, None)
+        if previous is not None:
+            previous.stop()
+        collector = _ReportCollector(self, step, chunk_bytes)
+        self._collectors[step] = collector
+        collector.start()
 
     def all_gather(self, obj: Any) -> list[Any]:
         if self._agreement is None:
@@ -342,78 +424,73 @@ class RedisCoordinator:
             self.report(step, index.to_bytes())
             self.wait_outcome(step, backend)
             return None
-        indexes = [index, *self.collect(step, chunk_bytes)]
         try:
-            manifest = merge_indexes(
-                step=step,
+            builder = self.collect(step, chunk_bytes)
+            builder.add(index)
+            self.claim(step)
+            manifest = builder.build(
                 generation=self._generation,
                 world_size=self._world,
                 chunk_bytes=chunk_bytes,
-                indexes=indexes,
                 user_metadata=user_metadata,
             )
             publish(backend, manifest)
         except BaseException as exc:
             # Wake the other ranks now instead of letting them wait out their timeout.
-            self._abort_quietly(step, f"the committer (rank {self._rank}) could not publish the manifest: {exc}")
+            if not isinstance(exc, FencedError):
+                self._abort_quietly(
+                    step, f"the committer (rank {self._rank}) could not publish the manifest: {exc}", committer=True
+                )
             raise
         self.mark_committed(step)
         return manifest
 
-    # -- the protocol, one call per round trip (the scale benchmark drives these) -------
+    # -- the protocol, one call per round trip (tests and the scale benchmark drive these) --
 
     def report(self, step: int, index_json: bytes) -> int:
         """A non-committer's data is durable. Returns how many ranks have reported."""
+        keys = self._step_keys(step)
         status, detail = self._script(
-            _REPORT, self._step_keys(step),
-            [self._generation, self._rank, index_json, self._world, self._ttl],
+            "REPORT", [keys.gen, keys.step, keys.ranks, keys.reports],
+            [self._generation, self._rank, index_json, self._world, self._ttl, self._inflight_ttl],
             f"reporting step {step}",
         )
-        if status == "OK":
-            return int(detail)
-        if status == "FENCED":
-            raise self._fenced(detail)
-        if status == "LOST":
-            raise self._relost(step)
-        if status == "COMMITTED":
-            raise CoordinationError(f"step {step} is already committed by an earlier generation")
-        raise CoordinationError(f"step {step} was aborted: {detail}")
-
-    def collect(self, step: int, chunk_bytes: int) -> list[ShardIndex]:
-        """Committer: wait until every other rank reported, then fetch their indexes."""
-        keys = self._step_keys(step)
-        deadline = time.monotonic() + self._timeout
-        if self._world > 1:
-            while True:
-                slice_s = max(0.01, min(1.0, deadline - time.monotonic()))
-                got = self._blpop(keys[3], slice_s, f"waiting for reports of step {step}")
-                if got is not None:
-                    break
-                self._check_waiting(step, deadline, waiting_for="reports")
-        result = self._script(_COLLECT, keys, [self._generation, self._world, self._ttl], f"collecting step {step}")
-        status = result[0]
-        if status == "FENCED":
-            raise self._fenced(result[1])
-        if status == "LOST":
-            raise self._relost(step)
         if status != "OK":
-            raise CoordinationError(f"step {step}: cannot commit ({status} {result[1:]!r})")
-        return [
-            ShardIndex.from_bytes(raw.encode() if isinstance(raw, str) else raw, f"Redis report of step {step}", chunk_bytes)
-            for raw in result[1:]
-        ]
+            raise self._refusal(step, status, detail)
+        return int(detail)
+
+    def collect(self, step: int, chunk_bytes: int) -> ManifestBuilder:
+        """Committer: every other rank's report of ``step``, merged (waits for them)."""
+        collector = self._collectors.pop(step, None)
+        if collector is None:  # no begin(): read in this thread
+            collector = _ReportCollector(self, step, chunk_bytes)
+            collector.run()
+        return collector.result(self._timeout + 60.0)
+
+    def claim(self, step: int) -> None:
+        """Committer, before publishing: the generation is still current, the step not aborted."""
+        keys = self._step_keys(step)
+        status, detail = self._script(
+            "CLAIM", [keys.gen, keys.step], [self._generation, self._world, self._ttl], f"claiming step {step}"
+        )
+        if status != "OK":
+            raise self._refusal(step, status, detail)
 
     def mark_committed(self, step: int) -> None:
         """Committer: the manifest is published; record the step and wake the other ranks."""
-        keys = [*self._step_keys(step)[:3], self._key("committed"), self._step_keys(step)[4]]
-        result = self._script(_COMMIT, keys, [self._generation, step, self._world - 1, self._ttl], f"committing step {step}")
-        if result[0] == "FENCED":
+        keys = self._step_keys(step)
+        status, detail = self._script(
+            "COMMIT", [keys.gen, keys.step, keys.ranks, keys.reports, self._key("committed"), keys.done],
+            [self._generation, step, self._world - 1, self._ttl, self._inflight_ttl],
+            f"committing step {step}",
+        )
+        if status == "FENCED":
             # The manifest is already durable: storage is the truth, the step is committed. But
             # this writer is a zombie: it must stop (no retention, no further saves).
             log.warning("step %d committed in storage, but generation %s was superseded in Redis", step, self._generation)
             raise FencedError(
                 f"job {self.job}: step {step}'s manifest was published, but this writer's generation "
-                f"{self._generation} was superseded by {result[1]} before it could mark the step "
+                f"{self._generation} was superseded by {detail} before it could mark the step "
                 "committed; a newer incarnation of the job owns the checkpoints now"
             )
 
@@ -421,66 +498,73 @@ class RedisCoordinator:
         """Non-committer: wait until the step is committed; raise when it is aborted."""
         keys = self._step_keys(step)
         deadline = time.monotonic() + self._timeout
+        # A long slice: an abort or the commit wakes this rank at once; the slice only
+        # bounds how late a dead committer is noticed.
+        slice_s = max(1.0, self._hb_ttl / 2)
         while True:
-            slice_s = max(0.01, min(1.0, deadline - time.monotonic()))
-            got = self._blpop(keys[4], slice_s, f"waiting for the commit of step {step}")
+            wait_s = max(0.01, min(slice_s, deadline - time.monotonic()))
+            got = self._call(f"waiting for the commit of step {step}",
+                             partial(self._client.blpop, [keys.done], timeout=wait_s))
             if got is not None:
                 if got[1] == b"committed":
                     return
-                reason = self._client.hget(keys[1], "reason")
+                reason = self._call("reading the abort reason", lambda: self._client.hget(keys.step, "reason"))
                 raise CoordinationError(f"step {step} was aborted: {(reason or b'').decode()}")
             if backend is not None and self._manifest_exists(backend, step):
                 return  # committed in storage; the committer died before telling Redis
-            self._check_waiting(step, deadline, waiting_for="the commit")
+            status, *detail = self._watch(step, "0")
+            if status == "COMMITTED":
+                return
+            if status != "OK":
+                raise self._refusal(step, status, detail[0] if detail else "")
+            if detail[0] == "1":
+                self._give_up(step, f"the committer (rank 0) stopped heartbeating while rank {self._rank} "
+                                    "waited for the commit")
+            if time.monotonic() > deadline:
+                self._give_up(step, f"rank {self._rank} waited {self._timeout:.0f} s for the commit")
+
+    def _watch(self, step: int, whom: str) -> list[str]:
+        keys = self._step_keys(step)
+        return self._script("WATCH", [keys.gen, keys.step, self._key("hb", self._generation)],
+                            [self._generation, int(self._hb_ttl * 1000), whom], f"checking step {step}")
+
+    def _give_up(self, step: int, reason: str, *, committer: bool = False) -> None:
+        self._abort_quietly(step, reason, committer=committer)
+        raise CoordinationError(f"step {step} aborted: {reason}; the previous committed checkpoint stays the newest")
 
     def _manifest_exists(self, backend: StorageBackend, step: int) -> bool:
         with storage_errors(f"checking the commit of step {step} under {backend.url}"):
             return backend.exists(manifest_path(step))
 
-    def _check_waiting(self, step: int, deadline: float, *, waiting_for: str) -> None:
-        """Between blocking pops: give up on lost state, lost ranks and the deadline."""
-        keys = self._step_keys(step)
-        current = self._call("checking the generation", lambda: self._client.get(keys[0]), count=False)
-        if current is None:
-            raise self._relost(step)
-        if current.decode() != self._generation:
-            raise self._fenced(current.decode())
-        state = self._call("checking the step", lambda: self._client.hgetall(keys[1]), count=False)
-        if state.get(b"state") == b"aborted" and state.get(b"gen", b"").decode() == self._generation:
-            raise CoordinationError(f"step {step} was aborted: {state.get(b'reason', b'').decode()}")
-        lost = self.lost_ranks()
-        if lost:
-            reason = f"ranks {lost} stopped heartbeating while rank {self._rank} waited for {waiting_for}"
-            self.abort(step, reason)
-            raise CoordinationError(f"step {step} aborted: {reason}")
-        if time.monotonic() > deadline:
-            reason = f"rank {self._rank} waited {self._timeout:.0f} s for {waiting_for}"
-            self.abort(step, reason)
-            raise CoordinationError(f"step {step} aborted: {reason}; the previous committed checkpoint stays the newest")
-
     def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
-        self.abort(step, f"rank {self._rank} failed: {reason}")
+        self.abort(step, f"rank {self._rank} failed: {reason}", committer=self._rank == 0)
 
-    def abort(self, step: int, reason: str) -> None:
-        """Mark the step aborted and wake every waiting rank."""
-        self._script(_ABORT, self._step_keys(step), [self._generation, self._world - 1, reason, self._ttl], f"aborting step {step}")
-        log.warning("step %d aborted: %s", step, reason)
+    def abort(self, step: int, reason: str, *, committer: bool = False) -> None:
+        """Mark the step aborted and wake every waiting rank (and the committer's reader).
 
-    def _abort_quietly(self, step: int, reason: str) -> None:
+        Once the committer claimed the step only the committer can abort it: it may be
+        publishing the manifest."""
+        keys = self._step_keys(step)
+        status, _ = self._script(
+            "ABORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.done],
+            [self._generation, self._world - 1, reason, self._ttl, self._inflight_ttl, "1" if committer else "0"],
+            f"aborting step {step}",
+        )
+        if status == "OK":
+            log.warning("step %d aborted: %s", step, reason)
+
+    def _abort_quietly(self, step: int, reason: str, *, committer: bool = False) -> None:
         """``abort`` on a path that is already failing: its own error must not hide the first."""
         try:
-            self.abort(step, reason)
+            self.abort(step, reason, committer=committer)
         except CoordinationError as exc:
             log.warning("step %d: could not mark the step aborted in Redis: %s", step, exc)
 
     # -- heartbeats ------------------------------------------------------------------
 
     def _beat(self) -> None:
-        key = self._key("hb", self._generation)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.zadd(key, {str(self._rank): int(time.time() * 1000)})
-        pipe.expire(key, max(60, int(self._hb_ttl * 10)))
-        pipe.execute()
+        self._scripts["BEAT"](keys=[self._key("hb", self._generation)],
+                              args=[self._rank, max(60, int(self._hb_ttl * 10))])
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self._hb_interval):
@@ -491,8 +575,14 @@ class RedisCoordinator:
 
     def lost_ranks(self) -> list[int]:
         """Ranks of this generation whose heartbeat is older than the TTL (or never came)."""
-        beats = self._call("reading heartbeats", lambda: self._client.zrange(self._key("hb", self._generation), 0, -1, withscores=True), count=False)
-        now = time.time() * 1000
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.time()
+            pipe.zrange(self._key("hb", self._generation), 0, -1, withscores=True)
+            return list(pipe.execute())
+
+        (seconds, micros), beats = self._call("reading heartbeats", read, count=False)
+        now = seconds * 1000 + micros // 1000
         ttl = self._hb_ttl * 1000
         seen = {int(member): float(score) for member, score in beats}
         if not seen:
@@ -545,10 +635,109 @@ class RedisCoordinator:
             self._call("updating the index", lambda: self._client.zrem(self._key("committed"), *[str(s) for s in steps]), count=False)
 
     def close(self) -> None:
+        for collector in self._collectors.values():
+            collector.stop()
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
         self._client.close()
+
+
+class _ReportCollector:
+    """The committer's reader of one step's reports: it reads them as they arrive and
+    merges each into the manifest at once, so that little is left after the last one.
+    Runs in its own thread from ``begin``, or in the committer's thread without one."""
+
+    def __init__(self, coordinator: RedisCoordinator, step: int, chunk_bytes: int) -> None:
+        self._coordinator = coordinator
+        self._step = step
+        self._chunk_bytes = chunk_bytes
+        self.builder = ManifestBuilder(step)
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name=f"ckpt-reports-{self._step}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        try:
+            self._read_all()
+        except BaseException as exc:  # handed to the committer by result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self, timeout: float) -> ManifestBuilder:
+        if not self._done.wait(timeout):
+            raise CoordinationError(f"step {self._step}: the reports were not read within {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self.builder
+
+    def _read_all(self) -> None:
+        coordinator, step = self._coordinator, self._step
+        expected = coordinator.world_size - 1
+        started = time.monotonic()
+        deadline = started + coordinator._timeout
+        check_every = min(1.0, coordinator._hb_ttl / 4)
+        next_check = started + check_every
+        last_id = "0-0"
+        while len(self.builder.ranks) < expected:
+            if self._stopped.is_set():
+                raise CoordinationError(f"step {step}: reading the reports was stopped")
+            block_ms = max(1, int(1000 * (min(next_check, deadline) - time.monotonic())))
+            entries = coordinator._call(
+                f"reading the reports of step {step}",
+                partial(self._read, last_id, block_ms),
+            )
+            for entry_id, fields in entries:
+                last_id = entry_id
+                self._take(fields)
+            now = time.monotonic()
+            if now >= next_check or now >= deadline:
+                self._check(started, deadline)
+                next_check = now + check_every
+            if 0 < len(entries) < _READ_COUNT and len(self.builder.ranks) < expected:
+                self._stopped.wait(_READ_PAUSE_S)
+
+    def _read(self, last_id: str, block_ms: int) -> list[tuple[Any, dict[bytes, bytes]]]:
+        """One round trip: drop the reports already merged, read the next ones (blocking)."""
+        key = self._coordinator._step_keys(self._step).reports
+        pipe = self._coordinator._client.pipeline(transaction=False)
+        if last_id != "0-0":
+            pipe.xtrim(key, minid=last_id)  # Redis memory holds only the unread reports
+        pipe.xread({key: last_id}, count=_READ_COUNT, block=block_ms)
+        reply = pipe.execute()[-1]
+        if not reply:
+            return []
+        return [(entry_id.decode(), fields) for entry_id, fields in reply[0][1]]
+
+    def _take(self, fields: dict[bytes, bytes]) -> None:
+        if b"abort" in fields:
+            raise CoordinationError(f"step {self._step} was aborted: {fields[b'abort'].decode()}")
+        rank = fields.get(b"rank", b"?").decode()
+        where = f"rank {rank}'s report of step {self._step} in Redis"
+        self.builder.add(ShardIndex.from_bytes(fields[b"index"], where, self._chunk_bytes))
+
+    def _check(self, started: float, deadline: float) -> None:
+        """Every second while reports are due: the generation, an abort, lost ranks, the deadline."""
+        coordinator, step = self._coordinator, self._step
+        status, *detail = coordinator._watch(step, "*")
+        if status != "OK":
+            raise coordinator._refusal(step, status, detail[0] if detail else "")
+        beating, stale = int(detail[0]), detail[1:]
+        if stale or (beating < coordinator.world_size and time.monotonic() - started > coordinator._hb_ttl):
+            lost = coordinator.lost_ranks()
+            if lost:
+                coordinator._give_up(step, f"ranks {lost} stopped heartbeating while rank "
+                                           f"{coordinator.rank} waited for reports", committer=True)
+        if time.monotonic() > deadline:
+            coordinator._give_up(step, f"rank {coordinator.rank} waited {coordinator._timeout:.0f} s "
+                                       "for reports", committer=True)
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 import ckpt
 from ckpt._codec import chunk_checksums
-from ckpt._commit import merge_indexes, publish
+from ckpt._commit import publish
 from ckpt._format import (
     ShardIndex,
     StoredPiece,
@@ -292,9 +292,9 @@ def test_committer_dead_after_the_manifest_still_commits(redis_server: RedisServ
     ranks = rank_coordinators(spec, 2)
     try:
         report(ranks[1], backend, 1)
-        indexes = [shard_index(backend, 1, 0, ranks[0].generation), *ranks[0].collect(1, CHUNK)]
-        publish(backend, merge_indexes(step=1, generation=ranks[0].generation, world_size=2,
-                                       chunk_bytes=CHUNK, indexes=indexes))
+        builder = ranks[0].collect(1, CHUNK)
+        builder.add(shard_index(backend, 1, 0, ranks[0].generation))
+        publish(backend, builder.build(generation=ranks[0].generation, world_size=2, chunk_bytes=CHUNK))
         ranks[0].close()  # ... and no mark_committed
         ranks[1].wait_outcome(1, backend)  # returns: committed in storage
         assert ranks[1].committed_steps(backend) == [1]
