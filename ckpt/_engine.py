@@ -1,7 +1,9 @@
 """The snapshot engine: stage (blocking) -> persist (background) -> commit (coordinated).
 
-``Snapshotter.async_save`` flattens the state, plans the data files, copies every
-tensor this rank writes into a reusable host buffer and returns. A background thread
+``Snapshotter.async_save`` flattens the state, agrees with the other ranks on who
+writes what (``ckpt._plan``: a replicated tensor once, large ones cut into row ranges
+spread over their holders), plans the data files, copies every tensor or row range
+this rank writes into a reusable host buffer and returns. A background thread
 then encodes (safetensors layout or chunked zstd), checksums and writes the files,
 reports to the coordinator and, on the committer, publishes the manifest.
 """
@@ -16,7 +18,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,8 +35,9 @@ from ckpt._format import (
     safetensors_header,
     step_prefix,
 )
+from ckpt._geometry import Box
 from ckpt._options import SaveOptions
-from ckpt._plan import assign_writers, describe
+from ckpt._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
 from ckpt._staging import StagingBuffer, StagingPool, align
 from ckpt.errors import CheckpointError, SaveAbortedError, storage_errors
 from storage_backends import StorageBackend
@@ -142,6 +145,13 @@ class _FilePlan:
         if self.compressed:
             return sum(sum(i.chunk_sizes or ()) for i in self.items)
         return len(self.header) + self.nbytes
+
+
+def _part(t: FlatTensor, box: Box) -> FlatTensor:
+    """The part of ``t`` inside ``box``: all of it, or a range of its rows (a view, no copy)."""
+    if box == t.box:
+        return t
+    return replace(t, local=t.local[box.relative_to(t.box)], box=box)
 
 
 def _storage_view(local: torch.Tensor) -> torch.Tensor:
@@ -302,12 +312,12 @@ class Snapshotter:
     ) -> PendingSave:
         """``async_save`` of a state that is already flattened (offline conversion uses it)."""
         start = time.perf_counter() if started is None else started
-        plan = assign_writers(coordinator.all_gather(describe(tensors)))
-        rank = coordinator.rank
-        to_write = [
-            t for t in tensors.values()
-            if t.local.numel() > 0 and plan.writer.get((t.name, t.box.offsets, t.box.lengths)) == rank
-        ]
+        plan = assign_writers(
+            coordinator.all_gather(describe(tensors)),
+            min_split_bytes=max(MIN_SPLIT_BYTES, self.options.chunk_bytes),
+        )
+        mine = plan.boxes_for(coordinator.rank)
+        to_write = [_part(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine]
         files, nbytes = plan_files(to_write, self.options, generation=coordinator.generation, rank=coordinator.rank)
         if self._pool.busy():
             log.info("step %d: waiting for the checkpoint in flight to free its staging buffer", step)

@@ -1,11 +1,26 @@
-"""Save planning: which rank writes which piece.
+"""Save planning: which rank writes which bytes.
 
 Every rank describes the pieces it holds; the descriptions are exchanged once per save
-(in the training thread) and every rank runs the same deterministic assignment:
-a piece only one rank holds is written by that rank; a piece several ranks hold
-(replicated data) is written exactly once, by the holder with the fewest bytes
-assigned so far, largest pieces first. Written bytes then equal unique bytes and
-the busiest writer stays close to the average.
+(in the training thread) and every rank runs the same deterministic assignment, in
+integers, so that all ranks agree without talking again:
+
+1. A piece only one rank holds is written by that rank.
+2. Pieces several ranks hold (replicated data) are written exactly once. They are taken
+   those with the fewest holders first (the least choice), then largest first, and
+   shared out towards a common level: the level all ranks would reach if the replicated
+   bytes were poured over them evenly (the mean, unless some ranks' own pieces already
+   pass it; for a piece whose holders are all past it, the level that evens them out).
+   A piece goes to its holders from the least loaded up, each taking the rows that bring
+   it to the level: a piece that fits goes whole to one rank, a larger one is cut into
+   contiguous row ranges along dimension 0 of its box, at most one range per holder.
+3. A range is never smaller than ``min_split_bytes``: a piece too small to cut in two
+   such ranges (and any 0-d or one-row piece) goes whole to its least loaded holder; a
+   holder less than half a range below the level counts as full, one further below
+   takes at least a whole range; a tail shorter than a range borrows from the one before.
+
+Written bytes then equal unique bytes, few pieces are cut (about one per rank), and the
+busiest writer stays within about half of ``min_split_bytes`` of the level whenever the
+replicated data can even the ranks out.
 """
 
 from __future__ import annotations
@@ -14,8 +29,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ckpt._flatten import FlatTensor
+from ckpt._geometry import Box
 
 PieceKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # name, offsets, lengths
+
+MIN_SPLIT_BYTES = 1 << 20
+"""The smallest row range a replicated piece is cut into (the engine also keeps it at or
+above the checksum chunk size)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,10 @@ class PieceInfo:
         return (self.name, self.offsets, self.lengths)
 
 
+def piece_key(t: FlatTensor) -> PieceKey:
+    return (t.name, t.box.offsets, t.box.lengths)
+
+
 def describe(tensors: Mapping[str, FlatTensor]) -> list[PieceInfo]:
     """This rank's non-empty pieces."""
     return [
@@ -42,10 +66,19 @@ def describe(tensors: Mapping[str, FlatTensor]) -> list[PieceInfo]:
 
 
 @dataclass(frozen=True)
-class WritePlan:
-    """The writer of every piece, and the bytes each rank writes."""
+class Share:
+    """The part of a piece one rank writes: all of it, or a range of its rows."""
 
-    writer: dict[PieceKey, int]
+    rank: int
+    box: Box  # global region
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """Who writes which part of every piece, and the bytes each rank writes."""
+
+    shares: dict[PieceKey, tuple[Share, ...]]  # in row order; together they tile the piece
     bytes_per_rank: tuple[int, ...]
 
     @property
@@ -56,27 +89,129 @@ class WritePlan:
             return 1.0
         return max(self.bytes_per_rank) / (total / len(self.bytes_per_rank))
 
+    def writers(self, key: PieceKey) -> tuple[int, ...]:
+        return tuple(s.rank for s in self.shares[key])
 
-def assign_writers(per_rank: Sequence[Sequence[PieceInfo]]) -> WritePlan:
-    """Deterministically choose one writer per distinct piece (same result on every rank)."""
+    def boxes_for(self, rank: int) -> dict[PieceKey, Box]:
+        """The region of each piece that ``rank`` writes (at most one per piece)."""
+        return {key: s.box for key, shares in self.shares.items() for s in shares if s.rank == rank}
+
+
+def assign_writers(per_rank: Sequence[Sequence[PieceInfo]], *, min_split_bytes: int = MIN_SPLIT_BYTES) -> WritePlan:
+    """Deterministically share out every distinct piece (same result on every rank).
+
+    Args:
+        per_rank: each rank's pieces, as ``describe`` lists them.
+        min_split_bytes: the smallest row range a replicated piece is cut into.
+    """
     holders: dict[PieceKey, list[int]] = {}
-    sizes: dict[PieceKey, int] = {}
-    for rank, pieces in enumerate(per_rank):
-        for p in pieces:
+    pieces: dict[PieceKey, PieceInfo] = {}
+    for rank, described in enumerate(per_rank):
+        for p in described:
             holders.setdefault(p.key, []).append(rank)
-            sizes[p.key] = p.nbytes
+            pieces[p.key] = p
     load = [0] * len(per_rank)
-    writer: dict[PieceKey, int] = {}
-    shared = []
+    shares: dict[PieceKey, tuple[Share, ...]] = {}
+    replicated = []
     for key, ranks in holders.items():
         if len(ranks) == 1:
-            writer[key] = ranks[0]
-            load[ranks[0]] += sizes[key]
+            shares[key] = (_whole(pieces[key], ranks[0]),)
+            load[ranks[0]] += pieces[key].nbytes
         else:
-            shared.append(key)
-    shared.sort(key=lambda k: (-sizes[k], k))
-    for key in shared:
-        best = min(holders[key], key=lambda r: (load[r], r))
-        writer[key] = best
-        load[best] += sizes[key]
-    return WritePlan(writer, tuple(load))
+            replicated.append(pieces[key])
+    replicated.sort(key=lambda p: (len(holders[p.key]), -p.nbytes, p.key))
+    level = _water_level(load, sum(p.nbytes for p in replicated))
+    for piece in replicated:
+        shares[piece.key] = _share_out(piece, holders[piece.key], load, level, min_split_bytes)
+        for s in shares[piece.key]:
+            load[s.rank] += s.nbytes
+    return WritePlan(shares, tuple(load))
+
+
+def _whole(piece: PieceInfo, rank: int) -> Share:
+    return Share(rank, Box(piece.offsets, piece.lengths), piece.nbytes)
+
+
+def _share_out(
+    piece: PieceInfo, holders: list[int], load: list[int], level: int, min_split_bytes: int
+) -> tuple[Share, ...]:
+    """``piece`` whole for its least loaded holder, or row ranges for several, towards ``level``."""
+    least = min(holders, key=lambda r: (load[r], r))
+    cut = _cut_sizes(piece, min_split_bytes)
+    if cut is None:
+        return (_whole(piece, least),)
+    row_bytes, min_rows = cut
+    if 2 * (piece.lengths[0] - (level - load[least]) // row_bytes) < min_rows:  # it fits
+        return (_whole(piece, least),)
+    level = max(level, _water_level([load[r] for r in holders], piece.nbytes))
+    counts = _fill(sorted(holders, key=lambda r: (load[r], r)), load, level, piece.lengths[0], row_bytes, min_rows)
+    if not counts:
+        return (_whole(piece, least),)
+    return tuple(_row_ranges(piece, _without_short_tail(counts, min_rows), row_bytes))
+
+
+def _cut_sizes(piece: PieceInfo, min_split_bytes: int) -> tuple[int, int] | None:
+    """(bytes per row, rows of the smallest range), or None when ``piece`` is not cut at all."""
+    if not piece.lengths or piece.lengths[0] < 2:  # 0-d or one row
+        return None
+    row_bytes, ragged = divmod(piece.nbytes, piece.lengths[0])
+    min_rows = max(1, -(-min_split_bytes // max(1, row_bytes)))
+    if ragged or piece.lengths[0] < 2 * min_rows:
+        return None
+    return row_bytes, min_rows
+
+
+def _fill(
+    holders: list[int], load: list[int], level: int, rows: int, row_bytes: int, min_rows: int
+) -> list[tuple[int, int]]:
+    """(rank, rows) in row order: each holder, least loaded first, takes the rows that bring
+    it to ``level``; none when every holder is within half a range of it."""
+    counts: list[tuple[int, int]] = []
+    left = rows
+    for rank in holders:
+        room = (level - load[rank]) // row_bytes
+        if 2 * room < min_rows:
+            continue
+        take = min(max(room, min_rows), left)
+        if 2 * (left - take) < min_rows:
+            take = left
+        counts.append((rank, take))
+        left -= take
+        if not left:
+            return counts
+    if counts:  # rounding and skipped holders: the last range takes the rest
+        counts[-1] = (counts[-1][0], counts[-1][1] + left)
+    return counts
+
+
+def _water_level(loads: list[int], extra: int) -> int:
+    """The smallest level L such that raising every load below L up to L takes ``extra`` bytes or more."""
+    ordered = sorted(loads)
+    total = extra
+    for k, value in enumerate(ordered, start=1):
+        total += value
+        level = -(-total // k)
+        if k == len(ordered) or level <= ordered[k]:
+            return level
+    return 0  # no ranks
+
+
+def _without_short_tail(counts: list[tuple[int, int]], min_rows: int) -> list[tuple[int, int]]:
+    """Only the last range can be short: it borrows from the one before, or joins it."""
+    if len(counts) < 2 or counts[-1][1] >= min_rows:
+        return counts
+    (prev_rank, prev_rows), (last_rank, last_rows) = counts[-2], counts[-1]
+    short = min_rows - last_rows
+    if prev_rows - short >= min_rows:
+        return [*counts[:-2], (prev_rank, prev_rows - short), (last_rank, min_rows)]
+    return [*counts[:-2], (prev_rank, prev_rows + last_rows)]
+
+
+def _row_ranges(piece: PieceInfo, counts: list[tuple[int, int]], row_bytes: int) -> list[Share]:
+    shares = []
+    start = piece.offsets[0]
+    for rank, count in counts:
+        box = Box((start, *piece.offsets[1:]), (count, *piece.lengths[1:]))
+        shares.append(Share(rank, box, count * row_bytes))
+        start += count
+    return shares

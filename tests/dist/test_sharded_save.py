@@ -56,7 +56,7 @@ _COLLECTIVES = (
     "all_gather_object", "broadcast_object_list", "all_reduce", "all_gather", "broadcast",
     "barrier", "reduce_scatter", "gather_object", "scatter_object_list", "send", "recv",
 )
-_RANK_IN_FILE = re.compile(r"-r(\d{5})-\d{3}\.safetensors$")
+_RANK_IN_FILE = re.compile(r"-r(\d{5})-[0-9a-f]{8}-\d{3}\.safetensors$")
 
 
 # --------------------------------------------------------------------------- workers
