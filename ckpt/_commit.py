@@ -2,53 +2,163 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ckpt._format import Manifest, ShardIndex, StoredPiece, TensorEntry, manifest_path, step_prefix
+from ckpt._format import (
+    Manifest,
+    PieceFields,
+    Report,
+    ShardIndex,
+    StoredPiece,
+    TensorEntry,
+    manifest_header,
+    manifest_path,
+    parse_report,
+    piece_text,
+    render_manifest,
+    step_prefix,
+)
 from ckpt._geometry import Box
 from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
 from storage_backends import StorageBackend
+
+
+class _Tiling:
+    """Checks, piece by piece, that the pieces of one tensor never overlap, and counts
+    the elements they cover (the tensor is tiled when the count reaches its size).
+
+    Pieces are kept sorted by their offset along one dimension (the first one they are
+    split on); a new piece is compared only with pieces that start within the longest
+    piece's length before it, or inside it, along that dimension: one or two for 1-D
+    sharding, a row of the mesh for 2-D sharding.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.covered = 0
+        self._dim: int | None = None
+        self._starts: list[int] = []
+        self._boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self._longest = 0
+
+    def add(self, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> Box | None:
+        """Record a piece; returns a piece it overlaps, if any."""
+        numel = math.prod(lengths)
+        self.covered += numel
+        if numel == 0:
+            return None
+        if not offsets:
+            if self._boxes:
+                return Box(*self._boxes[0])
+            self._boxes.append((offsets, lengths))
+            return None
+        if self._dim is None:
+            self._dim = next((d for d, n in enumerate(lengths) if n < self.shape[d]), 0)
+        dim = self._dim
+        start, end = offsets[dim], offsets[dim] + lengths[dim]
+        self._longest = max(self._longest, lengths[dim])
+        first = bisect.bisect_right(self._starts, start - self._longest)
+        last = bisect.bisect_left(self._starts, end)
+        box = Box(offsets, lengths)
+        for other in self._boxes[first:last]:
+            if box.intersect(Box(*other)) is not None:
+                return Box(*other)
+        at = bisect.bisect_right(self._starts, start)
+        self._starts.insert(at, start)
+        self._boxes.insert(at, (offsets, lengths))
+        return None
+
+
+class _TensorParts:
+    """One tensor of a manifest being built: its pieces' JSON texts and their tiling."""
+
+    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.fields: list[PieceFields] = []
+        self.texts: list[str] = []
+        self.tiling = _Tiling(shape)
 
 
 class ManifestBuilder:
     """Merges per-rank shard indexes into one manifest, one index at a time.
 
     A committer adds each report as it arrives, so that little is left to do once the
-    last one is in: ``add`` checks the index against the others and renders its pieces'
-    JSON; ``build`` checks that the pieces tile every tensor and assembles the manifest.
+    last one is in: ``add_report`` validates a rank's index, checks its pieces against
+    the others and renders their JSON; ``render`` checks that every tensor is covered
+    and joins the texts into the sealed manifest; ``build`` makes the same manifest as
+    objects. Pieces are kept as plain values (``PieceFields``), not objects: a committer
+    holds the pieces of every rank, and a training process should not pay the garbage
+    collector for them.
     """
 
     def __init__(self, step: int) -> None:
         self.step = step
         self.ranks: set[int] = set()
-        self._shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-        self._pieces: dict[str, list[StoredPiece]] = {}
+        self._tensors: dict[str, _TensorParts] = {}
         self._files: dict[str, int] = {}
         self._state: tuple[int, dict[str, Any]] | None = None
 
     def add(self, index: ShardIndex) -> None:
-        if index.rank in self.ranks:
-            raise CoordinationError(f"step {self.step}: rank {index.rank} reported twice")
-        for name, entry in index.tensors.items():
-            known = self._shapes.get(name)
-            if known is not None and known != (entry.dtype, entry.shape):
+        tensors = {
+            name: (entry.dtype, entry.shape, [p.fields for p in entry.pieces])
+            for name, entry in index.tensors.items()
+        }
+        self._add(Report(rank=index.rank, tensors=tensors, files=index.files, state=index.state))
+
+    def add_report(self, data: bytes, where: str, chunk_bytes: int) -> None:
+        """A rank's ``ShardIndex.to_bytes``, validated (``CorruptCheckpointError``) and added."""
+        self._add(parse_report(data, where, chunk_bytes))
+
+    def _add(self, report: Report) -> None:
+        if report.rank in self.ranks:
+            raise CoordinationError(f"step {self.step}: rank {report.rank} reported twice")
+        for name, (dtype, shape, _) in report.tensors.items():
+            known = self._tensors.get(name)
+            if known is not None and (known.dtype, known.shape) != (dtype, shape):
                 raise CoordinationError(
-                    f"step {self.step}: ranks disagree on tensor {name!r}: {known[0]}{list(known[1])} "
-                    f"vs {entry.dtype}{list(entry.shape)} (rank {index.rank})"
+                    f"step {self.step}: ranks disagree on tensor {name!r}: {known.dtype}{list(known.shape)} "
+                    f"vs {dtype}{list(shape)} (rank {report.rank})"
                 )
-        self.ranks.add(index.rank)
-        self._files.update(index.files)
-        if index.state is not None and (self._state is None or index.rank < self._state[0]):
-            self._state = (index.rank, index.state)
-        for name, entry in index.tensors.items():
-            self._shapes.setdefault(name, (entry.dtype, entry.shape))
-            pieces = self._pieces.setdefault(name, [])
-            for piece in entry.pieces:
-                _ = piece.json_text  # rendered now, while other reports still arrive
-                pieces.append(piece)
+        self.ranks.add(report.rank)
+        self._files.update(report.files)
+        if report.state is not None and (self._state is None or report.rank < self._state[0]):
+            self._state = (report.rank, report.state)
+        for name, (dtype, shape, pieces) in report.tensors.items():
+            parts = self._tensors.get(name)
+            if parts is None:
+                parts = self._tensors[name] = _TensorParts(dtype, shape)
+            for fields in pieces:
+                overlap = parts.tiling.add(fields[0], fields[1])
+                if overlap is not None:
+                    raise _overlap_error(self.step, name, shape, overlap, Box(fields[0], fields[1]))
+                parts.fields.append(fields)
+                parts.texts.append(piece_text(fields))
+
+    def render(
+        self,
+        *,
+        generation: str,
+        world_size: int,
+        chunk_bytes: int,
+        created_unix: float,
+        user_metadata: Mapping[str, Any] | None = None,
+        layout: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        """The sealed manifest; ``InvalidStateError`` when the pieces do not cover some tensor."""
+        self._check_covered()
+        header = manifest_header(
+            step=self.step, generation=generation, world_size=world_size, created_unix=created_unix,
+            chunk_bytes=chunk_bytes, files=dict(sorted(self._files.items())), state=self._state_value(),
+            layout=dict(layout or {}), user_metadata=dict(user_metadata or {}),
+        )
+        return render_manifest(
+            header, ((name, t.dtype, t.shape, t.texts) for name, t in self._tensors.items())
+        )
 
     def build(
         self,
@@ -56,15 +166,16 @@ class ManifestBuilder:
         generation: str,
         world_size: int,
         chunk_bytes: int,
+        created_unix: float | None = None,
         user_metadata: Mapping[str, Any] | None = None,
         layout: Mapping[str, Any] | None = None,
     ) -> Manifest:
-        """The manifest; ``InvalidStateError`` when the pieces do not tile some tensor."""
-        tensors = {}
-        for name, (dtype, shape) in self._shapes.items():
-            pieces = self._pieces[name]
-            _check_tiling(self.step, name, shape, pieces)
-            tensors[name] = TensorEntry(dtype, shape, tuple(pieces))
+        """The manifest as objects; ``InvalidStateError`` when the pieces do not tile some tensor."""
+        self._check_covered()
+        tensors = {
+            name: TensorEntry(t.dtype, t.shape, tuple(StoredPiece.from_fields(f) for f in t.fields))
+            for name, t in self._tensors.items()
+        }
         return Manifest(
             step=self.step,
             generation=generation,
@@ -72,11 +183,27 @@ class ManifestBuilder:
             chunk_bytes=chunk_bytes,
             tensors=tensors,
             files=dict(sorted(self._files.items())),
-            state=self._state[1] if self._state else {},
-            created_unix=time.time(),
+            state=self._state_value(),
+            created_unix=time.time() if created_unix is None else created_unix,
             user_metadata=dict(user_metadata or {}),
             layout=dict(layout or {}),
         )
+
+    def _state_value(self) -> dict[str, Any]:
+        return self._state[1] if self._state else {}
+
+    def _check_covered(self) -> None:
+        # Readers refuse a tensor whose pieces do not tile it; never commit one. Overlaps
+        # were refused as pieces came; with none, the right count means no hole.
+        for name, parts in self._tensors.items():
+            total = math.prod(parts.shape)
+            if parts.tiling.covered != total:
+                raise InvalidStateError(
+                    f"step {self.step}: tensor {name!r} of global shape {list(parts.shape)}: the saved "
+                    f"shards cover {parts.tiling.covered} of {total} elements; each element must be "
+                    "saved by exactly one rank (check ShardedTensor offsets and global_shape). Not committed"
+                )
+
 
 def merge_indexes(
     *,
@@ -98,56 +225,28 @@ def merge_indexes(
     )
 
 
-def _check_tiling(step: int, name: str, shape: tuple[int, ...], pieces: Sequence[StoredPiece]) -> None:
-    """Readers refuse a tensor whose pieces do not tile it; never commit one."""
-    covered = sum(p.box.numel for p in pieces)
-    if covered != math.prod(shape):
-        raise InvalidStateError(
-            f"step {step}: tensor {name!r} of global shape {list(shape)}: the saved shards "
-            f"cover {covered} of {math.prod(shape)} elements; each element must be saved "
-            "by exactly one rank (check ShardedTensor offsets and global_shape). Not committed"
-        )
+def _overlap_error(step: int, name: str, shape: tuple[int, ...], first: Box, second: Box) -> InvalidStateError:
     # The right count can still hide a hole: shards that overlap leave elements unsaved.
-    overlap = _first_overlap([p.box for p in pieces])
-    if overlap is not None:
-        raise InvalidStateError(
-            f"step {step}: tensor {name!r} of global shape {list(shape)}: saved shards "
-            f"{overlap[0]} and {overlap[1]} overlap, so other elements are never saved; each "
-            "element must be saved by exactly one rank (check ShardedTensor offsets). Not committed"
-        )
-
-
-def _first_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:
-    """Two of ``boxes`` that share an element, or None.
-
-    A sweep along the dimension with the most distinct offsets, so that the usual
-    layouts (Shard on any dimension, 2-D meshes) compare each box with few others.
-    """
-    boxes = [b for b in boxes if b.numel]
-    if len(boxes) < 2:
-        return None
-    if boxes[0].ndim == 0:
-        return boxes[0], boxes[1]
-    dim = max(range(boxes[0].ndim), key=lambda d: len({b.offsets[d] for b in boxes}))
-    active: list[Box] = []
-    for box in sorted(boxes, key=lambda b: b.offsets[dim]):
-        start = box.offsets[dim]
-        active = [a for a in active if a.offsets[dim] + a.lengths[dim] > start]
-        for other in active:
-            if other.intersect(box) is not None:
-                return other, box
-        active.append(box)
-    return None
+    return InvalidStateError(
+        f"step {step}: tensor {name!r} of global shape {list(shape)}: saved shards "
+        f"{first} and {second} overlap, so other elements are never saved; each "
+        "element must be saved by exactly one rank (check ShardedTensor offsets). Not committed"
+    )
 
 
 def publish(backend: StorageBackend, manifest: Manifest) -> None:
     """Write the manifest with an atomic create; refuse when the step is already committed."""
-    path = manifest_path(manifest.step)
+    publish_bytes(backend, manifest.step, manifest.generation, manifest.to_bytes())
+
+
+def publish_bytes(backend: StorageBackend, step: int, generation: str, data: bytes) -> None:
+    """``publish`` of a manifest already rendered (``ManifestBuilder.render``)."""
+    path = manifest_path(step)
     with storage_errors(f"committing {path} under {backend.url}"):
-        created = backend.put_if_absent(path, manifest.to_bytes())
+        created = backend.put_if_absent(path, data)
     if not created:
         raise CoordinationError(
-            f"step {manifest.step} under {backend.url} is already committed by another writer; "
-            f"this save (generation {manifest.generation}) was not committed. Delete "
-            f"{step_prefix(manifest.step)}/ first if you mean to replace it"
+            f"step {step} under {backend.url} is already committed by another writer; "
+            f"this save (generation {generation}) was not committed. Delete "
+            f"{step_prefix(step)}/ first if you mean to replace it"
         )

@@ -11,11 +11,13 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from json.encoder import encode_basestring_ascii
+from typing import Annotated, Any
 
+import msgspec
 import torch
 
 from ckpt._codec import CHECKSUM_ALGORITHM, CODECS, DIGEST_HEX, checksum, chunk_count
@@ -124,6 +126,23 @@ def safe_relative_path(path: Any, where: str) -> str:
     return path
 
 
+# A stored piece as plain values: offsets, lengths, file, byte_offset, byte_length,
+# codec, checksums, chunk_sizes. A committer keeps thousands of them per tensor; tuples
+# of ints and strings cost little memory and the garbage collector stops tracking them.
+PieceFields = tuple[tuple[int, ...], tuple[int, ...], str, int, int, str, str, "tuple[int, ...] | None"]
+
+
+def piece_text(fields: PieceFields) -> str:
+    """A piece's JSON object, as it appears in indexes and manifests."""
+    offsets, lengths, file, byte_offset, byte_length, codec, checksums, chunk_sizes = fields
+    sizes = "" if chunk_sizes is None else f',"chunk_sizes":[{_ints(chunk_sizes)}]'
+    return (
+        f'{{"offsets":[{_ints(offsets)}],"lengths":[{_ints(lengths)}],"file":{_quote(file)},'
+        f'"byte_offset":{byte_offset},"byte_length":{byte_length},"codec":{_quote(codec)},'
+        f'"checksums":{_quote(checksums)}{sizes}}}'
+    )
+
+
 @dataclass(frozen=True)
 class StoredPiece:
     """One stored piece of a tensor: its region, and where its bytes are."""
@@ -136,24 +155,19 @@ class StoredPiece:
     checksums: str
     chunk_sizes: tuple[int, ...] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "offsets": list(self.box.offsets),
-            "lengths": list(self.box.lengths),
-            "file": self.file,
-            "byte_offset": self.byte_offset,
-            "byte_length": self.byte_length,
-            "codec": self.codec,
-            "checksums": self.checksums,
-        }
-        if self.chunk_sizes is not None:
-            out["chunk_sizes"] = list(self.chunk_sizes)
-        return out
+    @classmethod
+    def from_fields(cls, fields: PieceFields) -> StoredPiece:
+        offsets, lengths, file, byte_offset, byte_length, codec, checksums, chunk_sizes = fields
+        return cls(Box(offsets, lengths), file, byte_offset, byte_length, codec, checksums, chunk_sizes)
+
+    @property
+    def fields(self) -> PieceFields:
+        return (self.box.offsets, self.box.lengths, self.file, self.byte_offset, self.byte_length,
+                self.codec, self.checksums, self.chunk_sizes)
 
     @cached_property
     def json_text(self) -> str:
-        """``to_json`` serialised, kept: a committer renders each piece once, as it arrives."""
-        return _dumps(self.to_json())
+        return piece_text(self.fields)
 
 
 @dataclass(frozen=True)
@@ -168,17 +182,13 @@ class TensorEntry:
     def nbytes(self) -> int:
         return math.prod(self.shape) * element_size(self.dtype)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "pieces": [p.to_json() for p in self.pieces],
-        }
-
     def json_text(self) -> str:
-        """``to_json`` serialised from the pieces' kept texts."""
-        head = _dumps({"dtype": self.dtype, "shape": list(self.shape)})
-        return f'{head[:-1]},"pieces":[{",".join(p.json_text for p in self.pieces)}]}}'
+        return tensor_text(self.dtype, self.shape, [p.json_text for p in self.pieces])
+
+
+def tensor_text(dtype: str, shape: Sequence[int], piece_texts: Sequence[str]) -> str:
+    """A tensor's JSON object from its pieces' JSON texts."""
+    return f'{{"dtype":{_dumps(dtype)},"shape":[{_ints(shape)}],"pieces":[{",".join(piece_texts)}]}}'
 
 
 @dataclass(frozen=True)
@@ -190,29 +200,101 @@ class ShardIndex:
     files: dict[str, int]
     state: dict[str, Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
-            "files": dict(self.files),
-            "state": self.state,
-        }
-
     def to_bytes(self) -> bytes:
-        return _dumps(self.to_json()).encode()
+        tensors = ",".join(f"{_dumps(name)}:{entry.json_text()}" for name, entry in self.tensors.items())
+        return (
+            f'{{"rank":{self.rank},"tensors":{{{tensors}}},"files":{_dumps(self.files)},'
+            f'"state":{_dumps(self.state)}}}'
+        ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, chunk_bytes: int) -> ShardIndex:
-        raw = _parse_json(data, where)
-        files = _parse_files(raw.get("files"), where)
-        tensors = _parse_tensors(raw.get("tensors"), files, chunk_bytes, where, partial=True)
-        rank = raw.get("rank")
-        if not isinstance(rank, int):
-            raise CorruptCheckpointError(f"{where}: 'rank' is missing or not an integer")
-        state = raw.get("state")
-        if state is not None and not isinstance(state, dict):
-            raise CorruptCheckpointError(f"{where}: 'state' is not an object")
-        return cls(rank=rank, tensors=tensors, files=files, state=state)
+        report = parse_report(data, where, chunk_bytes)
+        tensors = {
+            name: TensorEntry(dtype, shape, tuple(StoredPiece.from_fields(f) for f in pieces))
+            for name, (dtype, shape, pieces) in report.tensors.items()
+        }
+        return cls(rank=report.rank, tensors=tensors, files=report.files, state=report.state)
+
+
+TensorFields = tuple[str, tuple[int, ...], list[PieceFields]]  # dtype, shape, pieces
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rank's shard index as plain values (what a committer merges, without objects)."""
+
+    rank: int
+    tensors: dict[str, TensorFields]
+    files: dict[str, int]
+    state: dict[str, Any] | None
+
+
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _PieceMessage(msgspec.Struct, gc=False):
+    offsets: tuple[_Count, ...]
+    lengths: tuple[_Count, ...]
+    file: str
+    byte_offset: _Count
+    byte_length: _Count
+    codec: str
+    checksums: str
+    chunk_sizes: tuple[_Count, ...] | None = None
+
+
+class _TensorMessage(msgspec.Struct, gc=False):
+    dtype: str
+    shape: tuple[_Count, ...]
+    pieces: list[_PieceMessage]
+
+
+class _ReportMessage(msgspec.Struct):
+    rank: int
+    tensors: dict[str, _TensorMessage]
+    files: dict[str, _Count]
+    state: dict[str, Any] | None = None
+
+
+# A committer parses every rank's report: msgspec decodes and type-checks it in C; the
+# checks JSON cannot express (paths, byte ranges, checksum counts) follow in Python.
+_REPORT_DECODER = msgspec.json.Decoder(_ReportMessage)
+
+
+def parse_report(data: bytes, where: str, chunk_bytes: int) -> Report:
+    """Parse and validate a rank's shard index (``ShardIndex.to_bytes``)."""
+    try:
+        message = _REPORT_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from exc
+    except msgspec.DecodeError:
+        return _parse_report_json(data, where, chunk_bytes)  # e.g. NaN in the state
+    files = _parse_files(message.files, where)
+    tensors: dict[str, TensorFields] = {}
+    for name, tensor in message.tensors.items():
+        here = f"{where}: tensor {name!r}"
+        if tensor.dtype not in _DTYPES:
+            raise CorruptCheckpointError(f"{here}: unknown dtype {tensor.dtype!r}")
+        tensors[name] = (tensor.dtype, tensor.shape, [
+            _check_piece(p.offsets, p.lengths, p.file, p.byte_offset, p.byte_length, p.codec, p.checksums,
+                         p.chunk_sizes, tensor.shape, tensor.dtype, files, chunk_bytes, here)
+            for p in tensor.pieces
+        ])
+    return Report(rank=message.rank, tensors=tensors, files=files, state=message.state)
+
+
+def _parse_report_json(data: bytes, where: str, chunk_bytes: int) -> Report:
+    raw = _parse_json(data, where)
+    files = _parse_files(raw.get("files"), where)
+    tensors = _parse_tensor_fields(raw.get("tensors"), files, chunk_bytes, where)
+    rank = raw.get("rank")
+    if not isinstance(rank, int):
+        raise CorruptCheckpointError(f"{where}: 'rank' is missing or not an integer")
+    state = raw.get("state")
+    if state is not None and not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{where}: 'state' is not an object")
+    return Report(rank=rank, tensors=tensors, files=files, state=state)
 
 
 @dataclass(frozen=True)
@@ -235,25 +317,15 @@ class Manifest:
         return sum(self.files.values())
 
     def to_bytes(self) -> bytes:
-        doc = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "step": self.step,
-            "generation": self.generation,
-            "world_size": self.world_size,
-            "created_unix": self.created_unix,
-            "checksum_algorithm": CHECKSUM_ALGORITHM,
-            "chunk_bytes": self.chunk_bytes,
-            "files": self.files,
-            "state": self.state,
-            "layout": self.layout,
-            "user_metadata": self.user_metadata,
-        }
-        # The tensors (nearly all of a large manifest) are joined from texts rendered
-        # piece by piece; the rest goes through json.dumps.
-        tensors = ",".join(f"{_dumps(name)}:{entry.json_text()}" for name, entry in self.tensors.items())
-        head = _dumps(doc)
-        return seal_manifest(f'{head[:-1]},"tensors":{{{tensors}}}}}'.encode())
+        doc = manifest_header(
+            step=self.step, generation=self.generation, world_size=self.world_size,
+            created_unix=self.created_unix, chunk_bytes=self.chunk_bytes, files=self.files,
+            state=self.state, layout=self.layout, user_metadata=self.user_metadata,
+        )
+        return render_manifest(doc, (
+            (name, entry.dtype, entry.shape, [p.json_text for p in entry.pieces])
+            for name, entry in self.tensors.items()
+        ))
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
@@ -275,7 +347,7 @@ class Manifest:
             )
         chunk_bytes = _int_field(raw, "chunk_bytes", where, minimum=1)
         files = _parse_files(raw.get("files"), where)
-        tensors = _parse_tensors(raw.get("tensors"), files, chunk_bytes, where, partial=False)
+        tensors = _parse_tensors(raw.get("tensors"), files, chunk_bytes, where)
         state = raw.get("state")
         if not isinstance(state, dict):
             raise CorruptCheckpointError(f"{where}: 'state' is missing or not an object")
@@ -297,8 +369,60 @@ class Manifest:
         )
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return _ENCODER.encode(value)
+
+
+def manifest_header(
+    *,
+    step: int,
+    generation: str,
+    world_size: int,
+    created_unix: float,
+    chunk_bytes: int,
+    files: Mapping[str, int],
+    state: Mapping[str, Any],
+    layout: Mapping[str, Any],
+    user_metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Every field of a manifest but the tensors."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "generation": generation,
+        "world_size": world_size,
+        "created_unix": created_unix,
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "chunk_bytes": chunk_bytes,
+        "files": files,
+        "state": state,
+        "layout": layout,
+        "user_metadata": user_metadata,
+    }
+
+
+def render_manifest(
+    header: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequence[int], Sequence[str]]]
+) -> bytes:
+    """The sealed manifest: ``header`` plus the tensors (name, dtype, shape, piece texts).
+
+    The tensors, nearly all of a large manifest, are joined from texts rendered piece
+    by piece (a committer renders them as reports arrive); the rest is ``json.dumps``.
+    """
+    body = ",".join(f"{_dumps(name)}:{tensor_text(dtype, shape, texts)}" for name, dtype, shape, texts in tensors)
+    head = _dumps(header)
+    return seal_manifest(f'{head[:-1]},"tensors":{{{body}}}}}'.encode())
+
+
+_quote = encode_basestring_ascii  # a JSON string, as json.dumps writes it
+
+
+def _ints(values: Sequence[int]) -> str:
+    return ",".join(map(str, values))
 
 
 _SEAL_OPEN = b'{"manifest_checksum":"'
@@ -357,9 +481,9 @@ def _parse_files(raw: Any, where: str) -> dict[str, int]:
     return files
 
 
-def _parse_tensors(
-    raw: Any, files: Mapping[str, int], chunk_bytes: int, where: str, *, partial: bool
-) -> dict[str, TensorEntry]:
+def _parse_tensor_fields(
+    raw: Any, files: Mapping[str, int], chunk_bytes: int, where: str
+) -> dict[str, TensorFields]:
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(f"{where}: 'tensors' is missing or not an object")
     tensors = {}
@@ -370,82 +494,120 @@ def _parse_tensors(
         dtype = entry.get("dtype")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise CorruptCheckpointError(f"{here}: unknown dtype {dtype!r}")
-        shape = _int_list(entry.get("shape"), f"{here}: shape")
+        shape = _int_list(entry.get("shape"), here, ": shape")
         pieces_raw = entry.get("pieces")
         if not isinstance(pieces_raw, list):
             raise CorruptCheckpointError(f"{here}: 'pieces' is not a list")
-        pieces = tuple(
-            _parse_piece(p, shape, dtype, files, chunk_bytes, here) for p in pieces_raw
-        )
-        if not partial:
-            covered = sum(p.box.numel for p in pieces)
-            if covered != math.prod(shape):
-                raise CorruptCheckpointError(
-                    f"{here}: stored pieces cover {covered} of {math.prod(shape)} elements"
-                )
-        tensors[name] = TensorEntry(dtype=dtype, shape=tuple(shape), pieces=pieces)
+        pieces = [_piece_from_json(p, tuple(shape), dtype, files, chunk_bytes, here) for p in pieces_raw]
+        tensors[name] = (dtype, tuple(shape), pieces)
     return tensors
 
 
-def _int_list(raw: Any, where: str) -> list[int]:
-    if not isinstance(raw, list) or not all(isinstance(v, int) and v >= 0 for v in raw):
-        raise CorruptCheckpointError(f"{where} is not a list of non-negative integers")
-    return raw
+def _parse_tensors(raw: Any, files: Mapping[str, int], chunk_bytes: int, where: str) -> dict[str, TensorEntry]:
+    """A manifest's tensors: every one must be fully covered by its pieces."""
+    tensors = {}
+    for name, (dtype, shape, fields) in _parse_tensor_fields(raw, files, chunk_bytes, where).items():
+        pieces = tuple(StoredPiece.from_fields(f) for f in fields)
+        covered = sum(p.box.numel for p in pieces)
+        if covered != math.prod(shape):
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r}: stored pieces cover {covered} of {math.prod(shape)} elements"
+            )
+        tensors[name] = TensorEntry(dtype=dtype, shape=shape, pieces=pieces)
+    return tensors
 
 
-def _parse_piece(
+def _int_list(raw: Any, where: str, name: str = "") -> list[int]:
+    if type(raw) is list:
+        for value in raw:
+            if type(value) is not int or value < 0:
+                break
+        else:
+            return raw
+    raise CorruptCheckpointError(f"{where}{name} is not a list of non-negative integers")
+
+
+def _piece_from_json(
     raw: Any,
-    shape: list[int],
+    shape: tuple[int, ...],
     dtype: str,
     files: Mapping[str, int],
     chunk_bytes: int,
     where: str,
-) -> StoredPiece:
-    if not isinstance(raw, dict):
+) -> PieceFields:
+    """A piece of a manifest: its JSON types checked, then ``_check_piece``."""
+    if type(raw) is not dict:
         raise CorruptCheckpointError(f"{where}: a piece is not an object")
-    box = Box(tuple(_int_list(raw.get("offsets"), f"{where}: offsets")),
-              tuple(_int_list(raw.get("lengths"), f"{where}: lengths")))
-    if len(box.offsets) != len(box.lengths):
+    byte_offset = raw.get("byte_offset")
+    byte_length = raw.get("byte_length")
+    if type(byte_offset) is not int or type(byte_length) is not int or byte_offset < 0 or byte_length < 0:
+        raise CorruptCheckpointError(
+            f"{where}: 'byte_offset' and 'byte_length' must be integers >= 0, got "
+            f"{byte_offset!r} and {byte_length!r}"
+        )
+    checksums = raw.get("checksums")
+    if type(checksums) is not str:
+        raise CorruptCheckpointError(f"{where}: 'checksums' is not a string")
+    sizes = raw.get("chunk_sizes")
+    return _check_piece(
+        tuple(_int_list(raw.get("offsets"), where, ": offsets")),
+        tuple(_int_list(raw.get("lengths"), where, ": lengths")),
+        raw.get("file"),
+        byte_offset,
+        byte_length,
+        raw.get("codec"),
+        checksums,
+        None if sizes is None else tuple(_int_list(sizes, where, ": chunk_sizes")),
+        shape, dtype, files, chunk_bytes, where,
+    )
+
+
+def _check_piece(
+    offsets: tuple[int, ...],
+    lengths: tuple[int, ...],
+    file: Any,
+    byte_offset: int,
+    byte_length: int,
+    codec: Any,
+    checksums: str,
+    chunk_sizes: tuple[int, ...] | None,
+    shape: tuple[int, ...],
+    dtype: str,
+    files: Mapping[str, int],
+    chunk_bytes: int,
+    where: str,
+) -> PieceFields:
+    """The checks of a piece that its JSON types cannot express; returns its fields.
+
+    A committer runs this for every piece of every rank: error texts are built only
+    when raised, and the file name is checked against ``files`` (validated already).
+    """
+    if len(offsets) != len(lengths):
         raise CorruptCheckpointError(f"{where}: piece offsets and lengths differ in rank")
-    if not box.within(shape):
-        raise CorruptCheckpointError(f"{where}: piece {box} lies outside the shape {shape}")
-    file = safe_relative_path(raw.get("file"), where)
-    if file not in files:
+    if len(shape) != len(offsets) or any(o + n > s for o, n, s in zip(offsets, lengths, shape)):
+        raise CorruptCheckpointError(f"{where}: piece {Box(offsets, lengths)} lies outside the shape {list(shape)}")
+    if type(file) is not str or file not in files:
+        safe_relative_path(file, where)  # the clearer error for a path that climbs out
         raise CorruptCheckpointError(f"{where}: piece names {file!r}, which the checkpoint does not list")
-    codec = raw.get("codec")
     if codec not in CODECS:
         raise UnsupportedFormatError(f"{where}: unknown codec {codec!r}")
-    byte_offset = _int_field(raw, "byte_offset", where)
-    byte_length = _int_field(raw, "byte_length", where)
     if byte_offset + byte_length > files[file]:
         raise CorruptCheckpointError(
             f"{where}: bytes {byte_offset}..{byte_offset + byte_length} lie past the end of {file!r}"
         )
-    raw_length = box.numel * element_size(dtype)
+    raw_length = math.prod(lengths) * _DTYPES[dtype][1]
     chunks = chunk_count(raw_length, chunk_bytes)
-    checksums = raw.get("checksums")
-    if not isinstance(checksums, str) or len(checksums) != chunks * DIGEST_HEX:
+    if len(checksums) != chunks * DIGEST_HEX:
         raise CorruptCheckpointError(f"{where}: expected {chunks} chunk checksums in {file!r}")
-    chunk_sizes: tuple[int, ...] | None = None
     if codec == "raw":
         if byte_length != raw_length:
             raise CorruptCheckpointError(
                 f"{where}: stores {byte_length} bytes for a piece of {raw_length} bytes"
             )
-    else:
-        sizes = _int_list(raw.get("chunk_sizes"), f"{where}: chunk_sizes")
-        if len(sizes) != chunks or sum(sizes) != byte_length:
-            raise CorruptCheckpointError(f"{where}: chunk_sizes do not add up to byte_length")
-        chunk_sizes = tuple(sizes)
-    return StoredPiece(
-        box=box,
-        file=file,
-        byte_offset=byte_offset,
-        byte_length=byte_length,
-        codec=codec,
-        checksums=checksums,
-        chunk_sizes=chunk_sizes,
-    )
+        chunk_sizes = None
+    elif chunk_sizes is None or len(chunk_sizes) != chunks or sum(chunk_sizes) != byte_length:
+        raise CorruptCheckpointError(f"{where}: chunk_sizes do not add up to byte_length")
+    return (offsets, lengths, file, byte_offset, byte_length, codec, checksums, chunk_sizes)
 
 
 def manifest_path(step: int) -> str:

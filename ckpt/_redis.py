@@ -5,10 +5,11 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 ===============================  ========================================================
 ``gen``                          the current generation (fencing token) of the job
 ``step:<s>``                     hash: state (open/committing/committed/aborted), gen,
-                                 world, reason
+                                 world, reason, last_report_us, committed_us (Redis clock)
 ``step:<s>:ranks:<gen>``         set: the ranks that reported (a retried report counts once)
 ``step:<s>:reports:<gen>``       stream: each rank's shard index as it reports, and an
-                                 abort marker that wakes the committer
+                                 abort marker
+``step:<s>:wake:<gen>``          list: wakes the committer to read the reports (and on abort)
 ``step:<s>:done:<gen>``          list: one outcome token per non-committer when the step ends
 ``committed``                    sorted set of committed steps (the index; rebuilt from
                                  storage when Redis lost it)
@@ -21,12 +22,14 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 Round trips per checkpoint. A non-committer reports (1) and blocks until the outcome
 (1); only when the outcome takes longer than half a heartbeat TTL does it check the
 step and the committer's heartbeat (1 per slice). The committer (rank 0) starts
-reading the reports at ``begin``, while its own data is still being written: each
-read takes every report that has arrived (1 per batch; a batch is parsed and merged
-into the manifest before the next read, so only the last few reports are left when
-the last one lands), then it claims the step while re-checking its generation (1),
-publishes the manifest to storage, and marks the step committed, waking the others
-(1). Between batches it checks every rank's heartbeat once per second (1). Every
+reading the reports at ``begin``, while its own data is still being written. Reports
+that bring the count to 16, 32, ... up to half of the others, then to all but a
+quarter, an eighth, ... down to 16, and the last one, wake it; each wake-up takes
+every report that has arrived in one pipelined round trip and merges them into the
+manifest before the next, so only a few reports are left to merge when the last one
+lands: at most 2 log2(world / 16) reads, fewer when wake-ups arrive while it merges. Then it claims the step while re-checking its generation (1), publishes the
+manifest to storage, and marks the step committed, waking the others (1). While
+reports are due it checks every rank's heartbeat once per second (1). Every
 transition is one Lua script, so it is atomic; every script first checks the caller's
 generation, so an older incarnation can neither report nor commit (I4). Heartbeats
 run in their own thread and are not counted. Needs Redis >= 6.2.
@@ -55,7 +58,7 @@ from tenacity import (
 )
 
 from ckpt._agreement import GroupAgreement
-from ckpt._commit import ManifestBuilder, publish
+from ckpt._commit import ManifestBuilder, publish_bytes
 from ckpt._coordinator import new_generation
 from ckpt._format import Manifest, ShardIndex, manifest_path, scan_steps
 from ckpt.errors import CoordinationError, FencedError, storage_errors
@@ -65,13 +68,24 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Reports read per round trip at most, and the pause after a short batch so that the
-# next read takes many reports instead of one (bounds the committer's round trips).
-_READ_COUNT = 1024
-_READ_PAUSE_S = 0.002
+# The committer is woken to read the reports when 16, 32, 64, ... up to half of them
+# are in (it starts merging early, and each batch takes about as long to merge as the
+# next one takes to arrive), then when all but a quarter, an eighth, ... down to 16 are
+# in, and when the last one is: at most 2 log2(world / 16) reads, a small last batch.
+_SMALLEST_BATCH = 16
 
-# KEYS: gen, step, ranks, reports. ARGV: gen, rank, index JSON, world, step TTL, in-flight TTL.
-_REPORT = """
+# Redis's clock in microseconds, as a string: one clock for every host. The step hash
+# keeps when its last report came and when it was committed (the commit latency).
+_NOW_US = """
+local function now_us()
+  local t = redis.call('TIME')
+  return t[1] .. string.format('%06d', tonumber(t[2]))
+end
+"""
+
+# KEYS: gen, step, ranks, reports, wake.
+# ARGV: gen, rank, index JSON, world, step TTL, in-flight TTL, smallest batch.
+_REPORT = _NOW_US + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'LOST', ''} end
 if cur ~= ARGV[1] then return {'FENCED', cur} end
@@ -87,12 +101,32 @@ if not st then
   redis.call('HSET', KEYS[2], 'state', 'open', 'gen', ARGV[1], 'world', ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
+local n = redis.call('SCARD', KEYS[3])
 if redis.call('SADD', KEYS[3], ARGV[2]) == 1 then
+  n = n + 1
+  redis.call('HSET', KEYS[2], 'last_report_us', now_us())
   redis.call('XADD', KEYS[4], '*', 'rank', ARGV[2], 'index', ARGV[3])
   redis.call('EXPIRE', KEYS[3], ARGV[6])
   redis.call('EXPIRE', KEYS[4], ARGV[6])
+  local expected = tonumber(ARGV[4]) - 1
+  local smallest = tonumber(ARGV[7])
+  local wake = n == expected
+  local first = smallest
+  while not wake and first <= expected / 2 do
+    wake = n == first
+    first = first * 2
+  end
+  local rest = math.floor(expected / 4)
+  while not wake and rest >= smallest do
+    wake = n == expected - rest
+    rest = math.floor(rest / 2)
+  end
+  if wake then
+    redis.call('RPUSH', KEYS[5], n)
+    redis.call('EXPIRE', KEYS[5], ARGV[6])
+  end
 end
-return {'OK', tostring(redis.call('SCARD', KEYS[3]))}
+return {'OK', tostring(n)}
 """
 
 # Committer, before publishing the manifest. KEYS: gen, step. ARGV: gen, world, step TTL.
@@ -112,16 +146,16 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {'OK', ''}
 """
 
-# KEYS: gen, step, ranks, reports, committed, done.
+# KEYS: gen, step, ranks, reports, committed, done, wake.
 # ARGV: gen, step, waiting ranks, step TTL, in-flight TTL.
-_COMMIT = """
+_COMMIT = _NOW_US + """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return {'FENCED', cur} end
 if redis.call('HGET', KEYS[2], 'state') == 'committed' then return {'OK', ''} end
-redis.call('HSET', KEYS[2], 'state', 'committed', 'gen', ARGV[1])
+redis.call('HSET', KEYS[2], 'state', 'committed', 'gen', ARGV[1], 'committed_us', now_us())
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[2])
-redis.call('UNLINK', KEYS[3], KEYS[4])
+redis.call('UNLINK', KEYS[3], KEYS[4], KEYS[7])
 local waiting = tonumber(ARGV[3])
 while waiting > 0 do
   local n = math.min(waiting, 1000)
@@ -134,7 +168,7 @@ redis.call('EXPIRE', KEYS[6], ARGV[5])
 return {'OK', ''}
 """
 
-# KEYS: gen, step, ranks, reports, done.
+# KEYS: gen, step, ranks, reports, done, wake.
 # ARGV: gen, waiting ranks, reason, step TTL, in-flight TTL, '1' when the committer aborts.
 _ABORT = """
 local st = redis.call('HGET', KEYS[2], 'state')
@@ -147,6 +181,8 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('UNLINK', KEYS[3])
 redis.call('XADD', KEYS[4], '*', 'abort', ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[5])
+redis.call('RPUSH', KEYS[6], 'abort')
+redis.call('EXPIRE', KEYS[6], ARGV[5])
 local waiting = tonumber(ARGV[2])
 while waiting > 0 do
   local n = math.min(waiting, 1000)
@@ -204,6 +240,7 @@ class _StepKeys:
     step: str
     ranks: str
     reports: str
+    wake: str
     done: str
 
 
@@ -305,6 +342,7 @@ class RedisCoordinator:
             step=self._key("step", step),
             ranks=self._key("step", step, "ranks", self._generation),
             reports=self._key("step", step, "reports", self._generation),
+            wake=self._key("step", step, "wake", self._generation),
             done=self._key("step", step, "done", self._generation),
         )
 
@@ -424,17 +462,15 @@ class RedisCoordinator:
             self.report(step, index.to_bytes())
             self.wait_outcome(step, backend)
             return None
+        described: dict[str, Any] = {
+            "generation": self._generation, "world_size": self._world, "chunk_bytes": chunk_bytes,
+            "created_unix": time.time(), "user_metadata": user_metadata,
+        }
         try:
             builder = self.collect(step, chunk_bytes)
             builder.add(index)
             self.claim(step)
-            manifest = builder.build(
-                generation=self._generation,
-                world_size=self._world,
-                chunk_bytes=chunk_bytes,
-                user_metadata=user_metadata,
-            )
-            publish(backend, manifest)
+            publish_bytes(backend, step, self._generation, builder.render(**described))
         except BaseException as exc:
             # Wake the other ranks now instead of letting them wait out their timeout.
             if not isinstance(exc, FencedError):
@@ -443,7 +479,7 @@ class RedisCoordinator:
                 )
             raise
         self.mark_committed(step)
-        return manifest
+        return builder.build(**described)  # the same manifest as objects, made after the commit
 
     # -- the protocol, one call per round trip (tests and the scale benchmark drive these) --
 
@@ -451,8 +487,9 @@ class RedisCoordinator:
         """A non-committer's data is durable. Returns how many ranks have reported."""
         keys = self._step_keys(step)
         status, detail = self._script(
-            "REPORT", [keys.gen, keys.step, keys.ranks, keys.reports],
-            [self._generation, self._rank, index_json, self._world, self._ttl, self._inflight_ttl],
+            "REPORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.wake],
+            [self._generation, self._rank, index_json, self._world, self._ttl, self._inflight_ttl,
+             _SMALLEST_BATCH],
             f"reporting step {step}",
         )
         if status != "OK":
@@ -480,7 +517,7 @@ class RedisCoordinator:
         """Committer: the manifest is published; record the step and wake the other ranks."""
         keys = self._step_keys(step)
         status, detail = self._script(
-            "COMMIT", [keys.gen, keys.step, keys.ranks, keys.reports, self._key("committed"), keys.done],
+            "COMMIT", [keys.gen, keys.step, keys.ranks, keys.reports, self._key("committed"), keys.done, keys.wake],
             [self._generation, step, self._world - 1, self._ttl, self._inflight_ttl],
             f"committing step {step}",
         )
@@ -546,7 +583,7 @@ class RedisCoordinator:
         publishing the manifest."""
         keys = self._step_keys(step)
         status, _ = self._script(
-            "ABORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.done],
+            "ABORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.done, keys.wake],
             [self._generation, self._world - 1, reason, self._ttl, self._inflight_ttl, "1" if committer else "0"],
             f"aborting step {step}",
         )
@@ -701,16 +738,17 @@ class _ReportCollector:
             if now >= next_check or now >= deadline:
                 self._check(started, deadline)
                 next_check = now + check_every
-            if 0 < len(entries) < _READ_COUNT and len(self.builder.ranks) < expected:
-                self._stopped.wait(_READ_PAUSE_S)
 
     def _read(self, last_id: str, block_ms: int) -> list[tuple[Any, dict[bytes, bytes]]]:
-        """One round trip: drop the reports already merged, read the next ones (blocking)."""
-        key = self._coordinator._step_keys(self._step).reports
+        """One round trip: wait for a wake-up (or the block time), drop the reports already
+        merged, read every report that has arrived."""
+        keys = self._coordinator._step_keys(self._step)
         pipe = self._coordinator._client.pipeline(transaction=False)
+        pipe.blpop([keys.wake], timeout=block_ms / 1000)
+        pipe.delete(keys.wake)  # wake-ups queued while merging: this read takes their reports
         if last_id != "0-0":
-            pipe.xtrim(key, minid=last_id)  # Redis memory holds only the unread reports
-        pipe.xread({key: last_id}, count=_READ_COUNT, block=block_ms)
+            pipe.xtrim(keys.reports, minid=last_id)  # Redis memory holds only the unread reports
+        pipe.xread({keys.reports: last_id})
         reply = pipe.execute()[-1]
         if not reply:
             return []
@@ -721,7 +759,7 @@ class _ReportCollector:
             raise CoordinationError(f"step {self._step} was aborted: {fields[b'abort'].decode()}")
         rank = fields.get(b"rank", b"?").decode()
         where = f"rank {rank}'s report of step {self._step} in Redis"
-        self.builder.add(ShardIndex.from_bytes(fields[b"index"], where, self._chunk_bytes))
+        self.builder.add_report(fields[b"index"], where, self._chunk_bytes)
 
     def _check(self, started: float, deadline: float) -> None:
         """Every second while reports are due: the generation, an abort, lost ranks, the deadline."""
