@@ -68,8 +68,9 @@ class Coordinator(Protocol):
         """
 
     def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
-        """This rank cannot save ``step`` (its data write failed): abort the step now so the
-        other ranks fail fast instead of waiting out their timeout. Background thread."""
+        """This rank cannot save ``step`` (staging or writing its data failed): abort the step
+        now so the other ranks fail fast instead of waiting out their timeout. Training or
+        background thread; never a collective."""
 
     def close(self) -> None: ...
 

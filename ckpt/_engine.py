@@ -339,11 +339,12 @@ class Snapshotter:
                         self._io.submit(self._write_raw_file, backend, step_prefix(step), f, host)
                         for f in group if not f.compressed
                     ]
-        except BaseException:
+        except BaseException as exc:
             for write in early:  # the buffer may only be reused once nobody reads it
                 write.exception()
             self._discard(backend, step_prefix(step), files)
             self._pool.release(buffer)
+            _tell_the_others(coordinator, backend, step, exc)
             raise
         stall = time.perf_counter() - start
         index_base = _IndexBase(
@@ -381,10 +382,7 @@ class Snapshotter:
             try:
                 self._write_files(backend, prefix, files, buffer, early_writes)
             except BaseException as exc:
-                try:
-                    coordinator.report_failure(backend, step, repr(exc))
-                except Exception as report_exc:  # the step fails either way
-                    log.warning("step %d: could not tell the other ranks: %s", step, report_exc)
+                _tell_the_others(coordinator, backend, step, exc)
                 raise
             finally:
                 self._pool.release(buffer)
@@ -566,3 +564,11 @@ class _IndexBase:
             piece = written.get(name)
             entries[name] = TensorEntry(t.dtype, t.global_shape, (piece,) if piece else ())
         return ShardIndex(rank=self.rank, tensors=entries, files=file_sizes, state=self.tree)
+
+
+def _tell_the_others(coordinator: Coordinator, backend: StorageBackend, step: int, exc: BaseException) -> None:
+    """This rank cannot save ``step``: abort it now, so the other ranks fail fast."""
+    try:
+        coordinator.report_failure(backend, step, repr(exc))
+    except Exception as report_exc:  # the step fails either way
+        log.warning("step %d: could not tell the other ranks: %s", step, report_exc)

@@ -23,16 +23,18 @@ Round trips per checkpoint. A non-committer reports (1) and blocks until the out
 (1); only when the outcome takes longer than half a heartbeat TTL does it check the
 step and the committer's heartbeat (1 per slice). The committer (rank 0) starts
 reading the reports at ``begin``, while its own data is still being written. Reports
-that bring the count to 16, 32, ... up to half of the others, then to all but a
-quarter, an eighth, ... down to 16, and the last one, wake it; each wake-up takes
+that bring the count to 16, 64, ... up to half of the others, then to all but a
+quarter, a sixteenth, ... down to 16, and the last one, wake it; each wake-up takes
 every report that has arrived in one pipelined round trip and merges them into the
 manifest before the next, so only a few reports are left to merge when the last one
-lands: at most 2 log2(world / 16) reads, fewer when wake-ups arrive while it merges. Then it claims the step while re-checking its generation (1), publishes the
-manifest to storage, and marks the step committed, waking the others (1). While
-reports are due it checks every rank's heartbeat once per second (1). Every
-transition is one Lua script, so it is atomic; every script first checks the caller's
-generation, so an older incarnation can neither report nor commit (I4). Heartbeats
-run in their own thread and are not counted. Needs Redis >= 6.2.
+lands: at most 2 log4(world / 16) + 1 reads (9 at 4096 ranks), fewer when wake-ups
+come while it merges. Then it claims the step while re-checking its generation (1),
+publishes the manifest to storage, and marks the step committed, waking the others
+(1). While reports are due it checks every rank's heartbeat once per second (1). So
+the committer's round trips grow with the log of the world size; every other rank's
+stay at 2. Every transition is one Lua script, so it is atomic; every script first
+checks the caller's generation, so an older incarnation can neither report nor commit
+(I4). Heartbeats run in their own thread and are not counted. Needs Redis >= 6.2.
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The committer is woken to read the reports when 16, 32, 64, ... up to half of them
-# are in (it starts merging early, and each batch takes about as long to merge as the
-# next one takes to arrive), then when all but a quarter, an eighth, ... down to 16 are
-# in, and when the last one is: at most 2 log2(world / 16) reads, a small last batch.
+# The committer is woken to read the reports when 16, 64, 256, ... up to half of them
+# are in (it starts merging early, and merges each batch while the next, larger one
+# arrives), then when all but a quarter, a sixteenth, ... down to 16 are in, and when
+# the last one is: at most log4(world / 16) * 2 + 1 reads (9 at 4096 ranks), and a
+# last batch of at most 16 reports when the committer keeps up.
 _SMALLEST_BATCH = 16
 
 # Redis's clock in microseconds, as a string: one clock for every host. The step hash
@@ -114,12 +117,12 @@ if redis.call('SADD', KEYS[3], ARGV[2]) == 1 then
   local first = smallest
   while not wake and first <= expected / 2 do
     wake = n == first
-    first = first * 2
+    first = first * 4
   end
   local rest = math.floor(expected / 4)
   while not wake and rest >= smallest do
     wake = n == expected - rest
-    rest = math.floor(rest / 2)
+    rest = math.floor(rest / 4)
   end
   if wake then
     redis.call('RPUSH', KEYS[5], n)
@@ -740,14 +743,14 @@ class _ReportCollector:
                 next_check = now + check_every
 
     def _read(self, last_id: str, block_ms: int) -> list[tuple[Any, dict[bytes, bytes]]]:
-        """One round trip: wait for a wake-up (or the block time), drop the reports already
-        merged, read every report that has arrived."""
+        """One round trip: drop the reports already merged, wait for a wake-up (or the block
+        time), read every report that has arrived."""
         keys = self._coordinator._step_keys(self._step)
         pipe = self._coordinator._client.pipeline(transaction=False)
+        if last_id != "0-0":
+            pipe.xtrim(keys.reports, minid=last_id, approximate=False)  # keep only unmerged reports
         pipe.blpop([keys.wake], timeout=block_ms / 1000)
         pipe.delete(keys.wake)  # wake-ups queued while merging: this read takes their reports
-        if last_id != "0-0":
-            pipe.xtrim(keys.reports, minid=last_id)  # Redis memory holds only the unread reports
         pipe.xread({keys.reports: last_id})
         reply = pipe.execute()[-1]
         if not reply:

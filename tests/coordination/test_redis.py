@@ -12,6 +12,7 @@ cheap; the cases about real failures run real gloo ranks.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,8 @@ def report(coordinator: Any, backend: StorageBackend, step: int) -> int:
 
 
 def test_a_checkpoint_costs_at_most_three_round_trips_per_rank(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
-    """4 ranks: report + wait costs a non-committer 2 round trips; wait for reports +
-    collect + mark costs the committer 3. A one-rank save through the engine costs 2."""
+    """4 ranks: report + wait costs a non-committer 2 round trips; reading the reports +
+    claim + commit costs the committer 3. A one-rank save through the engine costs 2."""
     spec = redis_spec(redis_server, job)
     ranks = rank_coordinators(spec, 4)
     try:
@@ -133,6 +134,98 @@ def test_a_checkpoint_costs_at_most_three_round_trips_per_rank(redis_server: Red
         assert single.round_trips - before_single <= 3
     finally:
         single.close()
+
+
+def test_the_committer_merges_reports_while_they_arrive(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+    """33 ranks. From ``begin`` the committer reads reports in the background: once 16 are
+    in it has merged them (and Redis keeps only unread reports) before any more come;
+    the commit after the last report then needs one more read, the claim and the commit.
+    Waiting ranks spend 2 round trips; the step hash records, by Redis's clock, when the
+    last report came and when the step was committed."""
+    spec = redis_spec(redis_server, job)
+    ranks = rank_coordinators(spec, 33, start_heartbeat=False)
+    try:
+        ranks[0].begin(1, CHUNK)
+        reader = ranks[0]._collectors[1]
+        for c in ranks[1:17]:
+            report(c, backend, 1)
+        deadline = time.monotonic() + THREAD_WAIT_S
+        while len(reader.builder.ranks) < 16:
+            assert time.monotonic() < deadline, "the committer did not read the first 16 reports"
+            time.sleep(0.01)
+        client = redis_server.client()
+        stream = f"ckpt:{job}:step:1:reports:{ranks[0].generation}"
+        while client.xlen(stream) > 1:  # Redis drops what the committer merged
+            assert time.monotonic() < deadline, "the merged reports stayed in Redis"
+            time.sleep(0.01)
+        for c in ranks[17:]:
+            report(c, backend, 1)
+        before = ranks[0].round_trips
+        manifest = commit_rank0(ranks[0], backend, 1)
+        assert manifest is not None and sorted(manifest.tensors) == sorted(f"t{r}" for r in range(33))
+        assert ranks[0].round_trips - before <= 3  # (the last read,) claim, commit
+        spent = []
+        for c in ranks[1:]:
+            b = c.round_trips
+            c.wait_outcome(1, backend)
+            spent.append(c.round_trips - b)
+        assert spent == [1] * 32  # the report was the first of each rank's 2
+        assert read_manifest(backend, 1).tensors.keys() == manifest.tensors.keys()
+        marks = client.hmget(f"ckpt:{job}:step:1", "last_report_us", "committed_us")
+        assert int(marks[1]) >= int(marks[0]) > 0
+    finally:
+        close_all(ranks)
+
+
+def test_a_retried_report_counts_once(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+    """A report sent twice (a retry whose first reply was lost) is counted and merged once."""
+    spec = redis_spec(redis_server, job)
+    ranks = rank_coordinators(spec, 3)
+    try:
+        assert report(ranks[1], backend, 1) == 1
+        assert report(ranks[1], backend, 1) == 1
+        assert report(ranks[2], backend, 1) == 2
+        manifest = commit_rank0(ranks[0], backend, 1)
+        assert manifest is not None and sorted(manifest.tensors) == ["t0", "t1", "t2"]
+        for c in ranks[1:]:
+            c.wait_outcome(1, backend)
+    finally:
+        close_all(ranks)
+
+
+def test_a_corrupt_report_aborts_the_step(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+    """A report that is not a valid shard index: the committer refuses to commit with an
+    error naming the rank, the other rank's wait ends in an abort, no manifest appears."""
+    spec = redis_spec(redis_server, job)
+    ranks = rank_coordinators(spec, 3)
+    try:
+        ranks[1].report(1, b'{"rank": 1, "tensors": {"t1": {"dtype": "float32", "shape": [4], "pieces": 7}}}')
+        report(ranks[2], backend, 1)
+        with pytest.raises(ckpt.CorruptCheckpointError, match="rank 1's report of step 1"):
+            commit_rank0(ranks[0], backend, 1)
+        with pytest.raises(ckpt.CoordinationError, match="aborted"):
+            ranks[2].wait_outcome(1, backend)
+        assert not backend.exists(manifest_path(1))
+    finally:
+        close_all(ranks)
+
+
+def test_waiting_ranks_do_not_poll(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+    """The commit comes 1.5 s after the report: the waiting rank blocks the whole time in
+    one pop (its slice is half the heartbeat TTL) and spends 2 round trips in all."""
+    spec = redis_spec(redis_server, job, heartbeat_ttl=4.0)
+    ranks = rank_coordinators(spec, 2)
+    try:
+        before = ranks[1].round_trips
+        report(ranks[1], backend, 1)
+        with ThreadPoolExecutor(1) as pool:
+            waiter = pool.submit(ranks[1].wait_outcome, 1, backend)
+            time.sleep(1.5)
+            commit_rank0(ranks[0], backend, 1)
+            waiter.result(THREAD_WAIT_S)
+        assert ranks[1].round_trips - before == 2
+    finally:
+        close_all(ranks)
 
 
 def test_zombie_generation_is_fenced(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
