@@ -289,7 +289,7 @@ def _parse_report_json(data: bytes, where: str, chunk_bytes: int) -> Report:
     files = _parse_files(raw.get("files"), where)
     tensors = _parse_tensor_fields(raw.get("tensors"), files, chunk_bytes, where)
     rank = raw.get("rank")
-    if not isinstance(rank, int):
+    if type(rank) is not int:
         raise CorruptCheckpointError(f"{where}: 'rank' is missing or not an integer")
     state = raw.get("state")
     if state is not None and not isinstance(state, dict):
@@ -475,7 +475,7 @@ def _parse_files(raw: Any, where: str) -> dict[str, int]:
     files = {}
     for path, size in raw.items():
         safe_relative_path(path, where)
-        if not isinstance(size, int) or size < 0:
+        if type(size) is not int or size < 0:
             raise CorruptCheckpointError(f"{where}: size of {path!r} is not a byte count")
         files[path] = size
     return files

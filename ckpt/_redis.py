@@ -92,42 +92,46 @@ _REPORT = _NOW_US + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'LOST', ''} end
 if cur ~= ARGV[1] then return {'FENCED', cur} end
-local st = redis.call('HGET', KEYS[2], 'state')
-if st and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1] then
+local step = redis.call('HMGET', KEYS[2], 'state', 'gen', 'reason')
+local st = step[1]
+if st and step[2] ~= ARGV[1] then
   if st == 'committed' then return {'COMMITTED', ''} end
   redis.call('DEL', KEYS[2])
   st = false
 end
-if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
+if st == 'aborted' then return {'ABORTED', step[3] or ''} end
 if st == 'committed' then return {'COMMITTED', ''} end
-if not st then
-  redis.call('HSET', KEYS[2], 'state', 'open', 'gen', ARGV[1], 'world', ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+if redis.call('SADD', KEYS[3], ARGV[2]) == 0 then
+  return {'OK', tostring(redis.call('SCARD', KEYS[3]))}
 end
 local n = redis.call('SCARD', KEYS[3])
-if redis.call('SADD', KEYS[3], ARGV[2]) == 1 then
-  n = n + 1
+if st then
   redis.call('HSET', KEYS[2], 'last_report_us', now_us())
-  redis.call('XADD', KEYS[4], '*', 'rank', ARGV[2], 'index', ARGV[3])
+else
+  redis.call('HSET', KEYS[2], 'state', 'open', 'gen', ARGV[1], 'world', ARGV[4], 'last_report_us', now_us())
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+redis.call('XADD', KEYS[4], '*', 'rank', ARGV[2], 'index', ARGV[3])
+if n == 1 then
   redis.call('EXPIRE', KEYS[3], ARGV[6])
   redis.call('EXPIRE', KEYS[4], ARGV[6])
-  local expected = tonumber(ARGV[4]) - 1
-  local smallest = tonumber(ARGV[7])
-  local wake = n == expected
-  local first = smallest
-  while not wake and first <= expected / 2 do
-    wake = n == first
-    first = first * 4
-  end
-  local rest = math.floor(expected / 4)
-  while not wake and rest >= smallest do
-    wake = n == expected - rest
-    rest = math.floor(rest / 4)
-  end
-  if wake then
-    redis.call('RPUSH', KEYS[5], n)
-    redis.call('EXPIRE', KEYS[5], ARGV[6])
-  end
+end
+local expected = tonumber(ARGV[4]) - 1
+local smallest = tonumber(ARGV[7])
+local wake = n == expected
+local first = smallest
+while not wake and first <= expected / 2 do
+  wake = n == first
+  first = first * 4
+end
+local rest = math.floor(expected / 4)
+while not wake and rest >= smallest do
+  wake = n == expected - rest
+  rest = math.floor(rest / 4)
+end
+if wake then
+  redis.call('RPUSH', KEYS[5], n)
+  redis.call('EXPIRE', KEYS[5], ARGV[6])
 end
 return {'OK', tostring(n)}
 """
