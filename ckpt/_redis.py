@@ -22,19 +22,19 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 Round trips per checkpoint. A non-committer reports (1) and blocks until the outcome
 (1); only when the outcome takes longer than half a heartbeat TTL does it check the
 step and the committer's heartbeat (1 per slice). The committer (rank 0) starts
-reading the reports at ``begin``, while its own data is still being written. Reports
-that bring the count to 16, 64, ... up to half of the others, then to all but a
-quarter, a sixteenth, ... down to 16, and the last one, wake it; each wake-up takes
-every report that has arrived in one pipelined round trip and merges them into the
-manifest before the next, so only a few reports are left to merge when the last one
-lands: at most 2 log4(world / 16) + 1 reads (9 at 4096 ranks), fewer when wake-ups
-come while it merges. Then it claims the step while re-checking its generation (1),
-publishes the manifest to storage, and marks the step committed, waking the others
-(1). While reports are due it checks every rank's heartbeat once per second (1). So
-the committer's round trips grow with the log of the world size; every other rank's
-stay at 2. Every transition is one Lua script, so it is atomic; every script first
-checks the caller's generation, so an older incarnation can neither report nor commit
-(I4). Heartbeats run in their own thread and are not counted. Needs Redis >= 6.2.
+reading the reports at ``begin``, while its own data is still being written. The
+reports that bring the count to 16, a quarter, half and three quarters of the others,
+all but 16, and all wake it; each wake-up takes every report that has arrived in one
+pipelined round trip and merges them into the manifest before the next, so only a few
+reports are left to merge when the last one lands: at most six reads at any world
+size, fewer when wake-ups come while it merges. Then it claims the step while
+re-checking its generation (1), publishes the manifest to storage, and marks the step
+committed, waking the others (1). While reports are due it checks every rank's
+heartbeat once per second (1). So the committer makes at most 8 round trips plus one
+per second of waiting, every other rank 2, at any world size. Every transition is one
+Lua script, so it is atomic; every script first checks the caller's generation, so an
+older incarnation can neither report nor commit (I4). Heartbeats run in their own
+thread and are not counted. Needs Redis >= 6.2.
 """
 
 from __future__ import annotations
@@ -70,11 +70,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The committer is woken to read the reports when 16, 64, 256, ... up to half of them
-# are in (it starts merging early, and merges each batch while the next, larger one
-# arrives), then when all but a quarter, a sixteenth, ... down to 16 are in, and when
-# the last one is: at most log4(world / 16) * 2 + 1 reads (9 at 4096 ranks), and a
-# last batch of at most 16 reports when the committer keeps up.
+# The committer is woken to read the reports when 16 of them are in (it starts merging
+# early), then a quarter, half, three quarters, all but 16, and all: at most six reads
+# at any world size, each batch merged while the next one arrives, and a last batch
+# of at most 16 reports when the committer keeps up.
 _SMALLEST_BATCH = 16
 
 # Redis's clock in microseconds, as a string: one clock for every host. The step hash
@@ -118,16 +117,10 @@ if n == 1 then
 end
 local expected = tonumber(ARGV[4]) - 1
 local smallest = tonumber(ARGV[7])
-local wake = n == expected
-local first = smallest
-while not wake and first <= expected / 2 do
-  wake = n == first
-  first = first * 4
-end
-local rest = math.floor(expected / 4)
-while not wake and rest >= smallest do
-  wake = n == expected - rest
-  rest = math.floor(rest / 4)
+local wake = false
+for _, at in ipairs({smallest, math.floor(expected / 4), math.floor(expected / 2),
+                     math.floor(expected * 3 / 4), expected - smallest, expected}) do
+  wake = wake or n == at
 end
 if wake then
   redis.call('RPUSH', KEYS[5], n)
