@@ -1126,7 +1126,7 @@ def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, f
         f"  {'max over every non-committer and step: ckpt counter / commands sent':<62} {rt_max:8d} {cmds_max:8d}",
         row("round trips / ckpt, committer: ckpt counter", "committer_rt", "", "8.0f"),
         row("  same, every command sent", "committer_cmds", "", "8.0f"),
-        row("  of which reads of reports (at most 6)", "committer_reads", "", "8.0f"),
+        row("  of which reads (7 wake-ups at 4096 ranks, + 1 per second)", "committer_reads", "", "8.0f"),
         row("  of which heartbeat checks (once per second)", "committer_checks", "", "8.0f"),
         row("reports phase: start signal -> last report reply", "reports_ms"),
         row("report round trip, p50 over ranks", "report_rtt_p50_ms"),

@@ -23,18 +23,18 @@ Round trips per checkpoint. A non-committer reports (1) and blocks until the out
 (1); only when the outcome takes longer than half a heartbeat TTL does it check the
 step and the committer's heartbeat (1 per slice). The committer (rank 0) starts
 reading the reports at ``begin``, while its own data is still being written. The
-reports that bring the count to 16, a quarter, half and three quarters of the others,
-all but 16, and all wake it; each wake-up takes every report that has arrived in one
+reports that bring the count to 16 and half of the others, to all but ... 256, 64
+and 16, and to all wake it; each wake-up takes every report that has arrived in one
 pipelined round trip and merges them into the manifest before the next, so only a few
-reports are left to merge when the last one lands: at most six reads at any world
-size, fewer when wake-ups come while it merges. Then it claims the step while
+reports are left to merge when the last one lands: 7 reads at 4096 ranks (one more per
+4x ranks), fewer when wake-ups come while it merges. Then it claims the step while
 re-checking its generation (1), publishes the manifest to storage, and marks the step
 committed, waking the others (1). While reports are due it checks every rank's
-heartbeat once per second (1). So the committer makes at most 8 round trips plus one
-per second of waiting, every other rank 2, at any world size. Every transition is one
-Lua script, so it is atomic; every script first checks the caller's generation, so an
-older incarnation can neither report nor commit (I4). Heartbeats run in their own
-thread and are not counted. Needs Redis >= 6.2.
+heartbeat once per second (1). So the committer makes about 9 round trips plus one per
+second of waiting (growing with log4 of the world size); every other rank makes 2 at
+any world size. Every transition is one Lua script, so it is atomic; every script
+first checks the caller's generation, so an older incarnation can neither report nor
+commit (I4). Heartbeats run in their own thread and are not counted. Needs Redis >= 6.2.
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The committer is woken to read the reports when 16 of them are in (it starts merging
-# early), then a quarter, half, three quarters, all but 16, and all: at most six reads
-# at any world size, each batch merged while the next one arrives, and a last batch
-# of at most 16 reports when the committer keeps up.
+# early), when half are, when all but ... 256, 64 and 16 are (x 4 per wake-up: a
+# committer merges reports several times faster than they arrive, so each batch is
+# merged before the next, smaller one is in), and when all are: a last batch of 16
+# reports, and 7 reads at 4096 ranks, one more per 4x ranks.
 _SMALLEST_BATCH = 16
 
 # Redis's clock in microseconds, as a string: one clock for every host. The step hash
@@ -117,10 +118,11 @@ if n == 1 then
 end
 local expected = tonumber(ARGV[4]) - 1
 local smallest = tonumber(ARGV[7])
-local wake = false
-for _, at in ipairs({smallest, math.floor(expected / 4), math.floor(expected / 2),
-                     math.floor(expected * 3 / 4), expected - smallest, expected}) do
-  wake = wake or n == at
+local wake = n == smallest or n == math.floor(expected / 2) or n == expected
+local rest = smallest
+while not wake and rest < expected / 2 do
+  wake = n == expected - rest
+  rest = rest * 4
 end
 if wake then
   redis.call('RPUSH', KEYS[5], n)
