@@ -76,6 +76,7 @@ T = TypeVar("T")
 # merged before the next, smaller one is in), and when all are: a last batch of 16
 # reports, and 7 reads at 4096 ranks, one more per 4x ranks.
 _SMALLEST_BATCH = 16
+_ATTEMPTS_KEPT = 16  # steps whose save count a coordinator remembers
 
 # Redis's clock in microseconds, as a string: one clock for every host. The step hash
 # keeps when its last report came and when it was committed (the commit latency).
@@ -86,21 +87,36 @@ local function now_us()
 end
 """
 
+# How the step hash stands to the caller (generation g, attempt a): 'mine' (g and a),
+# 'older' (another generation, or an earlier save of this step by g: it may be replaced
+# unless it committed), 'newer' (a later save of this step by g: the caller is stale),
+# or 'none'; and the hash's state.
+_RELATION = """
+local function relation(key, gen, attempt)
+  local h = redis.call('HMGET', key, 'state', 'gen', 'attempt')
+  if not h[1] then return 'none', false end
+  if h[2] ~= gen then return 'older', h[1] end
+  local theirs = tonumber(h[3] or '1')
+  if theirs == attempt then return 'mine', h[1] end
+  if theirs < attempt then return 'older', h[1] end
+  return 'newer', h[1]
+end
+"""
+
 # KEYS: gen, step, ranks, reports, wake.
-# ARGV: gen, rank, index JSON, world, step TTL, in-flight TTL, smallest batch.
-_REPORT = _NOW_US + """
+# ARGV: gen, rank, index JSON, world, step TTL, in-flight TTL, smallest batch, attempt.
+_REPORT = _NOW_US + _RELATION + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'LOST', ''} end
 if cur ~= ARGV[1] then return {'FENCED', cur} end
-local step = redis.call('HMGET', KEYS[2], 'state', 'gen', 'reason')
-local st = step[1]
-if st and step[2] ~= ARGV[1] then
-  if st == 'committed' then return {'COMMITTED', ''} end
+local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[8]))
+if rel == 'newer' then return {'ABORTED', 'a later save of this step has begun'} end
+if st == 'committed' then return {'COMMITTED', ''} end
+if rel == 'older' then
   redis.call('DEL', KEYS[2])
   st = false
 end
-if st == 'aborted' then return {'ABORTED', step[3] or ''} end
-if st == 'committed' then return {'COMMITTED', ''} end
+if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
 if redis.call('SADD', KEYS[3], ARGV[2]) == 0 then
   return {'OK', tostring(redis.call('SCARD', KEYS[3]))}
 end
@@ -108,7 +124,8 @@ local n = redis.call('SCARD', KEYS[3])
 if st then
   redis.call('HSET', KEYS[2], 'last_report_us', now_us())
 else
-  redis.call('HSET', KEYS[2], 'state', 'open', 'gen', ARGV[1], 'world', ARGV[4], 'last_report_us', now_us())
+  redis.call('HSET', KEYS[2], 'state', 'open', 'gen', ARGV[1], 'attempt', ARGV[8], 'world', ARGV[4],
+             'last_report_us', now_us())
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 redis.call('XADD', KEYS[4], '*', 'rank', ARGV[2], 'index', ARGV[3])
@@ -131,30 +148,30 @@ end
 return {'OK', tostring(n)}
 """
 
-# Committer, before publishing the manifest. KEYS: gen, step. ARGV: gen, world, step TTL.
-_CLAIM = """
+# Committer, before publishing the manifest. KEYS: gen, step. ARGV: gen, world, step TTL,
+# attempt.
+_CLAIM = _RELATION + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'LOST', ''} end
 if cur ~= ARGV[1] then return {'FENCED', cur} end
-local st = redis.call('HGET', KEYS[2], 'state')
-if st and redis.call('HGET', KEYS[2], 'gen') == ARGV[1] then
-  if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
-  if st == 'committed' then return {'COMMITTED', ''} end
-elseif st == 'committed' then
-  return {'COMMITTED', ''}
+local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[4]))
+if rel == 'newer' then return {'ABORTED', 'a later save of this step has begun'} end
+if st == 'committed' then return {'COMMITTED', ''} end
+if rel == 'mine' and st == 'aborted' then
+  return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''}
 end
-redis.call('HSET', KEYS[2], 'state', 'committing', 'gen', ARGV[1], 'world', ARGV[2])
+redis.call('HSET', KEYS[2], 'state', 'committing', 'gen', ARGV[1], 'attempt', ARGV[4], 'world', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {'OK', ''}
 """
 
 # KEYS: gen, step, ranks, reports, committed, done, wake.
-# ARGV: gen, step, waiting ranks, step TTL, in-flight TTL.
+# ARGV: gen, step, waiting ranks, step TTL, in-flight TTL, attempt.
 _COMMIT = _NOW_US + """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return {'FENCED', cur} end
 if redis.call('HGET', KEYS[2], 'state') == 'committed' then return {'OK', ''} end
-redis.call('HSET', KEYS[2], 'state', 'committed', 'gen', ARGV[1], 'committed_us', now_us())
+redis.call('HSET', KEYS[2], 'state', 'committed', 'gen', ARGV[1], 'attempt', ARGV[6], 'committed_us', now_us())
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[2])
 redis.call('UNLINK', KEYS[3], KEYS[4], KEYS[7])
@@ -171,14 +188,17 @@ return {'OK', ''}
 """
 
 # KEYS: gen, step, ranks, reports, done, wake.
-# ARGV: gen, waiting ranks, reason, step TTL, in-flight TTL, '1' when the committer aborts.
-_ABORT = """
-local st = redis.call('HGET', KEYS[2], 'state')
+# ARGV: gen, waiting ranks, reason, step TTL, in-flight TTL, '1' when the committer
+# aborts, attempt.
+_ABORT = _RELATION + """
+local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[7]))
 if st == 'committed' then return {'COMMITTED', ''} end
-if st and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1] then return {'OTHER', ''} end
-if st == 'aborted' then return {'OK', ''} end
-if st == 'committing' and ARGV[6] ~= '1' then return {'COMMITTING', ''} end
-redis.call('HSET', KEYS[2], 'state', 'aborted', 'gen', ARGV[1], 'reason', ARGV[3])
+if rel == 'newer' or (rel == 'older' and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1]) then
+  return {'OTHER', ''}
+end
+if rel == 'mine' and st == 'aborted' then return {'OK', ''} end
+if rel == 'mine' and st == 'committing' and ARGV[6] ~= '1' then return {'COMMITTING', ''} end
+redis.call('HSET', KEYS[2], 'state', 'aborted', 'gen', ARGV[1], 'attempt', ARGV[7], 'reason', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('UNLINK', KEYS[3])
 redis.call('XADD', KEYS[4], '*', 'abort', ARGV[3])
@@ -199,16 +219,18 @@ return {'OK', ''}
 
 # A waiting rank's check. KEYS: gen, step, hb. ARGV: gen, heartbeat TTL (ms), whom to
 # watch: '*' for every rank (the committer: the number of heartbeats and up to 64
-# stale ranks) or one rank (a non-committer watches the committer: '1' when stale).
-_WATCH = """
+# stale ranks) or one rank (a non-committer watches the committer: '1' when stale);
+# attempt.
+_WATCH = _RELATION + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'LOST', ''} end
 if cur ~= ARGV[1] then return {'FENCED', cur} end
-if redis.call('HGET', KEYS[2], 'gen') == ARGV[1] then
-  local st = redis.call('HGET', KEYS[2], 'state')
-  if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
-  if st == 'committed' then return {'COMMITTED', ''} end
+local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[4]))
+if rel == 'newer' then return {'ABORTED', 'a later save of this step has begun'} end
+if rel == 'mine' and st == 'aborted' then
+  return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''}
 end
+if rel == 'mine' and st == 'committed' then return {'COMMITTED', ''} end
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
 if ARGV[3] == '*' then
@@ -324,6 +346,7 @@ class RedisCoordinator:
                 raise CoordinationError("ranks other than 0 need the generation when there is no process group")
         self._generation = generation
         self._collectors: dict[int, _ReportCollector] = {}
+        self._attempts: dict[int, int] = {}  # step -> saves begun (the same on every rank)
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         if start_heartbeat:
@@ -336,16 +359,21 @@ class RedisCoordinator:
     def _key(self, *parts: object) -> str:
         return self._prefix + ":".join(str(p) for p in parts)
 
+    def _attempt(self, step: int) -> int:
+        """Which save of ``step`` by this incarnation is in flight (1 unless one was aborted)."""
+        return self._attempts.get(step, 1)
+
     def _step_keys(self, step: int) -> _StepKeys:
-        # Per generation: a zombie can never read, count or take what belongs to the
-        # current incarnation's committer or waiters.
+        # Per generation and attempt: a zombie, or a rank still finishing an aborted save
+        # of the step, can never read, count or take what belongs to the current save.
+        save = f"{self._generation}.{self._attempt(step)}"
         return _StepKeys(
             gen=self._key("gen"),
             step=self._key("step", step),
-            ranks=self._key("step", step, "ranks", self._generation),
-            reports=self._key("step", step, "reports", self._generation),
-            wake=self._key("step", step, "wake", self._generation),
-            done=self._key("step", step, "done", self._generation),
+            ranks=self._key("step", step, "ranks", save),
+            reports=self._key("step", step, "reports", save),
+            wake=self._key("step", step, "wake", save),
+            done=self._key("step", step, "done", save),
         )
 
     def _call(self, what: str, fn: Callable[[], T], *, count: bool = True) -> T:
@@ -429,7 +457,12 @@ class RedisCoordinator:
         return self._generation
 
     def begin(self, step: int, chunk_bytes: int) -> None:
-        """The committer starts reading reports now, while its own data is still written."""
+        """Every rank counts the saves of ``step`` (a save of a step whose earlier save was
+        aborted is a new attempt); the committer starts reading reports now, while its
+        own data is still being written."""
+        self._attempts[step] = self._attempts.get(step, 0) + 1
+        for old in sorted(self._attempts)[:-_ATTEMPTS_KEPT]:
+            del self._attempts[old]
         if self._rank != 0 or self._world == 1:
             return
         previous = self._collectors.pop(step, None)
@@ -491,7 +524,7 @@ class RedisCoordinator:
         status, detail = self._script(
             "REPORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.wake],
             [self._generation, self._rank, index_json, self._world, self._ttl, self._inflight_ttl,
-             _SMALLEST_BATCH],
+             _SMALLEST_BATCH, self._attempt(step)],
             f"reporting step {step}",
         )
         if status != "OK":
@@ -510,7 +543,8 @@ class RedisCoordinator:
         """Committer, before publishing: the generation is still current, the step not aborted."""
         keys = self._step_keys(step)
         status, detail = self._script(
-            "CLAIM", [keys.gen, keys.step], [self._generation, self._world, self._ttl], f"claiming step {step}"
+            "CLAIM", [keys.gen, keys.step], [self._generation, self._world, self._ttl, self._attempt(step)],
+            f"claiming step {step}",
         )
         if status != "OK":
             raise self._refusal(step, status, detail)
@@ -520,7 +554,7 @@ class RedisCoordinator:
         keys = self._step_keys(step)
         status, detail = self._script(
             "COMMIT", [keys.gen, keys.step, keys.ranks, keys.reports, self._key("committed"), keys.done, keys.wake],
-            [self._generation, step, self._world - 1, self._ttl, self._inflight_ttl],
+            [self._generation, step, self._world - 1, self._ttl, self._inflight_ttl, self._attempt(step)],
             f"committing step {step}",
         )
         if status == "FENCED":
@@ -565,7 +599,8 @@ class RedisCoordinator:
     def _watch(self, step: int, whom: str) -> list[str]:
         keys = self._step_keys(step)
         return self._script("WATCH", [keys.gen, keys.step, self._key("hb", self._generation)],
-                            [self._generation, int(self._hb_ttl * 1000), whom], f"checking step {step}")
+                            [self._generation, int(self._hb_ttl * 1000), whom, self._attempt(step)],
+                            f"checking step {step}")
 
     def _give_up(self, step: int, reason: str, *, committer: bool = False) -> None:
         self._abort_quietly(step, reason, committer=committer)
@@ -586,7 +621,8 @@ class RedisCoordinator:
         keys = self._step_keys(step)
         status, _ = self._script(
             "ABORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.done, keys.wake],
-            [self._generation, self._world - 1, reason, self._ttl, self._inflight_ttl, "1" if committer else "0"],
+            [self._generation, self._world - 1, reason, self._ttl, self._inflight_ttl, "1" if committer else "0",
+             self._attempt(step)],
             f"aborting step {step}",
         )
         if status == "OK":

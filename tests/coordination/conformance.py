@@ -71,6 +71,17 @@ def lose_a_rank(rank: int, world: int, spec: CoordSpec, root: str, log_path: str
     return {"generation": coordinator.generation, "steps": steps}
 
 
+def save_again_after_abort(rank: int, world: int, spec: CoordSpec, root: str, log_path: str) -> dict[str, Any]:
+    """Step 1 commits; step 2's manifest write fails on rank 0 (the step aborts on every
+    rank); the same incarnation saves step 2 again."""
+    coordinator = spec.make()
+    backend = RecordingBackend(LocalBackend(root), log_path=log_path, rank=rank,
+                               fail_put_at=2 if rank == 0 else None)
+    outcomes = [save_outcome(coordinator, backend, step, rank, world) for step in (1, 2, 2)]
+    coordinator.close()
+    return {"generation": coordinator.generation, "outcomes": outcomes}
+
+
 # Kill campaign: (world, victim rank, stage of step 2). Stages, in the order a save runs:
 # "data-write" (its data is not durable), "report" (data durable, not reported),
 # "after-report" (reported, then dead), "manifest" (the committer, every report in, no
@@ -211,6 +222,23 @@ class CoordinatorConformance:
         assert scan_steps(backend).committed == (1,)
         assert_loads_as(backend, 2, 1)
         assert self.committed_index(spec, backend) == [1]
+
+    def test_a_step_aborted_before_its_manifest_can_be_saved_again(
+        self, spec: CoordSpec, backend: StorageBackend, root: Path, tmp_path: Path
+    ) -> None:
+        """2 gloo ranks: step 2 aborts (the committer's manifest write fails); saving step 2
+        again in the same incarnation (e.g. the final save on SIGTERM) commits on both
+        ranks, and step 2 then loads as the newest."""
+        log = tmp_path / "writes.jsonl"
+        outcomes = spawn_ranks(save_again_after_abort, 2, spec, str(root), str(log))
+        for outcome in outcomes:
+            first, aborted, again = outcome.value["outcomes"]
+            assert first == "committed", describe(outcomes)
+            assert aborted != "committed", describe(outcomes)
+            assert again == "committed", describe(outcomes)
+        assert scan_steps(backend).committed == (1, 2)
+        assert_loads_as(backend, 2, 2)
+        assert self.committed_index(spec, backend) == [2, 1]
 
     @pytest.mark.slow
     def test_kill_campaign(self, spec: CoordSpec, tmp_path: Path, full: bool) -> None:

@@ -232,6 +232,30 @@ def test_waiting_ranks_do_not_poll(redis_server: RedisServer, job: str, backend:
         close_all(ranks)
 
 
+def test_a_report_from_an_earlier_save_of_the_step_is_refused(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
+    """The first save of step 1 aborts and every rank begins it again: a report still
+    coming from the first save (a slow rank) is refused, and the second save commits."""
+    spec = redis_spec(redis_server, job)
+    ranks = rank_coordinators(spec, 2)
+    slow = spec.redis(rank=1, world_size=2, generation=ranks[0].generation)  # stays at the first save
+    try:
+        for c in (*ranks, slow):
+            c.begin(1, CHUNK)
+        ranks[1].abort(1, "test: the first save of step 1 fails")
+        for c in ranks:
+            c.begin(1, CHUNK)
+        assert report(ranks[1], backend, 1) == 1
+        with pytest.raises(ckpt.CoordinationError, match="a later save of this step has begun"):
+            report(slow, backend, 1)
+        manifest = commit_rank0(ranks[0], backend, 1)
+        assert manifest is not None and sorted(manifest.tensors) == ["t0", "t1"]
+        ranks[1].wait_outcome(1, backend)
+    finally:
+        close_all([*ranks, slow])
+
+
 def test_zombie_generation_is_fenced(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
     """After a new incarnation takes the job, coordinators holding the old generation get
     FencedError on report, collect, commit, wait_outcome and mark_committed; the zombie
