@@ -87,10 +87,10 @@ local function now_us()
 end
 """
 
-# How the step hash stands to the caller (generation g, attempt a): 'mine' (g and a),
-# 'older' (another generation, or an earlier save of this step by g: it may be replaced
-# unless it committed), 'newer' (a later save of this step by g: the caller is stale),
-# or 'none'; and the hash's state.
+# Shared by the scripts. How the step hash stands to the caller (generation g, attempt
+# a): 'mine' (g and a), 'older' (another generation, or an earlier save of this step by
+# g: it may be replaced unless it committed), 'newer' (a later save of this step by g:
+# the caller is stale), or 'none'; and the hash's state.
 _RELATION = """
 local function relation(key, gen, attempt)
   local h = redis.call('HMGET', key, 'state', 'gen', 'attempt')
@@ -101,16 +101,24 @@ local function relation(key, gen, attempt)
   if theirs < attempt then return 'older', h[1] end
   return 'newer', h[1]
 end
+
+-- A refusal unless the caller's generation is the job's current one and its save of
+-- the step the latest; then the relation and state as above.
+local function check_caller(gen_key, step_key, gen, attempt)
+  local cur = redis.call('GET', gen_key)
+  if not cur then return {'LOST', ''} end
+  if cur ~= gen then return {'FENCED', cur} end
+  local rel, st = relation(step_key, gen, attempt)
+  if rel == 'newer' then return {'ABORTED', 'a later save of this step has begun'} end
+  return false, rel, st
+end
 """
 
 # KEYS: gen, step, ranks, reports, wake.
 # ARGV: gen, rank, index JSON, world, step TTL, in-flight TTL, smallest batch, attempt.
 _REPORT = _NOW_US + _RELATION + """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {'LOST', ''} end
-if cur ~= ARGV[1] then return {'FENCED', cur} end
-local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[8]))
-if rel == 'newer' then return {'ABORTED', 'a later save of this step has begun'} end
+local refused, rel, st = check_caller(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[8]))
+if refused then return refused end
 if st == 'committed' then return {'COMMITTED', ''} end
 if rel == 'older' then
   redis.call('DEL', KEYS[2])
@@ -151,11 +159,8 @@ return {'OK', tostring(n)}
 # Committer, before publishing the manifest. KEYS: gen, step. ARGV: gen, world, step TTL,
 # attempt.
 _CLAIM = _RELATION + """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {'LOST', ''} end
-if cur ~= ARGV[1] then return {'FENCED', cur} end
-local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[4]))
-if rel == 'newer' then return {'ABORTED', 'a later save of this step has begun'} end
+local refused, rel, st = check_caller(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[4]))
+if refused then return refused end
 if st == 'committed' then return {'COMMITTED', ''} end
 if rel == 'mine' and st == 'aborted' then
   return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''}
@@ -222,11 +227,8 @@ return {'OK', ''}
 # stale ranks) or one rank (a non-committer watches the committer: '1' when stale);
 # attempt.
 _WATCH = _RELATION + """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {'LOST', ''} end
-if cur ~= ARGV[1] then return {'FENCED', cur} end
-local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[4]))
-if rel == 'newer' then return {'ABORTED', 'a later save of this step has begun'} end
+local refused, rel, st = check_caller(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[4]))
+if refused then return refused end
 if rel == 'mine' and st == 'aborted' then
   return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''}
 end
