@@ -119,11 +119,13 @@ end
 _REPORT = _NOW_US + _RELATION + """
 local refused, rel, st = check_caller(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[8]))
 if refused then return refused end
-if st == 'committed' then return {'COMMITTED', ''} end
 if rel == 'older' then
+  -- Even a commit by an earlier save is history here: its manifest may have been
+  -- deleted since; if it is still there, the atomic create of ours refuses.
   redis.call('DEL', KEYS[2])
   st = false
 end
+if st == 'committed' then return {'COMMITTED', ''} end
 if st == 'aborted' then return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''} end
 if redis.call('SADD', KEYS[3], ARGV[2]) == 0 then
   return {'OK', tostring(redis.call('SCARD', KEYS[3]))}
@@ -161,7 +163,7 @@ return {'OK', tostring(n)}
 _CLAIM = _RELATION + """
 local refused, rel, st = check_caller(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[4]))
 if refused then return refused end
-if st == 'committed' then return {'COMMITTED', ''} end
+if rel == 'mine' and st == 'committed' then return {'COMMITTED', ''} end
 if rel == 'mine' and st == 'aborted' then
   return {'ABORTED', redis.call('HGET', KEYS[2], 'reason') or ''}
 end
@@ -196,11 +198,11 @@ return {'OK', ''}
 # ARGV: gen, waiting ranks, reason, step TTL, in-flight TTL, '1' when the committer
 # aborts, attempt.
 _ABORT = _RELATION + """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return {'FENCED', cur} end
 local rel, st = relation(KEYS[2], ARGV[1], tonumber(ARGV[7]))
-if st == 'committed' then return {'COMMITTED', ''} end
-if rel == 'newer' or (rel == 'older' and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[1]) then
-  return {'OTHER', ''}
-end
+if rel == 'newer' then return {'OTHER', ''} end
+if rel == 'mine' and st == 'committed' then return {'COMMITTED', ''} end
 if rel == 'mine' and st == 'aborted' then return {'OK', ''} end
 if rel == 'mine' and st == 'committing' and ARGV[6] ~= '1' then return {'COMMITTING', ''} end
 redis.call('HSET', KEYS[2], 'state', 'aborted', 'gen', ARGV[1], 'attempt', ARGV[7], 'reason', ARGV[3])

@@ -14,11 +14,27 @@ from pathlib import Path
 import pytest
 
 from ckpt._demo import run_demo
+from tests.redis_server import RedisServer, redis_server_binary
 
 
 def test_four_workers_killed_mid_step_resume_on_three(tmp_path: Path) -> None:
     """4 workers, SIGKILL one after a step, relaunch with 3 workers: resharded restore."""
     result = run_demo(str(tmp_path / "demo"), steps=16, every=4, nproc=4, resume_nproc=3, seed=3, echo=lambda *_: None)
+    assert result.restored_step is not None
+    assert result.restored_step < result.crash_step
+    assert result.identical
+
+
+def test_redis_coordinated_workers_killed_mid_step_resume_on_three(tmp_path: Path) -> None:
+    """The same story with the Redis coordinator (``ckpt demo --coordinator redis://...``):
+    4 workers commit through a real redis-server, one is SIGKILLed, 3 restore and finish."""
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    with RedisServer(tmp_path / "redis") as server:
+        result = run_demo(
+            str(tmp_path / "demo"), steps=16, every=4, nproc=4, resume_nproc=3, seed=11,
+            coordinator=server.url(), echo=lambda *_: None,
+        )
     assert result.restored_step is not None
     assert result.restored_step < result.crash_step
     assert result.identical

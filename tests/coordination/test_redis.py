@@ -12,6 +12,7 @@ cheap; the cases about real failures run real gloo ranks.
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -254,6 +255,41 @@ def test_a_report_from_an_earlier_save_of_the_step_is_refused(
         ranks[1].wait_outcome(1, backend)
     finally:
         close_all([*ranks, slow])
+
+
+def test_redis_remembering_an_old_commit_does_not_block_a_new_save(
+    redis_server: RedisServer, job: str, backend: StorageBackend, root: Path
+) -> None:
+    """Storage is the truth: step 1 committed by an earlier incarnation and still in
+    storage refuses a new save of step 1 (the manifest's atomic create), every rank
+    learning of it; once the step is deleted from storage (retention, a wiped root)
+    while Redis still remembers the commit, a new incarnation saves step 1 again."""
+    spec = redis_spec(redis_server, job)
+    first = rank_coordinators(spec, 2)
+    try:
+        report(first[1], backend, 1)
+        commit_rank0(first[0], backend, 1)
+        first[1].wait_outcome(1, backend)
+    finally:
+        close_all(first)
+    again = rank_coordinators(spec, 2)
+    try:
+        report(again[1], backend, 1)
+        with pytest.raises(ckpt.CoordinationError, match="already committed"):
+            commit_rank0(again[0], backend, 1)
+        with pytest.raises(ckpt.CoordinationError, match="aborted"):
+            again[1].wait_outcome(1)
+    finally:
+        close_all(again)
+    shutil.rmtree(root / step_prefix(1))
+    third = rank_coordinators(spec, 2)
+    try:
+        report(third[1], backend, 1)
+        manifest = commit_rank0(third[0], backend, 1)
+        third[1].wait_outcome(1, backend)
+        assert manifest is not None and read_manifest(backend, 1).generation == third[0].generation
+    finally:
+        close_all(third)
 
 
 def test_zombie_generation_is_fenced(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
