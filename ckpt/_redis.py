@@ -5,12 +5,13 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 ===============================  ========================================================
 ``gen``                          the current generation (fencing token) of the job
 ``step:<s>``                     hash: state (open/committing/committed/aborted), gen,
-                                 world, reason, last_report_us, committed_us (Redis clock)
-``step:<s>:ranks:<gen>``         set: the ranks that reported (a retried report counts once)
-``step:<s>:reports:<gen>``       stream: each rank's shard index as it reports, and an
+                                 attempt, world, reason, last_report_us, committed_us
+                                 (Redis clock)
+``step:<s>:ranks:<save>``        set: the ranks that reported (a retried report counts once)
+``step:<s>:reports:<save>``      stream: each rank's shard index as it reports, and an
                                  abort marker
-``step:<s>:wake:<gen>``          list: wakes the committer to read the reports (and on abort)
-``step:<s>:done:<gen>``          list: one outcome token per non-committer when the step ends
+``step:<s>:wake:<save>``         list: wakes the committer to read the reports (and on abort)
+``step:<s>:done:<save>``         list: one outcome token per non-committer when the step ends
 ``committed``                    sorted set of committed steps (the index; rebuilt from
                                  storage when Redis lost it)
 ``indexed``                      set once ``committed`` was merged with a storage scan; its
@@ -18,6 +19,9 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 ``hb:<gen>``                     sorted set: rank -> Redis server time of its last
                                  heartbeat (ms; one clock for every host)
 ===============================  ========================================================
+
+``<save>`` is ``<generation>.<attempt>``: the attempt counts the saves of the step begun
+by this incarnation, so a step whose save aborted can be saved again.
 
 Round trips per checkpoint. A non-committer reports (1) and blocks until the outcome
 (1); only when the outcome takes longer than half a heartbeat TTL does it check the
