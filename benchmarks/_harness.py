@@ -1,4 +1,5 @@
-"""Measurement helpers shared by the benchmarks: page cache eviction, residency, RSS, timing.
+"""Helpers shared by the benchmarks: page cache eviction, residency, RSS, timing, walking
+a state's tensors, and running gloo ranks.
 
 Nothing here asserts a timing; the benchmarks only measure and report.
 """
@@ -7,16 +8,25 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import mmap
 import os
+import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 GB = 1e9  # bandwidths are reported in decimal GB/s
@@ -151,3 +161,64 @@ def git_revision(repo: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in a nested dict, in insertion order."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_gloo_world(world: int, fn: Callable[..., Any], *args: Any, init_timeout_s: float = 120.0) -> Any:
+    """Run ``fn(*args)`` on ``world`` spawned gloo ranks; return rank 0's (JSON) result.
+
+    ``fn`` must be a module-level function (spawn imports it by name). A failed rank
+    stops the benchmark with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = torch.multiprocessing.start_processes(
+            _gloo_rank, args=(world, free_port(), out_dir, init_timeout_s, fn, args),
+            nprocs=world, join=False, start_method="spawn",
+        )
+        try:
+            while not context.join(timeout=60):
+                pass
+        except Exception as exc:  # a rank died: report what the ranks wrote
+            print(f"  a rank failed: {exc!r}", file=sys.stderr)
+        results = []
+        for rank in range(world):
+            path = Path(out_dir) / f"rank{rank}.json"
+            data = json.loads(path.read_text()) if path.exists() else {"ok": False, "error": "no result"}
+            if not data["ok"]:
+                raise SystemExit(f"{fn.__name__}: rank {rank} of {world} failed:\n{data['error']}")
+            results.append(data["value"])
+        return results[0]
+
+
+def _gloo_rank(
+    rank: int, world: int, port: int, out_dir: str, init_timeout_s: float, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    result = Path(out_dir) / f"rank{rank}.json"
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=init_timeout_s))
+        try:
+            result.write_text(json.dumps({"ok": True, "value": fn(*args)}))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:
+        result.write_text(json.dumps({"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"}))
+        raise

@@ -97,7 +97,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -113,6 +112,7 @@ from typing import Any
 
 import redis
 
+from benchmarks._harness import free_port
 from ckpt._commit import ManifestBuilder
 from ckpt._format import DEFAULT_CHUNK_BYTES, ShardIndex, StoredPiece, TensorEntry
 from ckpt._geometry import Box
@@ -236,12 +236,6 @@ def die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent dies (no orphaned ranks or servers)."""
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

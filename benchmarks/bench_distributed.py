@@ -52,22 +52,19 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import traceback
-import warnings
 import zlib
-from collections.abc import Callable, Iterator
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks._harness import iter_tensors, run_gloo_world
 
 State = dict[str, Any]
 
@@ -127,14 +124,6 @@ def build_state(rank: int, world: int, total_bytes: int) -> State:
                           "params": fqns}],
     }
     return {"model": model, "optim": optim, "step": 1000}
-
-
-def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
 
 
 def unique_bytes(state: State) -> int:
@@ -397,8 +386,9 @@ class Rank:
         return out
 
 
-def run_rank(rank: int, world: int, root: str, total_bytes: int, repeats: int) -> dict[str, Any]:
-    warnings.filterwarnings("ignore")
+def run_rank(root: str, total_bytes: int, repeats: int) -> dict[str, Any]:
+    """One rank of the process group: warm up, verify, then the interleaved repeats."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     r = Rank(rank, world, Path(root), total_bytes)
     out = r.warm_up()
     if not all(out["verified"].values()):
@@ -416,49 +406,9 @@ def run_rank(rank: int, world: int, root: str, total_bytes: int, repeats: int) -
     return {**out, "unique": r.unique, "local": local_bytes(r.state), "samples": r.samples}
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, root: str, total_bytes: int, repeats: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    result = Path(out_dir) / f"rank{rank}.json"
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=INIT_TIMEOUT_S))
-        try:
-            value = run_rank(rank, world, root, total_bytes, repeats)
-            result.write_text(json.dumps({"ok": True, "value": value}))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as exc:
-        result.write_text(json.dumps({"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"}))
-        raise
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_world(world: int, root: Path, total_bytes: int, repeats: int) -> dict[str, Any]:
     """Spawn ``world`` gloo ranks; return rank 0's results."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _entry, args=(world, free_port(), out_dir, str(root), total_bytes, repeats),
-            nprocs=world, join=False, start_method="spawn",
-        )
-        try:
-            while not context.join(timeout=60):
-                pass
-        except Exception as exc:  # a rank died: report what the ranks wrote
-            print(f"  a rank failed: {exc!r}", file=sys.stderr)
-        results = []
-        for rank in range(world):
-            path = Path(out_dir) / f"rank{rank}.json"
-            data: dict[str, Any] = (json.loads(path.read_text()) if path.exists()
-                                    else {"ok": False, "error": "no result"})
-            if not data["ok"]:
-                raise SystemExit(f"rank {rank} of {world} failed:\n{data['error']}")
-            results.append(data["value"])
-        return dict(results[0])
+    return dict(run_gloo_world(world, run_rank, str(root), total_bytes, repeats, init_timeout_s=INIT_TIMEOUT_S))
 
 
 # --------------------------------------------------------------------------- report

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -52,6 +52,7 @@ from benchmarks._harness import (
     free_bytes,
     git_revision,
     human_bytes,
+    iter_tensors,
     median,
     rss_bytes,
     timed,
@@ -103,15 +104,6 @@ def build_state(total_bytes: int, seed: int = 0) -> State:
         },
         "step": STEP_VALUE,
     }
-
-
-def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(dotted name, tensor) of every tensor in a nested dict, in insertion order."""
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
 
 
 def zeros_like_state(tree: Any) -> Any:

@@ -25,26 +25,23 @@ The disk and CPUs are shared with whatever else runs: compare only numbers of on
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import traceback
-import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks._harness import PageCache, run_gloo_world
 
 INIT_TIMEOUT_S = 60
+PAGE_CACHE = PageCache()
 SOURCES = (2, 4)
 PAIRS = ((2, 1), (4, 2), (2, 3))
 COLS = 1024
@@ -118,16 +115,6 @@ def mismatches(state: dict[str, Any], expected: dict[str, torch.Tensor]) -> list
     return bad
 
 
-def evict(path: Path) -> None:
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def dirs(root: Path, source: int) -> tuple[Path, Path]:
     return root / f"n{source}" / "ckpt", root / f"n{source}" / "dcp"
 
@@ -199,8 +186,8 @@ def load_rank(root: Path, source: int, total_bytes: int, repeats: int) -> dict[s
         for name in order:
             zero_(state)
             if rank == 0:
-                evict(dir_ckpt)
-                evict(dir_dcp)
+                PAGE_CACHE.evict(dir_ckpt)
+                PAGE_CACHE.evict(dir_dcp)
             dist.barrier()
             start = time.perf_counter()
             tools[name]()
@@ -213,49 +200,10 @@ def load_rank(root: Path, source: int, total_bytes: int, repeats: int) -> dict[s
     return {"samples": samples, "amplification": amplification, "read_bytes": read_bytes, "checks": checks}
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, job: str, args: list[Any]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    result = Path(out_dir) / f"rank{rank}.json"
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=INIT_TIMEOUT_S))
-        try:
-            value = save_rank(*args) if job == "save" else load_rank(*args)
-            result.write_text(json.dumps({"ok": True, "value": value}))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as exc:
-        result.write_text(json.dumps({"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"}))
-        raise
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_world(world: int, job: str, args: list[Any]) -> dict[str, Any]:
-    """Spawn ``world`` gloo ranks running ``job``; return rank 0's result."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _entry, args=(world, free_port(), out_dir, job, args),
-            nprocs=world, join=False, start_method="spawn",
-        )
-        try:
-            while not context.join(timeout=60):
-                pass
-        except Exception as exc:
-            print(f"  a rank failed: {exc!r}", file=sys.stderr)
-        results = []
-        for rank in range(world):
-            path = Path(out_dir) / f"rank{rank}.json"
-            data = json.loads(path.read_text()) if path.exists() else {"ok": False, "error": "no result"}
-            if not data["ok"]:
-                raise SystemExit(f"{job}: rank {rank} of {world} failed:\n{data['error']}")
-            results.append(data["value"])
-        return dict(results[0])
+    """Spawn ``world`` gloo ranks running ``job`` ("save" or "load"); return rank 0's result."""
+    fn = save_rank if job == "save" else load_rank
+    return dict(run_gloo_world(world, fn, *args, init_timeout_s=INIT_TIMEOUT_S))
 
 
 # --------------------------------------------------------------------------- planning
