@@ -114,9 +114,8 @@ import redis
 
 from benchmarks._harness import free_port
 from ckpt._commit import ManifestBuilder
-from ckpt._format import DEFAULT_CHUNK_BYTES, ShardIndex, StoredPiece, TensorEntry
-from ckpt._geometry import Box
 from ckpt._redis import _ABORT, _BEAT, _CLAIM, _COMMIT, _REPORT, _WATCH, RedisCoordinator
+from ckpt.format import DEFAULT_CHUNK_BYTES, Box, ShardIndex, StoredPiece, TensorEntry
 from storage_backends import LocalBackend
 
 COLS = 4096  # columns of every simulated global tensor (float32: 16 KiB per row)
@@ -160,13 +159,13 @@ def shard_index(rank: int, world: int, *, tensors: int, piece_bytes: int, genera
     offset = HEADER_BYTES
     for i in range(tensors):
         digests = "".join(f"{(rank << 32 | i << 16 | c) & (2**64 - 1):016x}" for c in range(chunks))
-        piece = StoredPiece(Box((rank * rows, 0), (rows, COLS)), path, offset, nbytes, "raw", digests)
+        piece = StoredPiece.at(Box((rank * rows, 0), (rows, COLS)), path, offset, nbytes, "raw", digests)
         entries[f"layers.{i}.weight"] = TensorEntry("float32", (world * rows, COLS), (piece,))
         offset += nbytes
     for i in range(REPLICATED):
         pieces: tuple[StoredPiece, ...] = ()
         if i % world == rank:  # the writer chosen for this replicated tensor
-            pieces = (StoredPiece(Box((0,), (COLS,)), path, offset, ROW_BYTES, "raw", f"{i:016x}"),)
+            pieces = (StoredPiece.at(Box((0,), (COLS,)), path, offset, ROW_BYTES, "raw", f"{i:016x}"),)
             offset += ROW_BYTES
         entries[f"layers.{i}.norm"] = TensorEntry("float32", (COLS,), pieces)
     state = {"meta": {"epoch": 1, "note": "bench"}} if rank == 0 else None

@@ -247,9 +247,9 @@ def ckpt_staging_bytes() -> int:
 
     There is no public accessor for the process-wide default engine, hence the private name.
     """
-    from ckpt._api import _default_snapshotter
+    from ckpt.engine import default_snapshotter
 
-    return _default_snapshotter().staging_bytes
+    return default_snapshotter().staging_bytes
 
 
 def dcp_async_save(b: Bench, directory: Path, *, reuse_stager: bool) -> tuple[float, float, float]:

@@ -211,15 +211,14 @@ def run_world(world: int, job: str, args: list[Any]) -> dict[str, Any]:
 
 def plan_time(pieces: int, repeats: int) -> float:
     """Median seconds of ``plan_reads`` over a tensor stored as ``pieces`` row pieces."""
-    from ckpt._format import StoredPiece, TensorEntry
-    from ckpt._geometry import Box
+    from ckpt.format import Box, StoredPiece, TensorEntry
     from recovery._reshard import plan_reads
 
     rows_per_piece, cols = 4, 16
     piece_bytes = rows_per_piece * cols * 4
     rows = pieces * rows_per_piece
     stored = tuple(
-        StoredPiece(
+        StoredPiece.at(
             box=Box((i * rows_per_piece, 0), (rows_per_piece, cols)),
             file=f"data/rank{i % 64:05d}.safetensors",
             byte_offset=(i // 64) * piece_bytes,

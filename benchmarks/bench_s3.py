@@ -35,7 +35,7 @@ from boto3.s3.transfer import S3Transfer, TransferConfig  # noqa: F401 - documen
 from safetensors.torch import save as safetensors_bytes
 
 import ckpt
-from ckpt._options import LoadOptions
+from recovery import LoadOptions
 from storage_backends import LocalBackend, RetryPolicy, S3Backend, TieredBackend
 from tests.s3_servers import S3Server
 

@@ -1,12 +1,16 @@
-"""ckpt: fault-tolerant checkpointing and recovery for distributed PyTorch training."""
+"""ckpt: fault-tolerant checkpointing and recovery for distributed PyTorch training.
 
-from ckpt._api import RestoreReport, async_save, load, restore, save
-from ckpt._engine import PendingSave, SaveResult, Snapshotter
-from ckpt._flatten import ShardedTensor
-from ckpt._manager import CheckpointManager, ManagerMetrics
-from ckpt._options import Compression, LoadOptions, SaveOptions
-from ckpt._rng import RNGState
-from ckpt._stateful import ModelOptimizerState
+The public names below load on first use (PEP 562): ``import ckpt`` costs almost
+nothing, and importing ``recovery`` or ``ckpt.format`` first never runs the public
+face, which itself imports ``recovery``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
 from ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -23,7 +27,58 @@ from ckpt.errors import (
     UnsupportedFormatError,
 )
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from ckpt._api import RestoreReport, async_save, load, restore, save
+    from ckpt._manager import CheckpointManager, ManagerMetrics
+    from ckpt._rng import RNGState
+    from ckpt._stateful import ModelOptimizerState
+    from ckpt.engine import (
+        Compression,
+        PendingSave,
+        SaveOptions,
+        SaveResult,
+        ShardedTensor,
+        Snapshotter,
+    )
+    from recovery import LoadOptions
+
+try:
+    __version__ = version("ckpt")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+_LAZY = {
+    "CheckpointManager": "ckpt._manager",
+    "Compression": "ckpt.engine",
+    "LoadOptions": "recovery",
+    "ManagerMetrics": "ckpt._manager",
+    "ModelOptimizerState": "ckpt._stateful",
+    "PendingSave": "ckpt.engine",
+    "RNGState": "ckpt._rng",
+    "RestoreReport": "ckpt._api",
+    "SaveOptions": "ckpt.engine",
+    "SaveResult": "ckpt.engine",
+    "ShardedTensor": "ckpt.engine",
+    "Snapshotter": "ckpt.engine",
+    "async_save": "ckpt._api",
+    "load": "ckpt._api",
+    "restore": "ckpt._api",
+    "save": "ckpt._api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CheckpointError",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,10 +12,8 @@ import torch
 from torch import nn
 
 from ckpt._coordinator import Coordinator, default_coordinator
-from ckpt._engine import PendingSave, SaveResult, Snapshotter
-from ckpt._flatten import ShardedTensor, plan_load
-from ckpt._format import Manifest
-from ckpt._options import LoadOptions
+from ckpt._unflatten import plan_load
+from ckpt.engine import PendingSave, SaveResult, ShardedTensor, default_snapshotter
 from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -24,23 +21,11 @@ from ckpt.errors import (
     StorageError,
     storage_errors,
 )
-from recovery import Loader, LoadStats, candidates
+from ckpt.format import Manifest
+from recovery import Loader, LoadOptions, LoadStats, candidates
 from storage_backends import StorageBackend, StorageBackendError, open_backend
 
 log = logging.getLogger(__name__)
-
-_default_lock = threading.Lock()
-_default: Snapshotter | None = None
-
-
-def _default_snapshotter() -> Snapshotter:
-    """One engine per process so that ``ckpt.async_save`` reuses its staging memory."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Snapshotter()
-        return _default
-
 
 def open_url(url: str | os.PathLike[str] | StorageBackend) -> StorageBackend:
     """A storage backend for ``url`` (a backend object is passed through)."""
@@ -71,7 +56,7 @@ def async_save(
             the state cannot be checkpointed.
     """
     backend = open_url(url)
-    return _default_snapshotter().async_save(
+    return default_snapshotter().async_save(
         state, backend, step, coordinator or default_coordinator(), user_metadata=user_metadata
     )
 
@@ -84,7 +69,7 @@ def _blocking_save(
     coordinator: Coordinator | None,
 ) -> SaveResult:
     backend = open_url(url)
-    return _default_snapshotter().async_save(
+    return default_snapshotter().async_save(
         state, backend, step, coordinator or default_coordinator(), user_metadata=user_metadata,
         overlap_writes=True,
     ).result()

@@ -8,22 +8,17 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ckpt._format import (
+from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
+from ckpt.format import (
+    Box,
     Manifest,
-    PieceFields,
-    Report,
     ShardIndex,
     StoredPiece,
     TensorEntry,
-    manifest_header,
     manifest_path,
-    parse_report,
-    piece_text,
-    render_manifest,
     step_prefix,
 )
-from ckpt._geometry import Box
-from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
+from ckpt.format._schema import encode_piece, manifest_header, render_manifest, tensor_json
 from storage_backends import StorageBackend
 
 
@@ -74,13 +69,13 @@ class _Tiling:
 
 
 class _TensorParts:
-    """One tensor of a manifest being built: its pieces' JSON texts and their tiling."""
+    """One tensor of a manifest being built: its pieces, their JSON and their tiling."""
 
     def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
         self.dtype = dtype
         self.shape = shape
-        self.fields: list[PieceFields] = []
-        self.texts: list[str] = []
+        self.pieces: list[StoredPiece] = []
+        self.texts: list[bytes] = []
         self.tiling = _Tiling(shape)
 
 
@@ -91,9 +86,8 @@ class ManifestBuilder:
     last one is in: ``add_report`` validates a rank's index, checks its pieces against
     the others and renders their JSON; ``render`` checks that every tensor is covered
     and joins the texts into the sealed manifest; ``build`` makes the same manifest as
-    objects. Pieces are kept as plain values (``PieceFields``), not objects: a committer
-    holds the pieces of every rank, and a training process should not pay the garbage
-    collector for them.
+    objects. Pieces are frozen msgspec structs, which the garbage collector does not
+    track: a committer holds the pieces of every rank in a training process.
     """
 
     def __init__(self, step: int) -> None:
@@ -103,41 +97,34 @@ class ManifestBuilder:
         self._files: dict[str, int] = {}
         self._state: tuple[int, dict[str, Any]] | None = None
 
-    def add(self, index: ShardIndex) -> None:
-        tensors = {
-            name: (entry.dtype, entry.shape, [p.fields for p in entry.pieces])
-            for name, entry in index.tensors.items()
-        }
-        self._add(Report(rank=index.rank, tensors=tensors, files=index.files, state=index.state))
-
     def add_report(self, data: bytes, where: str, chunk_bytes: int) -> None:
         """A rank's ``ShardIndex.to_bytes``, validated (``CorruptCheckpointError``) and added."""
-        self._add(parse_report(data, where, chunk_bytes))
+        self.add(ShardIndex.from_bytes(data, where, chunk_bytes))
 
-    def _add(self, report: Report) -> None:
+    def add(self, report: ShardIndex) -> None:
         if report.rank in self.ranks:
             raise CoordinationError(f"step {self.step}: rank {report.rank} reported twice")
-        for name, (dtype, shape, _) in report.tensors.items():
+        for name, entry in report.tensors.items():
             known = self._tensors.get(name)
-            if known is not None and (known.dtype, known.shape) != (dtype, shape):
+            if known is not None and (known.dtype, known.shape) != (entry.dtype, entry.shape):
                 raise CoordinationError(
                     f"step {self.step}: ranks disagree on tensor {name!r}: {known.dtype}{list(known.shape)} "
-                    f"vs {dtype}{list(shape)} (rank {report.rank})"
+                    f"vs {entry.dtype}{list(entry.shape)} (rank {report.rank})"
                 )
         self.ranks.add(report.rank)
         self._files.update(report.files)
         if report.state is not None and (self._state is None or report.rank < self._state[0]):
             self._state = (report.rank, report.state)
-        for name, (dtype, shape, pieces) in report.tensors.items():
+        for name, entry in report.tensors.items():
             parts = self._tensors.get(name)
             if parts is None:
-                parts = self._tensors[name] = _TensorParts(dtype, shape)
-            for fields in pieces:
-                overlap = parts.tiling.add(fields[0], fields[1])
+                parts = self._tensors[name] = _TensorParts(entry.dtype, entry.shape)
+            for piece in entry.pieces:
+                overlap = parts.tiling.add(piece.offsets, piece.lengths)
                 if overlap is not None:
-                    raise _overlap_error(self.step, name, shape, overlap, Box(fields[0], fields[1]))
-                parts.fields.append(fields)
-                parts.texts.append(piece_text(fields))
+                    raise _overlap_error(self.step, name, entry.shape, overlap, piece.box)
+                parts.pieces.append(piece)
+                parts.texts.append(encode_piece(piece))
 
     def render(
         self,
@@ -157,7 +144,7 @@ class ManifestBuilder:
             layout=dict(layout or {}), user_metadata=dict(user_metadata or {}),
         )
         return render_manifest(
-            header, ((name, t.dtype, t.shape, t.texts) for name, t in self._tensors.items())
+            header, ((name, tensor_json(t.dtype, t.shape, t.texts)) for name, t in self._tensors.items())
         )
 
     def build(
@@ -173,7 +160,7 @@ class ManifestBuilder:
         """The manifest as objects; ``InvalidStateError`` when the pieces do not tile some tensor."""
         self._check_covered()
         tensors = {
-            name: TensorEntry(t.dtype, t.shape, tuple(StoredPiece.from_fields(f) for f in t.fields))
+            name: TensorEntry(t.dtype, t.shape, tuple(t.pieces))
             for name, t in self._tensors.items()
         }
         return Manifest(

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from ckpt._agreement import GroupAgreement
 from ckpt._commit import merge_indexes, publish
-from ckpt._format import INDEX_DIR, Manifest, ShardIndex, manifest_path, step_prefix
 from ckpt.errors import CheckpointError, CoordinationError, storage_errors
+from ckpt.format import INDEX_DIR, Manifest, ShardIndex, manifest_path, step_prefix
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,13 @@ from typing import Any, Literal, NoReturn
 
 from ckpt._api import RestoreReport, open_url, restore
 from ckpt._coordinator import Coordinator, default_coordinator
-from ckpt._engine import PendingSave, SaveResult, Snapshotter
-from ckpt._format import Manifest, parse_step_prefix
-from ckpt._options import LoadOptions, SaveOptions
-from ckpt._retention import RetentionPolicy, apply_retention, remove_unreferenced
 from ckpt._rng import RNGState
+from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
+from ckpt.engine._options import SaveOptions
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
+from ckpt.format import Manifest, parse_step_prefix
+from ckpt.retention import RetentionPolicy, apply_retention, remove_unreferenced
+from recovery import LoadOptions
 from storage_backends import StorageBackend, TieredBackend
 
 log = logging.getLogger(__name__)

@@ -66,8 +66,8 @@ from tenacity import (
 from ckpt._agreement import GroupAgreement
 from ckpt._commit import ManifestBuilder, publish_bytes
 from ckpt._coordinator import new_generation
-from ckpt._format import Manifest, ShardIndex, manifest_path, scan_steps
 from ckpt.errors import CoordinationError, FencedError, storage_errors
+from ckpt.format import Manifest, ShardIndex, manifest_path, scan_steps
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)

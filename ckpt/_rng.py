@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt._flatten import ShardedTensor
+from ckpt.engine._flatten import ShardedTensor
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
 """Restore side of ckpt: choose a committed step, plan reshards, load byte ranges in parallel."""
 
 from recovery._discover import Candidate, candidates, committed_steps, validate_files
-from recovery._loader import Loader, LoadStats, verify_checkpoint
+from recovery._loader import Destination, Loader, LoadOptions, LoadStats, verify_checkpoint
 from recovery._reshard import ReadRequest, plan_reads
 
 __all__ = [
     "Candidate",
+    "Destination",
     "LoadStats",
+    "LoadOptions",
     "Loader",
     "ReadRequest",
     "candidates",

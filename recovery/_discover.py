@@ -6,13 +6,13 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ckpt._format import Manifest, read_manifest, scan_steps, step_prefix
 from ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     storage_errors,
 )
+from ckpt.format import Manifest, read_manifest, scan_steps, step_prefix
 from storage_backends import BlobNotFoundError, StorageBackend
 
 log = logging.getLogger(__name__)

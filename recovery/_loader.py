@@ -19,15 +19,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ckpt._codec import DIGEST_HEX, checksum, decompress_chunk, stored_chunk_bounds
-from ckpt._flatten import Destination
-from ckpt._format import Manifest, StoredPiece, element_size, step_prefix, torch_dtype
-from ckpt._options import LoadOptions
 from ckpt.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     StateMismatchError,
     storage_errors,
+)
+from ckpt.format import (
+    DIGEST_HEX,
+    Box,
+    Manifest,
+    StoredPiece,
+    checksum,
+    decompress_chunk,
+    element_size,
+    step_prefix,
+    stored_chunk_bounds,
+    torch_dtype,
 )
 from recovery._reshard import ReadRequest, plan_reads
 from storage_backends import StorageBackend
@@ -35,6 +43,36 @@ from storage_backends import StorageBackend
 log = logging.getLogger(__name__)
 
 _ALIGN = 64
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a load reads.
+
+    Args:
+        io_threads: parallel readers.
+        coalesce_gap_bytes: neighbouring ranges closer than this are read in one request.
+        max_request_bytes: the largest single read request.
+    """
+
+    io_threads: int = 4
+    coalesce_gap_bytes: int = 1 << 20
+    max_request_bytes: int = 64 << 20
+
+
+@dataclass
+class Destination:
+    """A tensor to fill on load, and the region of the global tensor it holds.
+
+    Attributes:
+        name: the tensor's fully-qualified name in the manifest.
+        tensor: the target (any device); its shape is ``box.lengths``.
+        box: the region of the global tensor that ``tensor`` holds.
+    """
+
+    name: str
+    tensor: torch.Tensor
+    box: Box
 
 
 @dataclass(frozen=True)

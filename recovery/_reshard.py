@@ -12,9 +12,8 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckpt._format import StoredPiece, TensorEntry, element_size
-from ckpt._geometry import Box, row_span
 from ckpt.errors import CorruptCheckpointError, ReshardError
+from ckpt.format import Box, StoredPiece, TensorEntry, element_size, row_span
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 
 import ckpt
 from ckpt._coordinator import LocalCoordinator
-from ckpt._format import MANIFEST_NAME, seal_manifest, step_prefix
+from ckpt.format import MANIFEST_NAME, seal_manifest, step_prefix
 from storage_backends import LocalBackend
 
 

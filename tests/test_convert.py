@@ -1,4 +1,4 @@
-"""Offline conversion (issue 4, item 5): ``ckpt convert`` and ``ckpt._convert``.
+"""Offline conversion (issue 4, item 5): ``ckpt convert`` and ``ckpt.convert``.
 
 * ``relayout`` to 1, 3 and 4 ranks along dims 0 and 1: the new checkpoint has the asked
   world size, one piece per rank holding exactly its ``torch.chunk`` slice, written in that
@@ -29,9 +29,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import ckpt
-import ckpt._cli as cli
-from ckpt._convert import export_safetensors, export_torch, relayout, split_box
-from ckpt._format import element_size, read_manifest, scan_steps
+import ckpt.cli as cli
+from ckpt.convert import export_safetensors, export_torch, relayout, split_box
+from ckpt.format import element_size, read_manifest, scan_steps
 from storage_backends import LocalBackend
 from tests.helpers_format import assert_bit_identical, data_file, flip_byte, save_with
 

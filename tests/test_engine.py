@@ -18,11 +18,10 @@ import pytest
 import torch
 
 import ckpt
-from ckpt._api import _default_snapshotter
 from ckpt._coordinator import LocalCoordinator
-from ckpt._format import DATA_DIR, manifest_path, read_manifest, scan_steps, step_prefix
-from ckpt._staging import StagingBuffer
+from ckpt.engine import StagingBuffer, default_snapshotter
 from ckpt.errors import CoordinationError, StorageFullCheckpointError
+from ckpt.format import DATA_DIR, manifest_path, read_manifest, scan_steps, step_prefix
 from storage_backends import (
     BlobStream,
     BytesLike,
@@ -389,7 +388,7 @@ def test_save_result_fields(backend: LocalBackend, compression: ckpt.Compression
 
 
 def test_module_level_save_and_async_save_use_the_default_engine(root: Path) -> None:
-    engine = _default_snapshotter()
+    engine = default_snapshotter()
     state = _state()
     result = ckpt.save(state, root, step=1)
     assert isinstance(result, ckpt.SaveResult) and result.committed

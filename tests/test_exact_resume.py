@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt._format import read_manifest, scan_steps
+from ckpt.format import read_manifest, scan_steps
 from recovery import verify_checkpoint
 from storage_backends import LocalBackend
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,9 @@ import pytest
 import torch
 
 import ckpt
-import ckpt._manager
 from ckpt import CheckpointManager
-from ckpt._format import StepListing, scan_steps, step_prefix
-from ckpt._retention import RetentionPolicy, plan_gc
+from ckpt.format import StepListing, scan_steps, step_prefix
+from ckpt.retention import RetentionPolicy, plan_gc
 from storage_backends import LocalBackend
 from tests.faulty import FaultyBackend
 
@@ -50,7 +50,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(ckpt._manager.time, "monotonic", fake)
+    monkeypatch.setattr(time, "monotonic", fake)
     return fake
 
 
@@ -396,7 +396,7 @@ def test_include_rng_reserves_its_key(root: Path) -> None:
         CheckpointManager(root, every_steps=1, include_rng=True, save_on_sigterm=False) as mgr,
         pytest.raises(ckpt.CheckpointError, match="reserved"),
     ):
-        mgr.maybe_save(1, {ckpt._manager.RNG_KEY: 1})
+        mgr.maybe_save(1, {"_ckpt_rng": 1})
 
 
 # -- SIGTERM and close -------------------------------------------------------------------

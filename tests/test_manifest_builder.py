@@ -1,5 +1,5 @@
 """The committer's merge: ``ManifestBuilder`` over ShardIndex objects and report bytes, and
-``parse_report``'s validation of a rank's report."""
+``ShardIndex.from_bytes``'s validation of a rank's report."""
 
 from __future__ import annotations
 
@@ -10,29 +10,29 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt import _format
-from ckpt._codec import checksum, chunk_checksums, compress_chunks
 from ckpt._commit import ManifestBuilder, merge_indexes
-from ckpt._format import (
-    Manifest,
-    Report,
-    ShardIndex,
-    StoredPiece,
-    TensorEntry,
-    element_size,
-    parse_report,
-)
-from ckpt._geometry import Box
 from ckpt.errors import (
     CoordinationError,
     CorruptCheckpointError,
     InvalidStateError,
     UnsupportedFormatError,
+)
+from ckpt.format import (
+    Box,
+    Manifest,
+    ShardIndex,
+    StoredPiece,
+    TensorEntry,
+    checksum,
+    chunk_checksums,
+    compress_chunks,
+    element_size,
 )
 
 CHUNK = 64  # small chunks, so that pieces carry several checksums
@@ -67,10 +67,10 @@ def rank_index(
             if name in zstd:
                 frames = compress_chunks(memoryview(raw), CHUNK, 3)
                 sizes = tuple(len(f) for f in frames)
-                piece = StoredPiece(box, file, offset, sum(sizes), "zstd",
+                piece = StoredPiece.at(box, file, offset, sum(sizes), "zstd",
                                     "".join(checksum(f) for f in frames), sizes)
             else:
-                piece = StoredPiece(box, file, offset, len(raw), "raw",
+                piece = StoredPiece.at(box, file, offset, len(raw), "raw",
                                     chunk_checksums(memoryview(raw), CHUNK))
             offset += piece.byte_length
             pieces.append(piece)
@@ -402,15 +402,16 @@ def with_nan_state(doc: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture
 def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The reports that went through the json fallback."""
-    calls: list[bytes] = []
-    real = _format._parse_report_json
+    """The reports that went through the json fallback (decoded by ``json``, then converted
+    into the same schema by ``msgspec.convert``)."""
+    calls: list[Any] = []
+    real = msgspec.convert
 
-    def spy(data: bytes, where: str, chunk_bytes: int) -> Report:
-        calls.append(data)
-        return real(data, where, chunk_bytes)
+    def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(obj)
+        return real(obj, *args, **kwargs)
 
-    monkeypatch.setattr(_format, "_parse_report_json", spy)
+    monkeypatch.setattr(msgspec, "convert", spy)
     return calls
 
 
@@ -510,11 +511,11 @@ def test_parse_report_rejects(case: str, fallback: bool, fallbacks: list[bytes])
     doc = valid_report()
     if fallback:
         doc = with_nan_state(doc)
-    parse_report(json.dumps(doc).encode(), WHERE, CHUNK)  # valid before the edit
+    ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)  # valid before the edit
     edit(doc)
     data = json.dumps(doc).encode()
     with pytest.raises(CorruptCheckpointError) as info:
-        parse_report(data, WHERE, CHUNK)
+        ShardIndex.from_bytes(data, WHERE, CHUNK)
     assert not isinstance(info.value, UnsupportedFormatError)
     assert WHERE in str(info.value)
     assert words in str(info.value)
@@ -524,7 +525,7 @@ def test_parse_report_rejects(case: str, fallback: bool, fallbacks: list[bytes])
 @pytest.mark.parametrize("data", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b"null", b'{"rank": 3'])
 def test_parse_report_rejects_what_is_not_a_report(data: bytes) -> None:
     with pytest.raises(CorruptCheckpointError) as info:
-        parse_report(data, WHERE, CHUNK)
+        ShardIndex.from_bytes(data, WHERE, CHUNK)
     assert WHERE in str(info.value)
 
 
@@ -536,7 +537,7 @@ def test_parse_report_state_must_be_an_object(fallback: bool, fallbacks: list[by
         # a NaN ahead of everything (an unknown field: ignored once parsed) forces the fallback
         doc = {"note": math.nan, **doc}
     with pytest.raises(CorruptCheckpointError, match="state") as info:
-        parse_report(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
     assert WHERE in str(info.value)
     assert len(fallbacks) == (1 if fallback else 0)
 
@@ -548,7 +549,7 @@ def test_parse_report_unknown_codec_is_unsupported(fallback: bool) -> None:
         doc = with_nan_state(doc)
     _piece(doc, "packed")["codec"] = "lz4"
     with pytest.raises(UnsupportedFormatError, match="unknown codec 'lz4'") as info:
-        parse_report(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
     assert WHERE in str(info.value)
 
 
@@ -565,7 +566,7 @@ def test_parse_report_rank_must_be_an_integer(fallback: bool, value: Any) -> Non
         doc = with_nan_state(doc)
     doc["rank"] = value
     with pytest.raises(CorruptCheckpointError, match="rank"):
-        parse_report(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["msgspec", "json-fallback"])
@@ -576,16 +577,16 @@ def test_parse_report_file_size_must_be_an_integer(fallback: bool) -> None:
         doc = with_nan_state(doc)
     doc["files"]["data/tiny"] = True
     with pytest.raises(CorruptCheckpointError):
-        parse_report(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
 
 
 def test_parse_report_paths_agree(fallbacks: list[bytes]) -> None:
     """The msgspec path and the json fallback read a valid report to the same values."""
     doc = valid_report()
-    fast = parse_report(json.dumps(doc).encode(), WHERE, CHUNK)
+    fast = ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
     assert not fallbacks
     doc["state"] = {"step": 5, "loss": math.nan}
-    slow = parse_report(json.dumps(doc).encode(), WHERE, CHUNK)
+    slow = ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
     assert len(fallbacks) == 1
     assert (fast.rank, fast.tensors, fast.files) == (slow.rank, slow.tensors, slow.files)
     assert slow.state is not None and math.isnan(slow.state["loss"])
@@ -598,11 +599,11 @@ def test_nan_in_state_survives_report_and_manifest() -> None:
     index = rank_index(0, {"w": ("float32", (4,), [Box((0,), (4,))])}, state=state)
     data = index.to_bytes()
     assert b"NaN" in data
-    report = parse_report(data, WHERE, CHUNK)
+    report = ShardIndex.from_bytes(data, WHERE, CHUNK)
     assert report.state is not None
     assert math.isnan(report.state["loss"]) and report.state["best"] == math.inf
     assert report.state["worst"] == -math.inf and report.state["step"] == 9
-    assert report.tensors["w"][2][0] == index.tensors["w"].pieces[0].fields
+    assert report.tensors["w"].pieces[0] == index.tensors["w"].pieces[0]
     builder = ManifestBuilder(9)
     builder.add_report(data, WHERE, CHUNK)
     loaded = Manifest.from_bytes(builder.render(generation="g", world_size=1, chunk_bytes=CHUNK,
@@ -610,12 +611,12 @@ def test_nan_in_state_survives_report_and_manifest() -> None:
     assert math.isnan(loaded.state["loss"]) and loaded.state["best"] == math.inf
 
 
-def test_parse_report_drops_chunk_sizes_of_a_raw_piece() -> None:
-    """A raw piece's chunk_sizes mean nothing: the parsed piece carries none."""
+def test_parse_report_refuses_chunk_sizes_on_a_raw_piece() -> None:
+    """No writer lists chunk_sizes for a raw piece: a report that does is corrupt."""
     doc = valid_report()
     _piece(doc)["chunk_sizes"] = [1, 2]
-    report = parse_report(json.dumps(doc).encode(), WHERE, CHUNK)
-    assert report.tensors["raw"][2][0][7] is None
+    with pytest.raises(CorruptCheckpointError, match="raw piece lists chunk_sizes"):
+        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
 
 
 # --- property: row tilings over N ranks --------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt._demo import run_demo
+from ckpt.demo import run_demo
 from tests.redis_server import RedisServer, redis_server_binary
 
 

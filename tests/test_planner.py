@@ -18,7 +18,7 @@ no grid produces), read into random target regions or whole target tilings:
   where a duplicated piece can hide a hole from an element count) raise
   ``CorruptCheckpointError``.
 
-Loader properties, on real checkpoints re-laid out offline by ``ckpt._convert.relayout``
+Loader properties, on real checkpoints re-laid out offline by ``ckpt.convert.relayout``
 into 1-4 ranks along dims 0/1, loaded through ``ckpt.restore`` into ``ckpt.ShardedTensor``
 targets: random regions come back bit for bit, and ``LoadStats`` reads never less than
 needed and never more than whole checksum chunks at both ends of each touched piece
@@ -40,11 +40,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import ckpt
-from ckpt._convert import relayout
-from ckpt._flatten import Destination
-from ckpt._format import StoredPiece, TensorEntry, element_size, read_manifest
-from ckpt._geometry import Box, row_span
-from recovery import Loader, plan_reads
+from ckpt.convert import relayout
+from ckpt.format import Box, StoredPiece, TensorEntry, element_size, read_manifest, row_span
+from recovery import Destination, Loader, plan_reads
 from recovery._reshard import PieceIndex
 from storage_backends import LocalBackend
 from tests.helpers_format import assert_bit_identical, save_with
@@ -148,7 +146,7 @@ def entry_of(dtype: str, shape: tuple[int, ...], boxes: list[Box]) -> TensorEntr
     """A manifest entry whose pieces are ``boxes`` (file, offsets and checksums are dummies)."""
     itemsize = element_size(dtype)
     pieces = tuple(
-        StoredPiece(box, f"data/p{i}.safetensors", 1000 * i, box.numel * itemsize, "raw", "")
+        StoredPiece.at(box, f"data/p{i}.safetensors", 1000 * i, box.numel * itemsize, "raw", "")
         for i, box in enumerate(boxes)
     )
     return TensorEntry(dtype, shape, pieces)

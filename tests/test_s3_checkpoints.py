@@ -28,8 +28,8 @@ from torch import nn
 
 import ckpt
 from ckpt import CheckpointManager, SaveOptions
-from ckpt._format import read_manifest, scan_steps, step_prefix
-from ckpt._retention import RetentionPolicy, apply_retention
+from ckpt.format import read_manifest, scan_steps, step_prefix
+from ckpt.retention import RetentionPolicy, apply_retention
 from recovery import validate_files, verify_checkpoint
 from storage_backends import S3Backend, S3Config, StorageBackend, open_backend
 from tests.distributed import run_ranks
@@ -378,7 +378,7 @@ def test_sigkill_mid_upload_leaves_no_torn_step(seaweedfs_s3: S3Server, tmp_path
         assert report.step == 1 and report.skipped == ()
         assert_same_state(target, make_state(1))
         cli = Path(sys.executable).with_name("ckpt")
-        argv = [str(cli)] if cli.exists() else [sys.executable, "-c", "from ckpt._cli import main; main()"]
+        argv = [str(cli)] if cli.exists() else [sys.executable, "-c", "from ckpt.cli import main; main()"]
         verify = subprocess.run(
             [*argv, "verify", url], env=child_env(server), capture_output=True, text=True,
             timeout=CHILD_TIMEOUT_S, cwd=REPO,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt._format import manifest_path, scan_steps
+from ckpt.format import manifest_path, scan_steps
 from storage_backends import BlobStream, BytesLike, LocalBackend, StorageBackendError, TieredBackend
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from ckpt._format import manifest_path, read_manifest, scan_steps
+from ckpt.format import manifest_path, read_manifest, scan_steps
 from storage_backends import LocalBackend, StorageBackend
 from tests.coordination.harness import (
     CoordSpec,

@@ -28,7 +28,7 @@ import torch
 
 import ckpt
 from ckpt._coordinator import Coordinator, LocalCoordinator, ProcessGroupCoordinator
-from ckpt._format import MANIFEST_NAME, Manifest, parse_step_prefix, step_prefix
+from ckpt.format import MANIFEST_NAME, Manifest, parse_step_prefix, step_prefix
 from storage_backends import BlobStream, BytesLike, StorageBackend
 from tests.distributed import _entry, free_port
 from tests.faulty import FaultyBackend

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt._format import scan_steps
+from ckpt.format import scan_steps
 from storage_backends import StorageBackend
 from tests.coordination.conformance import CoordinatorConformance
 from tests.coordination.harness import CoordSpec

@@ -22,20 +22,20 @@ import pytest
 import torch
 
 import ckpt
-from ckpt._codec import chunk_checksums
 from ckpt._commit import publish
-from ckpt._format import (
+from ckpt._redis import describe_state, job_from_url
+from ckpt.engine import SaveOptions
+from ckpt.format import (
+    Box,
     ShardIndex,
     StoredPiece,
     TensorEntry,
+    chunk_checksums,
     manifest_path,
     read_manifest,
     scan_steps,
     step_prefix,
 )
-from ckpt._geometry import Box
-from ckpt._options import SaveOptions
-from ckpt._redis import describe_state, job_from_url
 from storage_backends import LocalBackend, StorageBackend
 from tests.coordination.conformance import CoordinatorConformance
 from tests.coordination.harness import (
@@ -96,7 +96,7 @@ def shard_index(backend: StorageBackend, step: int, rank: int, generation: str) 
     data = torch.full((4,), float(rank)).numpy().tobytes()
     rel = f"data/{generation}-r{rank:05d}-000.safetensors"
     backend.write(f"{step_prefix(step)}/{rel}", data)
-    piece = StoredPiece(Box((0,), (4,)), rel, 0, len(data), "raw", chunk_checksums(memoryview(data), CHUNK))
+    piece = StoredPiece.at(Box((0,), (4,)), rel, 0, len(data), "raw", chunk_checksums(memoryview(data), CHUNK))
     return ShardIndex(rank, {f"t{rank}": TensorEntry("float32", (4,), (piece,))}, {rel: len(data)},
                       state={} if rank == 0 else None)
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ckpt
-from ckpt._flatten import state_tree
+from ckpt.engine import state_tree
 
 # name -> (global shape, dtype, placements in variant "a", placements in variant "b").
 # "S<d>" is Shard(d), "R" is Replicate().

@@ -22,8 +22,8 @@ import torch
 import ckpt
 from ckpt._commit import merge_indexes
 from ckpt._coordinator import default_coordinator
-from ckpt._flatten import flatten
-from ckpt._format import (
+from ckpt.engine import flatten
+from ckpt.format import (
     ShardIndex,
     StoredPiece,
     TensorEntry,
@@ -31,8 +31,8 @@ from ckpt._format import (
     read_manifest,
     step_prefix,
 )
-from ckpt._geometry import Box
-from ckpt._plan import MIN_SPLIT_BYTES, PieceInfo, PieceKey, WritePlan, assign_writers, describe
+from ckpt.format import Box
+from ckpt.engine import MIN_SPLIT_BYTES, PieceInfo, PieceKey, WritePlan, assign_writers, describe
 from storage_backends import LocalBackend
 from tests.dist.sharded import global_value
 from tests.distributed import run_ranks
@@ -289,7 +289,7 @@ def test_a_1d_vector_is_cut_into_element_ranges() -> None:
 
 def _index(rank: int, boxes: list[Box], shape: tuple[int, ...]) -> ShardIndex:
     pieces = tuple(
-        StoredPiece(box, f"data/r{rank}-{i}.safetensors", 0, box.numel * 4, "raw", "0" * 16)
+        StoredPiece.at(box, f"data/r{rank}-{i}.safetensors", 0, box.numel * 4, "raw", "0" * 16)
         for i, box in enumerate(boxes)
     )
     return ShardIndex(rank=rank, tensors={"t": TensorEntry("float32", shape, pieces)}, files={})

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ckpt import CheckpointManager, SaveOptions
-from ckpt._format import MANIFEST_NAME, parse_step_prefix
+from ckpt.format import MANIFEST_NAME, parse_step_prefix
 from storage_backends import BlobStream, BytesLike, LocalBackend
 
 IN_FEATURES = 16

@@ -1,7 +1,7 @@
 """The snapshot engine: stage (blocking) -> persist (background) -> commit (coordinated).
 
 ``Snapshotter.async_save`` flattens the state, agrees with the other ranks on who
-writes what (``ckpt._plan``: a replicated tensor once, large ones cut into row ranges
+writes what (``ckpt.engine._plan``: a replicated tensor once, large ones cut into row ranges
 spread over their holders), plans the data files, copies every tensor or row range
 this rank writes into a reusable host buffer and returns. A background thread
 then encodes (safetensors layout or chunked zstd), checksums and writes the files,
@@ -23,23 +23,25 @@ from typing import Any
 
 import torch
 
-from ckpt._codec import checksum, chunk_checksums, compress_chunks
 from ckpt._coordinator import Coordinator
-from ckpt._flatten import FlatTensor, flatten
-from ckpt._format import (
+from ckpt.engine._flatten import FlatTensor, flatten
+from ckpt.engine._options import SaveOptions
+from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
+from ckpt.engine._staging import StagingBuffer, StagingPool, align
+from ckpt.errors import CheckpointError, SaveAbortedError, storage_errors
+from ckpt.format import (
     DATA_DIR,
+    Box,
     Manifest,
     ShardIndex,
     StoredPiece,
     TensorEntry,
+    checksum,
+    chunk_checksums,
+    compress_chunks,
     safetensors_header,
     step_prefix,
 )
-from ckpt._geometry import Box
-from ckpt._options import SaveOptions
-from ckpt._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
-from ckpt._staging import StagingBuffer, StagingPool, align
-from ckpt.errors import CheckpointError, SaveAbortedError, storage_errors
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -551,7 +553,7 @@ class _IndexBase:
             header = len(f.header)
             for item in f.items:
                 t = item.tensor
-                written[t.name] = StoredPiece(
+                written[t.name] = StoredPiece.at(
                     box=t.box,
                     file=f.path,
                     byte_offset=header + item.data_offset,

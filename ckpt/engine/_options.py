@@ -1,11 +1,14 @@
-"""Typed configuration, one small frozen dataclass per concern."""
+"""How a save writes: typed configuration, one small frozen dataclass per concern.
+
+``recovery.LoadOptions`` is the read side's.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
 
-from ckpt._format import DEFAULT_CHUNK_BYTES
+from ckpt.format import DEFAULT_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -53,18 +56,3 @@ class SaveOptions:
             raise ValueError("write_block_bytes must be a multiple of chunk_bytes")
         if self.io_threads < 1 or self.file_bytes < 1:
             raise ValueError("io_threads and file_bytes must be positive")
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How a load reads.
-
-    Args:
-        io_threads: parallel readers.
-        coalesce_gap_bytes: neighbouring ranges closer than this are read in one request.
-        max_request_bytes: the largest single read request.
-    """
-
-    io_threads: int = 4
-    coalesce_gap_bytes: int = 1 << 20
-    max_request_bytes: int = 64 << 20

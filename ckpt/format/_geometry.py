@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 
-@dataclass(frozen=True)
-class Box:
-    """A rectangular region of a global tensor: ``offsets[d] .. offsets[d] + lengths[d]``."""
+class Box(msgspec.Struct, frozen=True, gc=False):
+    """A rectangular region of a global tensor: ``offsets[d] .. offsets[d] + lengths[d]``.
+
+    A planner makes millions of these when resharding a large checkpoint: a frozen
+    msgspec struct is built in C and never tracked by the garbage collector.
+    """
 
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]

@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ckpt._flatten import FlatTensor
-from ckpt._geometry import Box
+from ckpt.engine._flatten import FlatTensor
+from ckpt.format import Box
 
 PieceKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # name, offsets, lengths
 

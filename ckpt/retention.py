@@ -12,9 +12,11 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from ckpt._format import INDEX_DIR, MANIFEST_NAME, Manifest, manifest_path, scan_steps, step_prefix
 from ckpt.errors import storage_errors
+from ckpt.format import INDEX_DIR, MANIFEST_NAME, Manifest, manifest_path, scan_steps, step_prefix
 from storage_backends import StorageBackend
+
+__all__ = ["GcPlan", "RetentionPolicy", "apply_retention", "plan_gc", "remove_unreferenced"]
 
 log = logging.getLogger(__name__)
 

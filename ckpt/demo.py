@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["DemoResult", "run_demo", "worker"]
+
 WIDTH = 1024
 LAYERS = 4
 ROWS_PER_RANK = 8
@@ -175,7 +177,7 @@ class _Launcher:
         self, nproc: int, root: Path, out: Path, *, stop_at: int, save: bool = True, max_restarts: int = 0
     ) -> list[str]:
         worker_args = [
-            "-m", "ckpt._demo", "--root", str(root), "--every", str(self.every), "--stop-at", str(stop_at),
+            "-m", "ckpt.demo", "--root", str(root), "--every", str(self.every), "--stop-at", str(stop_at),
             "--out", str(out), "--report", str(self.report),
         ]
         if self.coordinator:
@@ -249,7 +251,7 @@ def run_demo(
     """
     from safetensors.torch import load_file
 
-    from ckpt._format import scan_steps
+    from ckpt.format import scan_steps
     from storage_backends import LocalBackend
 
     t0 = time.perf_counter()

@@ -25,9 +25,13 @@ import torch
 
 from ckpt._commit import merge_indexes, publish
 from ckpt._coordinator import new_generation
-from ckpt._engine import Snapshotter
-from ckpt._flatten import Destination, FlatTensor
-from ckpt._format import (
+from ckpt.engine._engine import Snapshotter
+from ckpt.engine._flatten import FlatTensor
+from ckpt.engine._options import SaveOptions
+from ckpt.engine._plan import PieceInfo
+from ckpt.errors import CheckpointError, storage_errors
+from ckpt.format import (
+    Box,
     Manifest,
     ShardIndex,
     TensorEntry,
@@ -35,12 +39,10 @@ from ckpt._format import (
     safetensors_header,
     torch_dtype,
 )
-from ckpt._geometry import Box
-from ckpt._options import SaveOptions
-from ckpt._plan import PieceInfo
-from ckpt.errors import CheckpointError, storage_errors
-from recovery import Loader, candidates
+from recovery import Destination, Loader, candidates
 from storage_backends import StorageBackend
+
+__all__ = ["ConvertResult", "export_safetensors", "export_torch", "open_manifest", "relayout", "split_box"]
 
 Progress = Callable[[int, int, str], None]  # bytes done, bytes total, what
 

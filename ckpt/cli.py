@@ -14,10 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ckpt._api import open_url
-from ckpt._format import read_manifest, scan_steps
-from ckpt._retention import RetentionPolicy, apply_retention, plan_gc
 from ckpt.errors import CheckpointError
+from ckpt.format import read_manifest, scan_steps
+from ckpt.retention import RetentionPolicy, apply_retention, plan_gc
 from recovery import validate_files, verify_checkpoint
+from storage_backends import StorageBackend
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fault-tolerant checkpoints for PyTorch.")
 console = Console()
@@ -33,7 +36,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _newest(url: str, step: int | None) -> tuple[object, int]:
+def _newest(url: str, step: int | None) -> tuple[StorageBackend, int]:
     backend = open_url(url)
     if step is not None:
         return backend, step
@@ -57,7 +60,7 @@ def demo(
 ) -> None:
     """Train a small model, SIGKILL it mid-run, restore (resharded with --resume-nproc), finish,
     and verify bit for bit against a run without the failure."""
-    from ckpt._demo import run_demo
+    from ckpt.demo import run_demo
 
     result = run_demo(
         workdir, steps=steps, every=every, nproc=nproc, resume_nproc=resume_nproc,
@@ -203,7 +206,7 @@ def convert(
         TransferSpeedColumn,
     )
 
-    from ckpt._convert import export_safetensors, export_torch, relayout
+    from ckpt.convert import export_safetensors, export_torch, relayout
 
     source = open_url(src)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())

@@ -1,0 +1,99 @@
+"""A reader of ckpt's open on-storage format (version 1), for ckpt and any other tool.
+
+docs/FORMAT.md is the contract; this package is its one implementation. What it offers:
+
+* the schema: ``Manifest`` (the commit point of a step), ``TensorEntry`` (a global tensor),
+  ``StoredPiece`` (a region of it in a data file), ``ShardIndex`` (one rank's report), each
+  with ``from_bytes`` (validated; ``CorruptCheckpointError`` / ``UnsupportedFormatError``
+  naming the file and field) and ``to_bytes``;
+* the layout of a root: ``scan_steps``, ``read_manifest``, ``step_prefix``,
+  ``parse_step_prefix``, ``manifest_path`` and the folder names;
+* geometry: ``Box`` (a region of a global tensor) and ``row_span``;
+* element types: ``dtype_name``, ``torch_dtype``, ``element_size``, ``safetensors_header``;
+* stored chunks: ``checksum``, ``chunk_checksums``, ``split_digests``, ``stored_chunk_bounds``,
+  ``compress_chunks``, ``decompress_chunk`` and the manifest's own seal.
+
+Example::
+
+    from storage_backends import open_backend
+    from ckpt.format import read_manifest, scan_steps
+
+    backend = open_backend("/nvme/run1")
+    newest = scan_steps(backend).committed[-1]
+    for name, tensor in read_manifest(backend, newest).tensors.items():
+        print(name, tensor.dtype, tensor.shape, len(tensor.pieces))
+"""
+
+from ckpt.format._codec import (
+    CHECKSUM_ALGORITHM,
+    CODECS,
+    DIGEST_HEX,
+    checksum,
+    chunk_checksums,
+    chunk_count,
+    compress_chunks,
+    decompress_chunk,
+    split_digests,
+    stored_chunk_bounds,
+)
+from ckpt.format._dtypes import DTYPES, dtype_name, element_size, safetensors_header, torch_dtype
+from ckpt.format._geometry import Box, row_span
+from ckpt.format._paths import (
+    DATA_DIR,
+    DEFAULT_CHUNK_BYTES,
+    INDEX_DIR,
+    MANIFEST_NAME,
+    manifest_path,
+    parse_step_prefix,
+    safe_relative_path,
+    step_prefix,
+)
+from ckpt.format._reader import StepListing, read_manifest, scan_steps
+from ckpt.format._schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Manifest,
+    ShardIndex,
+    StoredPiece,
+    TensorEntry,
+)
+from ckpt.format._seal import seal_manifest, verify_manifest_seal
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "CODECS",
+    "DATA_DIR",
+    "DEFAULT_CHUNK_BYTES",
+    "DIGEST_HEX",
+    "DTYPES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "INDEX_DIR",
+    "MANIFEST_NAME",
+    "Box",
+    "Manifest",
+    "ShardIndex",
+    "StepListing",
+    "StoredPiece",
+    "TensorEntry",
+    "checksum",
+    "chunk_checksums",
+    "chunk_count",
+    "compress_chunks",
+    "decompress_chunk",
+    "dtype_name",
+    "element_size",
+    "manifest_path",
+    "parse_step_prefix",
+    "read_manifest",
+    "row_span",
+    "safe_relative_path",
+    "safetensors_header",
+    "scan_steps",
+    "seal_manifest",
+    "split_digests",
+    "step_prefix",
+    "stored_chunk_bounds",
+    "torch_dtype",
+    "verify_manifest_seal",
+]

@@ -1,0 +1,338 @@
+"""The one schema of format v1: pieces, tensors, shard indexes and manifests.
+
+Each stored object is one msgspec struct, and that struct is the only description
+of it: it is what writers build, what JSON is decoded into (types checked in C) and
+what readers use. What JSON types cannot express (paths inside the prefix, pieces
+inside their tensor and file, checksum counts, coverage) is checked once, by
+``_check_tensors``, for manifests and reports alike.
+
+State trees (``state``, ``layout``, ``user_metadata``) may hold NaN and infinities,
+which strict JSON lacks: they are written with Python's ``json`` (``NaN``,
+``Infinity``), and a document holding one is decoded by ``json`` and then converted
+into the same structs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+from ckpt.format._codec import CHECKSUM_ALGORITHM, CODECS, DIGEST_HEX, chunk_count
+from ckpt.format._dtypes import DTYPES
+from ckpt.format._geometry import Box
+from ckpt.format._paths import safe_relative_path
+from ckpt.format._seal import seal_manifest, verify_manifest_seal
+
+FORMAT_NAME = "ckpt"
+FORMAT_VERSION = 1
+
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class StoredPiece(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """One stored region of a tensor and where its bytes are.
+
+    Attributes:
+        offsets, lengths: the region of the global tensor (row-major inside the piece).
+        file: the data file, relative to the step prefix.
+        byte_offset, byte_length: where the stored bytes are in ``file``.
+        codec: ``raw`` or ``zstd`` (one frame per chunk).
+        checksums: one 16-hex-digit digest per chunk of stored bytes, concatenated.
+        chunk_sizes: the stored size of each zstd frame (None for ``raw``).
+    """
+
+    offsets: tuple[_Count, ...]
+    lengths: tuple[_Count, ...]
+    file: str
+    byte_offset: _Count
+    byte_length: _Count
+    codec: str
+    checksums: str
+    chunk_sizes: tuple[_Count, ...] | None = None
+
+    @classmethod
+    def at(
+        cls,
+        box: Box,
+        file: str,
+        byte_offset: int,
+        byte_length: int,
+        codec: str,
+        checksums: str,
+        chunk_sizes: tuple[int, ...] | None = None,
+    ) -> StoredPiece:
+        """A piece storing the region ``box``."""
+        return cls(box.offsets, box.lengths, file, byte_offset, byte_length, codec, checksums, chunk_sizes)
+
+    @property
+    def box(self) -> Box:
+        return Box(self.offsets, self.lengths)
+
+
+class TensorEntry(msgspec.Struct, frozen=True, gc=False):
+    """A global tensor: its dtype, global shape and the pieces that store it."""
+
+    dtype: str
+    shape: tuple[_Count, ...]
+    pieces: tuple[StoredPiece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+class ShardIndex(msgspec.Struct, frozen=True):
+    """What one rank wrote for one step: reported to the committer, merged into the manifest."""
+
+    rank: _Count
+    tensors: dict[str, TensorEntry]
+    files: dict[str, _Count]
+    state: dict[str, Any] | None = None
+
+    def to_bytes(self) -> bytes:
+        return b"".join((
+            b'{"rank":%d,"tensors":' % self.rank, _ENCODER.encode(self.tensors),
+            b',"files":', _ENCODER.encode(self.files),
+            b',"state":', _dumps(self.state).encode(), b"}",
+        ))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str, chunk_bytes: int) -> ShardIndex:
+        """Parse and validate a rank's report (``CorruptCheckpointError`` naming ``where``)."""
+        index = _decode(data, cls, where)
+        _check_files(index.files, where)
+        _check_tensors(index.tensors, index.files, chunk_bytes, where, complete=False)
+        return index
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a checkpoint holds; written last, its existence commits the step.
+
+    See docs/FORMAT.md for each field. The ``format``, ``format_version``,
+    ``checksum_algorithm`` and ``manifest_checksum`` fields of the stored document are
+    checked on read and written by ``to_bytes``; they are not attributes.
+    """
+
+    step: _Count
+    generation: str
+    world_size: _Positive
+    chunk_bytes: _Positive
+    tensors: dict[str, TensorEntry]
+    files: dict[str, _Count]
+    state: dict[str, Any]
+    created_unix: float = 0.0
+    user_metadata: dict[str, Any] = {}
+    layout: dict[str, Any] = {}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def to_bytes(self) -> bytes:
+        """The sealed manifest document."""
+        return render_manifest(
+            self.header(),
+            ((name, _ENCODER.encode(entry)) for name, entry in self.tensors.items()),
+        )
+
+    def header(self) -> dict[str, Any]:
+        """Every field of the stored document but the tensors (and the seal)."""
+        return manifest_header(
+            step=self.step, generation=self.generation, world_size=self.world_size,
+            created_unix=self.created_unix, chunk_bytes=self.chunk_bytes, files=self.files,
+            state=self.state, layout=self.layout, user_metadata=self.user_metadata,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        """Verify the seal, the format version, then every field (``CorruptCheckpointError``)."""
+        verify_manifest_seal(data, where)
+        envelope = _decode(data, _Envelope, where)
+        if envelope.format != FORMAT_NAME:
+            raise CorruptCheckpointError(f"{where}: not a ckpt manifest (format={envelope.format!r})")
+        version = envelope.format_version
+        if type(version) is not int or version < 1:
+            raise CorruptCheckpointError(f"{where}: 'format_version' is missing or not a version number")
+        if version > FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{where}: written in format version {version}, this ckpt reads up to "
+                f"{FORMAT_VERSION}; upgrade ckpt to load it"
+            )
+        if envelope.checksum_algorithm != CHECKSUM_ALGORITHM:
+            raise UnsupportedFormatError(
+                f"{where}: checksum algorithm {envelope.checksum_algorithm!r} is not supported"
+            )
+        manifest = _decode(data, cls, where)
+        _check_files(manifest.files, where)
+        _check_tensors(manifest.tensors, manifest.files, manifest.chunk_bytes, where, complete=True)
+        return manifest
+
+
+class _Envelope(msgspec.Struct):
+    """The fields that say how to read the rest of a manifest."""
+
+    format: Any = None
+    format_version: Any = None
+    checksum_algorithm: Any = None
+
+
+def manifest_header(
+    *,
+    step: int,
+    generation: str,
+    world_size: int,
+    created_unix: float,
+    chunk_bytes: int,
+    files: Mapping[str, int],
+    state: Mapping[str, Any],
+    layout: Mapping[str, Any],
+    user_metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Every field of a stored manifest but the tensors, in the order it is written."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "generation": generation,
+        "world_size": world_size,
+        "created_unix": created_unix,
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "chunk_bytes": chunk_bytes,
+        "files": files,
+        "state": state,
+        "layout": layout,
+        "user_metadata": user_metadata,
+    }
+
+
+def render_manifest(header: Mapping[str, Any], tensors: Any) -> bytes:
+    """The sealed manifest: ``header`` plus ``tensors``, pairs of a name and the tensor's
+    JSON (a ``TensorEntry`` encoded, or built from pieces already encoded one by one)."""
+    body = b",".join(b"%s:%s" % (_dumps(name).encode(), text) for name, text in tensors)
+    head = _dumps(header).encode()
+    return seal_manifest(b'%s,"tensors":{%s}}' % (head[:-1], body))
+
+
+def tensor_json(dtype: str, shape: tuple[int, ...], piece_texts: list[bytes]) -> bytes:
+    """A tensor's JSON from its pieces' JSON (``encode_piece``)."""
+    return b'{"dtype":%s,"shape":%s,"pieces":[%s]}' % (
+        _dumps(dtype).encode(), _ENCODER.encode(shape), b",".join(piece_texts)
+    )
+
+
+def encode_piece(piece: StoredPiece) -> bytes:
+    """A piece's JSON, as manifests and reports store it."""
+    return _ENCODER.encode(piece)
+
+
+_ENCODER = msgspec.json.Encoder()
+_JSON = json.JSONEncoder(separators=(",", ":"))  # writes NaN and Infinity, as state trees need
+_T = TypeVar("_T")
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def _dumps(value: Any) -> str:
+    return _JSON.encode(value)
+
+
+def _decode(data: bytes, kind: type[_T], where: str) -> _T:
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        decoder = _DECODERS[kind] = msgspec.json.Decoder(kind)
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from exc
+    except msgspec.DecodeError:
+        pass  # not strict JSON: NaN or Infinity in a state tree, or not JSON at all
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: not valid JSON ({exc}); the file is corrupt") from exc
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from exc
+
+
+def _check_files(files: Mapping[str, int], where: str) -> None:
+    for path in files:
+        safe_relative_path(path, where)
+
+
+def _check_tensors(
+    tensors: Mapping[str, TensorEntry],
+    files: Mapping[str, int],
+    chunk_bytes: int,
+    where: str,
+    *,
+    complete: bool,
+) -> None:
+    """What a tensor's JSON types cannot say: known dtype, pieces inside the shape and
+    their file, checksums for every chunk, stored sizes that add up; with ``complete``,
+    pieces that cover the whole tensor (a report holds only its rank's pieces).
+
+    A committer runs this for every piece of every rank: texts are built only to raise.
+    """
+    for name, entry in tensors.items():
+        here = f"{where}: tensor {name!r}"
+        element = DTYPES.get(entry.dtype)
+        if element is None:
+            raise CorruptCheckpointError(f"{here}: unknown dtype {entry.dtype!r}")
+        covered = 0
+        for piece in entry.pieces:
+            _check_piece(piece, entry.shape, element[1] * math.prod(piece.lengths), files,
+                         chunk_bytes, here)
+            covered += math.prod(piece.lengths)
+        if complete and covered != math.prod(entry.shape):
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r}: stored pieces cover {covered} of {math.prod(entry.shape)} elements"
+            )
+
+
+def _check_piece(
+    piece: StoredPiece,
+    shape: tuple[int, ...],
+    raw_length: int,
+    files: Mapping[str, int],
+    chunk_bytes: int,
+    where: str,
+) -> None:
+    offsets, lengths = piece.offsets, piece.lengths
+    if len(offsets) != len(lengths):
+        raise CorruptCheckpointError(f"{where}: piece offsets and lengths differ in rank")
+    if len(shape) != len(offsets) or any(o + n > s for o, n, s in zip(offsets, lengths, shape)):
+        raise CorruptCheckpointError(f"{where}: piece {piece.box} lies outside the shape {list(shape)}")
+    size = files.get(piece.file)
+    if size is None:
+        safe_relative_path(piece.file, where)  # the clearer error for a path that climbs out
+        raise CorruptCheckpointError(f"{where}: piece names {piece.file!r}, which the checkpoint does not list")
+    if piece.codec not in CODECS:
+        raise UnsupportedFormatError(f"{where}: unknown codec {piece.codec!r}")
+    if piece.byte_offset + piece.byte_length > size:
+        raise CorruptCheckpointError(
+            f"{where}: bytes {piece.byte_offset}..{piece.byte_offset + piece.byte_length} lie past "
+            f"the end of {piece.file!r}"
+        )
+    chunks = chunk_count(raw_length, chunk_bytes)
+    if len(piece.checksums) != chunks * DIGEST_HEX:
+        raise CorruptCheckpointError(f"{where}: expected {chunks} chunk checksums in {piece.file!r}")
+    if piece.codec == "raw":
+        if piece.byte_length != raw_length:
+            raise CorruptCheckpointError(
+                f"{where}: stores {piece.byte_length} bytes for a piece of {raw_length} bytes"
+            )
+        if piece.chunk_sizes is not None:
+            raise CorruptCheckpointError(f"{where}: a raw piece lists chunk_sizes")
+    elif (
+        piece.chunk_sizes is None
+        or len(piece.chunk_sizes) != chunks
+        or sum(piece.chunk_sizes) != piece.byte_length
+    ):
+        raise CorruptCheckpointError(f"{where}: chunk_sizes do not add up to byte_length")
