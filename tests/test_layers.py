@@ -165,3 +165,11 @@ def test_a_local_job_loads_neither_the_s3_nor_the_redis_client(tmp_path: Path) -
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_the_format_reader_needs_no_torch() -> None:
+    """Tools that only inspect checkpoints read the format without importing torch."""
+    script = "import sys, ckpt, ckpt.format\nprint('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
