@@ -47,15 +47,15 @@ class PieceIndex:
     """
 
     def __init__(self, pieces: Sequence[StoredPiece]) -> None:
-        ndim = pieces[0].box.ndim if pieces else 0
+        ndim = len(pieces[0].offsets) if pieces else 0
         self._dim = 0
         if ndim:
-            distinct = [len({p.box.offsets[d] for p in pieces}) for d in range(ndim)]
+            distinct = [len({p.offsets[d] for p in pieces}) for d in range(ndim)]
             self._dim = max(range(ndim), key=lambda d: (distinct[d], -d))
         d = self._dim
-        self._pieces = sorted(pieces, key=lambda p: p.box.offsets[d] if ndim else 0)
-        self._starts = [p.box.offsets[d] if ndim else 0 for p in self._pieces]
-        self._longest = max((p.box.lengths[d] if ndim else 1 for p in self._pieces), default=0)
+        self._pieces = sorted(pieces, key=lambda p: p.offsets[d] if ndim else 0)
+        self._starts = [p.offsets[d] if ndim else 0 for p in self._pieces]
+        self._longest = max((p.lengths[d] if ndim else 1 for p in self._pieces), default=0)
 
     @property
     def dim(self) -> int:
@@ -93,10 +93,11 @@ def plan_reads(name: str, entry: TensorEntry, targets: Sequence[tuple[int, Box]]
         covered = 0
         overlaps = []
         for piece in index.overlapping(region):
-            overlap = piece.box.intersect(region)
+            box = piece.box
+            overlap = box.intersect(region)
             if overlap is None:
                 continue
-            first, count = row_span(piece.box, overlap)
+            first, count = row_span(box, overlap)
             requests.append(
                 ReadRequest(target, name, piece, first * itemsize, count * itemsize, overlap)
             )
