@@ -2,16 +2,29 @@
 
 Call order, as the checkpoint layer uses it:
 
-* Every writing rank, in background threads, for each of its data files:
-  ``open_stream(path)`` -> ``BlobStream.write(...)`` any number of times ->
+* Every writing rank, in the save engine's background threads, for each of its data
+  files: ``open_stream(path)`` -> ``BlobStream.write(...)`` any number of times ->
   ``BlobStream.commit()`` (durable and visible under ``path`` only now) or ``abort()``.
-  Small objects (per-rank shard indexes) go through ``write(path, data)``.
-  Different paths may be written from different threads at the same time.
-* One committer, after every blob of a step is durable: ``put_if_absent(manifest, ...)``.
-  This is the commit point of a checkpoint; it never overwrites.
-* Readers: ``list_prefixes`` / ``list`` to discover, ``read`` for small objects,
-  ``read_into`` for byte ranges of data files (called from many threads at once).
-* Retention (one rank, after a commit): ``delete`` of paths or whole prefixes.
+  Different paths may be streamed from different threads at the same time. A save that
+  fails ``delete``s the data files it started (from the same thread).
+* Every rank, after its files are durable (the embedded coordinator, in the thread that
+  finishes the save): ``write(path, data)`` of one small object, its shard index; a rank
+  that fails writes a small abort marker the same way.
+* One committer (rank 0, same thread), after every blob of a step is durable:
+  ``list_objects`` of the step's reports, ``read`` of each, then
+  ``put_if_absent(manifest, ...)``. This is the commit point of a checkpoint; it never
+  overwrites. Other ranks poll ``exists`` of the manifest.
+* Readers (restore, ``ckpt ls/inspect/verify``, in the caller's thread):
+  ``list_prefixes`` + ``exists`` to find committed steps, ``read`` of manifests,
+  ``size`` of data files to validate them, then ``read_into`` of byte ranges of data
+  files from many loader threads at once.
+* Retention (one rank, after a commit, in the thread that committed): ``list_objects``
+  and ``delete`` of stale files, ``abort_unfinished`` in a committed step,
+  ``delete_prefix`` of whole steps.
+* Whoever opened the backend ``close``s it once nothing else uses it.
+
+A list of buffers that must become one object is streamed: ``open_stream``, one
+``write`` per buffer, ``commit``.
 
 Paths are relative to the backend's root, use ``/`` as separator and never contain
 ``..`` or a leading ``/``. Implementations raise ``StorageBackendError`` subclasses
@@ -20,7 +33,7 @@ only, and say in ``retryable`` whether trying again may help.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from typing_extensions import Buffer
@@ -33,7 +46,11 @@ class BlobStream(Protocol):
     """A large object being written; invisible to readers until ``commit()``."""
 
     def write(self, data: BytesLike) -> None:
-        """Append ``data``. May block while earlier data is flushed."""
+        """Append ``data``. May block while earlier data is flushed.
+
+        The stream may keep a view of ``data`` (no copy) until ``commit()`` or
+        ``abort()`` returns: the caller must not change it before.
+        """
 
     def commit(self) -> None:
         """Make the object durable and visible under its path, atomically."""
@@ -50,8 +67,9 @@ class StorageBackend(Protocol):
     def url(self) -> str:
         """The root this backend writes under, as a URL (``file:///...``, ``s3://...``)."""
 
-    def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
-        """Write a whole object atomically (visible only when complete), replacing any old one."""
+    def write(self, path: str, data: BytesLike) -> None:
+        """Write one buffer as a whole object, atomically (visible only when complete),
+        replacing any old one. Several buffers: ``open_stream``."""
 
     def open_stream(self, path: str) -> BlobStream:
         """Start streaming a large object to ``path``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from storage_backends._errors import BlobNotFoundError, StorageBackendError
@@ -53,7 +53,7 @@ class TieredBackend:
 
     # -- writes: local first ---------------------------------------------------------
 
-    def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
+    def write(self, path: str, data: BytesLike) -> None:
         self.local.write(path, data)
 
     def open_stream(self, path: str) -> BlobStream:
