@@ -7,7 +7,7 @@ from storage_backends._errors import (
     StorageFullError,
 )
 from storage_backends._local import LocalBackend
-from storage_backends._protocol import BlobStream, BytesLike, StorageBackend
+from storage_backends._protocol import BlobStream, BytesLike, StorageBackend, Tiered, as_tiered
 from storage_backends._s3 import RetryPolicy, S3Backend, S3Config
 from storage_backends._tiered import TieredBackend
 from storage_backends._url import open_backend
@@ -24,6 +24,8 @@ __all__ = [
     "StorageBackend",
     "StorageBackendError",
     "StorageFullError",
+    "Tiered",
     "TieredBackend",
+    "as_tiered",
     "open_backend",
 ]

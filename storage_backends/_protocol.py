@@ -1,4 +1,4 @@
-"""The byte-level storage protocol every backend implements.
+"""The byte-level storage protocol every backend implements, and the tiering capability.
 
 Call order, as the checkpoint layer uses it:
 
@@ -29,11 +29,16 @@ A list of buffers that must become one object is streamed: ``open_stream``, one
 Paths are relative to the backend's root, use ``/`` as separator and never contain
 ``..`` or a leading ``/``. Implementations raise ``StorageBackendError`` subclasses
 only, and say in ``retryable`` whether trying again may help.
+
+A backend made of several media (``TieredBackend``) also declares ``Tiered``; code that
+treats tiers one by one (restore's fallback, per-tier retention) goes through
+``as_tiered(backend)``, which views any other backend as a single tier.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
 from typing_extensions import Buffer
@@ -116,3 +121,47 @@ class StorageBackend(Protocol):
 
     def close(self) -> None:
         """Release connections and thread pools."""
+
+
+@runtime_checkable
+class Tiered(Protocol):
+    """The capability of a backend made of tiers: objects land on the first (fastest)
+    tier and a commit replicates its directory to the others in the background.
+
+    The backend itself is a ``StorageBackend`` over all its tiers (reads fall back from
+    one tier to the next); ``tiers`` lets restore and retention treat each on its own.
+    """
+
+    @property
+    def tiers(self) -> tuple[StorageBackend, ...]:
+        """The tiers, fastest (local) first, the durable one last."""
+
+    def unreplicated(self) -> list[str]:
+        """Directories whose commit has not reached the last tier yet (queued, running or
+        failed): retention must keep them on the tiers in front of it."""
+
+    def retry_failed(self) -> list[Future[None]]:
+        """Queue again every replication that failed; one future per replication."""
+
+
+class _OneTier:
+    """A plain backend seen as tiered: itself, nothing ever pending."""
+
+    def __init__(self, backend: StorageBackend) -> None:
+        self._tiers = (backend,)
+
+    @property
+    def tiers(self) -> tuple[StorageBackend, ...]:
+        return self._tiers
+
+    def unreplicated(self) -> list[str]:
+        return []
+
+    def retry_failed(self) -> list[Future[None]]:
+        return []
+
+
+def as_tiered(backend: StorageBackend) -> Tiered:
+    """``backend``'s tiers and replication state: the backend itself when it is ``Tiered``,
+    else a view of it as one tier with nothing to replicate."""
+    return backend if isinstance(backend, Tiered) else _OneTier(backend)

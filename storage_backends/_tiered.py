@@ -5,8 +5,9 @@ Writes and commits go to the local tier, so a save commits at local-disk speed
 replication of every object in the same directory, then of the commit object itself,
 last, with the remote's own atomic create ("committed-remote"). Reads prefer the local
 tier and fall back to the remote one, so losing a node's disk loses nothing that
-reached the remote tier. Deletes apply to both tiers; retention per tier uses
-``local`` / ``remote`` directly and must protect ``unreplicated()`` directories.
+reached the remote tier. Deletes apply to both tiers. The backend declares ``Tiered``:
+retention per tier goes through ``as_tiered(backend).tiers`` and must keep
+``unreplicated()`` directories on the local tier.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ class TieredBackend:
     def url(self) -> str:
         return self.local.url
 
-    def tiers(self) -> list[StorageBackend]:
-        """Tiers in the order reads prefer them."""
-        return [self.local, self.remote]
+    @property
+    def tiers(self) -> tuple[StorageBackend, ...]:
+        """The tiers in the order reads prefer them: local, then remote (``Tiered``)."""
+        return (self.local, self.remote)
 
     # -- writes: local first ---------------------------------------------------------
 
