@@ -8,7 +8,8 @@ from storage_backends._errors import (
 )
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import BlobStream, BytesLike, StorageBackend, Tiered, as_tiered
-from storage_backends._s3 import RetryPolicy, S3Backend, S3Config
+from storage_backends._s3 import S3Backend
+from storage_backends._s3_config import RetryPolicy, S3Config
 from storage_backends._tiered import TieredBackend
 from storage_backends._url import open_backend
 

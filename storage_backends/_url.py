@@ -8,7 +8,8 @@ from urllib.parse import unquote, urlparse
 from storage_backends._errors import StorageBackendError
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import StorageBackend
-from storage_backends._s3 import S3Backend, S3Config
+from storage_backends._s3 import S3Backend
+from storage_backends._s3_config import S3Config
 
 
 def open_backend(url: str | os.PathLike[str], *, s3_config: S3Config | None = None) -> StorageBackend:
