@@ -210,7 +210,9 @@ class S3Backend:
 
         def get(first: int, last: int) -> Any:
             nonlocal done, etag
-            args: dict[str, Any] = {"Bucket": s3.bucket, "Key": key, "Range": f"bytes={first}-{last}"}
+            args: dict[str, Any] = {
+                "Bucket": s3.bucket, "Key": key, "Range": f"bytes={first}-{last}"
+            }
             if done and etag:
                 # Resuming after a dropped connection: only from the same version of the object.
                 args["IfMatch"] = etag
@@ -290,7 +292,8 @@ class S3Backend:
         def call() -> list[str]:
             names: list[str] = []
             for page in paginator.paginate(Bucket=s3.bucket, Prefix=base, Delimiter="/"):
-                names.extend(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+                common = page.get("CommonPrefixes", [])
+                names.extend(p["Prefix"][len(base) :].rstrip("/") for p in common)
             return names
 
         names = sorted(n for n in s3.call("listing", prefix, call) if n and n != _PROBE_DIR)
@@ -318,8 +321,9 @@ class S3Backend:
             batch = pairs[start : start + _DELETE_BATCH]
 
             def call(batch: list[tuple[str, str]] = batch) -> list[dict[str, Any]]:
+                objects = [{"Key": k} for _, k in batch]
                 response = s3.boto.delete_objects(
-                    Bucket=s3.bucket, Delete={"Objects": [{"Key": k} for _, k in batch], "Quiet": True}
+                    Bucket=s3.bucket, Delete={"Objects": objects, "Quiet": True}
                 )
                 # Per-key errors come inside an answer that is itself a success.
                 errors = [
@@ -344,8 +348,8 @@ class S3Backend:
                 code = str(first.get("Code") or "")
                 rule = rule_for(code)
                 raise rule.kind(
-                    f"deleting s3://{s3.bucket}/{first.get('Key')}: {code} ({first.get('Message')}): "
-                    f"{rule.advice}",
+                    f"deleting s3://{s3.bucket}/{first.get('Key')}: "
+                    f"{code} ({first.get('Message')}): {rule.advice}",
                     path=s3.relative(str(first.get("Key", ""))),
                 )
 

@@ -36,7 +36,9 @@ from storage_backends._s3_errors import TRANSIENT, UploadGoneError, is_retryable
 T = TypeVar("T")
 
 # Integrity checksums S3 may return per part; the completion must repeat them.
-_PART_CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumSHA256", "ChecksumCRC64NVME")
+_PART_CHECKSUMS = (
+    "ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumSHA256", "ChecksumCRC64NVME"
+)
 
 _loader_lock = threading.Lock()
 _shared_loader: Any = None
@@ -124,11 +126,17 @@ class S3Client:
         self.prefix = parsed.path.strip("/")
         self.config = config
         self.boto = boto or self._make_boto()
-        self._pool = ThreadPoolExecutor(max(4, config.max_concurrency * 2), thread_name_prefix="ckpt-s3")
+        self._pool = ThreadPoolExecutor(
+            max(4, config.max_concurrency * 2), thread_name_prefix="ckpt-s3"
+        )
 
     def _make_boto(self) -> Any:
         cfg = self.config
-        endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = (
+            cfg.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
         try:
             session = _botocore_session(cfg.profile)
             region = cfg.region or session.get_config_variable("region") or "us-east-1"
@@ -140,7 +148,9 @@ class S3Client:
                 connect_timeout=cfg.connect_timeout,
                 read_timeout=cfg.read_timeout,
                 max_pool_connections=cfg.max_pool_connections,
-                request_checksum_calculation="when_required" if cfg.checksum_algorithm is None else "when_supported",
+                request_checksum_calculation=(
+                    "when_required" if cfg.checksum_algorithm is None else "when_supported"
+                ),
                 response_checksum_validation="when_required",
             )
             return session.create_client(
@@ -244,7 +254,9 @@ class S3Client:
 
         def call() -> Any:
             body = ViewReader(views)
-            return self.boto.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=len(body), **args)
+            return self.boto.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentLength=len(body), **args
+            )
 
         return self.call("writing", path, call)
 
@@ -258,7 +270,9 @@ class S3Client:
         )
         return str(response["UploadId"])
 
-    def upload_part(self, path: str, upload_id: str, number: int, views: Sequence[memoryview]) -> dict[str, Any]:
+    def upload_part(
+        self, path: str, upload_id: str, number: int, views: Sequence[memoryview]
+    ) -> dict[str, Any]:
         """Upload part ``number`` (the concatenation of ``views``); returns its entry for
         the completion."""
         key = self.key(path)
@@ -286,11 +300,14 @@ class S3Client:
             tries += 1
             try:
                 self.boto.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+                    Bucket=self.bucket, Key=key, UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
             except bce.ClientError as exc:
                 # A retry after a completion whose answer was lost: the upload is gone
                 # because it became the object. Anything else is a real failure.
-                if not (tries > 1 and maps_to(exc, UploadGoneError) and self._is_completed(key, parts)):
+                lost_answer = tries > 1 and maps_to(exc, UploadGoneError)
+                if not (lost_answer and self._is_completed(key, parts)):
                     raise
 
         self.call("completing", path, call)
@@ -313,7 +330,9 @@ class S3Client:
         key = key or self.key(path)
         self.call(
             "aborting the upload of", path,
-            lambda: self.boto.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
+            lambda: self.boto.abort_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id
+            ),
         )
 
     def close(self) -> None:

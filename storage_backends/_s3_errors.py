@@ -40,34 +40,38 @@ class ErrorRule:
     advice: str
 
 
-_MISSING = ErrorRule(BlobNotFoundError, False, "the object does not exist")
-_DENIED = ErrorRule(StorageBackendError, False, "access denied: check the credentials and the bucket policy")
-_THROTTLED = ErrorRule(StorageBackendError, True, "throttled")
-_SERVER = ErrorRule(StorageBackendError, True, "server error")
-_UNAVAILABLE = ErrorRule(StorageBackendError, True, "server unavailable")
-_PRECONDITION = ErrorRule(PreconditionFailedError, False, "a condition of the request did not hold")
-_RANGE = ErrorRule(InvalidRangeError, False, "the range lies past the end of the object")
-_UNEXPECTED = ErrorRule(StorageBackendError, False, "unexpected error")
-_UNEXPECTED_SERVER = ErrorRule(StorageBackendError, True, "unexpected server error")
+def _fails(advice: str, kind: type[StorageBackendError] = StorageBackendError) -> ErrorRule:
+    return ErrorRule(kind, False, advice)
+
+
+def _transient(advice: str) -> ErrorRule:
+    return ErrorRule(StorageBackendError, True, advice)
+
+
+_MISSING = _fails("the object does not exist", BlobNotFoundError)
+_DENIED = _fails("access denied: check the credentials and the bucket policy")
+_THROTTLED = _transient("throttled")
+_SERVER = _transient("server error")
+_UNAVAILABLE = _transient("server unavailable")
+_PRECONDITION = _fails("a condition of the request did not hold", PreconditionFailedError)
+_RANGE = _fails("the range lies past the end of the object", InvalidRangeError)
+_UNEXPECTED = _fails("unexpected error")
+_UNEXPECTED_SERVER = _transient("unexpected server error")
 
 _BY_CODE: dict[str, ErrorRule] = {
     "NoSuchKey": _MISSING,
     "NotFound": _MISSING,
-    "NoSuchBucket": ErrorRule(StorageBackendError, False, "the bucket does not exist: create it or fix the URL"),
+    "NoSuchBucket": _fails("the bucket does not exist: create it or fix the URL"),
     "AccessDenied": _DENIED,
     "Forbidden": _DENIED,
-    "InvalidAccessKeyId": ErrorRule(StorageBackendError, False, "unknown access key: check the credentials"),
-    "SignatureDoesNotMatch": ErrorRule(
-        StorageBackendError, False, "bad secret key or clock skew: check the credentials"
+    "InvalidAccessKeyId": _fails("unknown access key: check the credentials"),
+    "SignatureDoesNotMatch": _fails("bad secret key or clock skew: check the credentials"),
+    "AllAccessDisabled": _fails("access to the bucket is disabled"),
+    "QuotaExceeded": _fails(
+        "the storage quota is exhausted: free space or raise the quota", StorageFullError
     ),
-    "AllAccessDisabled": ErrorRule(StorageBackendError, False, "access to the bucket is disabled"),
-    "QuotaExceeded": ErrorRule(
-        StorageFullError, False, "the storage quota is exhausted: free space or raise the quota"
-    ),
-    "EntityTooLarge": ErrorRule(
-        StorageBackendError, False, "object too large: lower part_size or split the data"
-    ),
-    "NoSuchUpload": ErrorRule(UploadGoneError, False, "the multipart upload was aborted (by GC?)"),
+    "EntityTooLarge": _fails("object too large: lower part_size or split the data"),
+    "NoSuchUpload": _fails("the multipart upload was aborted (by GC?)", UploadGoneError),
     "PreconditionFailed": _PRECONDITION,
     "InvalidRange": _RANGE,
     "SlowDown": _THROTTLED,
@@ -77,11 +81,11 @@ _BY_CODE: dict[str, ErrorRule] = {
     "TooManyRequests": _THROTTLED,
     "InternalError": _SERVER,
     "ServiceUnavailable": _UNAVAILABLE,
-    "RequestTimeout": ErrorRule(StorageBackendError, True, "request timed out"),
-    "RequestTimeTooSkewed": ErrorRule(StorageBackendError, False, "the clock is skewed: fix the host's time"),
-    "IncompleteBody": ErrorRule(StorageBackendError, True, "the body ended early"),
-    "ConditionalRequestConflict": ErrorRule(StorageBackendError, True, "a concurrent conditional write"),
-    "OperationAborted": ErrorRule(StorageBackendError, True, "a conflicting operation is in progress"),
+    "RequestTimeout": _transient("request timed out"),
+    "RequestTimeTooSkewed": _fails("the clock is skewed: fix the host's time"),
+    "IncompleteBody": _transient("the body ended early"),
+    "ConditionalRequestConflict": _transient("a concurrent conditional write"),
+    "OperationAborted": _transient("a conflicting operation is in progress"),
 }
 
 _BY_STATUS: dict[int, ErrorRule] = {
@@ -91,9 +95,9 @@ _BY_STATUS: dict[int, ErrorRule] = {
     416: _RANGE,
     429: _THROTTLED,
     500: _SERVER,
-    502: ErrorRule(StorageBackendError, True, "bad gateway"),
+    502: _transient("bad gateway"),
     503: _UNAVAILABLE,
-    504: ErrorRule(StorageBackendError, True, "gateway timeout"),
+    504: _transient("gateway timeout"),
 }
 
 # Failures below HTTP: the request may not have reached the server, or its answer was lost.
@@ -115,8 +119,8 @@ def rule_for(code: str, status: int = 0) -> ErrorRule:
     rule = _BY_CODE.get(code)
     if rule is not None:
         return rule
-    if not code or code.isdigit() or status >= 500:
-        rule = _BY_STATUS.get(status or (int(code) if code.isdigit() else 0))
+    if not code or code.isdigit() or status >= 500:  # the status says more than the code
+        rule = _BY_STATUS.get(status or int(code or 0))
         if rule is not None:
             return rule
     return _UNEXPECTED_SERVER if status >= 500 else _UNEXPECTED
@@ -155,4 +159,6 @@ def to_error(exc: bce.ClientError, what: str, where: str, path: str) -> StorageB
     rule = rule_for(code, status)
     shown = code or str(status)
     message = exc.response.get("Error", {}).get("Message") or shown
-    return rule.kind(f"{what} {where}: {shown} ({message}): {rule.advice}", path=path, retryable=rule.retryable)
+    return rule.kind(
+        f"{what} {where}: {shown} ({message}): {rule.advice}", path=path, retryable=rule.retryable
+    )

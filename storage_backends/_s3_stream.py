@@ -68,10 +68,12 @@ class S3Stream:
         number = len(self._parts) + 1
         if number > MAX_PARTS:
             raise StorageBackendError(
-                f"{self._path!r} needs more than {MAX_PARTS} parts: raise part_size", path=self._path
+                f"{self._path!r} needs more than {MAX_PARTS} parts: raise part_size",
+                path=self._path,
             )
         self._slots.acquire()  # bounded memory: at most max_concurrency parts in flight
-        future = self._client.submit(self._client.upload_part, self._path, self._upload_id, number, views)
+        client = self._client
+        future = client.submit(client.upload_part, self._path, self._upload_id, number, views)
         future.add_done_callback(lambda _f: self._slots.release())
         self._parts.append(future)
 
