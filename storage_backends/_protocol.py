@@ -2,25 +2,25 @@
 
 Call order, as the checkpoint layer uses it:
 
-* Every writing rank, in the save engine's background threads, for each of its data
-  files: ``open_stream(path)`` -> ``BlobStream.write(...)`` any number of times ->
+* Every writing rank, in the save engine's I/O threads, for each of its data files:
+  ``open_stream(path)`` -> ``BlobStream.write(...)`` any number of times ->
   ``BlobStream.commit()`` (durable and visible under ``path`` only now) or ``abort()``.
   Different paths may be streamed from different threads at the same time. A save that
-  fails ``delete``s the data files it started (from the same thread).
-* Every rank, after its files are durable (the embedded coordinator, in the thread that
-  finishes the save): ``write(path, data)`` of one small object, its shard index; a rank
-  that fails writes a small abort marker the same way.
+  fails ``delete``s the data files it started (from the thread that saw the failure).
+* Every rank, after its files are durable, in the save's background thread (the
+  embedded coordinator): ``write(path, data)`` of one small object, its shard index; a
+  rank that fails writes a small abort marker the same way.
 * One committer (rank 0, same thread), after every blob of a step is durable:
   ``list_objects`` of the step's reports, ``read`` of each, then
   ``put_if_absent(manifest, ...)``. This is the commit point of a checkpoint; it never
-  overwrites. Other ranks poll ``exists`` of the manifest.
+  overwrites. Other ranks poll ``exists`` of the manifest (the Redis coordinator too).
 * Readers (restore, ``ckpt ls/inspect/verify``, in the caller's thread):
   ``list_prefixes`` + ``exists`` to find committed steps, ``read`` of manifests,
   ``size`` of data files to validate them, then ``read_into`` of byte ranges of data
   files from many loader threads at once.
-* Retention (one rank, after a commit, in the thread that committed): ``list_objects``
-  and ``delete`` of stale files, ``abort_unfinished`` in a committed step,
-  ``delete_prefix`` of whole steps.
+* Retention (the committing rank, in the save's background thread after the commit; or
+  ``ckpt gc``): ``list_objects`` and ``delete`` of stale files, ``abort_unfinished`` in
+  a committed step, ``delete_prefix`` of whole steps. With ``Tiered`` backends, per tier.
 * Whoever opened the backend ``close``s it once nothing else uses it.
 
 A list of buffers that must become one object is streamed: ``open_stream``, one
