@@ -22,7 +22,7 @@ from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.format import Manifest, parse_step_prefix
 from ckpt.retention import RetentionPolicy, apply_retention, remove_unreferenced
 from recovery import LoadOptions
-from storage_backends import StorageBackend, TieredBackend
+from storage_backends import StorageBackend, as_tiered
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class CheckpointManager:
         mtbf_seconds: the job's mean time between failures, for ``interval="auto"``.
         keep_last: committed checkpoints to keep (the newest is always kept).
         keep_every: also keep steps that are multiples of this, forever.
-        keep_last_local: with a TieredBackend, committed steps kept on the local tier
+        keep_last_local: with a tiered backend, committed steps kept on the local tier
             (default: keep_last); keep_last/keep_every then apply to the remote tier. Steps
             not yet replicated are never deleted locally.
         coordinator: None for the embedded coordinator, or a Coordinator.
@@ -234,14 +234,14 @@ class CheckpointManager:
     def _after_commit(self, manifest: Manifest) -> None:
         try:
             remove_unreferenced(self.backend, manifest)
-            if isinstance(self.backend, TieredBackend):
-                unreplicated = {parse_step_prefix(d) for d in self.backend.unreplicated()}
-                protect = {s for s in unreplicated if s is not None}
-                apply_retention(self.backend.local, self.local_retention, protect=protect)
-                plan = apply_retention(self.backend.remote, self.retention)
-                self.backend.retry_failed()
-            else:
-                plan = apply_retention(self.backend, self.retention)
+            tiered = as_tiered(self.backend)
+            *fast, durable = tiered.tiers  # a plain backend: no fast tier
+            unreplicated = {parse_step_prefix(d) for d in tiered.unreplicated()}
+            protect = {s for s in unreplicated if s is not None}
+            for tier in fast:
+                apply_retention(tier, self.local_retention, protect=protect)
+            plan = apply_retention(durable, self.retention)
+            tiered.retry_failed()
             forget = getattr(self.coordinator, "forget_steps", None)
             if forget is not None:
                 forget(plan.committed)

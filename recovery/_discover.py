@@ -13,7 +13,7 @@ from ckpt.errors import (
     storage_errors,
 )
 from ckpt.format import Manifest, read_manifest, scan_steps, step_prefix
-from storage_backends import BlobNotFoundError, StorageBackend
+from storage_backends import BlobNotFoundError, StorageBackend, as_tiered
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,6 @@ class Candidate:
     backend: StorageBackend
 
 
-def _tiers(backend: StorageBackend) -> list[StorageBackend]:
-    tiers = getattr(backend, "tiers", None)
-    return list(tiers()) if callable(tiers) else [backend]
-
-
 def _examine(tier: StorageBackend, step: int) -> Candidate:
     try:
         manifest = read_manifest(tier, step)
@@ -88,7 +83,7 @@ def candidates(backend: StorageBackend, step: int | None = None) -> Iterator[Can
         CheckpointNotFoundError: ``step`` is given and not committed.
         CorruptCheckpointError: ``step`` is given and fails validation in every tier.
     """
-    tiers = _tiers(backend)
+    tiers = as_tiered(backend).tiers
     if step is not None:
         holders = [t for t in tiers if step in committed_steps(t)] if len(tiers) > 1 else tiers
         found_any = False

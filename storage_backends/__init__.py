@@ -1,4 +1,13 @@
-"""Byte movers for ckpt: one small protocol and its implementations."""
+"""Byte movers for ckpt: one small protocol and its implementations.
+
+Client libraries load only when used: ``S3Backend`` (botocore) is imported on first
+access, and ``open_backend`` imports it only for an ``s3://`` URL, so a job on local
+storage never loads botocore (nor does any of its spawned ranks).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from storage_backends._errors import (
     BlobNotFoundError,
@@ -7,10 +16,13 @@ from storage_backends._errors import (
     StorageFullError,
 )
 from storage_backends._local import LocalBackend
-from storage_backends._protocol import BlobStream, BytesLike, StorageBackend
-from storage_backends._s3 import RetryPolicy, S3Backend, S3Config
+from storage_backends._protocol import BlobStream, BytesLike, StorageBackend, Tiered, as_tiered
+from storage_backends._s3_config import RetryPolicy, S3Config
 from storage_backends._tiered import TieredBackend
 from storage_backends._url import open_backend
+
+if TYPE_CHECKING:
+    from storage_backends._s3 import S3Backend
 
 __all__ = [
     "BlobNotFoundError",
@@ -24,6 +36,17 @@ __all__ = [
     "StorageBackend",
     "StorageBackendError",
     "StorageFullError",
+    "Tiered",
     "TieredBackend",
+    "as_tiered",
     "open_backend",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the S3 backend, and botocore with it, load on first use.
+    if name == "S3Backend":
+        from storage_backends._s3 import S3Backend
+
+        return S3Backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from storage_backends._errors import (
@@ -158,12 +158,10 @@ class LocalBackend:
                 _fsync_dir(directory.parent)
         return parent
 
-    def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
+    def write(self, path: str, data: BytesLike) -> None:
         stream = self.open_stream(path)
-        buffers: Sequence[BytesLike] = data if isinstance(data, (list, tuple)) else [data]  # type: ignore[list-item]
         try:
-            for buf in buffers:
-                stream.write(buf)
+            stream.write(data)
             stream.commit()
         except BaseException:
             # e.g. a TypeError for a non-buffer: do not leave the temp file behind.

@@ -1,26 +1,44 @@
-"""The byte-level storage protocol every backend implements.
+"""The byte-level storage protocol every backend implements, and the tiering capability.
 
 Call order, as the checkpoint layer uses it:
 
-* Every writing rank, in background threads, for each of its data files:
+* Every writing rank, in the save engine's I/O threads, for each of its data files:
   ``open_stream(path)`` -> ``BlobStream.write(...)`` any number of times ->
   ``BlobStream.commit()`` (durable and visible under ``path`` only now) or ``abort()``.
-  Small objects (per-rank shard indexes) go through ``write(path, data)``.
-  Different paths may be written from different threads at the same time.
-* One committer, after every blob of a step is durable: ``put_if_absent(manifest, ...)``.
-  This is the commit point of a checkpoint; it never overwrites.
-* Readers: ``list_prefixes`` / ``list`` to discover, ``read`` for small objects,
-  ``read_into`` for byte ranges of data files (called from many threads at once).
-* Retention (one rank, after a commit): ``delete`` of paths or whole prefixes.
+  Different paths may be streamed from different threads at the same time. A save that
+  fails ``delete``s the data files it started (from the thread that saw the failure).
+* Every rank, after its files are durable, in the save's background thread (the
+  embedded coordinator): ``write(path, data)`` of one small object, its shard index; a
+  rank that fails writes a small abort marker the same way.
+* One committer (rank 0, same thread), after every blob of a step is durable:
+  ``list_objects`` of the step's reports, ``read`` of each, then
+  ``put_if_absent(manifest, ...)``. This is the commit point of a checkpoint; it never
+  overwrites. Other ranks poll ``exists`` of the manifest (the Redis coordinator too).
+* Readers (restore, ``ckpt ls/inspect/verify``, in the caller's thread):
+  ``list_prefixes`` + ``exists`` to find committed steps, ``read`` of manifests,
+  ``size`` of data files to validate them, then ``read_into`` of byte ranges of data
+  files from many loader threads at once.
+* Retention (the committing rank, in the save's background thread after the commit; or
+  ``ckpt gc``): ``list_objects`` and ``delete`` of stale files, ``abort_unfinished`` in
+  a committed step, ``delete_prefix`` of whole steps. With ``Tiered`` backends, per tier.
+* Whoever opened the backend ``close``s it once nothing else uses it.
+
+A list of buffers that must become one object is streamed: ``open_stream``, one
+``write`` per buffer, ``commit``.
 
 Paths are relative to the backend's root, use ``/`` as separator and never contain
 ``..`` or a leading ``/``. Implementations raise ``StorageBackendError`` subclasses
 only, and say in ``retryable`` whether trying again may help.
+
+A backend made of several media (``TieredBackend``) also declares ``Tiered``; code that
+treats tiers one by one (restore's fallback, per-tier retention) goes through
+``as_tiered(backend)``, which views any other backend as a single tier.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
 from typing_extensions import Buffer
@@ -33,7 +51,11 @@ class BlobStream(Protocol):
     """A large object being written; invisible to readers until ``commit()``."""
 
     def write(self, data: BytesLike) -> None:
-        """Append ``data``. May block while earlier data is flushed."""
+        """Append ``data``. May block while earlier data is flushed.
+
+        The stream may keep a view of ``data`` (no copy) until ``commit()`` or
+        ``abort()`` returns: the caller must not change it before.
+        """
 
     def commit(self) -> None:
         """Make the object durable and visible under its path, atomically."""
@@ -50,8 +72,9 @@ class StorageBackend(Protocol):
     def url(self) -> str:
         """The root this backend writes under, as a URL (``file:///...``, ``s3://...``)."""
 
-    def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
-        """Write a whole object atomically (visible only when complete), replacing any old one."""
+    def write(self, path: str, data: BytesLike) -> None:
+        """Write one buffer as a whole object, atomically (visible only when complete),
+        replacing any old one. Several buffers: ``open_stream``."""
 
     def open_stream(self, path: str) -> BlobStream:
         """Start streaming a large object to ``path``."""
@@ -98,3 +121,47 @@ class StorageBackend(Protocol):
 
     def close(self) -> None:
         """Release connections and thread pools."""
+
+
+@runtime_checkable
+class Tiered(Protocol):
+    """The capability of a backend made of tiers: objects land on the first (fastest)
+    tier and a commit replicates its directory to the others in the background.
+
+    The backend itself is a ``StorageBackend`` over all its tiers (reads fall back from
+    one tier to the next); ``tiers`` lets restore and retention treat each on its own.
+    """
+
+    @property
+    def tiers(self) -> tuple[StorageBackend, ...]:
+        """The tiers, fastest (local) first, the durable one last."""
+
+    def unreplicated(self) -> list[str]:
+        """Directories whose commit has not reached the last tier yet (queued, running or
+        failed): retention must keep them on the tiers in front of it."""
+
+    def retry_failed(self) -> list[Future[None]]:
+        """Queue again every replication that failed; one future per replication."""
+
+
+class _OneTier:
+    """A plain backend seen as tiered: itself, nothing ever pending."""
+
+    def __init__(self, backend: StorageBackend) -> None:
+        self._tiers = (backend,)
+
+    @property
+    def tiers(self) -> tuple[StorageBackend, ...]:
+        return self._tiers
+
+    def unreplicated(self) -> list[str]:
+        return []
+
+    def retry_failed(self) -> list[Future[None]]:
+        return []
+
+
+def as_tiered(backend: StorageBackend) -> Tiered:
+    """``backend``'s tiers and replication state: the backend itself when it is ``Tiered``,
+    else a view of it as one tier with nothing to replicate."""
+    return backend if isinstance(backend, Tiered) else _OneTier(backend)

@@ -5,8 +5,9 @@ Writes and commits go to the local tier, so a save commits at local-disk speed
 replication of every object in the same directory, then of the commit object itself,
 last, with the remote's own atomic create ("committed-remote"). Reads prefer the local
 tier and fall back to the remote one, so losing a node's disk loses nothing that
-reached the remote tier. Deletes apply to both tiers; retention per tier uses
-``local`` / ``remote`` directly and must protect ``unreplicated()`` directories.
+reached the remote tier. Deletes apply to both tiers. The backend declares ``Tiered``:
+retention per tier goes through ``as_tiered(backend).tiers`` and must keep
+``unreplicated()`` directories on the local tier.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from storage_backends._errors import BlobNotFoundError, StorageBackendError
@@ -47,13 +48,14 @@ class TieredBackend:
     def url(self) -> str:
         return self.local.url
 
-    def tiers(self) -> list[StorageBackend]:
-        """Tiers in the order reads prefer them."""
-        return [self.local, self.remote]
+    @property
+    def tiers(self) -> tuple[StorageBackend, ...]:
+        """The tiers in the order reads prefer them: local, then remote (``Tiered``)."""
+        return (self.local, self.remote)
 
     # -- writes: local first ---------------------------------------------------------
 
-    def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
+    def write(self, path: str, data: BytesLike) -> None:
         self.local.write(path, data)
 
     def open_stream(self, path: str) -> BlobStream:

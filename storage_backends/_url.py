@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlparse
 from storage_backends._errors import StorageBackendError
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import StorageBackend
-from storage_backends._s3 import S3Backend, S3Config
+from storage_backends._s3_config import S3Config
 
 
 def open_backend(url: str | os.PathLike[str], *, s3_config: S3Config | None = None) -> StorageBackend:
@@ -39,6 +39,8 @@ def open_backend(url: str | os.PathLike[str], *, s3_config: S3Config | None = No
             return LocalBackend(unquote(parsed.path))
         return LocalBackend(text)
     if parsed.scheme == "s3":
+        from storage_backends._s3 import S3Backend  # botocore loads only for S3 URLs
+
         return S3Backend(text, s3_config)
     raise StorageBackendError(
         f"unsupported storage URL scheme {parsed.scheme!r} in {text!r}: use a local path, file:// or s3://"

@@ -25,7 +25,7 @@ leave a save held (and the ``close()`` that follows waiting on it). Typical use:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from storage_backends import BlobStream, BytesLike, StorageBackend, StorageBackendError
 
@@ -129,12 +129,10 @@ class FaultyBackend:
     def url(self) -> str:
         return self.inner.url
 
-    def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
+    def write(self, path: str, data: BytesLike) -> None:
         stream = self.open_stream(path)
-        buffers: Sequence[BytesLike] = data if isinstance(data, (list, tuple)) else [data]  # type: ignore[list-item]
         try:
-            for buf in buffers:
-                stream.write(buf)
+            stream.write(data)
             stream.commit()
         except BaseException:
             stream.abort()

@@ -62,7 +62,7 @@ def stream_scenario(mount: str) -> dict[str, Any]:
     backend.write("step-1/manifest", b"old")
     facts["write_error"] = None
     try:
-        backend.write("step-1/manifest", [chunk] * 10)
+        backend.write("step-1/manifest", chunk * 10)
     except StorageBackendError as exc:
         facts["write_error"] = _error_facts(exc)
     facts["after_write"] = {

@@ -121,7 +121,7 @@ def test_put_if_absent_links_fsynced_temp_and_fsyncs_directory(
 
 def test_no_temp_files_left_after_commit_abort_put_or_failure(local: LocalBackend) -> None:
     """Whatever the outcome of a write, no temp file stays behind."""
-    local.write("w/obj", [b"a", b"b"])
+    local.write("w/obj", b"ab")
     stream = local.open_stream("s/committed")
     stream.write(b"x")
     stream.commit()
@@ -133,7 +133,7 @@ def test_no_temp_files_left_after_commit_abort_put_or_failure(local: LocalBacken
     with pytest.raises(StorageBackendError):
         local.write("w", b"a directory is in the way")
     with pytest.raises(TypeError):
-        local.write("w/bad", ["not a buffer"])  # type: ignore[list-item]
+        local.write("w/bad", "not a buffer")  # type: ignore[arg-type]
     assert all_files(local.root) == ["p/obj", "s/committed", "w/obj"]
 
 
@@ -272,3 +272,30 @@ def test_open_backend_rejects_empty_or_lossy_urls(
     with pytest.raises(StorageBackendError):
         open_backend(url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_local_storage_never_imports_the_s3_client(tmp_path: Path) -> None:
+    """``import storage_backends`` and ``open_backend`` of a local path (what every rank of
+    a job on local disk does) load no S3 client library; ``S3Backend`` loads it on use."""
+    child = textwrap.dedent(
+        """
+        import sys
+        import storage_backends
+        from storage_backends import S3Config, open_backend
+
+        backend = open_backend(sys.argv[1])
+        backend.write("obj", b"x")
+        S3Config(part_size=8 << 20)
+        clients = ("boto3", "botocore", "s3transfer")
+        print(sorted(m for m in sys.modules if m.split(".")[0] in clients))
+        storage_backends.S3Backend
+        print("botocore" in sys.modules)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "root")], env=env, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "True"]

@@ -121,7 +121,7 @@ class SlowBackend:
             hang = f"hang data {self._hang_step}"
         return _SlowStream(stream, self._delay, hang)
 
-    def write(self, path: str, data: BytesLike | Sequence[BytesLike]) -> None:
+    def write(self, path: str, data: BytesLike) -> None:
         time.sleep(self._delay)
         self._inner.write(path, data)
 
