@@ -16,7 +16,7 @@ barrier; the reported time is the max over ranks, median over repeats. Read
 amplification is ckpt's bytes read / bytes needed, summed over the ranks. Both results
 are compared bit for bit with the expected tensors after the first repeat.
 
-Planning scaling (one process, no I/O): ``recovery._reshard.plan_reads`` for 8 target
+Planning scaling (one process, no I/O): ``recovery.plan_reads`` for 8 target
 row ranges over a tensor stored as 1k, 10k and 100k row pieces.
 
 The disk and CPUs are shared with whatever else runs: compare only numbers of one run.
@@ -212,7 +212,7 @@ def run_world(world: int, job: str, args: list[Any]) -> dict[str, Any]:
 def plan_time(pieces: int, repeats: int) -> float:
     """Median seconds of ``plan_reads`` over a tensor stored as ``pieces`` row pieces."""
     from ckpt.format import Box, StoredPiece, TensorEntry
-    from recovery._reshard import plan_reads
+    from recovery import plan_reads
 
     rows_per_piece, cols = 4, 16
     piece_bytes = rows_per_piece * cols * 4

@@ -2,12 +2,13 @@
 
 from recovery._discover import Candidate, candidates, committed_steps, validate_files
 from recovery._loader import Destination, Loader, LoadOptions, LoadStats, verify_checkpoint
-from recovery._reshard import ReadRequest, plan_reads
+from recovery._reshard import PieceIndex, ReadRequest, plan_reads
 
 __all__ = [
     "Candidate",
     "Destination",
     "LoadStats",
+    "PieceIndex",
     "LoadOptions",
     "Loader",
     "ReadRequest",

@@ -42,8 +42,7 @@ from hypothesis import strategies as st
 import ckpt
 from ckpt.convert import relayout
 from ckpt.format import Box, StoredPiece, TensorEntry, element_size, read_manifest, row_span
-from recovery import Destination, Loader, plan_reads
-from recovery._reshard import PieceIndex
+from recovery import Destination, Loader, PieceIndex, plan_reads
 from storage_backends import LocalBackend
 from tests.helpers_format import assert_bit_identical, save_with
 
