@@ -445,19 +445,20 @@ def _compress(
     opts = job.options
     block = opts.write_block_bytes
     level = opts.compression.level if opts.compression else 3
-    jobs: list[tuple[PlannedPiece, list[Future[list[bytes]]]]] = []
+    blocks_of: list[tuple[PlannedPiece, list[Future[list[bytes]]]]] = []
     for f in job.files:
         if not f.compressed:
             continue
         for p in f.pieces:
             view = job.host[p.buffer_offset : p.buffer_offset + p.nbytes]
             blocks = [view[i : i + block] for i in range(0, p.nbytes, block)]
-            jobs.append((p, [io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks]))
+            futures = [io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks]
+            blocks_of.append((p, futures))
     encoded: dict[str, _Encoded] = {}
     errors: list[BaseException] = []
-    for p, futures in jobs:
+    for p, futures in blocks_of:
         try:
-            results = [j.result() for j in futures]
+            results = [part.result() for part in futures]
         except BaseException as exc:
             errors.append(exc)
             continue
@@ -543,7 +544,9 @@ def _discard(job: SaveJob) -> None:
     try:
         job.backend.delete(f"{job.prefix}/{f.path}" for f in job.files)
     except Exception as exc:  # the partial step is garbage either way; GC removes it later
-        log.warning("could not remove partial files under %s/%s: %s", job.backend.url, job.prefix, exc)
+        log.warning(
+            "could not remove partial files under %s/%s: %s", job.backend.url, job.prefix, exc
+        )
 
 
 def _tell_the_others(job: SaveJob, exc: BaseException) -> None:
@@ -664,7 +667,9 @@ class Snapshotter:
         )
         metadata = dict(user_metadata or {})
         if self._pool.busy():
-            log.info("step %d: waiting for the checkpoint in flight to free its staging buffer", step)
+            log.info(
+                "step %d: waiting for the checkpoint in flight to free its staging buffer", step
+            )
         buffer = self._pool.acquire(nbytes)
         job = SaveJob(
             step=step,
