@@ -278,8 +278,8 @@ class SaveJob:
         step: the step saved.
         rank: this rank.
         backend: where the data files and the manifest go.
-        coordinator: reached in the training thread for the plan, in the background
-            only through ``commit`` and ``report_failure``.
+        coordinator: the phases reach it only through ``commit`` and ``report_failure``
+            (the plan's collective ran before the job was built).
         options: layout and I/O settings.
         tensors: every piece this rank holds (the index lists those it does not write
             with no stored piece).
