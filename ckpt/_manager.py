@@ -218,7 +218,7 @@ class CheckpointManager:
         self._last_saved_step = step
         with self._metrics_lock:
             self.metrics.stall_seconds_total += pending.stall_seconds
-        pending._future.add_done_callback(self._record)
+        pending.add_done_callback(self._record)
         if blocking:
             pending.result()
         return pending

@@ -92,7 +92,9 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 def _finished(pending: ckpt.PendingSave) -> None:
     """Wait for a save to end without looking at its outcome (so it stays "unobserved")."""
-    concurrent.futures.wait([pending._future])
+    ended = threading.Event()
+    pending.add_done_callback(lambda _: ended.set())
+    assert ended.wait(60), "the save did not end"
 
 
 def _mutate(state: dict[str, object]) -> None:
@@ -239,6 +241,30 @@ def test_unobserved_failure_is_raised_by_the_next_async_save(
     assert not failed.failed_unobserved  # raised once, not again
     assert snap.async_save(_state(), faulty, 2, LocalCoordinator()).result().committed
     assert scan_steps(backend).committed == (2,)
+
+
+def test_a_done_callback_sees_the_outcome_without_observing_it(
+    snap: ckpt.Snapshotter, backend: LocalBackend
+) -> None:
+    faulty = FaultyBackend(backend, fail_write_at=1)
+    failed = snap.async_save(_state(), faulty, 1, LocalCoordinator())
+    seen: list[BaseException | None] = []
+    ended = threading.Event()
+
+    def record(future: concurrent.futures.Future[ckpt.SaveResult]) -> None:
+        seen.append(future.exception())
+        ended.set()
+
+    failed.add_done_callback(record)
+    assert ended.wait(60), "the save did not end"
+    assert isinstance(seen[0], ckpt.StorageError)
+    assert failed.failed_unobserved  # still raised by the next call
+    with pytest.raises(ckpt.StorageError):
+        snap.async_save(_state(), faulty, 2, LocalCoordinator())
+
+    late: list[bool] = []
+    failed.add_done_callback(lambda future: late.append(future.done()))
+    assert late == [True]  # added after the end: called at once
 
 
 def test_unobserved_failure_is_raised_by_close(backend: LocalBackend) -> None:

@@ -7,7 +7,6 @@ whose done-callbacks update them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import os
 import random
@@ -64,7 +63,9 @@ def _committed(root: Path) -> tuple[int, ...]:
 
 def _finished(pending: ckpt.PendingSave) -> None:
     """Wait for a save to end without looking at its outcome (so it stays "unobserved")."""
-    concurrent.futures.wait([pending._future])
+    ended = threading.Event()
+    pending.add_done_callback(lambda _: ended.set())
+    assert ended.wait(60), "the save did not end"
 
 
 def _run(mgr: CheckpointManager, steps: range) -> list[int]:

@@ -1,11 +1,28 @@
-"""The snapshot engine: stage (blocking) -> persist (background) -> commit (coordinated).
+"""The save engine: one ``SaveJob`` per save, run through three phases.
 
-``Snapshotter.async_save`` flattens the state, agrees with the other ranks on who
-writes what (``ckpt.engine._plan``: a replicated tensor once, large ones cut into row ranges
-spread over their holders), plans the data files, copies every tensor or row range
-this rank writes into a reusable host buffer and returns. A background thread
-then encodes (safetensors layout or chunked zstd), checksums and writes the files,
-reports to the coordinator and, on the committer, publishes the manifest.
+``Snapshotter.save_flat`` (training thread) agrees with the other ranks on who writes
+what (``ckpt.engine._plan``: a replicated tensor once, large ones cut into row ranges spread
+over their holders), lays this rank's pieces out in data files (``plan_files``), takes
+a staging buffer and builds the job. Then:
+
+1. ``stage`` (training thread, the only part training waits for): copy every piece
+   from its device into the host buffer (``ckpt.engine._staging``: pinned memory and a CUDA
+   side stream + event where CUDA exists). With ``overlap_writes`` each raw data file
+   starts streaming as soon as it is staged.
+2. ``persist`` (the persist thread, fanning out to the I/O pool): encode (safetensors
+   layout or chunked zstd), checksum and write every data file. Each I/O task returns
+   a ``WrittenFile``: where each piece's bytes went, and their checksums.
+3. ``commit`` (the persist thread): build the shard index from those ``WrittenFile``
+   values and report it to the coordinator, which publishes the manifest on the
+   committer.
+
+Threads: the training thread builds the job and runs ``stage``; the job is frozen, so
+the persist and I/O threads only read it, and results travel as return values
+(futures) from phase to phase. Collectives (the planning ``all_gather``) run in the
+training thread only; the background reaches the other ranks through the
+coordinator's ``commit`` and ``report_failure`` alone. A rank whose staging or writing
+fails removes its partial files and aborts the step for every rank
+(``report_failure``), so nobody waits for it.
 """
 
 from __future__ import annotations
@@ -16,7 +33,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -85,7 +102,9 @@ class PendingSave:
     nobody asked for is raised by the engine's next save call instead of vanishing.
     """
 
-    def __init__(self, step: int, url: str, stall_seconds: float, future: Future[SaveResult]) -> None:
+    def __init__(
+        self, step: int, url: str, stall_seconds: float, future: Future[SaveResult]
+    ) -> None:
         self.step = step
         self.url = url
         self.stall_seconds = stall_seconds
@@ -109,6 +128,15 @@ class PendingSave:
         self._observed = True
         return self._future.exception(timeout)
 
+    def add_done_callback(self, fn: Callable[[Future[SaveResult]], object]) -> None:
+        """Call ``fn`` with the finished future once the save ends (at once if it has).
+
+        Reading the future there does not count as looking at the outcome: a failure
+        is still raised by the engine's next save call. ``fn`` runs in the persist
+        thread (or the caller's, when already done) and must not block.
+        """
+        self._future.add_done_callback(fn)
+
     @property
     def failed(self) -> bool:
         """Whether the save finished with an error (does not count as looking at it)."""
@@ -123,30 +151,60 @@ class PendingSave:
         return f"PendingSave(step={self.step}, url={self.url!r}, {state})"
 
 
-@dataclass
-class _Item:
+# -- the plan of this rank's data files -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedPiece:
+    """One piece this rank writes, and where its bytes sit before and after encoding.
+
+    Attributes:
+        tensor: the piece (a whole local tensor, or a range of its rows).
+        buffer_offset: where it is staged in the host buffer.
+        nbytes: its raw size.
+        data_offset: where it starts in its raw file's data section (after the header).
+    """
+
     tensor: FlatTensor
     buffer_offset: int
     nbytes: int
-    data_offset: int = 0  # within the file's data section (or stored stream when compressed)
-    checksums: str = ""
-    chunk_sizes: tuple[int, ...] | None = None
+    data_offset: int
 
 
-@dataclass
-class _FilePlan:
+@dataclass(frozen=True)
+class DataFile:
+    """One data file this rank writes: its pieces lie back to back in the staging buffer.
+
+    Attributes:
+        path: relative to the step prefix.
+        compressed: chunked zstd (``.zst``) rather than a safetensors file.
+        pieces: in file order.
+        buffer_offset: where the first piece is staged.
+        nbytes: raw bytes of all pieces.
+        header: the safetensors header (empty when compressed).
+    """
+
     path: str
     compressed: bool
-    items: list[_Item] = field(default_factory=list)
-    buffer_offset: int = 0
-    nbytes: int = 0
-    header: bytes = b""
+    pieces: tuple[PlannedPiece, ...]
+    buffer_offset: int
+    nbytes: int
+    header: bytes
 
-    @property
-    def stored_bytes(self) -> int:
-        if self.compressed:
-            return sum(sum(i.chunk_sizes or ()) for i in self.items)
-        return len(self.header) + self.nbytes
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What an I/O task durably wrote: one data file.
+
+    Attributes:
+        path: relative to the step prefix.
+        stored_bytes: its size on storage (header included).
+        pieces: tensor name -> where that piece's bytes are, with their checksums.
+    """
+
+    path: str
+    stored_bytes: int
+    pieces: Mapping[str, StoredPiece]
 
 
 def _part(t: FlatTensor, box: Box) -> FlatTensor:
@@ -162,7 +220,7 @@ def _storage_view(local: torch.Tensor) -> torch.Tensor:
 
 def plan_files(
     tensors: list[FlatTensor], options: SaveOptions, *, generation: str, rank: int
-) -> tuple[list[_FilePlan], int]:
+) -> tuple[list[DataFile], int]:
     """Group this rank's pieces into data files balanced by bytes; place them in the buffer.
 
     Returns:
@@ -174,10 +232,11 @@ def plan_files(
             compressed.append(t)
         else:
             raw.append(t)
-    files: list[_FilePlan] = []
+    files: list[DataFile] = []
     # Unique per save: a writer of an earlier, failed attempt at the same step can never
     # replace a file of this one.
     nonce = uuid.uuid4().hex[:8]
+    offset = 0
     for group, is_compressed, suffix in ((raw, False, "safetensors"), (compressed, True, "zst")):
         if not group:
             continue
@@ -190,32 +249,317 @@ def plan_files(
             bins[k].append(t)
             loads[k] += t.nbytes
         for members in bins:
-            index = len(files)
-            path = f"{DATA_DIR}/{generation}-r{rank:05d}-{nonce}-{index:03d}.{suffix}"
+            path = f"{DATA_DIR}/{generation}-r{rank:05d}-{nonce}-{len(files):03d}.{suffix}"
             # Widest elements first keeps every tensor aligned to its element size.
             members.sort(key=lambda t: (-t.local.element_size(), t.name))
-            files.append(_FilePlan(path=path, compressed=is_compressed,
-                                   items=[_Item(t, 0, t.nbytes) for t in members]))
-    offset = 0
-    for f in files:
-        f.buffer_offset = offset
-        cursor = 0
-        for item in f.items:
-            item.buffer_offset = offset + cursor
-            item.data_offset = cursor
-            cursor += item.nbytes
-        f.nbytes = cursor
-        offset = align(offset + cursor)
-        if not f.compressed:
-            f.header = _safetensors_header(f)
+            pieces, cursor = [], 0
+            for t in members:
+                pieces.append(PlannedPiece(t, offset + cursor, t.nbytes, cursor))
+                cursor += t.nbytes
+            header = b"" if is_compressed else _safetensors_header(members)
+            files.append(DataFile(path, is_compressed, tuple(pieces), offset, cursor, header))
+            offset = align(offset + cursor)
     return files, offset
 
 
-def _safetensors_header(f: _FilePlan) -> bytes:
+def _safetensors_header(members: list[FlatTensor]) -> bytes:
     return safetensors_header(
-        [(i.tensor.name, i.tensor.dtype, tuple(i.tensor.local.shape)) for i in f.items],
+        [(t.name, t.dtype, tuple(t.local.shape)) for t in members],
         {"format": "pt", "writer": "ckpt"},
     )
+
+
+# -- the job and its three phases -----------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SaveJob:
+    """Everything one rank's save of one step needs, from staging to commit.
+
+    Attributes:
+        step: the step saved.
+        rank: this rank.
+        backend: where the data files and the manifest go.
+        coordinator: the phases reach it only through ``commit`` and ``report_failure``
+            (the plan's collective ran before the job was built).
+        options: layout and I/O settings.
+        tensors: every piece this rank holds (the index lists those it does not write
+            with no stored piece).
+        tree: the state's structure and plain values (rank 0 only).
+        files: this rank's data files.
+        buffer: the staging buffer the files' pieces are copied into.
+        imbalance: the busiest rank's planned bytes over the mean.
+        user_metadata: stored in the manifest.
+        on_committed: called with the manifest on the rank that published it.
+    """
+
+    step: int
+    rank: int
+    backend: StorageBackend
+    coordinator: Coordinator
+    options: SaveOptions
+    tensors: Mapping[str, FlatTensor]
+    tree: dict[str, Any] | None
+    files: tuple[DataFile, ...]
+    buffer: StagingBuffer
+    imbalance: float
+    user_metadata: Mapping[str, Any]
+    on_committed: Callable[[Manifest], None] | None
+    host: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The buffer's bytes, as the I/O tasks read them.
+        host = memoryview(self.buffer.data.numpy()).cast("B")  # type: ignore[arg-type]
+        object.__setattr__(self, "host", host)
+
+    @property
+    def prefix(self) -> str:
+        return step_prefix(self.step)
+
+
+def stage(
+    job: SaveJob, pool: StagingPool, io: ThreadPoolExecutor, *, overlap_writes: bool
+) -> list[Future[WrittenFile]]:
+    """Copy every piece of ``job`` from its device into the staging buffer.
+
+    The only phase training waits for. With ``overlap_writes`` each raw data file
+    starts streaming on ``io`` as soon as it is staged, while later files are still
+    being copied.
+
+    Returns:
+        The writes already started (none without ``overlap_writes``).
+
+    Raises:
+        BaseException: whatever the copy raised, after waiting for the writes already
+            started (the buffer may only be reused once nobody reads it), removing this
+            save's files, freeing the buffer and aborting the step for every rank.
+    """
+    started: list[Future[WrittenFile]] = []
+    groups = [(f,) for f in job.files] if overlap_writes else [job.files]
+    try:
+        for group in groups:
+            pool.copy_in([_copy_pair(job.buffer, p) for f in group for p in f.pieces])
+            if overlap_writes:
+                started += [io.submit(_write_raw_file, job, f) for f in group if not f.compressed]
+    except BaseException as exc:
+        for write in started:
+            write.exception()
+        _discard(job)
+        pool.release(job.buffer)
+        _tell_the_others(job, exc)
+        raise
+    return started
+
+
+def _copy_pair(buffer: StagingBuffer, piece: PlannedPiece) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, host destination) of one piece: the buffer's bytes seen as its dtype and shape."""
+    src = _storage_view(piece.tensor.local)
+    dst = buffer.view(piece.buffer_offset, piece.nbytes).view(src.dtype).view(src.shape)
+    return src, dst
+
+
+def persist(
+    job: SaveJob, io: ThreadPoolExecutor, started: Sequence[Future[WrittenFile]]
+) -> list[WrittenFile]:
+    """Encode, checksum and write every data file of ``job`` durably.
+
+    Raw files: one I/O task each, hashing every block just before writing it (``started``
+    holds them when ``stage`` began them). Compressed pieces: compressed in blocks on
+    ``io``, hashed here, then their files written.
+
+    Returns:
+        What each file holds, in the order of ``job.files``.
+
+    Raises:
+        BaseException: the first failure, after every task ended and this save's files
+            were removed.
+    """
+    writes: list[Future[WrittenFile]] = list(started) or [
+        io.submit(_write_raw_file, job, f) for f in job.files if not f.compressed
+    ]
+    encoded, errors = _compress(job, io)
+    if not errors:
+        writes += [
+            io.submit(_write_compressed_file, job, f, encoded) for f in job.files if f.compressed
+        ]
+    written: dict[str, WrittenFile] = {}
+    for w in writes:
+        try:
+            result = w.result()
+        except BaseException as exc:
+            errors.append(exc)
+        else:
+            written[result.path] = result
+    if errors:
+        _discard(job)
+        raise errors[0]
+    return [written[f.path] for f in job.files]
+
+
+def commit(job: SaveJob, written: Sequence[WrittenFile]) -> Manifest | None:
+    """Report what this rank wrote; the coordinator publishes the manifest on the committer.
+
+    Returns:
+        The manifest on the rank that published it, else None.
+    """
+    manifest = job.coordinator.commit(
+        job.backend,
+        job.step,
+        shard_index(job, written),
+        chunk_bytes=job.options.chunk_bytes,
+        user_metadata=job.user_metadata,
+    )
+    if manifest is not None and job.on_committed is not None:
+        job.on_committed(manifest)
+    return manifest
+
+
+def shard_index(job: SaveJob, written: Sequence[WrittenFile]) -> ShardIndex:
+    """This rank's report: every piece it holds, with where it stored those it wrote."""
+    stored = {name: piece for w in written for name, piece in w.pieces.items()}
+    entries = {
+        name: TensorEntry(t.dtype, t.global_shape, (stored[name],) if name in stored else ())
+        for name, t in job.tensors.items()
+    }
+    files = {w.path: w.stored_bytes for w in written}
+    return ShardIndex(rank=job.rank, tensors=entries, files=files, state=job.tree)
+
+
+# -- encoding and writing one data file (I/O threads) ---------------------------------
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One piece compressed: a zstd frame per chunk, and the frames' checksums."""
+
+    frames: list[bytes]
+    checksums: str
+
+
+def _compress(
+    job: SaveJob, io: ThreadPoolExecutor
+) -> tuple[dict[str, _Encoded], list[BaseException]]:
+    """Compress every compressed piece of ``job`` in blocks on ``io``; wait for all blocks.
+
+    Returns:
+        The pieces by tensor name, and the errors of those that failed (left out).
+    """
+    opts = job.options
+    block = opts.write_block_bytes
+    level = opts.compression.level if opts.compression else 3
+    blocks_of: list[tuple[PlannedPiece, list[Future[list[bytes]]]]] = []
+    for f in job.files:
+        if not f.compressed:
+            continue
+        for p in f.pieces:
+            view = job.host[p.buffer_offset : p.buffer_offset + p.nbytes]
+            blocks = [view[i : i + block] for i in range(0, p.nbytes, block)]
+            futures = [io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks]
+            blocks_of.append((p, futures))
+    encoded: dict[str, _Encoded] = {}
+    errors: list[BaseException] = []
+    for p, futures in blocks_of:
+        try:
+            results = [part.result() for part in futures]
+        except BaseException as exc:
+            errors.append(exc)
+            continue
+        frames = [frame for result in results for frame in result]
+        encoded[p.tensor.name] = _Encoded(frames, "".join(checksum(fr) for fr in frames))
+    return encoded, errors
+
+
+def _write_raw_file(job: SaveJob, f: DataFile) -> WrittenFile:
+    """Stream one safetensors file from the staging buffer, hashing each block as it goes."""
+    path = f"{job.prefix}/{f.path}"
+    host = job.host
+    block = job.options.write_block_bytes
+    chunk_bytes = job.options.chunk_bytes
+    header = len(f.header)
+    pieces: dict[str, StoredPiece] = {}
+    with storage_errors(f"writing {path} under {job.backend.url}"):
+        stream = job.backend.open_stream(path)
+        try:
+            stream.write(f.header)
+            # Pieces lie back to back in the buffer: write in large blocks, hashing each
+            # piece's block (chunk-aligned to the piece) right before it goes out.
+            written = f.buffer_offset
+            for p in f.pieces:
+                digests = []
+                for i in range(0, p.nbytes, block):
+                    end = p.buffer_offset + min(i + block, p.nbytes)
+                    digests.append(chunk_checksums(host[p.buffer_offset + i : end], chunk_bytes))
+                    if end - written >= block:
+                        stream.write(host[written:end])
+                        written = end
+                pieces[p.tensor.name] = StoredPiece.at(
+                    box=p.tensor.box,
+                    file=f.path,
+                    byte_offset=header + p.data_offset,
+                    byte_length=p.nbytes,
+                    codec="raw",
+                    checksums="".join(digests),
+                )
+            if written < f.buffer_offset + f.nbytes:
+                stream.write(host[written : f.buffer_offset + f.nbytes])
+            stream.commit()
+        except BaseException:
+            stream.abort()
+            raise
+    return WrittenFile(f.path, header + f.nbytes, pieces)
+
+
+def _write_compressed_file(
+    job: SaveJob, f: DataFile, encoded: Mapping[str, _Encoded]
+) -> WrittenFile:
+    """Write one file of zstd frames, its pieces back to back."""
+    path = f"{job.prefix}/{f.path}"
+    pieces: dict[str, StoredPiece] = {}
+    offset = 0
+    with storage_errors(f"writing {path} under {job.backend.url}"):
+        stream = job.backend.open_stream(path)
+        try:
+            for p in f.pieces:
+                piece = encoded[p.tensor.name]
+                start = offset
+                for frame in piece.frames:
+                    stream.write(frame)
+                    offset += len(frame)
+                pieces[p.tensor.name] = StoredPiece.at(
+                    box=p.tensor.box,
+                    file=f.path,
+                    byte_offset=start,
+                    byte_length=offset - start,
+                    codec="zstd",
+                    checksums=piece.checksums,
+                    chunk_sizes=tuple(len(fr) for fr in piece.frames),
+                )
+            stream.commit()
+        except BaseException:
+            stream.abort()
+            raise
+    return WrittenFile(f.path, offset, pieces)
+
+
+def _discard(job: SaveJob) -> None:
+    """Remove this save's data files (whichever exist)."""
+    try:
+        job.backend.delete(f"{job.prefix}/{f.path}" for f in job.files)
+    except Exception as exc:  # the partial step is garbage either way; GC removes it later
+        log.warning(
+            "could not remove partial files under %s/%s: %s", job.backend.url, job.prefix, exc
+        )
+
+
+def _tell_the_others(job: SaveJob, exc: BaseException) -> None:
+    """This rank cannot save the step: abort it now, so the other ranks fail fast."""
+    try:
+        job.coordinator.report_failure(job.backend, job.step, repr(exc))
+    except Exception as report_exc:  # the step fails either way
+        log.warning("step %d: could not tell the other ranks: %s", job.step, report_exc)
+
+
+# -- the engine -----------------------------------------------------------------------
 
 
 class Snapshotter:
@@ -320,209 +664,79 @@ class Snapshotter:
         )
         mine = plan.boxes_for(coordinator.rank)
         to_write = [_part(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine]
-        files, nbytes = plan_files(to_write, self.options, generation=coordinator.generation, rank=coordinator.rank)
+        files, nbytes = plan_files(
+            to_write, self.options, generation=coordinator.generation, rank=coordinator.rank
+        )
+        metadata = dict(user_metadata or {})
         if self._pool.busy():
-            log.info("step %d: waiting for the checkpoint in flight to free its staging buffer", step)
+            log.info(
+                "step %d: waiting for the checkpoint in flight to free its staging buffer", step
+            )
         buffer = self._pool.acquire(nbytes)
-        host = memoryview(buffer.data.numpy()).cast("B")  # type: ignore[arg-type]
-        early: list[Future[None]] = []
-        try:
-            groups = [[f] for f in files] if overlap_writes else [files]
-            for group in groups:
-                pairs = []
-                for f in group:
-                    for item in f.items:
-                        src = _storage_view(item.tensor.local)
-                        dst = buffer.view(item.buffer_offset, item.nbytes).view(src.dtype).view(src.shape)
-                        pairs.append((src, dst))
-                self._pool.copy_in(pairs)
-                if overlap_writes:
-                    early += [
-                        self._io.submit(self._write_raw_file, backend, step_prefix(step), f, host)
-                        for f in group if not f.compressed
-                    ]
-        except BaseException as exc:
-            for write in early:  # the buffer may only be reused once nobody reads it
-                write.exception()
-            self._discard(backend, step_prefix(step), files)
-            self._pool.release(buffer)
-            _tell_the_others(coordinator, backend, step, exc)
-            raise
-        stall = time.perf_counter() - start
-        index_base = _IndexBase(
+        job = SaveJob(
+            step=step,
             rank=coordinator.rank,
+            backend=backend,
+            coordinator=coordinator,
+            options=self.options,
             tensors=tensors,
             tree=tree if coordinator.rank == 0 else None,
+            files=tuple(files),
+            buffer=buffer,
+            imbalance=plan.imbalance,
+            user_metadata=metadata,
+            on_committed=on_committed,
         )
-        future = self._persist.submit(
-            self._run_background, backend, step, coordinator, files, buffer, index_base,
-            dict(user_metadata or {}), stall, on_committed, plan.imbalance, early,
-        )
+        writes = stage(job, self._pool, self._io, overlap_writes=overlap_writes)
+        stall = time.perf_counter() - start
+        future = self._persist.submit(self._persist_and_commit, job, writes, stall)
         pending = PendingSave(step, backend.url, stall, future)
         with self._lock:
             self._pending.append(pending)
         log.debug("step %d: staged %d bytes in %.3fs", step, nbytes, stall)
         return pending
 
-    def _run_background(
-        self,
-        backend: StorageBackend,
-        step: int,
-        coordinator: Coordinator,
-        files: list[_FilePlan],
-        buffer: StagingBuffer,
-        index_base: _IndexBase,
-        user_metadata: dict[str, Any],
-        stall: float,
-        on_committed: Callable[[Manifest], None] | None,
-        imbalance: float,
-        early_writes: list[Future[None]],
+    def _persist_and_commit(
+        self, job: SaveJob, started: list[Future[WrittenFile]], stall: float
     ) -> SaveResult:
-        prefix = step_prefix(step)
+        """The background part of a save (the persist thread)."""
         t0 = time.perf_counter()
         try:
             try:
-                self._write_files(backend, prefix, files, buffer, early_writes)
+                written = persist(job, self._io, started)
             except BaseException as exc:
-                _tell_the_others(coordinator, backend, step, exc)
+                _tell_the_others(job, exc)
                 raise
             finally:
-                self._pool.release(buffer)
+                self._pool.release(job.buffer)
             t1 = time.perf_counter()
-            index = index_base.build(files)
-            manifest = coordinator.commit(
-                backend, step, index, chunk_bytes=self.options.chunk_bytes, user_metadata=user_metadata
-            )
-            if manifest is not None and on_committed is not None:
-                on_committed(manifest)
+            commit(job, written)
             t2 = time.perf_counter()
         except BaseException as exc:
-            log.error("step %d (rank %d): save failed: %s", step, coordinator.rank, exc)
+            log.error("step %d (rank %d): save failed: %s", job.step, job.rank, exc)
             if isinstance(exc, CheckpointError):
                 raise
             raise SaveAbortedError(
-                f"step {step} (rank {coordinator.rank}) was not committed: {exc!r}; the previous "
-                f"committed checkpoint under {backend.url} is intact\n{traceback.format_exc()}"
+                f"step {job.step} (rank {job.rank}) was not committed: {exc!r}; the previous "
+                f"committed checkpoint under {job.backend.url} is intact\n{traceback.format_exc()}"
             ) from exc
-        bytes_written = sum(f.stored_bytes for f in files)
+        bytes_written = sum(w.stored_bytes for w in written)
         log.info(
             "step %d (rank %d): %d bytes durable in %.3fs, committed after %.3fs more "
             "(busiest writer / mean: %.2f)",
-            step, coordinator.rank, bytes_written, t1 - t0, t2 - t1, imbalance,
+            job.step, job.rank, bytes_written, t1 - t0, t2 - t1, job.imbalance,
         )
         return SaveResult(
-            step=step,
-            url=backend.url,
+            step=job.step,
+            url=job.backend.url,
             committed=True,
             bytes_written=bytes_written,
-            files=len(files),
-            write_imbalance=imbalance,
+            files=len(written),
+            write_imbalance=job.imbalance,
             stall_seconds=stall,
             persist_seconds=t1 - t0,
             commit_seconds=t2 - t1,
         )
-
-    def _write_files(
-        self,
-        backend: StorageBackend,
-        prefix: str,
-        files: list[_FilePlan],
-        buffer: StagingBuffer,
-        early_writes: list[Future[None]],
-    ) -> None:
-        host = memoryview(buffer.data.numpy()).cast("B")  # type: ignore[arg-type]
-        opts = self.options
-        # Raw files: one writer thread each, hashing every block just before writing it
-        # (already running when the save overlapped writes with staging).
-        # Compressed pieces: compressed (and hashed) in blocks on the pool, then written.
-        writes: list[Future[Any]] = list(early_writes) or [
-            self._io.submit(self._write_raw_file, backend, prefix, f, host)
-            for f in files if not f.compressed
-        ]
-        block_jobs: list[tuple[_Item, list[Future[Any]]]] = []
-        for f in files:
-            if not f.compressed:
-                continue
-            for item in f.items:
-                view = host[item.buffer_offset : item.buffer_offset + item.nbytes]
-                blocks = [view[i : i + opts.write_block_bytes] for i in range(0, item.nbytes, opts.write_block_bytes)]
-                level = opts.compression.level if opts.compression else 3
-                jobs = [self._io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks]
-                block_jobs.append((item, jobs))
-        errors: list[BaseException] = []
-        frames_by_item: dict[int, list[bytes]] = {}
-        for item, jobs in block_jobs:
-            try:
-                results = [j.result() for j in jobs]
-            except BaseException as exc:
-                errors.append(exc)
-                continue
-            frames = [frame for block in results for frame in block]
-            frames_by_item[id(item)] = frames
-            item.chunk_sizes = tuple(len(fr) for fr in frames)
-            item.checksums = "".join(checksum(fr) for fr in frames)
-        writes += [
-            self._io.submit(self._write_compressed_file, backend, prefix, f, frames_by_item)
-            for f in files if f.compressed and not errors
-        ]
-        for w in writes:
-            try:
-                w.result()
-            except BaseException as exc:
-                errors.append(exc)
-        if errors:
-            self._discard(backend, prefix, files)
-            raise errors[0]
-
-    def _write_raw_file(self, backend: StorageBackend, prefix: str, f: _FilePlan, host: memoryview) -> None:
-        path = f"{prefix}/{f.path}"
-        block = self.options.write_block_bytes
-        with storage_errors(f"writing {path} under {backend.url}"):
-            stream = backend.open_stream(path)
-            try:
-                stream.write(f.header)
-                # Items lie back to back in the buffer: write in large blocks, hashing each
-                # item's block (chunk-aligned to the item) right before it goes out.
-                written = f.buffer_offset
-                for item in f.items:
-                    digests = []
-                    for i in range(0, item.nbytes, block):
-                        end = item.buffer_offset + min(i + block, item.nbytes)
-                        digests.append(chunk_checksums(host[item.buffer_offset + i : end], self.options.chunk_bytes))
-                        if end - written >= block:
-                            stream.write(host[written:end])
-                            written = end
-                    item.checksums = "".join(digests)
-                if written < f.buffer_offset + f.nbytes:
-                    stream.write(host[written : f.buffer_offset + f.nbytes])
-                stream.commit()
-            except BaseException:
-                stream.abort()
-                raise
-
-    def _write_compressed_file(
-        self, backend: StorageBackend, prefix: str, f: _FilePlan, frames_by_item: dict[int, list[bytes]]
-    ) -> None:
-        path = f"{prefix}/{f.path}"
-        with storage_errors(f"writing {path} under {backend.url}"):
-            stream = backend.open_stream(path)
-            try:
-                offset = 0
-                for item in f.items:
-                    item.data_offset = offset
-                    for frame in frames_by_item[id(item)]:
-                        stream.write(frame)
-                        offset += len(frame)
-                stream.commit()
-            except BaseException:
-                stream.abort()
-                raise
-
-    def _discard(self, backend: StorageBackend, prefix: str, files: list[_FilePlan]) -> None:
-        try:
-            backend.delete(f"{prefix}/{f.path}" for f in files)
-        except Exception as exc:  # the partial step is garbage either way; GC removes it later
-            log.warning("could not remove partial files under %s/%s: %s", backend.url, prefix, exc)
 
     def close(self, wait: bool = True) -> None:
         """Wait for saves in flight (re-raising their errors) and stop the threads."""
@@ -536,41 +750,3 @@ class Snapshotter:
             self._persist.shutdown(wait=wait)
             self._io.shutdown(wait=wait)
             self._pool.close()
-
-
-@dataclass
-class _IndexBase:
-    rank: int
-    tensors: Mapping[str, FlatTensor]
-    tree: dict[str, Any] | None
-
-    def build(self, files: list[_FilePlan]) -> ShardIndex:
-        entries: dict[str, TensorEntry] = {}
-        file_sizes: dict[str, int] = {}
-        written: dict[str, StoredPiece] = {}
-        for f in files:
-            file_sizes[f.path] = f.stored_bytes
-            header = len(f.header)
-            for item in f.items:
-                t = item.tensor
-                written[t.name] = StoredPiece.at(
-                    box=t.box,
-                    file=f.path,
-                    byte_offset=header + item.data_offset,
-                    byte_length=sum(item.chunk_sizes) if item.chunk_sizes is not None else item.nbytes,
-                    codec="zstd" if f.compressed else "raw",
-                    checksums=item.checksums,
-                    chunk_sizes=item.chunk_sizes,
-                )
-        for name, t in self.tensors.items():
-            piece = written.get(name)
-            entries[name] = TensorEntry(t.dtype, t.global_shape, (piece,) if piece else ())
-        return ShardIndex(rank=self.rank, tensors=entries, files=file_sizes, state=self.tree)
-
-
-def _tell_the_others(coordinator: Coordinator, backend: StorageBackend, step: int, exc: BaseException) -> None:
-    """This rank cannot save ``step``: abort it now, so the other ranks fail fast."""
-    try:
-        coordinator.report_failure(backend, step, repr(exc))
-    except Exception as report_exc:  # the step fails either way
-        log.warning("step %d: could not tell the other ranks: %s", step, report_exc)
