@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt._coordinator import Coordinator, default_coordinator
 from ckpt._engine import PendingSave, SaveResult, Snapshotter
 from ckpt._flatten import ShardedTensor, plan_load
 from ckpt._format import Manifest
 from ckpt._options import LoadOptions
+from ckpt.coordination import Coordinator, default_coordinator
 from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,

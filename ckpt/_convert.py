@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from ckpt._commit import merge_indexes, publish
-from ckpt._coordinator import new_generation
 from ckpt._engine import Snapshotter
 from ckpt._flatten import Destination, FlatTensor
 from ckpt._format import (
@@ -38,6 +37,7 @@ from ckpt._format import (
 from ckpt._geometry import Box
 from ckpt._options import SaveOptions
 from ckpt._plan import PieceInfo
+from ckpt.coordination import new_generation
 from ckpt.errors import CheckpointError, storage_errors
 from recovery import Loader, candidates
 from storage_backends import StorageBackend
@@ -90,6 +90,7 @@ class _OfflineRanks:
         self._indexes: list[ShardIndex] = []
         self.rank = 0
         self.generation = new_generation()
+        self.step_index = None  # the index is the storage listing
 
     @property
     def world_size(self) -> int:

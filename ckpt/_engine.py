@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from ckpt._codec import checksum, chunk_checksums, compress_chunks
-from ckpt._coordinator import Coordinator
 from ckpt._flatten import FlatTensor, flatten
 from ckpt._format import (
     DATA_DIR,
@@ -39,6 +38,7 @@ from ckpt._geometry import Box
 from ckpt._options import SaveOptions
 from ckpt._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
 from ckpt._staging import StagingBuffer, StagingPool, align
+from ckpt.coordination import Coordinator
 from ckpt.errors import CheckpointError, SaveAbortedError, storage_errors
 from storage_backends import StorageBackend
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 import ckpt
-from ckpt._coordinator import LocalCoordinator
 from ckpt._format import MANIFEST_NAME, seal_manifest, step_prefix
+from ckpt.coordination import LocalCoordinator
 from storage_backends import LocalBackend
 
 

@@ -19,9 +19,9 @@ import torch
 
 import ckpt
 from ckpt._api import _default_snapshotter
-from ckpt._coordinator import LocalCoordinator
 from ckpt._format import DATA_DIR, manifest_path, read_manifest, scan_steps, step_prefix
 from ckpt._staging import StagingBuffer
+from ckpt.coordination import LocalCoordinator
 from ckpt.errors import CoordinationError, StorageFullCheckpointError
 from storage_backends import (
     BlobStream,

@@ -21,7 +21,6 @@ import torch
 
 import ckpt
 from ckpt._commit import merge_indexes
-from ckpt._coordinator import default_coordinator
 from ckpt._flatten import flatten
 from ckpt._format import (
     ShardIndex,
@@ -33,6 +32,7 @@ from ckpt._format import (
 )
 from ckpt._geometry import Box
 from ckpt._plan import MIN_SPLIT_BYTES, PieceInfo, PieceKey, WritePlan, assign_writers, describe
+from ckpt.coordination import default_coordinator
 from storage_backends import LocalBackend
 from tests.dist.sharded import global_value
 from tests.distributed import run_ranks
