@@ -14,6 +14,7 @@ the cases about real failures run real gloo ranks.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -366,6 +367,29 @@ def test_two_jobs_share_one_redis(
     for root, steps in ((tmp_path / "ckpts", [3, 1]), (tmp_path / "ckpts-other", [4, 2])):
         with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
             assert mgr.coordinator.step_index.committed_steps(mgr.backend) == steps  # type: ignore[union-attr]
+
+
+def test_save_functions_take_a_redis_url(redis_server: RedisServer, backend: StorageBackend) -> None:
+    """``ckpt.save`` and ``ckpt.async_save`` given ``coordinator="redis://..."`` commit through
+    a RedisCoordinator of the root's job (its index in Redis lists both steps) and close it
+    once the save has ended (no heartbeat thread is left)."""
+    url = redis_server.url()
+    ckpt.save({"x": torch.ones(2)}, backend, step=1, coordinator=url)
+    pending = ckpt.async_save({"x": torch.full((2,), 2.0)}, backend, step=2, coordinator=url)
+    pending.result(timeout=THREAD_WAIT_S)
+    committed = redis_server.client().zrange(f"ckpt:{job_from_url(backend.url)}:committed", 0, -1)
+    assert committed == [b"1", b"2"]
+    assert_loads_x(backend, 2.0)
+    deadline = time.monotonic() + THREAD_WAIT_S
+    while any(t.name == "ckpt-heartbeat" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a coordinator made from the URL was not closed"
+        time.sleep(0.01)
+
+
+def assert_loads_x(backend: StorageBackend, value: float) -> None:
+    state = {"x": torch.zeros(2)}
+    ckpt.load(state, backend)
+    assert torch.equal(state["x"], torch.full((2,), value))
 
 
 class _NoListing(LocalBackend):
