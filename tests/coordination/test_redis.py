@@ -13,7 +13,10 @@ the cases about real failures run real gloo ranks.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -367,6 +370,19 @@ def test_two_jobs_share_one_redis(
     for root, steps in ((tmp_path / "ckpts", [3, 1]), (tmp_path / "ckpts-other", [4, 2])):
         with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
             assert mgr.coordinator.step_index.committed_steps(mgr.backend) == steps  # type: ignore[union-attr]
+
+
+def test_redis_py_is_imported_only_when_a_redis_coordinator_is_used() -> None:
+    """``import ckpt`` and ``import ckpt.coordination`` leave redis-py unloaded; resolving
+    ``RedisCoordinator`` loads it."""
+    code = (
+        "import sys, ckpt, ckpt.coordination as c; loaded = 'redis' in sys.modules; "
+        "c.RedisCoordinator; print(loaded, 'redis' in sys.modules)"
+    )
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's ckpt, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_save_functions_take_a_redis_url(redis_server: RedisServer, backend: StorageBackend) -> None:
