@@ -105,7 +105,8 @@ def _blocking_save(
     user_metadata: Mapping[str, Any] | None,
     coordinator: Coordinator | str | None,
 ) -> SaveResult:
-    pending = _start_save(state, open_url(url), step, user_metadata, coordinator, overlap_writes=True)
+    backend = open_url(url)
+    pending = _start_save(state, backend, step, user_metadata, coordinator, overlap_writes=True)
     return pending.result()
 
 

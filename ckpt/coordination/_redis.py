@@ -148,7 +148,8 @@ class RedisCoordinator:
 
     def _take_generation(self) -> str:
         token = new_generation()
-        self._link.call("taking a new generation", lambda: self._link.client.set(self._keys.gen, token))
+        client = self._link.client
+        self._link.call("taking a new generation", lambda: client.set(self._keys.gen, token))
         log.info("job %s: generation %s", self.job, token)
         return token
 
@@ -224,7 +225,9 @@ class RedisCoordinator:
     def all_gather(self, obj: Any) -> list[Any]:
         if self._agreement is None:
             if self._world > 1:
-                raise CoordinationError("a multi-rank save needs a process group to plan who writes what")
+                raise CoordinationError(
+                    "a multi-rank save needs a process group to plan who writes what"
+                )
             return [obj]
         return self._agreement.all_gather(obj)
 
@@ -258,10 +261,8 @@ class RedisCoordinator:
         except BaseException as exc:
             # Wake the other ranks now instead of letting them wait out their timeout.
             if not isinstance(exc, FencedError):
-                self._abort_quietly(
-                    step, f"the committer (rank {self._rank}) could not publish the manifest: {exc}",
-                    committer=True,
-                )
+                reason = f"the committer (rank {self._rank}) could not publish the manifest: {exc}"
+                self._abort_quietly(step, reason, committer=True)
             raise
         self.mark_committed(step)
         return builder.build(**described)  # the same manifest as objects, made after the commit
@@ -305,8 +306,10 @@ class RedisCoordinator:
         keys = self._step_keys(step)
         status, detail = self._link.script(
             "COMMIT",
-            [keys.gen, keys.step, keys.ranks, keys.reports, self._keys.committed, keys.done, keys.wake],
-            [self._generation, step, self._world - 1, self._ttl, self._inflight_ttl, self._attempt(step)],
+            [keys.gen, keys.step, keys.ranks, keys.reports, self._keys.committed, keys.done,
+             keys.wake],
+            [self._generation, step, self._world - 1, self._ttl, self._inflight_ttl,
+             self._attempt(step)],
             f"committing step {step}",
         )
         if status == "FENCED":
@@ -317,9 +320,9 @@ class RedisCoordinator:
                 step, self._generation,
             )
             raise FencedError(
-                f"job {self.job}: step {step}'s manifest was published, but this writer's generation "
-                f"{self._generation} was superseded by {detail} before it could mark the step "
-                "committed; a newer incarnation of the job owns the checkpoints now"
+                f"job {self.job}: step {step}'s manifest was published, but this writer's "
+                f"generation {self._generation} was superseded by {detail} before it could mark "
+                "the step committed; a newer incarnation of the job owns the checkpoints now"
             )
 
     def wait_outcome(self, step: int, backend: StorageBackend | None = None) -> None:
@@ -337,7 +340,9 @@ class RedisCoordinator:
             if got is not None:
                 if got[1] == b"committed":
                     return
-                reason = self._link.call("reading the abort reason", lambda: client.hget(keys.step, "reason"))
+                reason = self._link.call(
+                    "reading the abort reason", lambda: client.hget(keys.step, "reason")
+                )
                 raise CoordinationError(f"step {step} was aborted: {(reason or b'').decode()}")
             if backend is not None and self._manifest_exists(backend, step):
                 return  # committed in storage; the committer died before telling Redis
@@ -347,10 +352,12 @@ class RedisCoordinator:
             if status != "OK":
                 raise self._refusal(step, status, detail[0] if detail else "")
             if detail[0] == "1":
-                self._give_up(step, f"the committer (rank 0) stopped heartbeating while rank {self._rank} "
-                                    "waited for the commit")
+                self._give_up(step, "the committer (rank 0) stopped heartbeating while rank "
+                                    f"{self._rank} waited for the commit")
             if time.monotonic() > deadline:
-                self._give_up(step, f"rank {self._rank} waited {self._timeout:.0f} s for the commit")
+                self._give_up(
+                    step, f"rank {self._rank} waited {self._timeout:.0f} s for the commit"
+                )
 
     def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
         self.abort(step, f"rank {self._rank} failed: {reason}", committer=self._rank == 0)

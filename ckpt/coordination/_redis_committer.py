@@ -61,7 +61,8 @@ class ReportCollector:
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        threading.Thread(target=self.run, name=f"ckpt-reports-{self._job.step}", daemon=True).start()
+        name = f"ckpt-reports-{self._job.step}"
+        threading.Thread(target=self.run, name=name, daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()

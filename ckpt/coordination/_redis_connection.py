@@ -80,7 +80,9 @@ class RedisLink:
                 "check the password in the coordinator URL (redis://:PASSWORD@host:port/db)"
             ) from exc
         except redis.RedisError as exc:
-            raise CoordinationError(f"Redis coordinator ({what}, rank {self._rank}): {exc}") from exc
+            raise CoordinationError(
+                f"Redis coordinator ({what}, rank {self._rank}): {exc}"
+            ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def script(self, name: str, keys: Sequence[str], args: Sequence[Any], what: str) -> list[str]:

@@ -30,7 +30,9 @@ class Heartbeat:
         ttl: a rank whose last heartbeat is older than this is lost.
     """
 
-    def __init__(self, link: RedisLink, key: str, *, rank: int, interval: float, ttl: float) -> None:
+    def __init__(
+        self, link: RedisLink, key: str, *, rank: int, interval: float, ttl: float
+    ) -> None:
         self._link = link
         self._key = key
         self._rank = rank
@@ -51,7 +53,8 @@ class Heartbeat:
             self._thread.join(timeout=5)
 
     def _beat(self) -> None:
-        self._link.scripts["BEAT"](keys=[self._key], args=[self._rank, max(60, int(self._ttl * 10))])
+        key_ttl = max(60, int(self._ttl * 10))
+        self._link.scripts["BEAT"](keys=[self._key], args=[self._rank, key_ttl])
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):

@@ -24,7 +24,7 @@ def sources() -> Mapping[str, str]:
     folder = resources.files(__package__) / "lua"
     common = (folder / "_common.lua").read_text(encoding="utf-8")
     return {
-        name: f"{HEADER}{name}\n{common}\n{(folder / f'{name.lower()}.lua').read_text(encoding='utf-8')}"
+        name: f"{HEADER}{name}\n{common}\n{(folder / f'{name.lower()}.lua').read_text('utf-8')}"
         for name in NAMES
     }
 
