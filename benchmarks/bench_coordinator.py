@@ -10,7 +10,7 @@ open-file limit of about 2 x 4096 + 64 (raised to the hard limit when allowed).
 
 It starts its own ``redis-server`` (``--save "" --appendonly no``) on a free loopback
 port (never a shared one) and, for each world size N, drives the real
-``ckpt._redis.RedisCoordinator``, one coordinator and one connection per simulated rank:
+``ckpt.coordination.RedisCoordinator``, one coordinator and one connection per simulated rank:
 
 - the committer (rank 0) runs alone in its own process, as it would on a real job. It
   takes the generation, then per step calls ``begin(step)`` when the step is armed
@@ -30,7 +30,7 @@ port (never a shared one) and, for each world size N, drives the real
   same rank, with a client that records instead of sending, runs ``report`` and
   ``wait_outcome``; the replica then sends exactly those commands (same keys,
   arguments and script SHA; the blocking pop again, with the check between pops,
-  whenever it times out) and counts them the way ckpt's counter does. 4096 threads
+  whenever it times out) and counts them as the shadow sent them. 4096 threads
   running ``RedisCoordinator`` need more CPU than two cores have. The simulated ranks
   run at nice 10, below the committer and Redis (on a real job they are other hosts
   and cannot take the committer's CPU). Every rank is
@@ -38,10 +38,13 @@ port (never a shared one) and, for each world size N, drives the real
   once (a worst-case burst of reports: in a real job reports spread over the ranks'
   write times, which leaves the committer's reader more time per report).
 
-Each coordinator gets a redis-py client that logs every command and pipeline it sends,
-so round trips are counted both by ckpt's own ``round_trips`` counter and as every
-network round trip a rank really made. Timestamps are ``CLOCK_MONOTONIC``, comparable
-across the processes of this machine.
+Each coordinator gets, through its ``client_factory``, a redis-py client that logs every
+command and pipeline it sends (``tests/coordination/redis_helpers.LoggingRedis``), so
+round trips are counted both as the save protocol's (every round trip but heartbeats and
+script loading) and as every network round trip a rank really made. The committer loads
+ckpt's scripts into the server first and tells this process their names (the first line
+of each script names it). Timestamps are ``CLOCK_MONOTONIC``, comparable across the
+processes of this machine.
 
 Per world size it reports (medians and maxima over the measured steps):
 
@@ -105,7 +108,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from hashlib import sha1
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -113,10 +115,11 @@ from typing import Any
 import redis
 
 from benchmarks._harness import free_port
-from ckpt._commit import ManifestBuilder
-from ckpt._redis import _ABORT, _BEAT, _CLAIM, _COMMIT, _REPORT, _WATCH, RedisCoordinator
+from ckpt.coordination import ManifestBuilder, RedisCoordinator
 from ckpt.format import DEFAULT_CHUNK_BYTES, Box, ShardIndex, StoredPiece, TensorEntry
 from storage_backends import LocalBackend
+from tests.coordination import redis_helpers
+from tests.coordination.redis_helpers import Sent, now_ns
 
 COLS = 4096  # columns of every simulated global tensor (float32: 16 KiB per row)
 ROW_BYTES = COLS * 4
@@ -132,14 +135,9 @@ SIMULATED_NICE = 10
 TARGET_ROUND_TRIPS = 3
 TARGET_LATENCY_MS = 20.0
 TARGET_AT = 4096
-SCRIPTS = {"REPORT": _REPORT, "CLAIM": _CLAIM, "COMMIT": _COMMIT, "ABORT": _ABORT, "WATCH": _WATCH,
-           "BEAT": _BEAT}
-SCRIPT_NAMES = {sha1(src.encode()).hexdigest(): name for name, src in SCRIPTS.items()}
-
-
-def now_ns() -> int:
-    """A system-wide monotonic clock: comparable between processes of this machine."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+# SHA -> name of ckpt's scripts, in this process: the committer's client learns them and
+# tells the parent (for SLOWLOG).
+SCRIPT_NAMES: dict[str, str] = {}
 
 
 def ms(ns: float) -> float:
@@ -175,56 +173,18 @@ def shard_index(rank: int, world: int, *, tensors: int, piece_bytes: int, genera
 # --------------------------------------------------------------------------- redis plumbing
 
 
-Sent = tuple[str, int, int]  # what a logged round trip was, its start ns, its reply ns
-
-
-def command_name(args: tuple[Any, ...]) -> str:
-    """``EVALSHA:<script>`` for ckpt's scripts, else the command's name."""
-    name = str(args[0]).upper()
-    if name == "EVALSHA":
-        sha = args[1].decode() if isinstance(args[1], bytes) else str(args[1])
-        return f"EVALSHA:{SCRIPT_NAMES.get(sha, 'other')}"
-    return name
-
-
-class LoggingPipeline(redis.client.Pipeline):
-    """A pipeline that logs itself as one round trip, and the last stream entry it read."""
-
-    def __init__(self, owner: LoggingRedis, transaction: bool) -> None:
-        super().__init__(owner.connection_pool, owner.response_callbacks, transaction, None)
-        self.owner = owner
-
-    def execute(self, raise_on_error: bool = True) -> list[Any]:
-        name = "+".join(command_name(args) for args, _ in self.command_stack)
-        start = now_ns()
-        try:
-            replies = super().execute(raise_on_error)
-        finally:
-            self.owner.commands.append((name, start, now_ns()))
-        if name.endswith("XREAD") and replies and replies[-1]:
-            entries = replies[-1][0][1]
-            if entries:
-                self.owner.reads.append((now_ns(), len(entries), entries[-1][0].decode()))
-        return list(replies)
-
-
-class LoggingRedis(redis.Redis):
-    """A redis-py client that logs every command and pipeline it sends."""
+class LoggingRedis(redis_helpers.LoggingRedis):
+    """The shared logging client, which also keeps what each read of the reports returned."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.commands: list[Sent] = []
         self.reads: list[tuple[int, int, str]] = []  # reply ns, entries, last entry ID
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        start = now_ns()
-        try:
-            return super().execute_command(*args, **options)
-        finally:
-            self.commands.append((command_name(args), start, now_ns()))
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> LoggingPipeline:
-        return LoggingPipeline(self, transaction)
+    def on_replies(self, name: str, replies: list[Any]) -> None:
+        if name.endswith("XREAD") and replies and replies[-1]:
+            entries = replies[-1][0][1]
+            if entries:
+                self.reads.append((now_ns(), len(entries), entries[-1][0].decode()))
 
 
 def client_for(port: int) -> LoggingRedis:
@@ -362,10 +322,12 @@ class Spec:
 
 
 def _coordinator(spec: Spec, rank: int, client: redis.Redis | None, *, heartbeat: bool) -> RedisCoordinator:
+    """A coordinator on ``client`` (connected beforehand; None: its own)."""
     return RedisCoordinator(
         f"redis://127.0.0.1:{spec.port}/0", job=spec.job, rank=rank, world_size=spec.world,
-        generation=spec.generation or None, start_heartbeat=heartbeat, client=client, timeout=600.0,
+        generation=spec.generation or None, start_heartbeat=heartbeat, timeout=600.0,
         heartbeat_ttl=spec.heartbeat_ttl,
+        client_factory=None if client is None else lambda _url, **_options: client,
     )
 
 
@@ -374,7 +336,9 @@ def committer_main(conn: Connection, spec: Spec) -> None:
     die_with_parent()
     client = client_for(spec.port)
     coord = _coordinator(spec, 0, client, heartbeat=False)  # generation=None: rank 0 takes one
-    conn.send(coord.generation)
+    for script in client.scripts.values():
+        client.script_load(script.script)  # the replicas call EVALSHA directly
+    conn.send((coord.generation, client.script_names))
     own = shard_index(0, spec.world, tensors=spec.tensors, piece_bytes=spec.piece_bytes,
                       generation=coord.generation)
     backend = LocalBackend(spec.manifest_dir)
@@ -387,7 +351,7 @@ def committer_main(conn: Connection, spec: Spec) -> None:
             conn.send("closed")
             return
         if msg[0] == "arm":
-            rt0, c0, r0 = coord.round_trips, len(client.commands), len(client.reads)
+            rt0, c0, r0 = client.round_trips, len(client.commands), len(client.reads)
             coord.begin(msg[1], DEFAULT_CHUNK_BYTES)  # its reader takes reports from now on
             conn.send("armed")
             continue
@@ -415,7 +379,7 @@ def committer_main(conn: Connection, spec: Spec) -> None:
 
         conn.send({
             "wake": wake, "claim": timed("CLAIM"), "commit": timed("COMMIT"),
-            "round_trips": coord.round_trips - rt0, "commands": len(sent),
+            "round_trips": client.round_trips - rt0, "commands": len(sent),
             "reads": sum(1 for name, _, _ in sent if name.endswith("XREAD")),
             "checks": sum(1 for name, _, _ in sent if name == "EVALSHA:WATCH"),
             "manifest_bytes": len(manifest.to_bytes()),
@@ -441,7 +405,7 @@ def _rank_step(coord: RedisCoordinator, client: LoggingRedis, index: bytes, step
         go.wait()
         if delay:
             time.sleep(delay)
-        rt0, c0 = coord.round_trips, len(client.commands)
+        rt0, c0 = client.round_trips, len(client.commands)
         sent = now_ns()
         count = coord.report(step, index)
         replied = now_ns()
@@ -449,7 +413,7 @@ def _rank_step(coord: RedisCoordinator, client: LoggingRedis, index: bytes, step
         woken = now_ns()
         names = Counter(name for name, _, _ in client.commands[c0:])
         extra = {k: v for k, v in names.items() if k not in ("EVALSHA:REPORT", "BLPOP")}
-        out.append(RankRecord(coord.rank, count, sent, replied, woken, coord.round_trips - rt0,
+        out.append(RankRecord(coord.rank, count, sent, replied, woken, client.round_trips - rt0,
                               sum(names.values()), extra))
     except BaseException as exc:  # reported to the parent, which stops the run
         out.append(exc)
@@ -569,9 +533,10 @@ class RecordingPipeline(redis.client.Pipeline):
         return [1] * len(commands)
 
 
-class ScriptedRedis(redis.Redis):
+class ScriptedRedis(LoggingRedis):
     """Stands in for redis-py inside a ``RedisCoordinator``, without a server: it records
-    every command the coordinator sends and answers from ``answers`` (by command name)."""
+    every command the coordinator sends (each one round trip) and answers from ``answers``
+    (by command name)."""
 
     def __init__(self) -> None:
         super().__init__(host="127.0.0.1", port=1)  # never connects
@@ -593,7 +558,7 @@ class ScriptedRedis(redis.Redis):
 
 @dataclass
 class Script:
-    """What a RedisCoordinator sends for one step, and how it counts it."""
+    """What a RedisCoordinator sends for one step, and its round trips."""
 
     report: Command
     pop: Command  # the blocking pop on the outcome list
@@ -609,12 +574,12 @@ class Replica:
     A shadow coordinator (same job, rank, world size and generation, a ``ScriptedRedis``
     client) runs ``report`` and ``wait_outcome`` before each step, once with a pop that
     returns at once and once with a pop that times out; that yields the exact commands
-    (keys, arguments, script SHA) ckpt sends and how its ``round_trips`` counter counts
-    them. In the step the replica sends them itself: the report, then the pop, and the
-    check between pops whenever a pop times out, until the outcome arrives. It does not
-    re-implement ckpt's decisions between pops (it stops on any answer but "alive"), and
-    its heartbeat is the shadow's ``_beat`` commands once per second. It costs a fraction of
-    a thread's CPU, so thousands of ranks fit on two cores.
+    (keys, arguments, script SHA) ckpt sends, each one round trip. In the step the replica
+    sends them itself: the report, then the pop, and the check between pops whenever a pop
+    times out, until the outcome arrives. It does not re-implement ckpt's decisions between
+    pops (it stops on any answer but "alive"), and its heartbeat is the command a shadow
+    with a heartbeat sends when it starts, once per second. It costs a fraction of a
+    thread's CPU, so thousands of ranks fit on two cores.
     """
 
     def __init__(self, spec: Spec, rank: int, conn: Resp, index: bytes) -> None:
@@ -625,20 +590,16 @@ class Replica:
     def script(self, step: int) -> Script:
         shadow, coord = self.shadow, self.coord
         shadow.take()
-        rt0 = coord.round_trips
         shadow.answers = {"EVALSHA": [[b"OK", b"1"]]}
         coord.report(step, self.index)
-        report = shadow.take()[-1]
-        rt1 = coord.round_trips
+        reported = shadow.take()
         shadow.answers = {"BLPOP": [[b"done", b"committed"]]}
         coord.wait_outcome(step)
-        pop = shadow.take()[-1]
-        rt2 = coord.round_trips
+        popped = shadow.take()
         shadow.answers = {"BLPOP": [None, [b"done", b"committed"]], "EVALSHA": [[b"OK", b"0"]]}
         coord.wait_outcome(step)
         checks = shadow.take()[1:-1]
-        rt3 = coord.round_trips
-        return Script(report, pop, checks, rt1 - rt0, rt2 - rt1, (rt3 - rt2) - 2 * (rt2 - rt1))
+        return Script(reported[-1], popped[-1], checks, len(reported), len(popped), len(checks))
 
     async def run_step(self, script: Script, delay: float, go: asyncio.Event) -> RankRecord:
         await go.wait()
@@ -663,21 +624,25 @@ class Replica:
                                   dict(extra), replica=True)
             for check in script.checks:
                 reply = await self.conn.call(*check)
-                extra[command_name(check)] += 1
+                extra[self.shadow.command_name(check)] += 1
                 if reply[0] != b"OK" or reply[1] != b"0":
                     raise RuntimeError(f"rank {self.rank}: the check between pops says {reply!r}")
             round_trips += script.check_round_trips
             commands += len(script.checks)
         raise RuntimeError(f"rank {self.rank}: no outcome within 600 s")
 
+    def heartbeat_command(self) -> Command:
+        """The heartbeat this rank's coordinator sends: a shadow with a heartbeat beats
+        once as it starts."""
+        shadow = ScriptedRedis()
+        _coordinator(self.spec, self.rank, shadow, heartbeat=True).close()
+        return shadow.take()[0]
+
     async def heartbeat(self, conn: Resp) -> None:
-        """The shadow's heartbeat commands, pipelined, once per second (ckpt's loop)."""
+        """The coordinator's heartbeat command once per second (ckpt's loop)."""
+        beat = self.heartbeat_command()
         while True:
-            self.coord._beat()
-            commands = self.shadow.take()
-            conn.writer.write(b"".join(encode(*c) for c in commands))
-            for _ in commands:
-                await conn.read()
+            await conn.call(*beat)
             await asyncio.sleep(1.0)
 
 
@@ -767,11 +732,11 @@ class StepResult:
     fanout_first_ms: float  # mark_committed reply -> first / median / last waiter woke
     fanout_median_ms: float
     fanout_last_ms: float
-    rt_max: int  # RedisCoordinator threads: ckpt's round_trips counter
+    rt_max: int  # RedisCoordinator threads: the save protocol's round trips
     rt_mean: float
     cmds_max: int  # RedisCoordinator threads: every command sent
     cmds_mean: float
-    replica_rt_max: int  # protocol replicas: round trips as ckpt counts them
+    replica_rt_max: int  # protocol replicas: the save protocol's round trips
     replica_rt_mean: float
     replica_cmds_max: int
     replica_cmds_mean: float
@@ -799,7 +764,7 @@ class StepResult:
 
     @property
     def max_round_trips(self) -> int:
-        """The most round trips (as ckpt counts them) any non-committer made in this step."""
+        """The most protocol round trips any non-committer made in this step."""
         return max(self.rt_max, self.replica_rt_max)
 
     @property
@@ -825,9 +790,9 @@ class World:
         self.committer_conn, child = ctx.Pipe()
         self.committer = ctx.Process(target=committer_main, args=(child, base), daemon=True)
         self.committer.start()
-        self.generation: str = self.committer_conn.recv()
-        for source in SCRIPTS.values():
-            server.client.script_load(source)  # the replicas call EVALSHA directly
+        self.generation, names = self.committer_conn.recv()  # it has loaded ckpt's scripts
+        SCRIPT_NAMES.update(names)
+        self.scripts = {name: sha for sha, name in names.items()}
         others = list(range(1, world))
         real, replicas = others[: args.real_ranks], others[args.real_ranks :]
         self.real_ranks, self.replica_ranks = len(real), len(replicas)
@@ -1015,14 +980,16 @@ def measure_heartbeats(w: World, args: argparse.Namespace) -> HeartbeatResult:
     expire = stats.get("expire", {"calls": 0, "usec_per_call": 0.0})
     refresher = HeartbeatRefresher(srv.port, f"ckpt:{w.job}:hb:{w.generation}", w.world)
     try:
-        # 2. The committer's check of N heartbeats, as its reader runs once per second.
-        probe = RedisCoordinator(srv.url, job=w.job, rank=0, world_size=w.world, generation=w.generation,
-                                 start_heartbeat=False, heartbeat_ttl=args.heartbeat_ttl)
+        # 2. The committer's check of N heartbeats, as its reader runs once per second: the
+        # WATCH script with the keys and arguments of ckpt/coordination/lua/watch.lua.
+        probe: Any = redis.Redis(host="127.0.0.1", port=srv.port, socket_timeout=30)
+        keys = [f"ckpt:{w.job}:gen", f"ckpt:{w.job}:step:1", f"ckpt:{w.job}:hb:{w.generation}"]
         srv.client.config_resetstat()
         times = []
         for _ in range(10):
             t = time.perf_counter()
-            probe._watch(1, "*")
+            probe.evalsha(w.scripts["WATCH"], len(keys), *keys, w.generation,
+                          int(args.heartbeat_ttl * 1000), "*", 1)
             times.append(time.perf_counter() - t)
         probe.close()
         check_us = float(srv.commandstats().get("evalsha", {"usec_per_call": 0.0})["usec_per_call"])
@@ -1106,18 +1073,18 @@ def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, f
         f"protocol replicas in {len(w.procs)} processes; one connection per rank; index {w.index_bytes} B "
         f"per rank; {len(steps)} steps (after {args.warmup} warm-up) ==",
         f"  {'metric':<62} {'median':>8} {'max':>8}",
-        row(f"round trips/rank/ckpt, {w.real_ranks} threads: ckpt counter (mean)", "rt_mean", "", "8.2f"),
+        row(f"round trips/rank/ckpt, {w.real_ranks} threads: protocol (mean)", "rt_mean", "", "8.2f"),
         row("  same, every command sent (mean)", "cmds_mean", "", "8.2f"),
     ]
     if w.replica_ranks:
         lines += [
-            row(f"round trips/rank/ckpt, {w.replica_ranks} replicas: as ckpt counts (mean)",
+            row(f"round trips/rank/ckpt, {w.replica_ranks} replicas: protocol (mean)",
                 "replica_rt_mean", "", "8.2f"),
             row("  same, every command sent (mean)", "replica_cmds_mean", "", "8.2f"),
         ]
     lines += [
-        f"  {'max over every non-committer and step: ckpt counter / commands sent':<62} {rt_max:8d} {cmds_max:8d}",
-        row("round trips / ckpt, committer: ckpt counter", "committer_rt", "", "8.0f"),
+        f"  {'max over every non-committer and step: protocol / commands sent':<62} {rt_max:8d} {cmds_max:8d}",
+        row("round trips / ckpt, committer: protocol", "committer_rt", "", "8.0f"),
         row("  same, every command sent", "committer_cmds", "", "8.0f"),
         row("  of which reads (7 wake-ups at 4096 ranks, + 1 per second)", "committer_reads", "", "8.0f"),
         row("  of which heartbeat checks (once per second)", "committer_checks", "", "8.0f"),
@@ -1169,7 +1136,7 @@ def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, f
     if extras:
         lines.append(f"  checks between pops sent by waiting ranks (all steps): {dict(extras)}")
     lines.append(f"  {verdict(rt_max <= TARGET_ROUND_TRIPS)}  round trips per non-committer per checkpoint <= "
-                 f"{TARGET_ROUND_TRIPS}, as ckpt's round_trips counts them (max over every rank and step: {rt_max})")
+                 f"{TARGET_ROUND_TRIPS}, the protocol's (max over every rank and step: {rt_max})")
     lines.append(f"  {verdict(cmds_max <= TARGET_ROUND_TRIPS)}  the same, counting every command a rank sent, the "
                  f"checks between blocking pops included (max: {cmds_max})")
     committer_max = max(s.committer_cmds for s in steps)
@@ -1215,7 +1182,7 @@ def format_summary(results: dict[tuple[int, float], list[StepResult]]) -> str:
         "== summary (medians over steps; round trips: max over ranks and steps) ==",
         f"  {'ranks':>6} {'spread':>6} {'rt max':>8} {'cmds max':>9} {'committer':>9} {'latency ms':>10} "
         f"{'+manifest':>9} {'last wake':>9} {'peak MiB':>8} {'B/rank':>7} {'kept B':>7}",
-        "  (rt/cmds max: round trips per non-committer per checkpoint as ckpt counts them / every command "
+        "  (rt/cmds max: protocol round trips per non-committer per checkpoint / every command "
         "sent, max over ranks; committer: every round trip of rank 0; latency: Redis clock, last report "
         "stored -> step committed, manifest excluded; last wake: the committer's reader has the last report "
         "-> last waiter woke; peak MiB: used_memory "
@@ -1235,7 +1202,7 @@ def format_summary(results: dict[tuple[int, float], list[StepResult]]) -> str:
     counted = [max(s.max_round_trips for s in steps) for steps in results.values()]
     sent = [max(s.max_commands for s in steps) for steps in results.values()]
     lines.append(f"  {verdict(len(set(counted)) == 1)}  round trips per rank independent of world size, by "
-                 f"ckpt's counter (max per world size: {counted})")
+                 f"the protocol's count (max per world size: {counted})")
     lines.append(f"  {verdict(len(set(sent)) == 1)}  the same, counting every command sent (max per world "
                  f"size: {sent})")
     return "\n".join(lines)

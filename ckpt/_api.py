@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt._coordinator import Coordinator, default_coordinator
 from ckpt._unflatten import plan_load
+from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveResult, ShardedTensor, default_snapshotter
 from ckpt.errors import (
     CheckpointNotFoundError,
@@ -43,7 +43,7 @@ def async_save(
     *,
     step: int,
     user_metadata: Mapping[str, Any] | None = None,
-    coordinator: Coordinator | None = None,
+    coordinator: Coordinator | str | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` to host memory and write it in the background.
 
@@ -55,10 +55,32 @@ def async_save(
         CheckpointError: an earlier background save failed and nobody looked at it, or
             the state cannot be checkpointed.
     """
-    backend = open_url(url)
-    return default_snapshotter().async_save(
-        state, backend, step, coordinator or default_coordinator(), user_metadata=user_metadata
-    )
+    return _start_save(state, open_url(url), step, user_metadata, coordinator, overlap_writes=False)
+
+
+def _start_save(
+    state: Mapping[str, Any],
+    backend: StorageBackend,
+    step: int,
+    user_metadata: Mapping[str, Any] | None,
+    coordinator: Coordinator | str | None,
+    *,
+    overlap_writes: bool,
+) -> PendingSave:
+    """Start a save with the default engine; a coordinator made here from ``coordinator``
+    (a Redis URL) is closed once the save has ended."""
+    made = resolve_coordinator(coordinator, backend.url)
+    try:
+        pending = default_snapshotter().async_save(
+            state, backend, step, made, user_metadata=user_metadata, overlap_writes=overlap_writes
+        )
+    except BaseException:
+        if made is not coordinator:
+            made.close()
+        raise
+    if made is not coordinator:
+        pending.add_done_callback(lambda _: made.close())
+    return pending
 
 
 def _blocking_save(
@@ -66,13 +88,10 @@ def _blocking_save(
     url: str | os.PathLike[str] | StorageBackend,
     step: int,
     user_metadata: Mapping[str, Any] | None,
-    coordinator: Coordinator | None,
+    coordinator: Coordinator | str | None,
 ) -> SaveResult:
-    backend = open_url(url)
-    return default_snapshotter().async_save(
-        state, backend, step, coordinator or default_coordinator(), user_metadata=user_metadata,
-        overlap_writes=True,
-    ).result()
+    pending = _start_save(state, open_url(url), step, user_metadata, coordinator, overlap_writes=True)
+    return pending.result()
 
 
 def save(
@@ -81,7 +100,7 @@ def save(
     *,
     step: int,
     user_metadata: Mapping[str, Any] | None = None,
-    coordinator: Coordinator | None = None,
+    coordinator: Coordinator | str | None = None,
 ) -> SaveResult:
     """Save ``state`` as ``step`` and return once the checkpoint is committed."""
     # Nobody trains meanwhile: stream each file while the next one is staged.

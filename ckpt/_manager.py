@@ -14,8 +14,8 @@ from types import FrameType
 from typing import Any, Literal, NoReturn
 
 from ckpt._api import RestoreReport, open_url, restore
-from ckpt._coordinator import Coordinator, default_coordinator
 from ckpt._rng import RNGState
+from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
 from ckpt.engine._options import SaveOptions
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
@@ -57,7 +57,8 @@ class CheckpointManager:
         keep_last_local: with a tiered backend, committed steps kept on the local tier
             (default: keep_last); keep_last/keep_every then apply to the remote tier. Steps
             not yet replicated are never deleted locally.
-        coordinator: None for the embedded coordinator, or a Coordinator.
+        coordinator: None for the embedded coordinator, a Coordinator, or a Redis URL
+            (``redis://host:6379/0``; see ``ckpt.coordination.resolve_coordinator``).
         include_rng: also checkpoint the RNG states (torch, CUDA, Python, NumPy).
         if_busy: when a save is due while the previous one is still in the background:
             ``"skip"`` it (logged and counted) or ``"wait"`` for the previous one.
@@ -99,7 +100,7 @@ class CheckpointManager:
         self.local_retention = RetentionPolicy(
             keep_last=keep_last_local if keep_last_local is not None else keep_last, keep_every=keep_every
         )
-        self.coordinator = self._make_coordinator(coordinator, self.backend)
+        self.coordinator = resolve_coordinator(coordinator, self.backend.url)
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.interval = interval
@@ -122,16 +123,6 @@ class CheckpointManager:
             self._handler_installed = True
         else:
             self._handler_installed = False
-
-    @staticmethod
-    def _make_coordinator(coordinator: Coordinator | str | None, backend: StorageBackend) -> Coordinator:
-        if coordinator is None:
-            return default_coordinator()
-        if isinstance(coordinator, str):
-            from ckpt._redis import RedisCoordinator, job_from_url
-
-            return RedisCoordinator(coordinator, job=None if "job=" in coordinator else job_from_url(backend.url))
-        return coordinator
 
     # -- restore -----------------------------------------------------------------------
 
@@ -242,9 +233,9 @@ class CheckpointManager:
                 apply_retention(tier, self.local_retention, protect=protect)
             plan = apply_retention(durable, self.retention)
             tiered.retry_failed()
-            forget = getattr(self.coordinator, "forget_steps", None)
-            if forget is not None:
-                forget(plan.committed)
+            index = self.coordinator.step_index
+            if index is not None:
+                index.forget_steps(plan.committed)
         except CheckpointError as exc:  # the checkpoint is committed; GC can run again later
             log.warning("retention after step %d failed: %s", manifest.step, exc)
 

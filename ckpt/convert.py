@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from ckpt._commit import merge_indexes, publish
-from ckpt._coordinator import new_generation
+from ckpt.coordination import merge_indexes, new_generation, publish
 from ckpt.engine._engine import Snapshotter
 from ckpt.engine._flatten import FlatTensor
 from ckpt.engine._options import SaveOptions
@@ -92,6 +91,7 @@ class _OfflineRanks:
         self._indexes: list[ShardIndex] = []
         self.rank = 0
         self.generation = new_generation()
+        self.step_index = None  # the index is the storage listing
 
     @property
     def world_size(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 import ckpt
-from ckpt._coordinator import LocalCoordinator
+from ckpt.coordination import LocalCoordinator
 from ckpt.format import MANIFEST_NAME, seal_manifest, step_prefix
 from storage_backends import LocalBackend
 

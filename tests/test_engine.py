@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt._coordinator import LocalCoordinator
+from ckpt.coordination import LocalCoordinator
 from ckpt.engine import StagingBuffer, default_snapshotter
 from ckpt.errors import CoordinationError, StorageFullCheckpointError
 from ckpt.format import DATA_DIR, manifest_path, read_manifest, scan_steps, step_prefix

@@ -15,6 +15,7 @@ import zstandard
 from safetensors import safe_open
 
 import ckpt
+from ckpt.coordination import LocalCoordinator
 from tests.helpers_format import (
     assert_bit_identical,
     bits,
@@ -152,7 +153,7 @@ def test_manifest_is_written_after_every_data_file(root: Path) -> None:
     options = ckpt.SaveOptions(compression=ckpt.Compression(patterns=("z",), min_bytes=0))
     snap = ckpt.Snapshotter(options)
     try:
-        snap.async_save(state, backend, 2, ckpt._coordinator.LocalCoordinator()).result()
+        snap.async_save(state, backend, 2, LocalCoordinator()).result()
     finally:
         snap.close()
         backend.close()

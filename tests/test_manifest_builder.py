@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt._commit import ManifestBuilder, merge_indexes
+from ckpt.coordination import ManifestBuilder, merge_indexes
 from ckpt.errors import (
     CoordinationError,
     CorruptCheckpointError,

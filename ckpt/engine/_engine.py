@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ckpt._coordinator import Coordinator
+from ckpt.coordination import Coordinator
 from ckpt.engine._flatten import FlatTensor, flatten
 from ckpt.engine._options import SaveOptions
 from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import ckpt
-from ckpt._coordinator import Coordinator, LocalCoordinator, ProcessGroupCoordinator
+from ckpt.coordination import Coordinator, LocalCoordinator, ProcessGroupCoordinator
 from ckpt.format import MANIFEST_NAME, Manifest, parse_step_prefix, step_prefix
 from storage_backends import BlobStream, BytesLike, StorageBackend
 from tests.distributed import _entry, free_port
@@ -68,7 +68,7 @@ class CoordSpec:
 
     def redis(self, **overrides: Any) -> Any:
         """A ``RedisCoordinator`` (typed loosely: tests poke at its protocol steps)."""
-        from ckpt._redis import RedisCoordinator
+        from ckpt.coordination import RedisCoordinator
 
         kwargs: dict[str, Any] = dict(
             job=self.job, timeout=self.timeout, heartbeat_interval=self.heartbeat_interval,
@@ -286,7 +286,7 @@ def wait_signals(
 
 # -- a launcher that survives dead ranks -----------------------------------------------------
 
-_PRELOAD = ["torch", "torch.distributed", "ckpt", "ckpt._redis", "tests.coordination.conformance"]
+_PRELOAD = ["torch", "torch.distributed", "ckpt", "ckpt.coordination._redis", "tests.coordination.conformance"]
 
 
 def _context() -> Any:

@@ -29,12 +29,13 @@ def _fail_rank1_write(rank: int, world: int, root: str) -> str:
     import torch
 
     import ckpt
+    from ckpt.coordination import ProcessGroupCoordinator
     from storage_backends import LocalBackend, StorageBackendError
     from tests.faulty import FaultyBackend
 
     inner = LocalBackend(root)
     backend = FaultyBackend(inner, fail_write_at=1, error=StorageBackendError) if rank == 1 else inner
-    coordinator = ckpt._coordinator.ProcessGroupCoordinator(timeout=120)
+    coordinator = ProcessGroupCoordinator(timeout=120)
     state = {"w": ckpt.ShardedTensor(torch.full((4,), float(rank)), (8,), (4 * rank,), replicated=False)}
     try:
         ckpt.Snapshotter().async_save(state, backend, 1, coordinator).result(timeout=60)

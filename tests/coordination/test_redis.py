@@ -7,12 +7,17 @@ without AOF), Redis gone for good, AUTH and TLS.
 
 Protocol-level cases drive ``report / collect / mark_committed / wait_outcome / abort``
 directly, one coordinator object per rank in this process, so that they are exact and
-cheap; the cases about real failures run real gloo ranks.
+cheap (round trips are counted by a logging redis-py client given as ``client_factory``);
+the cases about real failures run real gloo ranks.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +27,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt._commit import publish
-from ckpt._redis import describe_state, job_from_url
+from ckpt.coordination import job_from_url, publish
 from ckpt.engine import SaveOptions
 from ckpt.format import (
     Box,
@@ -48,6 +52,7 @@ from tests.coordination.harness import (
     steps_of,
     wait_signals,
 )
+from tests.coordination.redis_helpers import ClientLog, describe_state
 from tests.redis_server import RedisServer
 
 CHUNK = SaveOptions().chunk_bytes
@@ -70,7 +75,7 @@ class TestRedisConformance(CoordinatorConformance):
     def committed_index(self, spec: CoordSpec, backend: StorageBackend) -> list[int]:
         restarted = spec.redis()  # a new incarnation of the job: a new generation
         try:
-            return list(restarted.committed_steps(backend))
+            return list(restarted.step_index.committed_steps(backend))
         finally:
             restarted.close()
 
@@ -115,24 +120,26 @@ def test_a_checkpoint_costs_at_most_three_round_trips_per_rank(redis_server: Red
     """4 ranks: report + wait costs a non-committer 2 round trips; reading the reports +
     claim + commit costs the committer 3. A one-rank save through the engine costs 2."""
     spec = redis_spec(redis_server, job)
-    ranks = rank_coordinators(spec, 4)
+    log = ClientLog()
+    ranks = rank_coordinators(spec, 4, client_factory=log)
     try:
-        before = [c.round_trips for c in ranks]
+        before = [c.round_trips for c in log.clients]
         for c in ranks[1:]:
             report(c, backend, 1)
         manifest = commit_rank0(ranks[0], backend, 1)
         for c in ranks[1:]:
             c.wait_outcome(1, backend)
-        spent = [c.round_trips - b for c, b in zip(ranks, before)]
+        spent = [c.round_trips - b for c, b in zip(log.clients, before)]
         assert manifest is not None and backend.exists(manifest_path(1))
         assert spent == [3, 2, 2, 2]
     finally:
         close_all(ranks)
-    single = spec.redis()
+    single_log = ClientLog()
+    single = spec.redis(client_factory=single_log)
     try:
-        before_single = single.round_trips
+        before_single = single_log.clients[0].round_trips
         assert save_outcome(single, backend, 2, 0, 1) == "committed"
-        assert single.round_trips - before_single <= 3
+        assert single_log.clients[0].round_trips - before_single <= 3
     finally:
         single.close()
 
@@ -144,7 +151,9 @@ def test_the_committer_merges_reports_while_they_arrive(redis_server: RedisServe
     Waiting ranks spend 2 round trips; the step hash records, by Redis's clock, when the
     last report came and when the step was committed."""
     spec = redis_spec(redis_server, job)
-    ranks = rank_coordinators(spec, 33, start_heartbeat=False)
+    log = ClientLog()
+    ranks = rank_coordinators(spec, 33, start_heartbeat=False, client_factory=log)
+    clients = log.clients
     try:
         ranks[0].begin(1, CHUNK)
         reader = ranks[0]._collectors[1]
@@ -155,7 +164,7 @@ def test_the_committer_merges_reports_while_they_arrive(redis_server: RedisServe
             assert time.monotonic() < deadline, "the committer did not read the first 16 reports"
             time.sleep(0.01)
         client = redis_server.client()
-        stream = f"ckpt:{job}:step:1:reports:{ranks[0].generation}"
+        stream = f"ckpt:{job}:step:1:reports:{ranks[0].generation}.1"  # the first save of step 1
         while client.xlen(stream) > 1:  # Redis drops what the committer merged
             assert time.monotonic() < deadline, "the merged reports stayed in Redis"
             time.sleep(0.01)
@@ -164,16 +173,16 @@ def test_the_committer_merges_reports_while_they_arrive(redis_server: RedisServe
         while len(reader.builder.ranks) < 32:
             assert time.monotonic() < deadline, "the committer did not read the other reports"
             time.sleep(0.01)
-        assert ranks[0].round_trips <= 6  # reads (16 of them wake it first, then 24 and 32)
-        before = ranks[0].round_trips
+        assert clients[0].round_trips <= 6  # reads (16 of them wake it first, then 24 and 32)
+        before = clients[0].round_trips
         manifest = commit_rank0(ranks[0], backend, 1)
         assert manifest is not None and sorted(manifest.tensors) == sorted(f"t{r}" for r in range(33))
-        assert ranks[0].round_trips - before == 2  # claim, commit: every report was merged already
+        assert clients[0].round_trips - before == 2  # claim, commit: every report was merged already
         spent = []
-        for c in ranks[1:]:
-            b = c.round_trips
+        for c, client in zip(ranks[1:], clients[1:]):
+            b = client.round_trips
             c.wait_outcome(1, backend)
-            spent.append(c.round_trips - b)
+            spent.append(client.round_trips - b)
         assert spent == [1] * 32  # the report was the first of each rank's 2
         assert read_manifest(backend, 1).tensors.keys() == manifest.tensors.keys()
         marks = client.hmget(f"ckpt:{job}:step:1", "last_report_us", "committed_us")
@@ -219,16 +228,17 @@ def test_waiting_ranks_do_not_poll(redis_server: RedisServer, job: str, backend:
     """The commit comes 1.5 s after the report: the waiting rank blocks the whole time in
     one pop (its slice is half the heartbeat TTL) and spends 2 round trips in all."""
     spec = redis_spec(redis_server, job, heartbeat_ttl=4.0)
-    ranks = rank_coordinators(spec, 2)
+    log = ClientLog()
+    ranks = rank_coordinators(spec, 2, client_factory=log)
     try:
-        before = ranks[1].round_trips
+        before = log.clients[1].round_trips
         report(ranks[1], backend, 1)
         with ThreadPoolExecutor(1) as pool:
             waiter = pool.submit(ranks[1].wait_outcome, 1, backend)
             time.sleep(1.5)
             commit_rank0(ranks[0], backend, 1)
             waiter.result(THREAD_WAIT_S)
-        assert ranks[1].round_trips - before == 2
+        assert log.clients[1].round_trips - before == 2
     finally:
         close_all(ranks)
 
@@ -319,7 +329,7 @@ def test_zombie_generation_is_fenced(redis_server: RedisServer, job: str, backen
         with pytest.raises(ckpt.FencedError):
             old[0].mark_committed(6)
         assert read_manifest(backend, 5).generation == new[0].generation
-        assert new[0].committed_steps(backend) == [5]
+        assert new[0].step_index.committed_steps(backend) == [5]
     finally:
         close_all([*old, *new, zombie])
 
@@ -344,8 +354,8 @@ def test_two_jobs_share_one_redis(
         report(b[1], other_backend, 2)
         commit_rank0(b[0], other_backend, 2)
         b[1].wait_outcome(2, other_backend)
-        assert a[0].committed_steps(backend) == [1]
-        assert b[0].committed_steps(other_backend) == [2]
+        assert a[0].step_index.committed_steps(backend) == [1]
+        assert b[0].step_index.committed_steps(other_backend) == [2]
         keys = describe_state(redis_server.client(), "a").keys() | describe_state(redis_server.client(), "b").keys()
         assert {k.decode() for k in redis_server.client().keys("*")} == keys
     finally:
@@ -358,7 +368,43 @@ def test_two_jobs_share_one_redis(
     assert job_from_url(LocalBackend(tmp_path / "ckpts").url) != job_from_url(LocalBackend(tmp_path / "ckpts-other").url)
     for root, steps in ((tmp_path / "ckpts", [3, 1]), (tmp_path / "ckpts-other", [4, 2])):
         with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
-            assert mgr.coordinator.committed_steps(mgr.backend) == steps  # type: ignore[attr-defined]
+            assert mgr.coordinator.step_index.committed_steps(mgr.backend) == steps  # type: ignore[union-attr]
+
+
+def test_redis_py_is_imported_only_when_a_redis_coordinator_is_used() -> None:
+    """``import ckpt`` and ``import ckpt.coordination`` leave redis-py unloaded; resolving
+    ``RedisCoordinator`` loads it."""
+    code = (
+        "import sys, ckpt, ckpt.coordination as c; loaded = 'redis' in sys.modules; "
+        "c.RedisCoordinator; print(loaded, 'redis' in sys.modules)"
+    )
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's ckpt, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_save_functions_take_a_redis_url(redis_server: RedisServer, backend: StorageBackend) -> None:
+    """``ckpt.save`` and ``ckpt.async_save`` given ``coordinator="redis://..."`` commit through
+    a RedisCoordinator of the root's job (its index in Redis lists both steps) and close it
+    once the save has ended (no heartbeat thread is left)."""
+    url = redis_server.url()
+    ckpt.save({"x": torch.ones(2)}, backend, step=1, coordinator=url)
+    pending = ckpt.async_save({"x": torch.full((2,), 2.0)}, backend, step=2, coordinator=url)
+    pending.result(timeout=THREAD_WAIT_S)
+    committed = redis_server.client().zrange(f"ckpt:{job_from_url(backend.url)}:committed", 0, -1)
+    assert committed == [b"1", b"2"]
+    assert_loads_x(backend, 2.0)
+    deadline = time.monotonic() + THREAD_WAIT_S
+    while any(t.name == "ckpt-heartbeat" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a coordinator made from the URL was not closed"
+        time.sleep(0.01)
+
+
+def assert_loads_x(backend: StorageBackend, value: float) -> None:
+    state = {"x": torch.zeros(2)}
+    ckpt.load(state, backend)
+    assert torch.equal(state["x"], torch.full((2,), value))
 
 
 class _NoListing(LocalBackend):
@@ -379,14 +425,14 @@ def test_committed_index_survives_restarts_and_is_rebuilt(
     try:
         for step in (1, 2):
             assert save_outcome(first, backend, step, 0, 1) == "committed"
-        assert first.committed_steps(backend) == [2, 1]
+        assert first.step_index.committed_steps(backend) == [2, 1]
     finally:
         first.close()
 
     def index(b: StorageBackend) -> list[int]:
         restarted = spec.redis()  # every read is from a new incarnation of the job
         try:
-            return list(restarted.committed_steps(b))
+            return list(restarted.step_index.committed_steps(b))
         finally:
             restarted.close()
 
@@ -400,7 +446,7 @@ def test_committed_index_survives_restarts_and_is_rebuilt(
     again = spec.redis()
     try:
         assert save_outcome(again, backend, 3, 0, 1) == "committed"  # only step 3 is in Redis now
-        assert again.committed_steps(backend) == [3, 2, 1]
+        assert again.step_index.committed_steps(backend) == [3, 2, 1]
     finally:
         again.close()
     assert index(_NoListing(root)) == [3, 2, 1]
@@ -454,7 +500,7 @@ def test_committer_dead_after_the_manifest_still_commits(redis_server: RedisServ
         publish(backend, builder.build(generation=ranks[0].generation, world_size=2, chunk_bytes=CHUNK))
         ranks[0].close()  # ... and no mark_committed
         ranks[1].wait_outcome(1, backend)  # returns: committed in storage
-        assert ranks[1].committed_steps(backend) == [1]
+        assert ranks[1].step_index.committed_steps(backend) == [1]
     finally:
         close_all(ranks)
 
@@ -497,7 +543,7 @@ def test_tls_rediss(redis_tls_server: RedisServer, backend: StorageBackend, tmp_
     with ckpt.CheckpointManager(backend, coordinator=url, save_on_sigterm=False) as mgr:
         assert mgr.coordinator.job == "tls-job"  # type: ignore[attr-defined]
         mgr.save(1, {"x": torch.ones(2)}, blocking=True)
-        assert mgr.coordinator.committed_steps(backend) == [1]  # type: ignore[attr-defined]
+        assert mgr.coordinator.step_index.committed_steps(backend) == [1]  # type: ignore[union-attr]
     with pytest.raises(ckpt.CoordinationError, match="certificate"):
         CoordSpec("redis", url=redis_tls_server.url(), job="tls-job").redis()
 
@@ -564,7 +610,7 @@ def test_redis_killed_and_restarted_mid_step(
     assert_loads_as(backend, 2, 4)
     restarted = spec.redis()
     try:
-        assert restarted.committed_steps(backend) == [4, 2, 1]
+        assert restarted.step_index.committed_steps(backend) == [4, 2, 1]
     finally:
         restarted.close()
 

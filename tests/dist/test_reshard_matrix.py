@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 import ckpt
-from ckpt._coordinator import default_coordinator
 from ckpt.format import read_manifest
+from ckpt.coordination import default_coordinator
 from storage_backends import LocalBackend
 from tests.dist.sharded import global_value, load_expected, save_expected
 from tests.distributed import run_ranks

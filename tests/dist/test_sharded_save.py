@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 import ckpt
-from ckpt._coordinator import ProcessGroupCoordinator
 from ckpt.engine import flatten
 from ckpt.format import element_size, read_manifest, scan_steps, step_prefix
+from ckpt.coordination import ProcessGroupCoordinator
 from recovery import committed_steps
 from storage_backends import LocalBackend
 from tests.dist.sharded import (

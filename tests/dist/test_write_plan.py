@@ -20,8 +20,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt._commit import merge_indexes
-from ckpt._coordinator import default_coordinator
+from ckpt.coordination import merge_indexes
 from ckpt.engine import flatten
 from ckpt.format import (
     ShardIndex,
@@ -33,6 +32,7 @@ from ckpt.format import (
 )
 from ckpt.format import Box
 from ckpt.engine import MIN_SPLIT_BYTES, PieceInfo, PieceKey, WritePlan, assign_writers, describe
+from ckpt.coordination import default_coordinator
 from storage_backends import LocalBackend
 from tests.dist.sharded import global_value
 from tests.distributed import run_ranks

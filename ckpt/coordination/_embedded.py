@@ -1,78 +1,23 @@
-"""The coordinator interface and the embedded implementation.
-
-A coordinator turns per-rank "my data for step s is durable" reports into exactly one
-commit. Call order, per save: ``begin(step, chunk_bytes)`` on every rank in the
-training thread, then ``commit(step, index)`` on every rank from the background thread
-once that rank's data files are durable. The committer writes the manifest last (I1) and only
-while its generation is current (I4).
+"""The embedded coordinators: no server. A single process commits on its own report; a
+``torch.distributed`` job agrees through its process group and reports through storage.
+Their index of committed steps is the storage listing (``step_index`` is None).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from ckpt._agreement import GroupAgreement
-from ckpt._commit import merge_indexes, publish
+from ckpt.coordination._agreement import GroupAgreement
+from ckpt.coordination._commit import merge_indexes, publish
+from ckpt.coordination._protocol import CommittedStepIndex, Coordinator, new_generation
 from ckpt.errors import CheckpointError, CoordinationError, storage_errors
 from ckpt.format import INDEX_DIR, Manifest, ShardIndex, manifest_path, step_prefix
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
-
-
-def new_generation() -> str:
-    """A fencing token that sorts by creation time and is unique per incarnation."""
-    return f"{time.time_ns():x}-{os.getpid():x}-{uuid.uuid4().hex[:8]}"
-
-
-class Coordinator(Protocol):
-    """Agrees on consistent global checkpoints across the ranks of one job."""
-
-    @property
-    def rank(self) -> int: ...
-
-    @property
-    def world_size(self) -> int: ...
-
-    @property
-    def generation(self) -> str:
-        """This incarnation's fencing token; data files and the manifest carry it."""
-
-    def begin(self, step: int, chunk_bytes: int) -> None:
-        """Announce that every rank is about to save ``step`` with checksum chunks of
-        ``chunk_bytes`` (training thread)."""
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, by rank (training thread; may be a collective)."""
-
-    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
-        """Element-wise OR of ``flags`` across ranks (training thread; may be a collective)."""
-
-    def commit(
-        self,
-        backend: StorageBackend,
-        step: int,
-        index: ShardIndex,
-        *,
-        chunk_bytes: int,
-        user_metadata: Mapping[str, Any],
-    ) -> Manifest | None:
-        """Report this rank's durable data; the committer returns the manifest it published.
-
-        Runs in a background thread; never calls torch.distributed collectives.
-        """
-
-    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
-        """This rank cannot save ``step`` (staging or writing its data failed): abort the step
-        now so the other ranks fail fast instead of waiting out their timeout. Training or
-        background thread; never a collective."""
-
-    def close(self) -> None: ...
 
 
 class LocalCoordinator:
@@ -92,6 +37,10 @@ class LocalCoordinator:
     @property
     def generation(self) -> str:
         return self._generation
+
+    @property
+    def step_index(self) -> CommittedStepIndex | None:
+        return None
 
     def begin(self, step: int, chunk_bytes: int) -> None:
         return None
@@ -171,6 +120,10 @@ class ProcessGroupCoordinator:
     @property
     def generation(self) -> str:
         return self._generation
+
+    @property
+    def step_index(self) -> CommittedStepIndex | None:
+        return None
 
     def begin(self, step: int, chunk_bytes: int) -> None:
         self._attempts[step] = self._attempts.get(step, 0) + 1
