@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal, NoReturn
 
+from ckpt import retention
 from ckpt._api import RestoreReport, open_url, restore
 from ckpt._rng import RNGState
 from ckpt.coordination import Coordinator, resolve_coordinator
@@ -20,7 +21,7 @@ from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
 from ckpt.engine._options import SaveOptions
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.format import Manifest, parse_step_prefix
-from ckpt.retention import RetentionPolicy, apply_retention, remove_unreferenced
+from ckpt.retention import RetentionPolicy, remove_unreferenced
 from recovery import LoadOptions
 from storage_backends import StorageBackend, as_tiered
 
@@ -230,8 +231,8 @@ class CheckpointManager:
             unreplicated = {parse_step_prefix(d) for d in tiered.unreplicated()}
             protect = {s for s in unreplicated if s is not None}
             for tier in fast:
-                apply_retention(tier, self.local_retention, protect=protect)
-            plan = apply_retention(durable, self.retention)
+                retention.apply_retention(tier, self.local_retention, protect=protect)
+            plan = retention.apply_retention(durable, self.retention)
             tiered.retry_failed()
             index = self.coordinator.step_index
             if index is not None:

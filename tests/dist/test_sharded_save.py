@@ -288,7 +288,7 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    import ckpt._manager as manager_module
+    import ckpt.retention
 
     out: dict[str, Any] = {}
     mesh = init_device_mesh("cpu", (world,))
@@ -311,13 +311,13 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
 
     # (e) every_steps + keep_last: same saves on every rank; retention runs on the committer only.
     retention_calls: list[int] = []
-    real_retention = manager_module.apply_retention
+    real_retention = ckpt.retention.apply_retention
 
     def counting_retention(*args: Any, **kwargs: Any) -> Any:
         retention_calls.append(1)
         return real_retention(*args, **kwargs)
 
-    manager_module.apply_retention = counting_retention
+    ckpt.retention.apply_retention = counting_retention
     saved = []
     with ckpt.CheckpointManager(f"{base}/steps", every_steps=2, keep_last=2, if_busy="wait") as mgr:
         for step in range(1, 10):
@@ -328,7 +328,7 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
             if mgr.maybe_save(step, state) is not None:
                 saved.append(step)
         mgr.wait()
-    manager_module.apply_retention = real_retention
+    ckpt.retention.apply_retention = real_retention
     dist.barrier()  # the committer's retention of the last step ran before its save resolved
     out["saved"] = saved
     out["retention_calls"] = len(retention_calls)
