@@ -2,7 +2,7 @@
 backend that records the order of durable writes, file signals between a test and its
 ranks, a small sharded state, and a picklable description of the coordinator under test.
 
-``tests.distributed.run_ranks`` is not enough here: ``torch.multiprocessing`` terminates
+``tests.support.gloo.run_ranks`` is not enough here: ``torch.multiprocessing`` terminates
 the surviving ranks as soon as one dies, and the point of these tests is what the
 survivors do. ``Ranks`` runs the same entry point (gloo on loopback, one JSON result per
 rank) but waits for every rank, reports a killed one as such, and kills whatever is still
@@ -30,8 +30,8 @@ import ckpt
 from ckpt._coordinator import Coordinator, LocalCoordinator, ProcessGroupCoordinator
 from ckpt.format import MANIFEST_NAME, Manifest, parse_step_prefix, step_prefix
 from storage_backends import BlobStream, BytesLike, StorageBackend
-from tests.distributed import _entry, free_port
-from tests.faulty import FaultyBackend
+from tests.support.faulty import FaultyBackend
+from tests.support.gloo import _entry, free_port
 
 # Rows of the sharded tensor each rank holds; columns of it.
 ROWS, COLS = 4, 8

@@ -48,7 +48,7 @@ from tests.coordination.harness import (
     steps_of,
     wait_signals,
 )
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 CHUNK = SaveOptions().chunk_bytes
 # A thread standing in for a rank must finish within this (a hang fails the test).

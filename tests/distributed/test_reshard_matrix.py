@@ -1,7 +1,7 @@
 """Resharding matrix (issue 4, items 4 and 7): save on N ranks with layout A, load on M ranks
 with layout B, checked bit for bit against the full tensors.
 
-Layouts (tests/reshard_helpers.py): DTensor ``Shard(0)`` (FSDP), ``Shard(1)``, ``Replicate``
+Layouts (tests/distributed/layouts.py): DTensor ``Shard(0)`` (FSDP), ``Shard(1)``, ``Replicate``
 on 1-D meshes; TP2 x DP2, HSDP and nested placements on a 2x2 mesh; Megatron-style
 ``ckpt.ShardedTensor`` slices; plain tensors in a process without a process group. Tensors
 have random odd shapes, dims smaller than the world size (empty shards), a 0-size tensor,
@@ -38,9 +38,7 @@ import ckpt
 from ckpt._coordinator import default_coordinator
 from ckpt.format import read_manifest
 from storage_backends import LocalBackend
-from tests.dist.sharded import global_value, load_expected, save_expected
-from tests.distributed import run_ranks
-from tests.reshard_helpers import (
+from tests.distributed.layouts import (
     Meshes,
     Spec,
     difference,
@@ -51,6 +49,8 @@ from tests.reshard_helpers import (
     random_specs,
     sentinel_of,
 )
+from tests.distributed.sharded import global_value, load_expected, save_expected
+from tests.support.gloo import run_ranks
 
 STEP = 3
 TIMEOUT_S = 120.0  # a stuck collective fails the rank (with its traceback) before pytest-timeout (300 s)

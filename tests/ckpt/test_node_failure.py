@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ckpt.demo import run_demo
-from tests.redis_server import RedisServer, redis_server_binary
+from tests.support.redis_server import RedisServer, redis_server_binary
 
 
 def test_four_workers_killed_mid_step_resume_on_three(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Distributed sharded save (issue 3, items 1-2) and loads onto the same / other layouts.
 
-Real gloo processes (``tests.distributed.run_ranks``). Spawns are expensive, so each one
+Real gloo processes (``tests.support.gloo.run_ranks``). Spawns are expensive, so each one
 runs a whole scenario and the tests below check its results:
 
 * 4 ranks save one state holding every layout (1-D and 2x2 DTensors, Megatron shards,
@@ -36,7 +36,7 @@ from ckpt.engine import flatten
 from ckpt.format import element_size, read_manifest, scan_steps, step_prefix
 from recovery import committed_steps
 from storage_backends import LocalBackend
-from tests.dist.sharded import (
+from tests.distributed.sharded import (
     REPLICATED_COUNT,
     TOP_KEYS,
     build_state,
@@ -48,7 +48,7 @@ from tests.dist.sharded import (
     save_expected,
     zero_state,
 )
-from tests.distributed import run_ranks
+from tests.support.gloo import run_ranks
 
 STEP = 7
 TIMEOUT_S = 120.0

@@ -1,4 +1,4 @@
-"""Layouts, tensors and checks for the resharding matrix (tests/dist/test_reshard_matrix.py).
+"""Layouts, tensors and checks for the resharding matrix (tests/distributed/test_reshard_matrix.py).
 
 A *layout* is a name that says how a global tensor sits on ``world`` ranks:
 
@@ -9,7 +9,7 @@ A *layout* is a name that says how a global tensor sits on ``world`` ranks:
 * ``ST0``, ``ST1``: Megatron-style ``ckpt.ShardedTensor`` slices along dim 0 / 1;
 * ``full``: a plain tensor in a process without a process group.
 
-Every global tensor's value is a function of its name (``tests.dist.sharded.global_value``),
+Every global tensor's value is a function of its name (``tests.distributed.sharded.global_value``),
 so any process can compute what any rank must hold, and a check needs no collective.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import ckpt
-from tests.dist.sharded import chunk, global_value
+from tests.distributed.sharded import chunk, global_value
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64, "bool": torch.bool}
 LAYOUTS_1D = ("S0", "S1", "R", "ST0", "ST1")

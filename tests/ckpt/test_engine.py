@@ -29,7 +29,7 @@ from storage_backends import (
     StorageBackendError,
     StorageFullError,
 )
-from tests.faulty import FaultyBackend
+from tests.support.faulty import FaultyBackend
 
 MiB = 1 << 20
 

@@ -45,7 +45,7 @@ from ckpt.format import Box, StoredPiece, TensorEntry, element_size, read_manife
 from recovery import Destination, Loader, plan_reads
 from recovery._reshard import PieceIndex
 from storage_backends import LocalBackend
-from tests.helpers_format import assert_bit_identical, save_with
+from tests.support.on_disk import assert_bit_identical, save_with
 
 DTYPES = ("float32", "bfloat16", "int64", "bool")
 # Derandomized and without an example database, as the other property tests here: the same
@@ -333,8 +333,8 @@ def test_any_overlap_between_pieces_is_refused(data: st.DataObject) -> None:
 def test_overlapping_pieces_in_a_manifest_fail_the_load(tmp_path: Path) -> None:
     """End to end: a re-sealed manifest in which one piece claims another's rows (the counts
     still add up) makes ckpt.load raise CorruptCheckpointError, never return partial data."""
-    from tests.helpers_format import read_manifest as read_doc
-    from tests.helpers_format import write_manifest
+    from tests.support.on_disk import read_manifest as read_doc
+    from tests.support.on_disk import write_manifest
 
     value = torch.arange(40, dtype=torch.float32).reshape(8, 5)
     save_with({"w": value}, tmp_path / "src", STEP)

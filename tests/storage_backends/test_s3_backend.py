@@ -1,8 +1,8 @@
 """The S3 backend against real S3 servers on loopback: moto's server mode and SeaweedFS.
 
-Both are reached through boto3 over HTTP exactly as AWS is (``tests/s3_servers.py``);
+Both are reached through boto3 over HTTP exactly as AWS is (``tests/support/s3_servers.py``);
 faults are injected between client and server by a loopback proxy
-(``tests/s3_proxy.py``), never by mocking boto3. Every backend has retries that do not
+(``tests/support/s3_proxy.py``), never by mocking boto3. Every backend has retries that do not
 sleep (``RetryPolicy(sleep=no_wait)``), so that a test never waits on backoff.
 
 * ``TestS3Moto`` / ``TestS3SeaweedFS``: the shared conformance suite, each test under a
@@ -33,8 +33,8 @@ from storage_backends import (
     StorageBackendError,
     open_backend,
 )
-from tests.s3_proxy import S3FaultProxy
-from tests.s3_servers import (
+from tests.support.s3_proxy import S3FaultProxy
+from tests.support.s3_servers import (
     S3Server,
     aws_test_env,
     base_env,

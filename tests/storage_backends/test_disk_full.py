@@ -1,6 +1,6 @@
 """A real full disk: an 8 MiB tmpfs in a private mount namespace, no mocked ``ENOSPC``.
 
-Each test runs ``_enospc_child.py`` under ``unshare -m`` after mounting the tmpfs, so the
+Each test runs ``tests/support/workers/enospc.py`` under ``unshare -m`` after mounting the tmpfs, so the
 mount is invisible to (and cleaned up without) the rest of the machine. The tests are
 skipped only where the kernel or the container does not let us create the namespace
 or mount a tmpfs.
@@ -21,7 +21,7 @@ import pytest
 import storage_backends
 
 REPO_ROOT = Path(storage_backends.__file__).resolve().parent.parent
-CHILD = Path(__file__).with_name("_enospc_child.py")
+CHILD = "tests.support.workers.enospc"
 # Mount the tmpfs at $1, then run the rest of the arguments as the child.
 MOUNT_AND_RUN = 'mount -t tmpfs -o size=8m tmpfs "$1" && shift && exec "$@"'
 
@@ -54,7 +54,7 @@ def run_on_full_disk(scenario: str, mountpoint: Path) -> dict[str, Any]:
     }
     in_namespace = ["unshare", "-m", "sh", "-c", MOUNT_AND_RUN, "sh", str(mountpoint)]
     proc = subprocess.run(
-        [*in_namespace, sys.executable, str(CHILD), scenario, str(mountpoint)],
+        [*in_namespace, sys.executable, "-m", CHILD, scenario, str(mountpoint)],
         capture_output=True,
         text=True,
         env=env,

@@ -1,6 +1,7 @@
 """Runs inside a private mount namespace on a tiny tmpfs; reports what it saw as JSON.
 
-``test_disk_full.py`` starts this as ``python _enospc_child.py SCENARIO MOUNTPOINT`` under
+``test_disk_full.py`` starts this as ``python -m tests.support.workers.enospc SCENARIO
+MOUNTPOINT`` under
 ``unshare -m`` after mounting an 8 MiB tmpfs at MOUNTPOINT, then asserts on the facts
 printed on the last line of stdout. Only this process sees the tmpfs, so every look at
 the files has to happen here.

@@ -29,9 +29,8 @@ from ckpt import CheckpointManager
 from ckpt.format import StepListing, scan_steps, step_prefix
 from ckpt.retention import RetentionPolicy, plan_gc
 from storage_backends import LocalBackend
-from tests.faulty import FaultyBackend
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.faulty import FaultyBackend
+from tests.support.workers import REPO_ROOT
 
 
 class FakeClock:
@@ -444,11 +443,11 @@ def test_sigterm_finishes_the_save_in_flight_saves_and_exits_143(
 
 def test_sigterm_in_a_real_process(root: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.workers_sigterm", str(root)],
+        [sys.executable, "-m", "tests.support.workers.sigterm", str(root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=REPO,
+        cwd=REPO_ROOT,
     )
     try:
         assert proc.stdout is not None

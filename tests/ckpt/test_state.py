@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import ckpt
-from tests.helpers_format import assert_bit_identical, read_manifest
+from tests.support.on_disk import assert_bit_identical, read_manifest
 
 
 def trained(seed: int = 0, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:

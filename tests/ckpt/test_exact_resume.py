@@ -1,6 +1,6 @@
 """Exact resume, tested for real: SIGKILL a training process, restart it, compare bit for bit.
 
-Each case runs ``tests/workers/train.py`` in a subprocess with asynchronous checkpoints,
+Each case runs ``tests/support/workers/train.py`` in a subprocess with asynchronous checkpoints,
 kills it with SIGKILL at a chosen moment (a random step, right after a save started,
 while a save's data is half written, after the data is durable but before the manifest,
 before any checkpoint exists, twice in one run), restarts it on the same root and lets
@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 from ckpt.format import read_manifest, scan_steps
 from recovery import verify_checkpoint
 from storage_backends import LocalBackend
+from tests.support.workers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
 EVERY = 4
 SLOW_SAVE_MS = 15.0
@@ -56,14 +56,14 @@ class Worker:
 
     def __init__(self, root: Path, out: Path, log: Path, extra: Sequence[str] = ()) -> None:
         cmd = [
-            sys.executable, "-m", "tests.workers.train",
+            sys.executable, "-m", "tests.support.workers.train",
             "--root", str(root), "--steps", str(STEPS), "--every", str(EVERY),
             "--keep-last", str(KEEP_LAST), "--out", str(out), *extra,
         ]
         self.log = log
         self._stderr = log.open("ab")
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
+            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()

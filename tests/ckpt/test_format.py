@@ -15,7 +15,7 @@ import zstandard
 from safetensors import safe_open
 
 import ckpt
-from tests.helpers_format import (
+from tests.support.on_disk import (
     assert_bit_identical,
     bits,
     data_file,

@@ -5,7 +5,7 @@
 * 2 real gloo ranks save one sharded state to S3 and restore it bit for bit, and this
   process restores the same checkpoint as plain full tensors;
 * a fault campaign: ~10 % of all requests get a transient fault of a mixed kind from the
-  proxy (``tests/s3_proxy.py``) over several saves: every save commits, every restore is
+  proxy (``tests/support/s3_proxy.py``) over several saves: every save commits, every restore is
   bit-identical, and after GC no multipart upload is left;
 * a process SIGKILLed in the middle of a multipart upload leaves no committed torn step:
   restore returns the previous step, ``ckpt verify s3://...`` passes, and the next save of
@@ -32,13 +32,13 @@ from ckpt.format import read_manifest, scan_steps, step_prefix
 from ckpt.retention import RetentionPolicy, apply_retention
 from recovery import validate_files, verify_checkpoint
 from storage_backends import S3Backend, S3Config, StorageBackend, open_backend
-from tests.distributed import run_ranks
-from tests.s3_proxy import TRANSIENT_FAULTS, S3FaultProxy
-from tests.s3_servers import S3Server, aws_test_env, s3_server, seaweedfs_s3
+from tests.support.gloo import run_ranks
+from tests.support.s3_proxy import TRANSIENT_FAULTS, S3FaultProxy
+from tests.support.s3_servers import S3Server, aws_test_env, s3_server, seaweedfs_s3
+from tests.support.workers import REPO_ROOT
 
 __all__ = ["aws_test_env", "s3_server", "seaweedfs_s3"]  # fixtures used here
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 PART = 5 * MiB
 CHILD_TIMEOUT_S = 120.0
@@ -328,7 +328,7 @@ def child_main(url: str) -> None:
 def child_env(server: S3Server, endpoint: str | None = None) -> dict[str, str]:
     """This environment without any AWS setting of the user's, plus the test server's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    return {**env, **server.env(endpoint), "PYTHONPATH": str(REPO)}
+    return {**env, **server.env(endpoint), "PYTHONPATH": str(REPO_ROOT)}
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -347,9 +347,9 @@ def test_sigkill_mid_upload_leaves_no_torn_step(seaweedfs_s3: S3Server, tmp_path
     server = seaweedfs_s3
     url = server.url()
     with S3FaultProxy(server.endpoint) as proxy, open(tmp_path / "child.log", "w") as log:
-        code = f"from tests.test_s3_checkpoints import child_main; child_main({url!r})"
+        code = f"from tests.ckpt.test_s3_checkpoints import child_main; child_main({url!r})"
         proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, env=child_env(server, proxy.endpoint), text=True,
+            [sys.executable, "-c", code], cwd=REPO_ROOT, env=child_env(server, proxy.endpoint), text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
         )
         try:
@@ -381,7 +381,7 @@ def test_sigkill_mid_upload_leaves_no_torn_step(seaweedfs_s3: S3Server, tmp_path
         argv = [str(cli)] if cli.exists() else [sys.executable, "-c", "from ckpt.cli import main; main()"]
         verify = subprocess.run(
             [*argv, "verify", url], env=child_env(server), capture_output=True, text=True,
-            timeout=CHILD_TIMEOUT_S, cwd=REPO,
+            timeout=CHILD_TIMEOUT_S, cwd=REPO_ROOT,
         )
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "step 1: OK" in verify.stdout

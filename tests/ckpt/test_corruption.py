@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt
-from tests.helpers_format import (
+from tests.support.on_disk import (
     assert_bit_identical,
     data_file,
     flip_byte,

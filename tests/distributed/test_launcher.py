@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed import RankFailed, run_ranks
+from tests.support.gloo import RankFailed, run_ranks
 
 
 def _sum_ranks(rank: int, world: int) -> int:

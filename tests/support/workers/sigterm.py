@@ -1,6 +1,6 @@
 """Worker for test_manager's SIGTERM test: a training loop that is told to stop.
 
-Usage: ``python -m tests.workers_sigterm ROOT`` (from the repository root)
+Usage: ``python -m tests.support.workers.sigterm ROOT`` (from the repository root)
 
 Saves every 3 steps through a ``FaultyBackend`` whose gate holds step 3's save in
 flight. At step 5 it prints ``READY`` and waits for SIGTERM; then it lets the held
@@ -20,7 +20,7 @@ import torch
 
 from ckpt import CheckpointManager
 from storage_backends import LocalBackend
-from tests.faulty import FaultyBackend
+from tests.support.faulty import FaultyBackend
 
 READY_STEP = 5
 SIGTERM_WAIT_S = 60.0

@@ -22,8 +22,17 @@ import torch
 import ckpt
 from ckpt._commit import merge_indexes
 from ckpt._coordinator import default_coordinator
-from ckpt.engine import flatten
+from ckpt.engine import (
+    MIN_SPLIT_BYTES,
+    PieceInfo,
+    PieceKey,
+    WritePlan,
+    assign_writers,
+    describe,
+    flatten,
+)
 from ckpt.format import (
+    Box,
     ShardIndex,
     StoredPiece,
     TensorEntry,
@@ -31,11 +40,9 @@ from ckpt.format import (
     read_manifest,
     step_prefix,
 )
-from ckpt.format import Box
-from ckpt.engine import MIN_SPLIT_BYTES, PieceInfo, PieceKey, WritePlan, assign_writers, describe
 from storage_backends import LocalBackend
-from tests.dist.sharded import global_value
-from tests.distributed import run_ranks
+from tests.distributed.sharded import global_value
+from tests.support.gloo import run_ranks
 
 
 def _piece(name: str, nbytes: int, offsets: tuple[int, ...] = (0,), lengths: tuple[int, ...] | None = None) -> PieceInfo:

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m tests.workers.train --root DIR --steps N --every K --out OUT.safetensors
+    python -m tests.support.workers.train --root DIR --steps N --every K --out OUT.safetensors
 
 It trains an MLP with dropout under AdamW and a step LR schedule on synthetic data
 derived from the step index, checkpoints asynchronously with ``CheckpointManager``
