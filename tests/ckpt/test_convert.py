@@ -33,7 +33,8 @@ import ckpt.cli as cli
 from ckpt.convert import export_safetensors, export_torch, relayout, split_box
 from ckpt.format import element_size, read_manifest, scan_steps
 from storage_backends import LocalBackend
-from tests.support.on_disk import assert_bit_identical, data_file, flip_byte, save_with
+from tests.support.checks import assert_bit_identical
+from tests.support.on_disk import data_file, flip_byte, save_with
 
 STEP = 12
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt
+from tests.support.checks import assert_bit_identical
 from tests.support.on_disk import (
-    assert_bit_identical,
     data_file,
     flip_byte,
     manifest_path,

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from ckpt.format import read_manifest, scan_steps
 from recovery import verify_checkpoint
 from storage_backends import LocalBackend
+from tests.support.checks import assert_all_bit_identical
 from tests.support.workers import REPO_ROOT
 
 STEPS = 24
@@ -236,15 +237,6 @@ class Run:
         return load_file(self.out)
 
 
-def assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    differ = [
-        name for name in want
-        if got[name].dtype != want[name].dtype or not torch.equal(got[name], want[name])
-    ]
-    assert not differ, f"tensors differ from the uninterrupted run: {differ}"
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """Final tensors of one uninterrupted run (same program, same checkpoint policy)."""
@@ -256,13 +248,13 @@ def test_kill_at_a_random_step(tmp_path: Path, reference: dict[str, torch.Tensor
     step = random.Random(CAMPAIGN_SEED).randint(EVERY + 1, LAST_KILL_STEP)
     with Run(tmp_path) as run:
         run.kill_at(f"step {step}")
-        assert_bit_identical(run.finish(), reference)
+        assert_all_bit_identical(run.finish(), reference)
 
 
 def test_kill_right_after_a_save_started(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
     with Run(tmp_path) as run:
         run.kill_at(f"saving {2 * EVERY}")
-        assert_bit_identical(run.finish(), reference)
+        assert_all_bit_identical(run.finish(), reference)
 
 
 def test_kill_while_save_data_is_half_written(
@@ -276,7 +268,7 @@ def test_kill_while_save_data_is_half_written(
         )
         assert torn in listing.uncommitted, listing  # the torn prefix is on disk ...
         assert listing.newest == torn - EVERY, listing  # ... and restore must not pick it
-        assert_bit_identical(run.finish(), reference)
+        assert_all_bit_identical(run.finish(), reference)
 
 
 def test_kill_before_any_checkpoint(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -286,7 +278,7 @@ def test_kill_before_any_checkpoint(tmp_path: Path, reference: dict[str, torch.T
             f"step {EVERY - 1}", extra=["--hang-step", str(EVERY), "--hang-phase", "commit"]
         )
         assert listing.committed == (), listing
-        assert_bit_identical(run.finish(), reference)
+        assert_all_bit_identical(run.finish(), reference)
 
 
 def test_kill_twice_in_one_run(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -302,7 +294,7 @@ def test_kill_twice_in_one_run(tmp_path: Path, reference: dict[str, torch.Tensor
         # Second: resumed from step K, it dies again at a random later step.
         listing = run.kill_at(f"step {step}")
         assert listing.newest is not None and listing.newest >= torn - EVERY, listing
-        assert_bit_identical(run.finish(), reference)
+        assert_all_bit_identical(run.finish(), reference)
 
 
 def _campaign_point(rng: random.Random) -> str:
@@ -328,6 +320,6 @@ def test_random_kill_campaign(
             run.kill_at(marker)
             got = run.finish()
         try:
-            assert_bit_identical(got, reference)
+            assert_all_bit_identical(got, reference)
         except AssertionError as exc:
             raise AssertionError(f"kill point {i} ({marker!r}, {slow_ms} ms/write): {exc}") from exc

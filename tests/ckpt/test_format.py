@@ -15,14 +15,8 @@ import zstandard
 from safetensors import safe_open
 
 import ckpt
-from tests.support.on_disk import (
-    assert_bit_identical,
-    bits,
-    data_file,
-    read_manifest,
-    save_with,
-    step_dir,
-)
+from tests.support.checks import assert_bit_identical, bits
+from tests.support.on_disk import data_file, read_manifest, save_with, step_dir
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

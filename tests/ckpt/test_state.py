@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import ckpt
-from tests.support.on_disk import assert_bit_identical, read_manifest
+from tests.support.checks import assert_bit_identical
+from tests.support.on_disk import read_manifest
 
 
 def trained(seed: int = 0, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:

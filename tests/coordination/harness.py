@@ -31,7 +31,8 @@ from ckpt._coordinator import Coordinator, LocalCoordinator, ProcessGroupCoordin
 from ckpt.format import MANIFEST_NAME, Manifest, parse_step_prefix, step_prefix
 from storage_backends import BlobStream, BytesLike, StorageBackend
 from tests.support.faulty import FaultyBackend
-from tests.support.gloo import _entry, free_port
+from tests.support.gloo import rank_main
+from tests.support.ports import free_port
 
 # Rows of the sharded tensor each rank holds; columns of it.
 ROWS, COLS = 4, 8
@@ -342,7 +343,7 @@ class Ranks:
         self._deadline = time.monotonic() + self._timeout_s
         for rank in range(self._world):
             p = ctx.Process(
-                target=_entry,
+                target=rank_main,
                 args=(rank, self._world, port, self._dir.name, self._pg_timeout_s, self._fn, self._args),
                 name=f"rank{rank}",
             )

@@ -136,17 +136,3 @@ def local_data(value: Any) -> torch.Tensor:
         return value.local
     assert isinstance(value, torch.Tensor)
     return value
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def difference(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
-    """None when bit for bit equal (dtype, shape, bytes), else what differs."""
-    if actual.dtype != expected.dtype or actual.shape != expected.shape:
-        return f"{actual.dtype}{list(actual.shape)} vs {expected.dtype}{list(expected.shape)}"
-    if not torch.equal(bits(actual), bits(expected)):
-        wrong = int((bits(actual) != bits(expected)).sum())
-        return f"{wrong} of {actual.numel() * actual.element_size()} bytes differ"
-    return None

@@ -41,7 +41,6 @@ from storage_backends import LocalBackend
 from tests.distributed.layouts import (
     Meshes,
     Spec,
-    difference,
     full_of,
     layouts_for,
     local_data,
@@ -50,6 +49,7 @@ from tests.distributed.layouts import (
     sentinel_of,
 )
 from tests.distributed.sharded import global_value, load_expected, save_expected
+from tests.support.checks import difference
 from tests.support.gloo import run_ranks
 
 STEP = 3

@@ -45,7 +45,8 @@ from ckpt.format import Box, StoredPiece, TensorEntry, element_size, read_manife
 from recovery import Destination, Loader, plan_reads
 from recovery._reshard import PieceIndex
 from storage_backends import LocalBackend
-from tests.support.on_disk import assert_bit_identical, save_with
+from tests.support.checks import assert_bit_identical
+from tests.support.on_disk import save_with
 
 DTYPES = ("float32", "bfloat16", "int64", "bool")
 # Derandomized and without an example database, as the other property tests here: the same

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -21,18 +20,14 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from tests.support.ports import free_port
+
 
 class RankFailed(AssertionError):
     """One or more ranks raised; the message holds their tracebacks."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _entry(
+def rank_main(
     rank: int, world: int, port: int, out_dir: str, timeout_s: float, fn: Callable[..., Any], args: tuple[Any, ...]
 ) -> None:
     import torch
@@ -58,7 +53,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
         context = mp.start_processes(
-            _entry, args=(world, port, out_dir, timeout_s, fn, args), nprocs=world, join=False, start_method="spawn"
+            rank_main, args=(world, port, out_dir, timeout_s, fn, args), nprocs=world, join=False, start_method="spawn"
         )
         failed_join: BaseException | None = None
         try:

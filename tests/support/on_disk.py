@@ -1,4 +1,5 @@
-"""Helpers shared by the format, corruption and state tests: custom saves and manifest edits."""
+"""A checkpoint on local disk as tests make and tamper with it: saves with a private engine,
+manifest reads and (re-sealed) edits, byte flips in data files."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import ckpt
 from ckpt._coordinator import LocalCoordinator
@@ -68,18 +67,3 @@ def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of ``tensor`` (so NaN payloads, -0.0 and fp8 compare exactly)."""
-    t = tensor.detach().contiguous()
-    if t.is_complex():
-        t = torch.view_as_real(t).contiguous()
-    return t.reshape(-1).view(torch.uint8)
-
-
-def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same dtype, shape and bytes."""
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.equal(bits(actual), bits(expected))

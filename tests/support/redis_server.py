@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from tests.support.ports import free_port
 
 # Every wait here gives up after this long, so that a broken server fails a test
 # instead of hanging it.
@@ -29,13 +31,6 @@ START_TIMEOUT_S = 20.0
 def redis_server_binary() -> str | None:
     """The ``redis-server`` on PATH, or None."""
     return shutil.which("redis-server")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tls_supported() -> bool:
@@ -87,6 +82,8 @@ class RedisServer:
         appendonly: start with AOF persistence (``appendfsync always``).
         password: ``requirepass`` when given.
         tls: ``make_tls_files`` output; the server then listens with TLS only.
+        extra_args: more ``redis-server`` arguments (``--maxclients``, ``--slowlog-*`` ...).
+        preexec_fn: run in the server's process before it starts (e.g. die with the parent).
     """
 
     def __init__(
@@ -96,6 +93,8 @@ class RedisServer:
         appendonly: bool = False,
         password: str | None = None,
         tls: dict[str, Path] | None = None,
+        extra_args: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         binary = redis_server_binary()
         if binary is None:
@@ -106,6 +105,8 @@ class RedisServer:
         self.password = password
         self.tls = tls
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        self.preexec_fn = preexec_fn
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = self.directory / "redis.log"
@@ -147,7 +148,7 @@ class RedisServer:
         ]
         if self.password:
             argv += ["--requirepass", self.password]
-        return argv
+        return argv + self.extra_args
 
     def start(self, *, appendonly: bool | None = None) -> None:
         """Start (or start again) on the same port and directory; wait until it answers."""
@@ -155,7 +156,9 @@ class RedisServer:
             raise RuntimeError("redis-server is already running")
         if appendonly is not None:
             self.appendonly = appendonly
-        self.proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=self.preexec_fn
+        )
         self._wait_ready()
 
     def _wait_ready(self) -> None:

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import atexit
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +43,7 @@ import pytest
 from botocore.config import Config
 
 from storage_backends import RetryPolicy, S3Backend, S3Config
+from tests.support.ports import free_port, free_port_pair
 
 BUCKET = "ckpt-test"
 ACCESS_KEY = "ckpt-test-access-key"
@@ -59,35 +58,6 @@ STOP_GRACE_S = 2.0
 
 def no_wait(_seconds: float) -> None:
     """A retry sleep that does not sleep: tests never wait on backoff."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_pair(taken: set[int]) -> int:
-    """A port P below 55000 with P and P + 10000 both free (SeaweedFS's gRPC takes P + 10000)."""
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randrange(20_000, 45_000)
-        if port in taken or port + 10_000 in taken:
-            continue
-        if _port_free(port) and _port_free(port + 10_000):
-            taken.update((port, port + 10_000))
-            return port
-    raise RuntimeError("no free port pair (P, P + 10000) below 55000 on 127.0.0.1")
 
 
 def moto_command() -> list[str] | None:
