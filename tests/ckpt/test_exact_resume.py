@@ -305,7 +305,6 @@ def _campaign_point(rng: random.Random) -> str:
     return f"{kind} {EVERY * rng.randint(1, LAST_KILL_STEP // EVERY)}"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_random_kill_campaign(
     tmp_path: Path, reference: dict[str, torch.Tensor], full: bool

@@ -271,7 +271,6 @@ def test_two_ranks_save_and_restore_through_s3(seaweedfs_s3: S3Server) -> None:
 # --------------------------------------------------------------------------- fault campaign
 
 
-@pytest.mark.slow
 def test_fault_campaign_through_proxy(s3_server: S3Server, s3_url: str, full: bool) -> None:
     """~10 % of requests (every kind of call) get a transient fault of a mixed kind:
     resets before and after the server acted, bodies cut or ending early, 503 SlowDown,

@@ -384,11 +384,9 @@ def test_read_amplification(two: dict[str, Any], three: dict[str, Any], record_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_full_matrix(tmp_path: Path, full: bool) -> None:
+def test_full_matrix(tmp_path: Path) -> None:
     """Every layout of 1, 2, 3 and 4 ranks into every layout of 1, 2, 3 and 4 ranks, on more
-    random shapes (another seed), bit for bit. Runs with --full only."""
-    if not full:
-        pytest.skip("the whole resharding matrix runs with --full")
+    random shapes (another seed), bit for bit."""
     specs = random_specs(seed=11, count=14)
     saved: dict[int, dict[str, str]] = {1: {"full": str(tmp_path / "n1-full")}}
     _save_one_process(specs, tmp_path / "n1-full")

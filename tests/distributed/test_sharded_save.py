@@ -262,12 +262,10 @@ def test_reshard_two_to_three_ranks(two: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_reshard_matrix_with_three_ranks_in_the_middle(
-    four: dict[str, Any], two: dict[str, Any], tmp_path: Path, full: bool
+    four: dict[str, Any], two: dict[str, Any], tmp_path: Path
 ) -> None:
-    """(d, --full) 4 -> 3 ranks (every shard uneven), a 3-rank save checked like the others,
+    """(d) 4 -> 3 ranks (every shard uneven), a 3-rank save checked like the others,
     then 3 -> 4 and 2 -> 4 ranks back onto the 2x2-mesh layout."""
-    if not full:
-        pytest.skip("heavier resharding matrix; run with --full")
     save = {"root": str(tmp_path / "ckpt3"), "expected": str(tmp_path / "expected3.safetensors")}
     loads = [[str(four["root"]), str(four["expected"]), "a"]]
     three = run_ranks(_scenario, 3, loads, save, timeout_s=TIMEOUT_S)
