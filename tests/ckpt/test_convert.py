@@ -19,6 +19,7 @@ import io
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,7 @@ def test_corrupt_source_raises_naming_the_file(source: Path, tmp_path: Path) -> 
     root, file = _corrupt_copy(source, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: relayout(LocalBackend(root), LocalBackend(out / "ckpt"), world_size=2),
         lambda: export_safetensors(LocalBackend(root), out / "model.safetensors"),
         lambda: export_torch(LocalBackend(root), out / "state.pt"),

@@ -329,7 +329,7 @@ def test_plain_values_round_trip(root: Path) -> None:
         "np_scalars": [np.float32(1.25), np.int64(-3), np.bool_(True)],
         "empty": {"list": [], "dict": {}, "tuple": ()},
     }
-    arrays = {
+    arrays: dict[str, np.ndarray[Any, Any]] = {
         "f64": np.linspace(0, 1, 5),
         "i32": np.arange(12, dtype=np.int32).reshape(3, 4),
         "u8": np.array([1, 2, 255], dtype=np.uint8),

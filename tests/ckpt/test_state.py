@@ -63,7 +63,7 @@ def test_mismatch_lists_missing_unexpected_shape_and_dtype_in_one_error(root: Pa
     }
     ckpt.save(saved, root, step=1)
     target_model = nn.Linear(4, 5)  # weight [5, 4] and bias [5] vs [3, 4] and [3]
-    target = {
+    target: dict[str, Any] = {
         "model": target_model,
         "t": torch.zeros(4, dtype=torch.float64),
         "only_target": torch.zeros(2),
@@ -100,7 +100,7 @@ def test_mismatch_names_missing_and_unexpected_tensors_inside_a_module(root: Pat
 
 def test_strict_false_ignores_keys_on_one_side_only(root: Path) -> None:
     """strict=False loads what both sides share and leaves the rest alone."""
-    saved = {"model": nn.Linear(4, 3, bias=True), "t": torch.arange(3.0), "only_saved": 5}
+    saved: dict[str, Any] = {"model": nn.Linear(4, 3, bias=True), "t": torch.arange(3.0), "only_saved": 5}
     ckpt.save(saved, root, step=1)
     model = nn.Linear(4, 3, bias=False)
     extra = torch.full((2,), 7.0)
@@ -186,7 +186,7 @@ def test_lr_scheduler_and_plain_values_are_restored(root: Path) -> None:
 
 def test_nested_dict_state_is_updated_in_place(root: Path) -> None:
     """A dict in the state keeps its identity; its tensors are filled in place, its values replaced."""
-    saved = {"extra": {"buf": torch.arange(6.0).reshape(2, 3), "meta": {"k": 1}, "ids": (1, 2)}}
+    saved: dict[str, Any] = {"extra": {"buf": torch.arange(6.0).reshape(2, 3), "meta": {"k": 1}, "ids": (1, 2)}}
     ckpt.save(saved, root, step=1)
     inner: dict[str, Any] = {"buf": torch.zeros(2, 3), "meta": {}, "stale": "dropped"}
     buf = inner["buf"]

@@ -65,7 +65,8 @@ class CoordSpec:
         grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self.kind == "embedded":
             return ProcessGroupCoordinator(timeout=self.timeout) if grouped else LocalCoordinator()
-        return self.redis()
+        coordinator: Coordinator = self.redis()
+        return coordinator
 
     def redis(self, **overrides: Any) -> Any:
         """A ``RedisCoordinator`` (typed loosely: tests poke at its protocol steps)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ from torch import nn
 
 import ckpt
 from ckpt.engine import state_tree
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 # name -> (global shape, dtype, placements in variant "a", placements in variant "b").
 # "S<d>" is Shard(d), "R" is Replicate().
@@ -214,13 +217,13 @@ def _walk(value: Any, path: str, out: dict[str, Any]) -> None:
             _walk(v, f"{path}.{i}", out)
 
 
-def _is_dtensor(value: Any) -> bool:
+def _is_dtensor(value: object) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, DTensor)
 
 
-def full_value(value: Any) -> torch.Tensor:
+def full_value(value: torch.Tensor | ckpt.ShardedTensor) -> torch.Tensor:
     """The whole global tensor behind a DTensor, a ShardedTensor or a plain tensor
     (a collective for the first two: every rank calls it in the same order)."""
     if _is_dtensor(value):
@@ -235,7 +238,7 @@ def full_value(value: Any) -> torch.Tensor:
     return value.detach().clone()
 
 
-def local_of(value: Any) -> torch.Tensor:
+def local_of(value: torch.Tensor | ckpt.ShardedTensor) -> torch.Tensor:
     """The tensor this rank holds."""
     if _is_dtensor(value):
         return value.to_local()

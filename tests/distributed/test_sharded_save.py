@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ import ckpt
 from ckpt._coordinator import ProcessGroupCoordinator
 from ckpt.engine import flatten
 from ckpt.format import element_size, read_manifest, scan_steps, step_prefix
+from ckpt.retention import apply_retention
 from recovery import committed_steps
 from storage_backends import LocalBackend
 from tests.distributed.sharded import (
@@ -308,16 +310,11 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
         setattr(dist, name, recording(name))
 
     # (e) every_steps + keep_last: same saves on every rank; retention runs on the committer only.
-    retention_calls: list[int] = []
-    real_retention = manager_module.apply_retention
-
-    def counting_retention(*args: Any, **kwargs: Any) -> Any:
-        retention_calls.append(1)
-        return real_retention(*args, **kwargs)
-
-    manager_module.apply_retention = counting_retention
     saved = []
-    with ckpt.CheckpointManager(f"{base}/steps", every_steps=2, keep_last=2, if_busy="wait") as mgr:
+    with (
+        mock.patch.object(manager_module, "apply_retention", wraps=apply_retention) as retention,
+        ckpt.CheckpointManager(f"{base}/steps", every_steps=2, keep_last=2, if_busy="wait") as mgr,
+    ):
         for step in range(1, 10):
             with torch.no_grad():
                 weight.to_local().add_(1.0)
@@ -326,10 +323,9 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
             if mgr.maybe_save(step, state) is not None:
                 saved.append(step)
         mgr.wait()
-    manager_module.apply_retention = real_retention
     dist.barrier()  # the committer's retention of the last step ran before its save resolved
     out["saved"] = saved
-    out["retention_calls"] = len(retention_calls)
+    out["retention_calls"] = retention.call_count
     for name, original in originals.items():
         setattr(dist, name, original)
     out["collective_threads"] = sorted(set(collective_threads))

@@ -227,7 +227,8 @@ def test_plan_byte_ranges_are_the_rows_needed(problem: tuple[TensorEntry, list[t
                 slice(o - po, o - po + n)
                 for o, n, po in zip(req.region.offsets[1:], req.region.lengths[1:], piece.offsets[1:])
             )
-            values = rows[(slice(None), *inner)]
+            index = (slice(None), *inner)  # mypy misreads rows[(a, *b)] as 3.11-only syntax
+            values = rows[index]
         else:
             values = span.view([])
         filled[req.target][req.region.relative_to(boxes[req.target])] = values

@@ -26,7 +26,8 @@ class _GatedRemote(LocalBackend):
         self.order: list[str] = []
         self.fail = False
 
-    def open_stream(self, path: str) -> BlobStream:
+    # LocalBackend.open_stream declares its private stream class; this returns the same.
+    def open_stream(self, path: str) -> BlobStream:  # type: ignore[override]
         if not self.gate.wait(timeout=30):
             raise StorageBackendError("gate never opened", path=path, retryable=True)
         if self.fail:

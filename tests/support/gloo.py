@@ -61,7 +61,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
                 pass
         except Exception as exc:  # ProcessRaisedException / ProcessExitedException
             failed_join = exc
-        results = []
+        results: list[Any] = []
         errors = []
         for rank in range(world):
             path = Path(out_dir) / f"rank{rank}.json"

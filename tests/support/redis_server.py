@@ -125,10 +125,10 @@ class RedisServer:
         """A redis-py client for poking at the server (test side only)."""
         import redis
 
-        kwargs: dict[str, object] = {"password": self.password, "socket_timeout": 10}
-        if self.tls:
-            kwargs.update(ssl=True, ssl_ca_certs=str(self.tls["ca"]))
-        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=10,
+            ssl=bool(self.tls), ssl_ca_certs=str(self.tls["ca"]) if self.tls else None,
+        )
 
     # -- life cycle --------------------------------------------------------------------
 

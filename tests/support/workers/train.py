@@ -185,7 +185,8 @@ class Net(nn.Module):
         self.register_buffer("bulk", torch.zeros(extra_floats))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        out: torch.Tensor = self.body(x)
+        return out
 
 
 def build_state(extra_mb: float) -> dict[str, Any]:
