@@ -11,7 +11,6 @@ import ctypes.util
 import json
 import mmap
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from tests.support.ports import free_port
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 GB = 1e9  # bandwidths are reported in decimal GB/s
@@ -170,12 +171,6 @@ def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tenso
     elif isinstance(tree, dict):
         for key, value in tree.items():
             yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_gloo_world(world: int, fn: Callable[..., Any], *args: Any, init_timeout_s: float = 120.0) -> Any:

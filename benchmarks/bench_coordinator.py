@@ -101,7 +101,6 @@ import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -114,12 +113,12 @@ from typing import Any
 
 import redis
 
-from benchmarks._harness import free_port
 from ckpt.coordination import ManifestBuilder, RedisCoordinator
 from ckpt.format import DEFAULT_CHUNK_BYTES, Box, ShardIndex, StoredPiece, TensorEntry
 from storage_backends import LocalBackend
 from tests.coordination import redis_helpers
 from tests.coordination.redis_helpers import Sent, now_ns
+from tests.support.redis_server import RedisServer, redis_server_binary
 
 COLS = 4096  # columns of every simulated global tensor (float32: 16 KiB per row)
 ROW_BYTES = COLS * 4
@@ -197,31 +196,21 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-class RedisServer:
-    """Our own redis-server on a free loopback port, no persistence."""
+class BenchRedis:
+    """Our own redis-server (``tests.support.redis_server``: a free loopback port, no
+    persistence) set up for thousands of clients, with the server-side figures we report."""
 
     def __init__(self, directory: Path, maxclients: int) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        if redis_server_binary() is None:
             raise SystemExit("redis-server is not on PATH")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--maxclients", str(maxclients), "--tcp-backlog", "4096", "--protected-mode", "no",
-             "--slowlog-log-slower-than", str(SLOWLOG_US), "--slowlog-max-len", "100000",
-             "--dir", str(directory), "--logfile", str(directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
-        )
+        settings = ["--maxclients", str(maxclients), "--tcp-backlog", "4096",
+                    "--slowlog-log-slower-than", str(SLOWLOG_US), "--slowlog-max-len", "100000"]
+        try:
+            self.server = RedisServer(directory, extra_args=settings, preexec_fn=die_with_parent)
+        except RuntimeError as exc:
+            raise SystemExit(f"redis-server did not start: {exc}") from None
+        self.port = self.server.port
         self.client: Any = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if self.client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit("redis-server did not start") from None
-                time.sleep(0.05)
         self.version = self.client.info("server")["redis_version"]
         self.maxclients = int(self.client.config_get("maxclients")["maxclients"] or maxclients)
 
@@ -253,11 +242,7 @@ class RedisServer:
 
     def stop(self) -> None:
         self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.server.stop()
 
 
 MEMORY_FIELDS = ("used_memory", "used_memory_dataset", "mem_clients_normal", "used_memory_vm_eval")
@@ -548,7 +533,7 @@ class ScriptedRedis(LoggingRedis):
         queue = self.answers.get(str(args[0]).upper())
         return queue.pop(0) if queue else None
 
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> RecordingPipeline:
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         return RecordingPipeline(self)
 
     def take(self) -> list[Command]:
@@ -780,7 +765,7 @@ class StepResult:
 class World:
     """The processes simulating one world size against one redis-server."""
 
-    def __init__(self, server: RedisServer, world: int, args: argparse.Namespace, manifest_dir: Path) -> None:
+    def __init__(self, server: BenchRedis, world: int, args: argparse.Namespace, manifest_dir: Path) -> None:
         self.server = server
         self.world = world
         self.job = f"bench-{world}-{os.getpid()}"
@@ -1258,7 +1243,7 @@ def main(argv: list[str] | None = None) -> None:
     if fds < need:
         raise SystemExit(f"open-file limit {fds} is below the {need} this run needs (ulimit -n)")
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-coord-"))
-    server = RedisServer(tmp, maxclients=need)
+    server = BenchRedis(tmp, maxclients=need)
     print(f"redis-server {server.version} on 127.0.0.1:{server.port} (own, no persistence, maxclients "
           f"{server.maxclients}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"manifests under {tmp}", flush=True)

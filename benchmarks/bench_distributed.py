@@ -165,7 +165,7 @@ def same(a: State, b: State) -> bool:
         ly = y.to_local() if isinstance(y, DTensor) else y
         if not torch.equal(lx.reshape(-1).view(torch.uint8), ly.reshape(-1).view(torch.uint8)):
             return False
-    return a["step"] == b["step"] and a["optim"]["param_groups"] == b["optim"]["param_groups"]
+    return bool(a["step"] == b["step"] and a["optim"]["param_groups"] == b["optim"]["param_groups"])
 
 
 # --------------------------------------------------------------------------- what is written

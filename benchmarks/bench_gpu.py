@@ -16,6 +16,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ def main() -> None:
             if staging is not None:
                 staging.result()
             dcp_stall = time.perf_counter() - t
-            upload = getattr(response, "upload_completion", response)
+            upload: Any = getattr(response, "upload_completion", response)
             upload.result()
             if repeat:
                 record("raw pinned D2H copy (limit)", raw)
@@ -86,8 +87,8 @@ def main() -> None:
           f"{args.repeats} repeats, medians\n")
     print(f"{'operation':46s} {'median s':>9s} {'GB/s':>7s}")
     med = {k: statistics.median(v) for k, v in samples.items()}
-    for k, v in med.items():
-        print(f"{k:46s} {v:9.3f} {nbytes / v / 1e9:7.2f}")
+    for name, seconds in med.items():
+        print(f"{name:46s} {seconds:9.3f} {nbytes / seconds / 1e9:7.2f}")
     ratio = med["ckpt async_save stall"] / med["raw pinned D2H copy (limit)"]
     print(f"\n  {'PASS' if ratio <= 1.3 else 'MISS'}  ckpt stall / raw D2H copy = {ratio:.2f} (target <= 1.3)")
     vs = med["ckpt async_save stall"] / med["DCP async_save stall (reused DefaultStager)"]

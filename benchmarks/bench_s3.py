@@ -37,7 +37,7 @@ from safetensors.torch import save as safetensors_bytes
 import ckpt
 from recovery import LoadOptions
 from storage_backends import LocalBackend, RetryPolicy, S3Backend, TieredBackend
-from tests.s3_servers import S3Server
+from tests.support.s3_servers import S3Server
 
 
 def build_state(mib: int) -> dict[str, torch.Tensor]:

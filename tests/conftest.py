@@ -1,4 +1,5 @@
-"""Shared fixtures. Slow cases (big fault campaigns) run reduced unless --full is given."""
+"""Shared fixtures, and ``--full``: tests marked ``@pytest.mark.slow`` are skipped without it;
+tests that take the ``full`` fixture run a reduced count without it (CI) and all with it."""
 
 from __future__ import annotations
 
@@ -15,13 +16,23 @@ from storage_backends import LocalBackend
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--full", action="store_true", default=False,
-        help="run the full counts of slow fault campaigns (CI runs a reduced count)",
+        help="run the tests marked slow, and the full counts of reduced campaigns",
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without --full, every test marked ``slow`` is skipped (and says how to run it)."""
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --full")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture
 def full(request: pytest.FixtureRequest) -> bool:
-    """True when the full campaign was asked for with --full."""
+    """True with --full: a test that runs a reduced count by default runs all of it."""
     return bool(request.config.getoption("--full"))
 
 

@@ -50,7 +50,7 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), str(path))
     this = module_name(path)
     package = this if path.name == "__init__.py" else this.rpartition(".")[0]
-    found = []
+    found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

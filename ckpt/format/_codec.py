@@ -47,7 +47,7 @@ def chunk_count(raw_length: int, chunk_bytes: int) -> int:
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    cache = getattr(_local, "compressors", None)
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
     if level not in cache:

@@ -242,7 +242,7 @@ def _dumps(value: Any) -> str:
 
 
 def _decode(data: bytes, kind: type[_T], where: str) -> _T:
-    decoder = _DECODERS.get(kind)
+    decoder: msgspec.json.Decoder[_T] | None = _DECODERS.get(kind)
     if decoder is None:
         decoder = _DECODERS[kind] = msgspec.json.Decoder(kind)
     try:

@@ -240,7 +240,6 @@ class CoordinatorConformance:
         assert_loads_as(backend, 2, 2)
         assert self.committed_index(spec, backend) == [2, 1]
 
-    @pytest.mark.slow
     def test_kill_campaign(self, spec: CoordSpec, tmp_path: Path, full: bool) -> None:
         """Ranks SIGKILLed at every stage of a save (one case by default, all with --full):
         survivors always return; a step commits only with every rank's data durable, its

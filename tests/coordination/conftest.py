@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from storage_backends import LocalBackend
-from tests.redis_server import RedisServer, make_tls_files, redis_server_binary, tls_supported
+from tests.support.redis_server import (
+    RedisServer,
+    make_tls_files,
+    redis_server_binary,
+    tls_supported,
+)
 
 
 @pytest.fixture

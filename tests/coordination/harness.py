@@ -2,7 +2,7 @@
 backend that records the order of durable writes, file signals between a test and its
 ranks, a small sharded state, and a picklable description of the coordinator under test.
 
-``tests.distributed.run_ranks`` is not enough here: ``torch.multiprocessing`` terminates
+``tests.support.gloo.run_ranks`` is not enough here: ``torch.multiprocessing`` terminates
 the surviving ranks as soon as one dies, and the point of these tests is what the
 survivors do. ``Ranks`` runs the same entry point (gloo on loopback, one JSON result per
 rank) but waits for every rank, reports a killed one as such, and kills whatever is still
@@ -30,8 +30,9 @@ import ckpt
 from ckpt.coordination import Coordinator, LocalCoordinator, ProcessGroupCoordinator
 from ckpt.format import MANIFEST_NAME, Manifest, parse_step_prefix, step_prefix
 from storage_backends import BlobStream, BytesLike, StorageBackend
-from tests.distributed import _entry, free_port
-from tests.faulty import FaultyBackend
+from tests.support.faulty import FaultyBackend
+from tests.support.gloo import rank_main
+from tests.support.ports import free_port
 
 # Rows of the sharded tensor each rank holds; columns of it.
 ROWS, COLS = 4, 8
@@ -64,7 +65,8 @@ class CoordSpec:
         grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self.kind == "embedded":
             return ProcessGroupCoordinator(timeout=self.timeout) if grouped else LocalCoordinator()
-        return self.redis()
+        coordinator: Coordinator = self.redis()
+        return coordinator
 
     def redis(self, **overrides: Any) -> Any:
         """A ``RedisCoordinator`` (typed loosely: tests poke at its protocol steps)."""
@@ -342,7 +344,7 @@ class Ranks:
         self._deadline = time.monotonic() + self._timeout_s
         for rank in range(self._world):
             p = ctx.Process(
-                target=_entry,
+                target=rank_main,
                 args=(rank, self._world, port, self._dir.name, self._pg_timeout_s, self._fn, self._args),
                 name=f"rank{rank}",
             )

@@ -9,7 +9,7 @@ a ``client_factory`` that keeps the clients it built, and a listing of a job's k
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.commands.core import Script
@@ -110,7 +110,7 @@ class ClientLog:
         self.clients: list[LoggingRedis] = []
 
     def __call__(self, url: str, **options: Any) -> LoggingRedis:
-        client = LoggingRedis.from_url(url, **options)
+        client = cast(LoggingRedis, LoggingRedis.from_url(url, **options))
         self.clients.append(client)
         return client
 

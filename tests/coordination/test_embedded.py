@@ -31,7 +31,7 @@ def _fail_rank1_write(rank: int, world: int, root: str) -> str:
     import ckpt
     from ckpt.coordination import ProcessGroupCoordinator
     from storage_backends import LocalBackend, StorageBackendError
-    from tests.faulty import FaultyBackend
+    from tests.support.faulty import FaultyBackend
 
     inner = LocalBackend(root)
     backend = FaultyBackend(inner, fail_write_at=1, error=StorageBackendError) if rank == 1 else inner
@@ -47,7 +47,7 @@ def _fail_rank1_write(rank: int, world: int, root: str) -> str:
 def test_a_rank_whose_write_fails_aborts_the_step_for_everyone(tmp_path: Path) -> None:
     """A failed data write on one rank aborts the step at once: the other rank gets an error
     naming the failure long before its 120 s timeout, and no manifest is written."""
-    from tests.distributed import run_ranks
+    from tests.support.gloo import run_ranks
 
     results = run_ranks(_fail_rank1_write, 2, str(tmp_path), timeout_s=60)
     assert all(r != "committed" for r in results), results

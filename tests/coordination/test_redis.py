@@ -53,7 +53,7 @@ from tests.coordination.harness import (
     wait_signals,
 )
 from tests.coordination.redis_helpers import ClientLog, describe_state
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 CHUNK = SaveOptions().chunk_bytes
 # A thread standing in for a rank must finish within this (a hang fails the test).

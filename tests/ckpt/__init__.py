@@ -1,0 +1,1 @@
+"""Tests of the ``ckpt`` package: public face, save path, format, manager, CLI tools."""

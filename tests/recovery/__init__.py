@@ -1,0 +1,1 @@
+"""Tests of the ``recovery`` package: reshard planning and the loader."""

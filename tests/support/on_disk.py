@@ -1,0 +1,69 @@
+"""A checkpoint on local disk as tests make and tamper with it: saves with a private engine,
+manifest reads and (re-sealed) edits, byte flips in data files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ckpt
+from ckpt.coordination import LocalCoordinator
+from ckpt.format import MANIFEST_NAME, seal_manifest, step_prefix
+from storage_backends import LocalBackend
+
+
+def save_with(
+    state: Mapping[str, Any], root: Path, step: int, options: ckpt.SaveOptions | None = None
+) -> ckpt.SaveResult:
+    """Save ``state`` as ``step`` under ``root`` with its own engine (``ckpt.save`` uses the default one)."""
+    snap = ckpt.Snapshotter(options)
+    backend = LocalBackend(root)
+    try:
+        return snap.async_save(state, backend, step, LocalCoordinator()).result()
+    finally:
+        snap.close()
+        backend.close()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """The directory of ``step``'s prefix."""
+    return root / step_prefix(step)
+
+
+def manifest_path(root: Path, step: int) -> Path:
+    return step_dir(root, step) / MANIFEST_NAME
+
+
+def read_manifest(root: Path, step: int) -> dict[str, Any]:
+    """The manifest of ``step`` as parsed JSON."""
+    doc: dict[str, Any] = json.loads(manifest_path(root, step).read_bytes())
+    return doc
+
+
+def write_manifest(root: Path, step: int, doc: Mapping[str, Any]) -> None:
+    """Replace the manifest of ``step`` (it is read-only on purpose; tests tamper anyway)."""
+    path = manifest_path(root, step)
+    path.chmod(0o644)
+    body = {k: v for k, v in doc.items() if k != "manifest_checksum"}
+    # Re-sealed, so that each test reaches the validation it is about.
+    path.write_bytes(seal_manifest(json.dumps(body).encode()))
+
+
+def piece_of(root: Path, step: int, tensor: str) -> dict[str, Any]:
+    """The single stored piece of ``tensor`` in ``step``'s manifest."""
+    (piece,) = read_manifest(root, step)["tensors"][tensor]["pieces"]
+    return dict(piece)
+
+
+def data_file(root: Path, step: int, relative: str) -> Path:
+    return step_dir(root, step) / relative
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Invert every bit of the byte at ``offset`` of ``path``."""
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
