@@ -186,10 +186,12 @@ class _Launcher:
             worker_args.append("--no-save")
         if nproc == 1:
             return [sys.executable, *worker_args]
+        # The c10d rendezvous, not the static one (--master-addr/--master-port): with the
+        # static one, about half of the restarts (--max-restarts) time out in gloo's connect.
         return [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-            "--max-restarts", str(max_restarts), *worker_args,
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+            "--rdzv-id", f"ckpt-demo-{os.getpid()}", "--max-restarts", str(max_restarts), *worker_args,
         ]
 
     def run(self, cmd: list[str]) -> str:

@@ -51,7 +51,6 @@ def test_a_worker_killed_mid_save_resumes(tmp_path: Path, full: bool) -> None:
     assert result.identical
 
 
-@pytest.mark.slow
 def test_torchrun_max_restarts_same_size(tmp_path: Path) -> None:
     """torchrun --max-restarts restarts all workers after the SIGKILL; they restore and finish."""
     result = run_demo(
