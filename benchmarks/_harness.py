@@ -93,7 +93,14 @@ class PageCache:
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -155,10 +162,18 @@ def human_bytes(n: float) -> str:
 def git_revision(repo: Path) -> str:
     """``<commit>`` or ``<commit>+dirty``: which code a run measured."""
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -173,7 +188,9 @@ def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tenso
             yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
 
 
-def run_gloo_world(world: int, fn: Callable[..., Any], *args: Any, init_timeout_s: float = 120.0) -> Any:
+def run_gloo_world(
+    world: int, fn: Callable[..., Any], *args: Any, init_timeout_s: float = 120.0
+) -> Any:
     """Run ``fn(*args)`` on ``world`` spawned gloo ranks; return rank 0's (JSON) result.
 
     ``fn`` must be a module-level function (spawn imports it by name). A failed rank
@@ -181,8 +198,11 @@ def run_gloo_world(world: int, fn: Callable[..., Any], *args: Any, init_timeout_
     """
     with tempfile.TemporaryDirectory() as out_dir:
         context = torch.multiprocessing.start_processes(
-            _gloo_rank, args=(world, free_port(), out_dir, init_timeout_s, fn, args),
-            nprocs=world, join=False, start_method="spawn",
+            _gloo_rank,
+            args=(world, free_port(), out_dir, init_timeout_s, fn, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
         )
         try:
             while not context.join(timeout=60):
@@ -192,7 +212,11 @@ def run_gloo_world(world: int, fn: Callable[..., Any], *args: Any, init_timeout_
         results = []
         for rank in range(world):
             path = Path(out_dir) / f"rank{rank}.json"
-            data = json.loads(path.read_text()) if path.exists() else {"ok": False, "error": "no result"}
+            data = (
+                json.loads(path.read_text())
+                if path.exists()
+                else {"ok": False, "error": "no result"}
+            )
             if not data["ok"]:
                 raise SystemExit(f"{fn.__name__}: rank {rank} of {world} failed:\n{data['error']}")
             results.append(data["value"])
@@ -200,16 +224,26 @@ def run_gloo_world(world: int, fn: Callable[..., Any], *args: Any, init_timeout_
 
 
 def _gloo_rank(
-    rank: int, world: int, port: int, out_dir: str, init_timeout_s: float, fn: Callable[..., Any], args: tuple[Any, ...]
+    rank: int,
+    world: int,
+    port: int,
+    out_dir: str,
+    init_timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
 ) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     result = Path(out_dir) / f"rank{rank}.json"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=init_timeout_s))
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=init_timeout_s)
+        )
         try:
             result.write_text(json.dumps({"ok": True, "value": fn(*args)}))
         finally:

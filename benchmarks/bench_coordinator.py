@@ -146,7 +146,9 @@ def ms(ns: float) -> float:
 # --------------------------------------------------------------------------- the simulated state
 
 
-def shard_index(rank: int, world: int, *, tensors: int, piece_bytes: int, generation: str) -> ShardIndex:
+def shard_index(
+    rank: int, world: int, *, tensors: int, piece_bytes: int, generation: str
+) -> ShardIndex:
     """What rank ``rank`` reports: its Shard(0) rows of every large tensor, valid format v1."""
     rows = max(1, piece_bytes // ROW_BYTES)
     nbytes = rows * ROW_BYTES
@@ -156,13 +158,17 @@ def shard_index(rank: int, world: int, *, tensors: int, piece_bytes: int, genera
     offset = HEADER_BYTES
     for i in range(tensors):
         digests = "".join(f"{(rank << 32 | i << 16 | c) & (2**64 - 1):016x}" for c in range(chunks))
-        piece = StoredPiece.at(Box((rank * rows, 0), (rows, COLS)), path, offset, nbytes, "raw", digests)
+        piece = StoredPiece.at(
+            Box((rank * rows, 0), (rows, COLS)), path, offset, nbytes, "raw", digests
+        )
         entries[f"layers.{i}.weight"] = TensorEntry("float32", (world * rows, COLS), (piece,))
         offset += nbytes
     for i in range(REPLICATED):
         pieces: tuple[StoredPiece, ...] = ()
         if i % world == rank:  # the writer chosen for this replicated tensor
-            pieces = (StoredPiece.at(Box((0,), (COLS,)), path, offset, ROW_BYTES, "raw", f"{i:016x}"),)
+            pieces = (
+                StoredPiece.at(Box((0,), (COLS,)), path, offset, ROW_BYTES, "raw", f"{i:016x}"),
+            )
             offset += ROW_BYTES
         entries[f"layers.{i}.norm"] = TensorEntry("float32", (COLS,), pieces)
     state = {"meta": {"epoch": 1, "note": "bench"}} if rank == 0 else None
@@ -187,7 +193,9 @@ class LoggingRedis(redis_helpers.LoggingRedis):
 
 
 def client_for(port: int) -> LoggingRedis:
-    return LoggingRedis(host="127.0.0.1", port=port, socket_connect_timeout=10, health_check_interval=0)
+    return LoggingRedis(
+        host="127.0.0.1", port=port, socket_connect_timeout=10, health_check_interval=0
+    )
 
 
 def die_with_parent() -> None:
@@ -203,8 +211,16 @@ class BenchRedis:
     def __init__(self, directory: Path, maxclients: int) -> None:
         if redis_server_binary() is None:
             raise SystemExit("redis-server is not on PATH")
-        settings = ["--maxclients", str(maxclients), "--tcp-backlog", "4096",
-                    "--slowlog-log-slower-than", str(SLOWLOG_US), "--slowlog-max-len", "100000"]
+        settings = [
+            "--maxclients",
+            str(maxclients),
+            "--tcp-backlog",
+            "4096",
+            "--slowlog-log-slower-than",
+            str(SLOWLOG_US),
+            "--slowlog-max-len",
+            "100000",
+        ]
         try:
             self.server = RedisServer(directory, extra_args=settings, preexec_fn=die_with_parent)
         except RuntimeError as exc:
@@ -306,11 +322,18 @@ class Spec:
     heartbeat_ttl: float = 600.0
 
 
-def _coordinator(spec: Spec, rank: int, client: redis.Redis | None, *, heartbeat: bool) -> RedisCoordinator:
+def _coordinator(
+    spec: Spec, rank: int, client: redis.Redis | None, *, heartbeat: bool
+) -> RedisCoordinator:
     """A coordinator on ``client`` (connected beforehand; None: its own)."""
     return RedisCoordinator(
-        f"redis://127.0.0.1:{spec.port}/0", job=spec.job, rank=rank, world_size=spec.world,
-        generation=spec.generation or None, start_heartbeat=heartbeat, timeout=600.0,
+        f"redis://127.0.0.1:{spec.port}/0",
+        job=spec.job,
+        rank=rank,
+        world_size=spec.world,
+        generation=spec.generation or None,
+        start_heartbeat=heartbeat,
+        timeout=600.0,
         heartbeat_ttl=spec.heartbeat_ttl,
         client_factory=None if client is None else lambda _url, **_options: client,
     )
@@ -324,8 +347,13 @@ def committer_main(conn: Connection, spec: Spec) -> None:
     for script in client.scripts.values():
         client.script_load(script.script)  # the replicas call EVALSHA directly
     conn.send((coord.generation, client.script_names))
-    own = shard_index(0, spec.world, tensors=spec.tensors, piece_bytes=spec.piece_bytes,
-                      generation=coord.generation)
+    own = shard_index(
+        0,
+        spec.world,
+        tensors=spec.tensors,
+        piece_bytes=spec.piece_bytes,
+        generation=coord.generation,
+    )
     backend = LocalBackend(spec.manifest_dir)
     beating: RedisCoordinator | None = None
     rt0 = c0 = r0 = 0
@@ -341,7 +369,9 @@ def committer_main(conn: Connection, spec: Spec) -> None:
             conn.send("armed")
             continue
         if msg[0] == "hb_start":
-            beating = _coordinator(replace(spec, generation=coord.generation), 0, None, heartbeat=True)
+            beating = _coordinator(
+                replace(spec, generation=coord.generation), 0, None, heartbeat=True
+            )
             conn.send("ok")
             continue
         if msg[0] == "hb_stop":
@@ -351,7 +381,9 @@ def committer_main(conn: Connection, spec: Spec) -> None:
             continue
         step = msg[1]
         try:
-            manifest = coord.commit(backend, step, own, chunk_bytes=DEFAULT_CHUNK_BYTES, user_metadata={})
+            manifest = coord.commit(
+                backend, step, own, chunk_bytes=DEFAULT_CHUNK_BYTES, user_metadata={}
+            )
         except Exception as exc:  # reported to the parent
             conn.send(f"committer: {exc!r}")
             continue
@@ -360,15 +392,22 @@ def committer_main(conn: Connection, spec: Spec) -> None:
         wake = client.reads[r0:][-1][0]
 
         def timed(script: str, sent: list[Sent] = sent) -> tuple[int, int]:
-            return next((start, end) for name, start, end in reversed(sent) if name == f"EVALSHA:{script}")
+            return next(
+                (start, end) for name, start, end in reversed(sent) if name == f"EVALSHA:{script}"
+            )
 
-        conn.send({
-            "wake": wake, "claim": timed("CLAIM"), "commit": timed("COMMIT"),
-            "round_trips": client.round_trips - rt0, "commands": len(sent),
-            "reads": sum(1 for name, _, _ in sent if name.endswith("XREAD")),
-            "checks": sum(1 for name, _, _ in sent if name == "EVALSHA:WATCH"),
-            "manifest_bytes": len(manifest.to_bytes()),
-        })
+        conn.send(
+            {
+                "wake": wake,
+                "claim": timed("CLAIM"),
+                "commit": timed("COMMIT"),
+                "round_trips": client.round_trips - rt0,
+                "commands": len(sent),
+                "reads": sum(1 for name, _, _ in sent if name.endswith("XREAD")),
+                "checks": sum(1 for name, _, _ in sent if name == "EVALSHA:WATCH"),
+                "manifest_bytes": len(manifest.to_bytes()),
+            }
+        )
 
 
 @dataclass
@@ -384,8 +423,15 @@ class RankRecord:
     replica: bool = False  # a protocol replica (asyncio) rather than a RedisCoordinator thread
 
 
-def _rank_step(coord: RedisCoordinator, client: LoggingRedis, index: bytes, step: int, delay: float,
-               go: threading.Event, out: list[RankRecord | BaseException]) -> None:
+def _rank_step(
+    coord: RedisCoordinator,
+    client: LoggingRedis,
+    index: bytes,
+    step: int,
+    delay: float,
+    go: threading.Event,
+    out: list[RankRecord | BaseException],
+) -> None:
     try:
         go.wait()
         if delay:
@@ -398,8 +444,18 @@ def _rank_step(coord: RedisCoordinator, client: LoggingRedis, index: bytes, step
         woken = now_ns()
         names = Counter(name for name, _, _ in client.commands[c0:])
         extra = {k: v for k, v in names.items() if k not in ("EVALSHA:REPORT", "BLPOP")}
-        out.append(RankRecord(coord.rank, count, sent, replied, woken, client.round_trips - rt0,
-                              sum(names.values()), extra))
+        out.append(
+            RankRecord(
+                coord.rank,
+                count,
+                sent,
+                replied,
+                woken,
+                client.round_trips - rt0,
+                sum(names.values()),
+                extra,
+            )
+        )
     except BaseException as exc:  # reported to the parent, which stops the run
         out.append(exc)
 
@@ -411,8 +467,16 @@ def ranks_main(conn: Connection, spec: Spec) -> None:
     threading.stack_size(THREAD_STACK)
     clients = {r: client_for(spec.port) for r in spec.ranks}
     coords = {r: _coordinator(spec, r, clients[r], heartbeat=False) for r in spec.ranks}
-    indexes = {r: shard_index(r, spec.world, tensors=spec.tensors, piece_bytes=spec.piece_bytes,
-                              generation=spec.generation).to_bytes() for r in spec.ranks}
+    indexes = {
+        r: shard_index(
+            r,
+            spec.world,
+            tensors=spec.tensors,
+            piece_bytes=spec.piece_bytes,
+            generation=spec.generation,
+        ).to_bytes()
+        for r in spec.ranks
+    }
     for c in clients.values():
         c.ping()  # connect now, not inside the timed step
     beating: list[RedisCoordinator] = []
@@ -438,8 +502,11 @@ def ranks_main(conn: Connection, spec: Spec) -> None:
         go = threading.Event()
         out: list[RankRecord | BaseException] = []
         threads = [
-            threading.Thread(target=_rank_step, args=(coords[r], clients[r], indexes[r], step,
-                                                      delays.get(r, 0.0), go, out), daemon=True)
+            threading.Thread(
+                target=_rank_step,
+                args=(coords[r], clients[r], indexes[r], step, delays.get(r, 0.0), go, out),
+                daemon=True,
+            )
             for r in spec.ranks
         ]
         for t in threads:
@@ -457,6 +524,7 @@ def ranks_main(conn: Connection, spec: Spec) -> None:
 
 
 # --------------------------------------------------------------------------- protocol replicas
+
 
 def encode(*args: bytes | str | int | float) -> bytes:
     """One RESP2 command, its arguments encoded as redis-py encodes them."""
@@ -605,8 +673,17 @@ class Replica:
             if got is not None:
                 if got[1] != b"committed":
                     raise RuntimeError(f"rank {self.rank}: the step was aborted")
-                return RankRecord(self.rank, int(detail), sent, replied, now_ns(), round_trips, commands,
-                                  dict(extra), replica=True)
+                return RankRecord(
+                    self.rank,
+                    int(detail),
+                    sent,
+                    replied,
+                    now_ns(),
+                    round_trips,
+                    commands,
+                    dict(extra),
+                    replica=True,
+                )
             for check in script.checks:
                 reply = await self.conn.call(*check)
                 extra[self.shadow.command_name(check)] += 1
@@ -645,9 +722,18 @@ async def _replicas(conn: Connection, spec: Spec) -> None:
         return await loop.run_in_executor(None, conn.recv)
 
     replicas = [
-        Replica(spec, r, await Resp.connect(spec.port),
-                shard_index(r, spec.world, tensors=spec.tensors, piece_bytes=spec.piece_bytes,
-                            generation=spec.generation).to_bytes())
+        Replica(
+            spec,
+            r,
+            await Resp.connect(spec.port),
+            shard_index(
+                r,
+                spec.world,
+                tensors=spec.tensors,
+                piece_bytes=spec.piece_bytes,
+                generation=spec.generation,
+            ).to_bytes(),
+        )
         for r in spec.ranks
     ]
     beating: list[tuple[Resp, asyncio.Task[None]]] = []
@@ -674,8 +760,10 @@ async def _replicas(conn: Connection, spec: Spec) -> None:
             continue
         _, step, delays = msg  # "arm"
         go = asyncio.Event()
-        tasks = [asyncio.create_task(rep.run_step(rep.script(step), delays.get(rep.rank, 0.0), go))
-                 for rep in replicas]
+        tasks = [
+            asyncio.create_task(rep.run_step(rep.script(step), delays.get(rep.rank, 0.0), go))
+            for rep in replicas
+        ]
         conn.send("armed")
         await recv()  # "go"
         go.set()
@@ -765,13 +853,23 @@ class StepResult:
 class World:
     """The processes simulating one world size against one redis-server."""
 
-    def __init__(self, server: BenchRedis, world: int, args: argparse.Namespace, manifest_dir: Path) -> None:
+    def __init__(
+        self, server: BenchRedis, world: int, args: argparse.Namespace, manifest_dir: Path
+    ) -> None:
         self.server = server
         self.world = world
         self.job = f"bench-{world}-{os.getpid()}"
         ctx = mp.get_context("spawn")
-        base = Spec(server.port, self.job, world, (), args.tensors, args.piece_mib << 20,
-                    manifest_dir=str(manifest_dir), heartbeat_ttl=args.heartbeat_ttl)
+        base = Spec(
+            server.port,
+            self.job,
+            world,
+            (),
+            args.tensors,
+            args.piece_mib << 20,
+            manifest_dir=str(manifest_dir),
+            heartbeat_ttl=args.heartbeat_ttl,
+        )
         self.committer_conn, child = ctx.Pipe()
         self.committer = ctx.Process(target=committer_main, args=(child, base), daemon=True)
         self.committer.start()
@@ -783,8 +881,10 @@ class World:
         self.real_ranks, self.replica_ranks = len(real), len(replicas)
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
-        for ranks, per_proc, target in ((real, args.threads_per_proc, ranks_main),
-                                        (replicas, args.replicas_per_proc, replicas_main)):
+        for ranks, per_proc, target in (
+            (real, args.threads_per_proc, ranks_main),
+            (replicas, args.replicas_per_proc, replicas_main),
+        ):
             procs = -(-len(ranks) // per_proc)
             for i in range(procs):
                 spec = replace(base, ranks=tuple(ranks[i::procs]), generation=self.generation)
@@ -830,8 +930,17 @@ class World:
         keys_after = job_key_bytes(srv.client, self.job)
         marks = srv.client.hmget(f"ckpt:{self.job}:step:{step}", "last_report_us", "committed_us")
         committer["redis_commit_us"] = int(marks[1]) - int(marks[0])
-        result = analyse(self.world, step, max(delays.values(), default=0.0), records, committer,
-                         srv.script_times(), stats, cpu, wall)
+        result = analyse(
+            self.world,
+            step,
+            max(delays.values(), default=0.0),
+            records,
+            committer,
+            srv.script_times(),
+            stats,
+            cpu,
+            wall,
+        )
         result.mem_before, result.mem_peak, result.mem_after = mem_before, mem_peak, mem_after
         result.job_keys_after, result.job_key_bytes_after = keys_after
         result.job_key_bytes_before = keys_before
@@ -851,11 +960,21 @@ class World:
             proc.join(timeout=30)
 
 
-def analyse(world: int, step: int, straggler: float, records: list[RankRecord], c: dict[str, Any],
-            scripts: dict[str, list[int]], stats: dict[str, dict[str, float]], cpu: float,
-            wall: float) -> StepResult:
+def analyse(
+    world: int,
+    step: int,
+    straggler: float,
+    records: list[RankRecord],
+    c: dict[str, Any],
+    scripts: dict[str, list[int]],
+    stats: dict[str, dict[str, float]],
+    cpu: float,
+    wall: float,
+) -> StepResult:
     """Timings and counts of one step; the caller fills in the memory fields."""
-    last = next(r for r in records if r.reported_count == world - 1)  # the report that completed the set
+    last = next(
+        r for r in records if r.reported_count == world - 1
+    )  # the report that completed the set
     t0 = min(r.sent for r in records) if records else c["wake"]
     t_last = last.replied if records else c["wake"]
     manifest_ns = c["commit"][0] - c["claim"][1]
@@ -868,7 +987,9 @@ def analyse(world: int, step: int, straggler: float, records: list[RankRecord], 
     real = [r for r in records if not r.replica]
     replicas = [r for r in records if r.replica]
     return StepResult(
-        world=world, step=step, straggler_s=straggler,
+        world=world,
+        step=step,
+        straggler_s=straggler,
         reports_ms=ms(t_last - t0),
         report_rtt_p50_ms=ms(rtts[len(rtts) // 2]),
         report_rtt_p99_ms=ms(rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]),
@@ -903,7 +1024,11 @@ def analyse(world: int, step: int, straggler: float, records: list[RankRecord], 
         redis_usec_per_call={k: float(v["usec_per_call"]) for k, v in stats.items()},
         redis_cpu_s=cpu,
         wall_s=wall,
-        mem_before={}, mem_peak={}, mem_after={}, job_keys_after=0, job_key_bytes_before=0,
+        mem_before={},
+        mem_peak={},
+        mem_after={},
+        job_keys_after=0,
+        job_key_bytes_before=0,
         job_key_bytes_after=0,
         manifest_bytes=c["manifest_bytes"],
     )
@@ -973,8 +1098,15 @@ def measure_heartbeats(w: World, args: argparse.Namespace) -> HeartbeatResult:
         times = []
         for _ in range(10):
             t = time.perf_counter()
-            probe.evalsha(w.scripts["WATCH"], len(keys), *keys, w.generation,
-                          int(args.heartbeat_ttl * 1000), "*", 1)
+            probe.evalsha(
+                w.scripts["WATCH"],
+                len(keys),
+                *keys,
+                w.generation,
+                int(args.heartbeat_ttl * 1000),
+                "*",
+                1,
+            )
             times.append(time.perf_counter() - t)
         probe.close()
         check_us = float(srv.commandstats().get("evalsha", {"usec_per_call": 0.0})["usec_per_call"])
@@ -988,11 +1120,16 @@ def measure_heartbeats(w: World, args: argparse.Namespace) -> HeartbeatResult:
     finally:
         refresher.stop()
     return HeartbeatResult(
-        world=w.world, seconds=seconds, zadd_per_s=zadd["calls"] / seconds,
-        zadd_usec_per_call=float(zadd["usec_per_call"]), expire_usec_per_call=float(expire["usec_per_call"]),
-        redis_cpu_fraction=cpu / seconds, check_ms=statistics.median(times) * 1e3,
+        world=w.world,
+        seconds=seconds,
+        zadd_per_s=zadd["calls"] / seconds,
+        zadd_usec_per_call=float(zadd["usec_per_call"]),
+        expire_usec_per_call=float(expire["usec_per_call"]),
+        redis_cpu_fraction=cpu / seconds,
+        check_ms=statistics.median(times) * 1e3,
         check_usec_redis=check_us,
-        straggler=straggler, straggler_error=error,
+        straggler=straggler,
+        straggler_error=error,
     )
 
 
@@ -1010,10 +1147,15 @@ def committer_cpu(world: int, args: argparse.Namespace) -> dict[str, float]:
         builder.add_report(raw, "report", DEFAULT_CHUNK_BYTES)
     t1 = time.perf_counter()
     builder.add(shard_index(0, world, **kwargs))
-    builder.render(generation="bench", world_size=world, chunk_bytes=DEFAULT_CHUNK_BYTES, created_unix=0.0)
+    builder.render(
+        generation="bench", world_size=world, chunk_bytes=DEFAULT_CHUNK_BYTES, created_unix=0.0
+    )
     t2 = time.perf_counter()
-    return {"parse_ms": (t1 - t0) * 1e3, "parse_us_per_report": (t1 - t0) * 1e6 / max(1, world - 1),
-            "render_ms": (t2 - t1) * 1e3}
+    return {
+        "parse_ms": (t1 - t0) * 1e3,
+        "parse_us_per_report": (t1 - t0) * 1e6 / max(1, world - 1),
+        "render_ms": (t2 - t1) * 1e3,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -1031,8 +1173,14 @@ def scenario(spread: float) -> str:
     return "all report at once" if not spread else f"reports spread over {spread:g} s"
 
 
-def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, float],
-                 args: argparse.Namespace, spread: float) -> str:
+def format_world(
+    world: int,
+    steps: list[StepResult],
+    w: World,
+    cpu: dict[str, float],
+    args: argparse.Namespace,
+    spread: float,
+) -> str:
     def col(key: str) -> list[float]:
         return [float(getattr(s, key)) for s in steps]
 
@@ -1058,20 +1206,31 @@ def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, f
         f"protocol replicas in {len(w.procs)} processes; one connection per rank; index {w.index_bytes} B "
         f"per rank; {len(steps)} steps (after {args.warmup} warm-up) ==",
         f"  {'metric':<62} {'median':>8} {'max':>8}",
-        row(f"round trips/rank/ckpt, {w.real_ranks} threads: protocol (mean)", "rt_mean", "", "8.2f"),
+        row(
+            f"round trips/rank/ckpt, {w.real_ranks} threads: protocol (mean)", "rt_mean", "", "8.2f"
+        ),
         row("  same, every command sent (mean)", "cmds_mean", "", "8.2f"),
     ]
     if w.replica_ranks:
         lines += [
-            row(f"round trips/rank/ckpt, {w.replica_ranks} replicas: protocol (mean)",
-                "replica_rt_mean", "", "8.2f"),
+            row(
+                f"round trips/rank/ckpt, {w.replica_ranks} replicas: protocol (mean)",
+                "replica_rt_mean",
+                "",
+                "8.2f",
+            ),
             row("  same, every command sent (mean)", "replica_cmds_mean", "", "8.2f"),
         ]
     lines += [
         f"  {'max over every non-committer and step: protocol / commands sent':<62} {rt_max:8d} {cmds_max:8d}",
         row("round trips / ckpt, committer: protocol", "committer_rt", "", "8.0f"),
         row("  same, every command sent", "committer_cmds", "", "8.0f"),
-        row("  of which reads (7 wake-ups at 4096 ranks, + 1 per second)", "committer_reads", "", "8.0f"),
+        row(
+            "  of which reads (7 wake-ups at 4096 ranks, + 1 per second)",
+            "committer_reads",
+            "",
+            "8.0f",
+        ),
         row("  of which heartbeat checks (once per second)", "committer_checks", "", "8.0f"),
         row("reports phase: start signal -> last report reply", "reports_ms"),
         row("report round trip, p50 over ranks", "report_rtt_p50_ms"),
@@ -1079,7 +1238,9 @@ def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, f
         row("COMMIT LATENCY (Redis clock): last report stored -> step committed,", "latency_ms"),
         row("  less the manifest build + serialise + publish with fsync", "manifest_ms"),
         row("  the same with the manifest", "latency_redis_with_manifest_ms"),
-        row("committer's view: its reader has the last report -> COMMIT reply", "latency_reader_ms"),
+        row(
+            "committer's view: its reader has the last report -> COMMIT reply", "latency_reader_ms"
+        ),
         row("  = merging the last batch + rank 0's own index", "tail_merge_ms"),
         row("  + CLAIM round trip (generation re-checked)", "claim_rtt_ms"),
         row("  + COMMIT round trip (Redis replies to the woken waiters first)", "commit_rtt_ms"),
@@ -1091,25 +1252,38 @@ def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, f
         row("COMMIT reply -> last waiter woke", "fanout_last_ms"),
         "  Redis-side time of slow commands (SLOWLOG >= {} us; us): {}".format(
             SLOWLOG_US,
-            ", ".join(f"{n} n={len(v)} median {_med([float(x) for x in v]):.0f} max {max(v)}"
-                      for n, v in sorted(scripts.items())) or "none slower than the threshold"),
+            ", ".join(
+                f"{n} n={len(v)} median {_med([float(x) for x in v]):.0f} max {max(v)}"
+                for n, v in sorted(scripts.items())
+            )
+            or "none slower than the threshold",
+        ),
         "  Redis calls per step (commandstats): EVALSHA {:.0f} ({:.1f} us/call), BLPOP {:.0f}, XREAD {:.0f}; "
         "Redis CPU {:.3f} s over a {:.2f} s step".format(
             _med([float(s.redis_calls.get("evalsha", 0)) for s in steps]),
             _med([s.redis_usec_per_call.get("evalsha", 0.0) for s in steps]),
             _med([float(s.redis_calls.get("blpop", 0)) for s in steps]),
             _med([float(s.redis_calls.get("xread", 0)) for s in steps]),
-            _med(col("redis_cpu_s")), _med(col("wall_s"))),
+            _med(col("redis_cpu_s")),
+            _med(col("wall_s")),
+        ),
         "  Redis memory per step: before {:.2f} MiB; peak +{:.2f} MiB = keys (used_memory_dataset) "
         "+{:.2f} MiB ({:.0f} B per reporting rank) + client buffers +{:.2f} MiB; Lua VM peak {:.2f} MiB "
         "(not in used_memory)".format(
-            _med([float(s.mem_before["used_memory"]) for s in steps]) / mib, peak("used_memory") / mib,
-            peak("used_memory_dataset") / mib, peak("used_memory_dataset") / max(1, world - 1),
-            peak("mem_clients_normal") / mib, _med([float(s.mem_peak["used_memory_vm_eval"]) for s in steps]) / mib),
+            _med([float(s.mem_before["used_memory"]) for s in steps]) / mib,
+            peak("used_memory") / mib,
+            peak("used_memory_dataset") / mib,
+            peak("used_memory_dataset") / max(1, world - 1),
+            peak("mem_clients_normal") / mib,
+            _med([float(s.mem_peak["used_memory_vm_eval"]) for s in steps]) / mib,
+        ),
         "  after the commit: {} job keys (gen, committed index, one step hash per committed step); "
         "+{:.0f} B kept per step (MEMORY USAGE); used_memory {:+.2f} MiB vs before".format(
-            steps[-1].job_keys_after, _med([float(s.kept_bytes) for s in steps]),
-            _med([float(s.mem_after["used_memory"] - s.mem_before["used_memory"]) for s in steps]) / mib),
+            steps[-1].job_keys_after,
+            _med([float(s.kept_bytes) for s in steps]),
+            _med([float(s.mem_after["used_memory"] - s.mem_before["used_memory"]) for s in steps])
+            / mib,
+        ),
         f"  manifest: {steps[0].manifest_bytes / 2**20:.2f} MiB",
         f"  committer CPU in one quiet process, no Redis: parse + merge {cpu['parse_ms']:.1f} ms "
         f"({cpu['parse_us_per_report']:.0f} us per report, while reports arrive); rank 0's own index + render "
@@ -1120,20 +1294,30 @@ def format_world(world: int, steps: list[StepResult], w: World, cpu: dict[str, f
         extras.update(s.extra_commands)
     if extras:
         lines.append(f"  checks between pops sent by waiting ranks (all steps): {dict(extras)}")
-    lines.append(f"  {verdict(rt_max <= TARGET_ROUND_TRIPS)}  round trips per non-committer per checkpoint <= "
-                 f"{TARGET_ROUND_TRIPS}, the protocol's (max over every rank and step: {rt_max})")
-    lines.append(f"  {verdict(cmds_max <= TARGET_ROUND_TRIPS)}  the same, counting every command a rank sent, the "
-                 f"checks between blocking pops included (max: {cmds_max})")
+    lines.append(
+        f"  {verdict(rt_max <= TARGET_ROUND_TRIPS)}  round trips per non-committer per checkpoint <= "
+        f"{TARGET_ROUND_TRIPS}, the protocol's (max over every rank and step: {rt_max})"
+    )
+    lines.append(
+        f"  {verdict(cmds_max <= TARGET_ROUND_TRIPS)}  the same, counting every command a rank sent, the "
+        f"checks between blocking pops included (max: {cmds_max})"
+    )
     committer_max = max(s.committer_cmds for s in steps)
-    lines.append(f"  {verdict(committer_max <= TARGET_ROUND_TRIPS)}  the committer's round trips <= "
-                 f"{TARGET_ROUND_TRIPS} (max {committer_max}: one per read of the reports that arrived, "
-                 "+ claim + commit + checks)")
+    lines.append(
+        f"  {verdict(committer_max <= TARGET_ROUND_TRIPS)}  the committer's round trips <= "
+        f"{TARGET_ROUND_TRIPS} (max {committer_max}: one per read of the reports that arrived, "
+        "+ claim + commit + checks)"
+    )
     if world >= TARGET_AT:
-        lines.append(f"  {verdict(lat <= TARGET_LATENCY_MS)}  commit latency after the last report <= "
-                     f"{TARGET_LATENCY_MS:.0f} ms at {TARGET_AT} ranks (median {lat:.2f} ms; "
-                     f"{_med(col('latency_redis_with_manifest_ms')):.2f} ms with the manifest build + publish)")
+        lines.append(
+            f"  {verdict(lat <= TARGET_LATENCY_MS)}  commit latency after the last report <= "
+            f"{TARGET_LATENCY_MS:.0f} ms at {TARGET_AT} ranks (median {lat:.2f} ms; "
+            f"{_med(col('latency_redis_with_manifest_ms')):.2f} ms with the manifest build + publish)"
+        )
     else:
-        lines.append(f"  info  commit latency {lat:.2f} ms (target {TARGET_LATENCY_MS:.0f} ms applies at {TARGET_AT})")
+        lines.append(
+            f"  info  commit latency {lat:.2f} ms (target {TARGET_LATENCY_MS:.0f} ms applies at {TARGET_AT})"
+        )
     return "\n".join(lines)
 
 
@@ -1148,8 +1332,14 @@ def format_heartbeats(world: int, hb: HeartbeatResult) -> str:
     ]
     s = hb.straggler
     if s is not None:
-        replicas = (f"; replicas counter max {s.replica_rt_max} mean {s.replica_rt_mean:.2f}, commands max "
-                    f"{s.replica_cmds_max} mean {s.replica_cmds_mean:.2f}") if s.replica_cmds_max else ""
+        replicas = (
+            (
+                f"; replicas counter max {s.replica_rt_max} mean {s.replica_rt_mean:.2f}, commands max "
+                f"{s.replica_cmds_max} mean {s.replica_cmds_mean:.2f}"
+            )
+            if s.replica_cmds_max
+            else ""
+        )
         lines.append(
             f"  straggler step (rank {world - 1} reports {s.straggler_s:.1f} s late; {world} fresh heartbeats): "
             f"round trips/rank: threads counter max {s.rt_max} mean {s.rt_mean:.2f}, commands max {s.cmds_max} "
@@ -1186,10 +1376,14 @@ def format_summary(results: dict[tuple[int, float], list[StepResult]]) -> str:
         )
     counted = [max(s.max_round_trips for s in steps) for steps in results.values()]
     sent = [max(s.max_commands for s in steps) for steps in results.values()]
-    lines.append(f"  {verdict(len(set(counted)) == 1)}  round trips per rank independent of world size, by "
-                 f"the protocol's count (max per world size: {counted})")
-    lines.append(f"  {verdict(len(set(sent)) == 1)}  the same, counting every command sent (max per world "
-                 f"size: {sent})")
+    lines.append(
+        f"  {verdict(len(set(counted)) == 1)}  round trips per rank independent of world size, by "
+        f"the protocol's count (max per world size: {counted})"
+    )
+    lines.append(
+        f"  {verdict(len(set(sent)) == 1)}  the same, counting every command sent (max per world "
+        f"size: {sent})"
+    )
     return "\n".join(lines)
 
 
@@ -1204,32 +1398,62 @@ def raise_fd_limit() -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ranks", default="256,1024,4096", help="world sizes, comma-separated")
     p.add_argument("--steps", type=int, default=3, help="measured checkpoints per world size")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured checkpoints first")
-    p.add_argument("--real-ranks", type=int, default=256,
-                   help="non-committers run as RedisCoordinator threads; the rest are protocol replicas")
-    p.add_argument("--threads-per-proc", type=int, default=256,
-                   help="RedisCoordinator threads per process (fewer threads per GIL: less convoying)")
-    p.add_argument("--replicas-per-proc", type=int, default=2048, help="protocol replicas per process")
+    p.add_argument(
+        "--real-ranks",
+        type=int,
+        default=256,
+        help="non-committers run as RedisCoordinator threads; the rest are protocol replicas",
+    )
+    p.add_argument(
+        "--threads-per-proc",
+        type=int,
+        default=256,
+        help="RedisCoordinator threads per process (fewer threads per GIL: less convoying)",
+    )
+    p.add_argument(
+        "--replicas-per-proc", type=int, default=2048, help="protocol replicas per process"
+    )
     p.add_argument("--tensors", type=int, default=4, help="Shard(0) tensors in each rank's index")
     p.add_argument("--piece-mib", type=int, default=16, help="MiB per piece (one checksum per MiB)")
-    p.add_argument("--straggler-seconds", type=float, default=2.5,
-                   help="delay of the last rank in the straggler step (0: skip that step)")
-    p.add_argument("--straggler-max-ranks", type=int, default=1024,
-                   help="largest world size that runs the straggler step (its polling costs the "
-                        "simulated ranks about N x N heartbeat entries parsed per second)")
-    p.add_argument("--heartbeat-seconds", type=float, default=4.0,
-                   help="heartbeat load window (0: skip heartbeats and the straggler step)")
-    p.add_argument("--heartbeat-ttl", type=float, default=600.0,
-                   help="heartbeat TTL of the simulated ranks (ckpt's default is 15 s; thousands of "
-                        "threads on a loaded 2-core machine can miss that without being dead)")
-    p.add_argument("--spread-seconds", default="0,1",
-                   help="scenarios, comma-separated: each non-committer reports after a random delay in "
-                        "[0, S) s (0: all at once, the worst-case burst; 1: ranks finishing their writes "
-                        "within a second of each other)")
+    p.add_argument(
+        "--straggler-seconds",
+        type=float,
+        default=2.5,
+        help="delay of the last rank in the straggler step (0: skip that step)",
+    )
+    p.add_argument(
+        "--straggler-max-ranks",
+        type=int,
+        default=1024,
+        help="largest world size that runs the straggler step (its polling costs the "
+        "simulated ranks about N x N heartbeat entries parsed per second)",
+    )
+    p.add_argument(
+        "--heartbeat-seconds",
+        type=float,
+        default=4.0,
+        help="heartbeat load window (0: skip heartbeats and the straggler step)",
+    )
+    p.add_argument(
+        "--heartbeat-ttl",
+        type=float,
+        default=600.0,
+        help="heartbeat TTL of the simulated ranks (ckpt's default is 15 s; thousands of "
+        "threads on a loaded 2-core machine can miss that without being dead)",
+    )
+    p.add_argument(
+        "--spread-seconds",
+        default="0,1",
+        help="scenarios, comma-separated: each non-committer reports after a random delay in "
+        "[0, S) s (0: all at once, the worst-case burst; 1: ranks finishing their writes "
+        "within a second of each other)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     return p.parse_args(argv)
 
@@ -1244,9 +1468,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"open-file limit {fds} is below the {need} this run needs (ulimit -n)")
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-coord-"))
     server = BenchRedis(tmp, maxclients=need)
-    print(f"redis-server {server.version} on 127.0.0.1:{server.port} (own, no persistence, maxclients "
-          f"{server.maxclients}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"manifests under {tmp}", flush=True)
+    print(
+        f"redis-server {server.version} on 127.0.0.1:{server.port} (own, no persistence, maxclients "
+        f"{server.maxclients}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"manifests under {tmp}",
+        flush=True,
+    )
     spreads = [float(x) for x in args.spread_seconds.split(",") if x]
     results: dict[tuple[int, float], list[StepResult]] = {}
     heartbeats: dict[int, HeartbeatResult] = {}
@@ -1264,7 +1491,9 @@ def main(argv: list[str] | None = None) -> None:
                     steps = []
                     for i in range(args.warmup + args.steps):
                         step += 1
-                        delays = {r: rng.uniform(0.0, spread) for r in range(1, world)} if spread else {}
+                        delays = (
+                            {r: rng.uniform(0.0, spread) for r in range(1, world)} if spread else {}
+                        )
                         result = w.step(step, delays)
                         result.spread_s = spread
                         if i >= args.warmup:
@@ -1277,18 +1506,29 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 w.close()
             server.client.flushall()
-            print(f"  ({world} ranks done in {time.monotonic() - start:.0f} s, load average "
-                  f"{os.getloadavg()[0]:.1f})\n", flush=True)
+            print(
+                f"  ({world} ranks done in {time.monotonic() - start:.0f} s, load average "
+                f"{os.getloadavg()[0]:.1f})\n",
+                flush=True,
+            )
         print(format_summary(results))
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps({
-            "steps": {f"{w}/{spread}": [asdict(s) for s in steps] for (w, spread), steps in results.items()},
-            "heartbeats": {w: asdict(h) for w, h in heartbeats.items()},
-            "committer_cpu": cpus,
-        }, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "steps": {
+                        f"{w}/{spread}": [asdict(s) for s in steps]
+                        for (w, spread), steps in results.items()
+                    },
+                    "heartbeats": {w: asdict(h) for w, h in heartbeats.items()},
+                    "committer_cpu": cpus,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -98,8 +98,14 @@ def build_state(rank: int, world: int, total_bytes: int) -> State:
 
     def sharded(name: str, positive: bool = False) -> DTensor:
         local = _values(name, rank, (local_rows, COLS), positive)
-        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size((rows, COLS)),
-                                  stride=(COLS, 1))
+        return DTensor.from_local(
+            local,
+            mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=torch.Size((rows, COLS)),
+            stride=(COLS, 1),
+        )
 
     def replicated(name: str, shape: tuple[int, ...]) -> DTensor:
         return DTensor.from_local(_values(name, 0, shape), mesh, [Replicate()], run_check=False)
@@ -120,29 +126,40 @@ def build_state(rank: int, world: int, total_bytes: int) -> State:
             }
             for fqn in fqns
         },
-        "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
-                          "params": fqns}],
+        "param_groups": [
+            {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "params": fqns}
+        ],
     }
     return {"model": model, "optim": optim, "step": 1000}
 
 
 def unique_bytes(state: State) -> int:
     """Bytes of the global tensors, each counted once however many ranks hold it."""
-    return sum(t.numel() * t.element_size() for _, t in iter_tensors(state))  # DTensor: global numel
+    return sum(
+        t.numel() * t.element_size() for _, t in iter_tensors(state)
+    )  # DTensor: global numel
 
 
 def local_bytes(state: State) -> int:
     from torch.distributed.tensor import DTensor
 
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for _, t in iter_tensors(state))
+    return sum(
+        (t.to_local() if isinstance(t, DTensor) else t).nbytes for _, t in iter_tensors(state)
+    )
 
 
 def zeros_like_state(tree: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
     if isinstance(tree, DTensor):
-        return DTensor.from_local(torch.zeros_like(tree.to_local()), tree.device_mesh, tree.placements,
-                                  run_check=False, shape=tree.shape, stride=tree.stride())
+        return DTensor.from_local(
+            torch.zeros_like(tree.to_local()),
+            tree.device_mesh,
+            tree.placements,
+            run_check=False,
+            shape=tree.shape,
+            stride=tree.stride(),
+        )
     if isinstance(tree, torch.Tensor):
         return torch.zeros_like(tree)
     if isinstance(tree, dict):
@@ -190,9 +207,17 @@ def safetensors_header_bytes(path: Path) -> int:
 def written(tool: str, root: Path, world: int) -> dict[str, Any]:
     files = data_files(tool, root)
     per_rank = [sum(p.stat().st_size for p in files.get(r, [])) for r in range(world)]
-    headers = sum(safetensors_header_bytes(p) for ps in files.values() for p in ps) if tool == "ckpt" else 0
-    return {"files": sum(len(v) for v in files.values()), "bytes": sum(per_rank), "per_rank": per_rank,
-            "header_bytes": headers}
+    headers = (
+        sum(safetensors_header_bytes(p) for ps in files.values() for p in ps)
+        if tool == "ckpt"
+        else 0
+    )
+    return {
+        "files": sum(len(v) for v in files.values()),
+        "bytes": sum(per_rank),
+        "per_rank": per_rank,
+        "header_bytes": headers,
+    }
 
 
 # --------------------------------------------------------------------------- one rank
@@ -226,9 +251,17 @@ class Rank:
         self.state = build_state(rank, world, total_bytes)
         self.unique = unique_bytes(self.state)
         share = -(-self.unique // world)
-        self.raw = torch.randint(0, 256, (share,), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank))
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                                                   use_async_staging=True, use_non_blocking_copy=False))
+        self.raw = torch.randint(
+            0, 256, (share,), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank)
+        )
+        self.stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=False,
+                use_shared_memory=False,
+                use_async_staging=True,
+                use_non_blocking_copy=False,
+            )
+        )
         self.samples: dict[str, list[float]] = {}
         self.step = 0
 
@@ -400,15 +433,22 @@ def run_rank(root: str, total_bytes: int, repeats: int) -> dict[str, Any]:
             start = time.perf_counter()
             contender()
             if rank == 0:
-                print(f"  [{world} ranks] repeat {i + 1}/{repeats}: {name} {time.perf_counter() - start:.1f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  [{world} ranks] repeat {i + 1}/{repeats}: {name} {time.perf_counter() - start:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         r.note("load_average", os.getloadavg()[0])
     return {**out, "unique": r.unique, "local": local_bytes(r.state), "samples": r.samples}
 
 
 def run_world(world: int, root: Path, total_bytes: int, repeats: int) -> dict[str, Any]:
     """Spawn ``world`` gloo ranks; return rank 0's results."""
-    return dict(run_gloo_world(world, run_rank, str(root), total_bytes, repeats, init_timeout_s=INIT_TIMEOUT_S))
+    return dict(
+        run_gloo_world(
+            world, run_rank, str(root), total_bytes, repeats, init_timeout_s=INIT_TIMEOUT_S
+        )
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -453,18 +493,26 @@ def format_world(world: int, res: dict[str, Any], args: argparse.Namespace) -> s
             continue
         sec = med[key]
         spread = (max(values) - min(values)) / sec if len(values) > 1 else 0.0
-        ratio = f"{med[VERSUS[key]] / sec:9.2f}" if key in VERSUS and VERSUS[key] in med else f"{'':>9}"
-        lines.append(f"   {label:<56} {len(values):>2} {sec:>9.3f} {spread:>6.0%} {gb / sec:>6.2f} {ratio}")
-    lines.append("   GB/s = unique bytes / median seconds (decimal). DCP/ckpt = DCP's median time / ckpt's: "
-                 "above 1, ckpt is faster.")
+        ratio = (
+            f"{med[VERSUS[key]] / sec:9.2f}" if key in VERSUS and VERSUS[key] in med else f"{'':>9}"
+        )
+        lines.append(
+            f"   {label:<56} {len(values):>2} {sec:>9.3f} {spread:>6.0%} {gb / sec:>6.2f} {ratio}"
+        )
+    lines.append(
+        "   GB/s = unique bytes / median seconds (decimal). DCP/ckpt = DCP's median time / ckpt's: "
+        "above 1, ckpt is faster."
+    )
     if "ckpt_save.durable" in med:
         coordination = statistics.median(
-            c - d for c, d in zip(s["ckpt_save.committed"], s["ckpt_save.durable"]))
+            c - d for c, d in zip(s["ckpt_save.committed"], s["ckpt_save.durable"])
+        )
         lines.append(
             f"   ckpt save phases (max over ranks, median): stall {med['ckpt_save.stall']:.3f} s, persist "
             f"{med['ckpt_save.persist']:.3f} s, commit {med['ckpt_save.commit']:.3f} s; last rank durable after "
             f"{med['ckpt_save.durable']:.3f} s, every rank saw the commit after {med['ckpt_save.committed']:.3f} s: "
-            f"coordination after the last durable byte {coordination * 1e3:.0f} ms (median per repeat)")
+            f"coordination after the last durable byte {coordination * 1e3:.0f} ms (median per repeat)"
+        )
     cw, dw = res["ckpt_written"], res["dcp_written"]
     payload = cw["bytes"] - cw["header_bytes"]
     per_rank = cw["per_rank"]
@@ -479,15 +527,21 @@ def format_world(world: int, res: dict[str, Any], args: argparse.Namespace) -> s
     ]
     ratios = per_repeat_ratio(s, "ckpt_save", "dcp_save")
     value = statistics.median(ratios)
-    lines.append(f"   {'PASS' if value >= 1.0 else 'MISS'}  save throughput >= DCP's: DCP time / ckpt time "
-                 f"{value:.2f} (per repeat: {', '.join(f'{r:.2f}' for r in ratios)})")
-    lines.append(f"   {'PASS' if payload == unique else 'MISS'}  written bytes == unique bytes (no duplicate "
-                 f"replicas): payload {payload:,} vs unique {unique:,}; with headers +{cw['header_bytes']:,} B")
+    lines.append(
+        f"   {'PASS' if value >= 1.0 else 'MISS'}  save throughput >= DCP's: DCP time / ckpt time "
+        f"{value:.2f} (per repeat: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+    lines.append(
+        f"   {'PASS' if payload == unique else 'MISS'}  written bytes == unique bytes (no duplicate "
+        f"replicas): payload {payload:,} vs unique {unique:,}; with headers +{cw['header_bytes']:,} B"
+    )
     stall = statistics.median(per_repeat_ratio(s, "ckpt_stall", "dcp_stall"))
     best = statistics.median(per_repeat_ratio(s, "ckpt_stall", "dcp_stall_best"))
     limit = statistics.median(per_repeat_ratio(s, "ckpt_save", "raw_write"))
-    lines.append(f"   info  async_save stall, DCP / ckpt: {stall:.2f} vs DCP default, {best:.2f} vs DCP reused "
-                 f"stager; ckpt save vs raw write+fsync: {1 / limit:.2f}x the raw time")
+    lines.append(
+        f"   info  async_save stall, DCP / ckpt: {stall:.2f} vs DCP default, {best:.2f} vs DCP reused "
+        f"stager; ckpt save vs raw write+fsync: {1 / limit:.2f}x the raw time"
+    )
     return "\n".join(lines)
 
 
@@ -496,21 +550,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nproc", default="2,4", help="world sizes, comma-separated")
     p.add_argument("--mib", type=int, default=512, help="unique bytes of the state, MiB")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dir", type=Path, default=Path(".bench"), help="disk to write to (a temp folder inside)")
+    p.add_argument(
+        "--dir", type=Path, default=Path(".bench"), help="disk to write to (a temp folder inside)"
+    )
     p.add_argument("--json", type=Path, help="also write every sample here")
     args = p.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="dist-", dir=args.dir))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, dir {root}, load average "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, dir {root}, load average "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     results: dict[int, dict[str, Any]] = {}
     try:
         for world in [int(x) for x in args.nproc.split(",") if x]:
             start = time.perf_counter()
             results[world] = run_world(world, root, args.mib << 20, args.repeats)
             if not all(results[world]["verified"].values()):
-                raise SystemExit(f"{world} ranks: a warm-up checkpoint did not load back bit for bit: "
-                                 f"{results[world]['verified']}")
+                raise SystemExit(
+                    f"{world} ranks: a warm-up checkpoint did not load back bit for bit: "
+                    f"{results[world]['verified']}"
+                )
             print(format_world(world, results[world], args), flush=True)
             print(f"   ({world} ranks done in {time.perf_counter() - start:.0f} s)\n", flush=True)
     finally:

@@ -50,7 +50,9 @@ def main() -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True))
+    stager = DefaultStager(
+        StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats + 1):  # the first round warms up every path
             torch.cuda.synchronize()
@@ -71,7 +73,9 @@ def main() -> None:
 
             torch.cuda.synchronize()
             t = time.perf_counter()
-            response = dcp.async_save(state, checkpoint_id=f"{tmp}/dcp-{repeat}", async_stager=stager, no_dist=True)
+            response = dcp.async_save(
+                state, checkpoint_id=f"{tmp}/dcp-{repeat}", async_stager=stager, no_dist=True
+            )
             staging = getattr(response, "staging_completion", None)
             if staging is not None:
                 staging.result()
@@ -83,14 +87,18 @@ def main() -> None:
                 record("ckpt async_save stall", stall)
                 record("ckpt async_save total", total_s)
                 record("DCP async_save stall (reused DefaultStager)", dcp_stall)
-    print(f"\n{torch.cuda.get_device_name()}: {nbytes / 2**30:.2f} GiB in {len(state)} CUDA tensors, "
-          f"{args.repeats} repeats, medians\n")
+    print(
+        f"\n{torch.cuda.get_device_name()}: {nbytes / 2**30:.2f} GiB in {len(state)} CUDA tensors, "
+        f"{args.repeats} repeats, medians\n"
+    )
     print(f"{'operation':46s} {'median s':>9s} {'GB/s':>7s}")
     med = {k: statistics.median(v) for k, v in samples.items()}
     for name, seconds in med.items():
         print(f"{name:46s} {seconds:9.3f} {nbytes / seconds / 1e9:7.2f}")
     ratio = med["ckpt async_save stall"] / med["raw pinned D2H copy (limit)"]
-    print(f"\n  {'PASS' if ratio <= 1.3 else 'MISS'}  ckpt stall / raw D2H copy = {ratio:.2f} (target <= 1.3)")
+    print(
+        f"\n  {'PASS' if ratio <= 1.3 else 'MISS'}  ckpt stall / raw D2H copy = {ratio:.2f} (target <= 1.3)"
+    )
     vs = med["ckpt async_save stall"] / med["DCP async_save stall (reused DefaultStager)"]
     print(f"  {'PASS' if vs < 1 else 'MISS'}  ckpt stall / DCP best stall = {vs:.2f} (target < 1)")
 

@@ -85,11 +85,15 @@ def build_state(total_bytes: int, seed: int = 0) -> State:
     small = [SMALL_SIZES[i % len(SMALL_SIZES)] for i in range(SMALL_PER_GROUP)]
     large_params = max(HIDDEN, total_bytes // BYTES_PER_PARAM - sum(small))
     rows = max(1, large_params // (LARGE_PER_GROUP * HIDDEN))
-    shapes: dict[str, tuple[int, ...]] = {f"layers.{i}.mlp.weight": (rows, HIDDEN) for i in range(LARGE_PER_GROUP)}
+    shapes: dict[str, tuple[int, ...]] = {
+        f"layers.{i}.mlp.weight": (rows, HIDDEN) for i in range(LARGE_PER_GROUP)
+    }
     shapes.update({f"layers.{i}.norm.weight": (n,) for i, n in enumerate(small)})
 
     def group(dtype: torch.dtype, positive: bool = False) -> dict[str, torch.Tensor]:
-        out = {name: torch.randn(shape, generator=gen, dtype=dtype) for name, shape in shapes.items()}
+        out = {
+            name: torch.randn(shape, generator=gen, dtype=dtype) for name, shape in shapes.items()
+        }
         if positive:
             for t in out.values():
                 t.abs_()
@@ -126,8 +130,12 @@ def mismatches(expected: Any, actual: Any, path: str = "") -> list[str]:
         if not isinstance(actual, torch.Tensor):
             return [f"{path}: {type(actual).__name__} instead of a tensor"]
         if actual.dtype != expected.dtype or actual.shape != expected.shape:
-            return [f"{path}: {actual.dtype}{list(actual.shape)} vs {expected.dtype}{list(expected.shape)}"]
-        same = torch.equal(actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
+            return [
+                f"{path}: {actual.dtype}{list(actual.shape)} vs {expected.dtype}{list(expected.shape)}"
+            ]
+        same = torch.equal(
+            actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)
+        )
         return [] if same else [f"{path}: bytes differ"]
     if isinstance(expected, dict):
         if not isinstance(actual, dict) or actual.keys() != expected.keys():
@@ -205,7 +213,10 @@ class Bench:
     def evict(self, path: Path) -> None:
         resident = self.cache.evict(path)
         if resident > 0.05:
-            print(f"  warning: {resident:.0%} of {path.name} still cached after eviction", file=sys.stderr)
+            print(
+                f"  warning: {resident:.0%} of {path.name} still cached after eviction",
+                file=sys.stderr,
+            )
 
     def note(self, key: str, value: float) -> None:
         self.extras.setdefault(key, []).append(value)
@@ -236,8 +247,12 @@ def make_bench(total_bytes: int, root: Path, cache: PageCache) -> Bench:
         pairs.append((src, flat[offset : offset + src.numel()]))
     cuda = torch.cuda.is_available()
     stager = DefaultStager(
-        StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
-                       use_non_blocking_copy=cuda)
+        StagingOptions(
+            use_pinned_memory=cuda,
+            use_shared_memory=False,
+            use_async_staging=True,
+            use_non_blocking_copy=cuda,
+        )
     )
     return Bench(state, zeros_like_state(state), nbytes, root, cache, flat, pairs, stager)
 
@@ -260,7 +275,9 @@ def dcp_async_save(b: Bench, directory: Path, *, reuse_stager: bool) -> tuple[fl
     """
     start = time.perf_counter()
     if reuse_stager:
-        response = dcp.async_save(b.state, checkpoint_id=directory, async_stager=b.stager, no_dist=True)
+        response = dcp.async_save(
+            b.state, checkpoint_id=directory, async_stager=b.stager, no_dist=True
+        )
     else:
         response = dcp.async_save(b.state, checkpoint_id=directory, no_dist=True)
     returned = time.perf_counter() - start
@@ -421,8 +438,10 @@ def run(b: Bench, repeats: int, log: Callable[[str], None]) -> None:
             log(f"repeat {r + 1}/{repeats}: {name} done in {time.perf_counter() - start:.1f}s")
         b.memory.append({"staging_bytes": ckpt_staging_bytes(), "rss_bytes": rss_bytes()})
         b.load_average.append(os.getloadavg()[0])
-        log(f"repeat {r + 1}/{repeats}: ckpt staging {human_bytes(b.memory[-1]['staging_bytes'])}, "
-            f"RSS {human_bytes(b.memory[-1]['rss_bytes'])}, load average {b.load_average[-1]:.1f}")
+        log(
+            f"repeat {r + 1}/{repeats}: ckpt staging {human_bytes(b.memory[-1]['staging_bytes'])}, "
+            f"RSS {human_bytes(b.memory[-1]['rss_bytes'])}, load average {b.load_average[-1]:.1f}"
+        )
 
 
 # --------------------------------------------------------------------------- report
@@ -479,22 +498,60 @@ class TargetSpec:
 
 
 TARGETS = (
-    TargetSpec("async_save stall <= 1.3x raw memcpy", "ckpt_stall", "memcpy", False, 1.3,
-               "stall / memcpy <= 1.30"),
-    TargetSpec("async_save stall below DCP async_save best stall", "ckpt_stall", "dcp_stall", False, 1.0,
-               "ckpt / DCP < 1"),
-    TargetSpec("save to commit >= 0.85x raw write+fsync bandwidth", "ckpt_save", "raw_write", True, 0.85,
-               "ckpt GB/s / raw GB/s >= 0.85"),
-    TargetSpec("save to commit faster than torch.save", "ckpt_save", "torch_save", False, 1.0,
-               "ckpt / torch.save < 1"),
-    TargetSpec("save to commit faster than DCP save", "ckpt_save", "dcp_save", False, 1.0,
-               "ckpt / DCP < 1"),
-    TargetSpec("load cold >= 0.85x raw cold read bandwidth", "ckpt_load", "raw_read", True, 0.85,
-               "ckpt GB/s / raw GB/s >= 0.85"),
-    TargetSpec("load cold faster than torch.load", "ckpt_load", "torch_load", False, 1.0,
-               "ckpt / torch.load < 1"),
-    TargetSpec("load cold faster than DCP load", "ckpt_load", "dcp_load", False, 1.0,
-               "ckpt / DCP < 1"),
+    TargetSpec(
+        "async_save stall <= 1.3x raw memcpy",
+        "ckpt_stall",
+        "memcpy",
+        False,
+        1.3,
+        "stall / memcpy <= 1.30",
+    ),
+    TargetSpec(
+        "async_save stall below DCP async_save best stall",
+        "ckpt_stall",
+        "dcp_stall",
+        False,
+        1.0,
+        "ckpt / DCP < 1",
+    ),
+    TargetSpec(
+        "save to commit >= 0.85x raw write+fsync bandwidth",
+        "ckpt_save",
+        "raw_write",
+        True,
+        0.85,
+        "ckpt GB/s / raw GB/s >= 0.85",
+    ),
+    TargetSpec(
+        "save to commit faster than torch.save",
+        "ckpt_save",
+        "torch_save",
+        False,
+        1.0,
+        "ckpt / torch.save < 1",
+    ),
+    TargetSpec(
+        "save to commit faster than DCP save", "ckpt_save", "dcp_save", False, 1.0, "ckpt / DCP < 1"
+    ),
+    TargetSpec(
+        "load cold >= 0.85x raw cold read bandwidth",
+        "ckpt_load",
+        "raw_read",
+        True,
+        0.85,
+        "ckpt GB/s / raw GB/s >= 0.85",
+    ),
+    TargetSpec(
+        "load cold faster than torch.load",
+        "ckpt_load",
+        "torch_load",
+        False,
+        1.0,
+        "ckpt / torch.load < 1",
+    ),
+    TargetSpec(
+        "load cold faster than DCP load", "ckpt_load", "dcp_load", False, 1.0, "ckpt / DCP < 1"
+    ),
 )
 
 
@@ -532,8 +589,15 @@ def evaluate_targets(
         # RSS moves with the other contenders' transient buffers; growth beyond 5% of the
         # state across repeats would mean something accumulates.
         flat = len(staging) == 1 and growth[-1] <= 0.05
-        targets.append(Target("staging memory does not grow across saves", growth[-1], growth,
-                              "one staging size; RSS growth / state <= 0.05", flat))
+        targets.append(
+            Target(
+                "staging memory does not grow across saves",
+                growth[-1],
+                growth,
+                "one staging size; RSS growth / state <= 0.05",
+                flat,
+            )
+        )
     return targets
 
 
@@ -543,11 +607,15 @@ def phases_line(b: Bench) -> str:
     parts = []
     for key, name in (("ckpt_save", "save"), ("ckpt_async", "async_save")):
         if f"{key}.stall" in x:
-            parts.append(f"{name} = stall {x[key + '.stall']:.3f} + persist {x[key + '.persist']:.3f} "
-                         f"+ commit {x[key + '.commit']:.3f}")
+            parts.append(
+                f"{name} = stall {x[key + '.stall']:.3f} + persist {x[key + '.persist']:.3f} "
+                f"+ commit {x[key + '.commit']:.3f}"
+            )
     if "ckpt_load.reads" in x and "ckpt_load" in b.samples:
-        parts.append(f"load = reads+verify {x['ckpt_load.reads']:.3f} of {median(b.samples['ckpt_load']):.3f} "
-                     f"(read amplification {x['ckpt_load.read_amplification']:.2f})")
+        parts.append(
+            f"load = reads+verify {x['ckpt_load.reads']:.3f} of {median(b.samples['ckpt_load']):.3f} "
+            f"(read amplification {x['ckpt_load.read_amplification']:.2f})"
+        )
     if "ckpt_total_first" in x:
         parts.append(f"first save total {x['ckpt_total_first']:.3f}")
     return "ckpt phases (median s): " + "; ".join(parts)
@@ -594,15 +662,21 @@ def format_report(b: Bench, args: argparse.Namespace) -> tuple[str, list[Target]
     lines.append("")
     lines.append(phases_line(b))
     lines.append("")
-    lines.append("memory after each repeat: " + "; ".join(
-        f"staging {human_bytes(s['staging_bytes'])}, RSS {human_bytes(s['rss_bytes'])}" for s in b.memory
-    ))
+    lines.append(
+        "memory after each repeat: "
+        + "; ".join(
+            f"staging {human_bytes(s['staging_bytes'])}, RSS {human_bytes(s['rss_bytes'])}"
+            for s in b.memory
+        )
+    )
     targets = evaluate_targets(b.samples, b.memory, b.nbytes)
     lines.append("")
     lines.append("targets (median of per-repeat ratios; each repeat's ratio in brackets):")
     for t in targets:
         each = ", ".join(f"{v:.2f}" for v in t.per_repeat)
-        lines.append(f"  {'PASS' if t.passed else 'MISS'}  {t.name:<52} {t.value:5.2f}  [{each}]  ({t.goal})")
+        lines.append(
+            f"  {'PASS' if t.passed else 'MISS'}  {t.name:<52} {t.value:5.2f}  [{each}]  ({t.goal})"
+        )
     return "\n".join(lines), targets
 
 
@@ -610,15 +684,31 @@ def format_report(b: Bench, args: argparse.Namespace) -> tuple[str, list[Target]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_local", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_local", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--gib", type=float, default=2.0, help="state size in GiB (default 2)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported (default 3)")
-    p.add_argument("--dir", type=Path, default=Path(".bench"),
-                   help="where checkpoints are written; a temporary folder inside it is removed at the end")
-    p.add_argument("--drop-caches", action="store_true",
-                   help="also write 3 to /proc/sys/vm/drop_caches before cold reads where permitted "
-                        "(empties the whole machine's page cache; default: per-file fadvise only)")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the raw numbers here")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved repeats; medians are reported (default 3)",
+    )
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".bench"),
+        help="where checkpoints are written; a temporary folder inside it is removed at the end",
+    )
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="also write 3 to /proc/sys/vm/drop_caches before cold reads where permitted "
+        "(empties the whole machine's page cache; default: per-file fadvise only)",
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write the raw numbers here"
+    )
     args = p.parse_args(argv)
     if args.gib <= 0 or args.repeats < 1:
         p.error("--gib must be positive and --repeats at least 1")
@@ -634,8 +724,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One contender's files exist at a time, beside the raw file at most.
     needed = 3 * total + (1 << 30)
     if free_bytes(args.dir) < needed:
-        print(f"not enough free space under {args.dir}: {human_bytes(free_bytes(args.dir))} free, "
-              f"{human_bytes(needed)} needed", file=sys.stderr)
+        print(
+            f"not enough free space under {args.dir}: {human_bytes(free_bytes(args.dir))} free, "
+            f"{human_bytes(needed)} needed",
+            file=sys.stderr,
+        )
         return 2
     root = Path(tempfile.mkdtemp(prefix="bench-local-", dir=args.dir)).absolute()
     started = time.perf_counter()
@@ -648,26 +741,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"building a {args.gib:g} GiB state")
         b = make_bench(total, root, PageCache(drop_caches=args.drop_caches))
         b.revision = git_revision(Path(ckpt.__file__).parent)
-        log(f"{human_bytes(b.nbytes)} in {len(b.pairs)} tensors; free space {human_bytes(free_bytes(root))}; "
-            f"cold reads via {b.cache.method}")
+        log(
+            f"{human_bytes(b.nbytes)} in {len(b.pairs)} tensors; free space {human_bytes(free_bytes(root))}; "
+            f"cold reads via {b.cache.method}"
+        )
         run(b, args.repeats, log)
         report, targets = format_report(b, args)
         print(report)
         if args.json is not None:
-            args.json.write_text(json.dumps({
-                "config": {"gib": args.gib, "repeats": args.repeats, "dir": str(root),
-                           "state_bytes": b.nbytes, "tensors": len(b.pairs)},
-                "env": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "eviction": b.cache.method, "worst_resident_after_eviction": b.cache.worst_resident,
-                        "code": b.revision, "load_average": b.load_average},
-                "samples": b.samples,
-                "medians": medians(b.samples),
-                "extras": b.extras,
-                "memory": b.memory,
-                "verified": b.verified,
-                "targets": [asdict(t) for t in targets],
-            }, indent=2))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "config": {
+                            "gib": args.gib,
+                            "repeats": args.repeats,
+                            "dir": str(root),
+                            "state_bytes": b.nbytes,
+                            "tensors": len(b.pairs),
+                        },
+                        "env": {
+                            "torch": torch.__version__,
+                            "python": platform.python_version(),
+                            "cpus": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(),
+                            "eviction": b.cache.method,
+                            "worst_resident_after_eviction": b.cache.worst_resident,
+                            "code": b.revision,
+                            "load_average": b.load_average,
+                        },
+                        "samples": b.samples,
+                        "medians": medians(b.samples),
+                        "extras": b.extras,
+                        "memory": b.memory,
+                        "verified": b.verified,
+                        "targets": [asdict(t) for t in targets],
+                    },
+                    indent=2,
+                )
+            )
             log(f"raw numbers written to {args.json}")
     finally:
         if b is not None:

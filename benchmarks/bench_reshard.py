@@ -63,7 +63,9 @@ def global_tensors(total_bytes: int) -> dict[str, torch.Tensor]:
     """The full tensors, the same on every rank and every run (seeded per tensor)."""
     rows = max(1, total_bytes // (N_LARGE * COLS * 4))
     out: dict[str, torch.Tensor] = {}
-    shapes: list[tuple[str, tuple[int, ...]]] = [(f"large.{i}", (rows, COLS)) for i in range(N_LARGE)]
+    shapes: list[tuple[str, tuple[int, ...]]] = [
+        (f"large.{i}", (rows, COLS)) for i in range(N_LARGE)
+    ]
     shapes += [(f"small.{i}", (SMALL_ROWS,)) for i in range(N_SMALL)]
     shapes.append(("small.matrix", (97, 64)))
     for seed, (name, shape) in enumerate(shapes):
@@ -83,7 +85,7 @@ def sharded_state(full: dict[str, torch.Tensor], empty: bool) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for name, tensor in full.items():
         chunks = torch.chunk(tensor, world, dim=0)  # DTensor's Shard(0) split
-        local = chunks[rank] if rank < len(chunks) else tensor[tensor.shape[0]:]
+        local = chunks[rank] if rank < len(chunks) else tensor[tensor.shape[0] :]
         local = torch.zeros_like(local) if empty else local.clone()
         state[name] = DTensor.from_local(
             local, mesh, [Shard(0)], run_check=False, shape=tensor.shape, stride=tensor.stride()
@@ -97,7 +99,7 @@ def expected_local(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, tensor in full.items():
         chunks = torch.chunk(tensor, world, dim=0)
-        out[name] = chunks[rank] if rank < len(chunks) else tensor[tensor.shape[0]:]
+        out[name] = chunks[rank] if rank < len(chunks) else tensor[tensor.shape[0] :]
     return out
 
 
@@ -110,7 +112,9 @@ def mismatches(state: dict[str, Any], expected: dict[str, torch.Tensor]) -> list
     bad = []
     for name, want in expected.items():
         got = state[name].to_local()
-        if got.shape != want.shape or not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+        if got.shape != want.shape or not torch.equal(
+            got.view(torch.int32), want.view(torch.int32)
+        ):
             bad.append(name)
     return bad
 
@@ -197,7 +201,12 @@ def load_rank(root: Path, source: int, total_bytes: int, repeats: int) -> dict[s
                 bad = mismatches(state, expected)
                 flags = sum_over_ranks(len(bad))
                 checks[name] = [] if flags[0] == 0 else (bad or ["(on another rank)"])
-    return {"samples": samples, "amplification": amplification, "read_bytes": read_bytes, "checks": checks}
+    return {
+        "samples": samples,
+        "amplification": amplification,
+        "read_bytes": read_bytes,
+        "checks": checks,
+    }
 
 
 def run_world(world: int, job: str, args: list[Any]) -> dict[str, Any]:
@@ -230,7 +239,9 @@ def plan_time(pieces: int, repeats: int) -> float:
     )
     entry = TensorEntry("float32", (rows, cols), stored)
     bounds = [rows * k // PLAN_TARGETS for k in range(PLAN_TARGETS + 1)]
-    targets = [(k, Box((bounds[k], 0), (bounds[k + 1] - bounds[k], cols))) for k in range(PLAN_TARGETS)]
+    targets = [
+        (k, Box((bounds[k], 0), (bounds[k + 1] - bounds[k], cols))) for k in range(PLAN_TARGETS)
+    ]
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -248,23 +259,33 @@ def verdict(ok: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mib", type=int, default=256, help="MiB of the large sharded tensors")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dir", type=Path, default=Path(".bench"), help="parent of the checkpoint folders")
+    parser.add_argument(
+        "--dir", type=Path, default=Path(".bench"), help="parent of the checkpoint folders"
+    )
     parser.add_argument("--plan-repeats", type=int, default=3)
     args = parser.parse_args(argv)
     total_bytes = args.mib << 20
     args.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="reshard-", dir=args.dir))
-    print(f"bench_reshard: {args.mib} MiB, {args.repeats} repeats, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, dir {root}", flush=True)
+    print(
+        f"bench_reshard: {args.mib} MiB, {args.repeats} repeats, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, dir {root}",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     try:
         for source in SOURCES:
             saved = run_world(source, "save", [root, total_bytes])
-            print(f"  saved {source} ranks: ckpt {saved['ckpt_save_s']:.2f} s, DCP {saved['dcp_save_s']:.2f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  saved {source} ranks: ckpt {saved['ckpt_save_s']:.2f} s, DCP {saved['dcp_save_s']:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         for source, target in PAIRS:
             result = run_world(target, "load", [root, source, total_bytes, args.repeats])
             result["pair"] = f"{source} -> {target}"
@@ -274,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     print()
-    print(f"{'pair':<8} {'ckpt s':>8} {'DCP s':>8} {'speedup':>8} {'ckpt read ampl.':>16}  bit-identical")
+    print(
+        f"{'pair':<8} {'ckpt s':>8} {'DCP s':>8} {'speedup':>8} {'ckpt read ampl.':>16}  bit-identical"
+    )
     ok_ampl = ok_speed = ok_bits = True
     for r in rows:
         ckpt_s = statistics.median(r["samples"]["ckpt"])
@@ -287,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         ok_bits &= bits
         check = "yes" if bits else f"NO ckpt={r['checks']['ckpt']} dcp={r['checks']['dcp']}"
         print(f"{r['pair']:<8} {ckpt_s:>8.3f} {dcp_s:>8.3f} {speed:>7.2f}x {ampl:>16.4f}  {check}")
-    print("(time: max over ranks, median over repeats; speedup: median of per-repeat DCP/ckpt; "
-          "amplification: worst repeat)")
+    print(
+        "(time: max over ranks, median over repeats; speedup: median of per-repeat DCP/ckpt; "
+        "amplification: worst repeat)"
+    )
 
     print()
     print(f"{'pieces':>8} {'plan s':>10} {'us/piece':>9}")
@@ -299,14 +324,20 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = PLAN_PIECES[0], PLAN_PIECES[-1]
     slope = math.log(plan[hi] / plan[lo]) / math.log(hi / lo)
     growth = (plan[hi] / hi) / (plan[lo] / lo)
-    print(f"(plan_reads for {PLAN_TARGETS} target row ranges; log-log slope {lo}..{hi}: {slope:.2f}, "
-          f"per-piece time {hi} vs {lo}: {growth:.2f}x)")
+    print(
+        f"(plan_reads for {PLAN_TARGETS} target row ranges; log-log slope {lo}..{hi}: {slope:.2f}, "
+        f"per-piece time {hi} vs {lo}: {growth:.2f}x)"
+    )
 
     print()
     print(f"{verdict(ok_ampl)}  read amplification <= {TARGET_AMPLIFICATION} for every pair")
-    print(f"{verdict(ok_speed)}  resharded load >= {TARGET_SPEEDUP}x faster than DCP for every pair")
-    print(f"{verdict(growth <= TARGET_PLAN_GROWTH)}  planning time roughly linear "
-          f"(per-piece time at {hi} <= {TARGET_PLAN_GROWTH}x that at {lo})")
+    print(
+        f"{verdict(ok_speed)}  resharded load >= {TARGET_SPEEDUP}x faster than DCP for every pair"
+    )
+    print(
+        f"{verdict(growth <= TARGET_PLAN_GROWTH)}  planning time roughly linear "
+        f"(per-piece time at {hi} <= {TARGET_PLAN_GROWTH}x that at {lo})"
+    )
     print(f"{verdict(ok_bits)}  both loads bit-identical to the expected tensors")
     return 0
 

@@ -66,7 +66,10 @@ def main() -> None:
     def record(key: str, seconds: float) -> None:
         samples.setdefault(key, []).append(seconds)
 
-    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp, S3Server(args.server, Path(tmp) / "server") as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp,
+        S3Server(args.server, Path(tmp) / "server") as server,
+    ):
         server.start()
         client = server.client()
         transfer_config = TransferConfig()  # boto3's defaults
@@ -96,15 +99,25 @@ def main() -> None:
 
             target = {k: torch.empty_like(v) for k, v in state.items()}
             t = time.perf_counter()
-            report = ckpt.restore(target, backend, options=LoadOptions(io_threads=8, max_request_bytes=32 << 20))
+            report = ckpt.restore(
+                target, backend, options=LoadOptions(io_threads=8, max_request_bytes=32 << 20)
+            )
             record("ckpt load from S3 (verified)", time.perf_counter() - t)
             if repeat == 0 and not all(torch.equal(target[k], state[k]) for k in state):
-                raise SystemExit("ckpt load from S3 returned different bytes; not benchmarking a broken path")
-            record("ckpt load read amplification", report.stats.read_amplification if report.stats else 1.0)
+                raise SystemExit(
+                    "ckpt load from S3 returned different bytes; not benchmarking a broken path"
+                )
+            record(
+                "ckpt load read amplification",
+                report.stats.read_amplification if report.stats else 1.0,
+            )
             del target
             backend.close()
 
-            tiered = TieredBackend(LocalBackend(Path(tmp) / f"local-{repeat}"), S3Backend(server.url(f"tiered/{repeat}"), config))
+            tiered = TieredBackend(
+                LocalBackend(Path(tmp) / f"local-{repeat}"),
+                S3Backend(server.url(f"tiered/{repeat}"), config),
+            )
             t = time.perf_counter()
             ckpt.save(state, tiered, step=1)
             record("tiered save: local commit", time.perf_counter() - t)
@@ -113,8 +126,10 @@ def main() -> None:
             tiered.close()
             print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
 
-    print(f"\nS3 server: {args.server} on loopback; state {nbytes / 2**20:.0f} MiB "
-          f"({len(state)} tensors); {args.repeats} interleaved repeats; medians\n")
+    print(
+        f"\nS3 server: {args.server} on loopback; state {nbytes / 2**20:.0f} MiB "
+        f"({len(state)} tensors); {args.repeats} interleaved repeats; medians\n"
+    )
     print(f"{'operation':46s} {'median s':>9s} {'GB/s':>7s}")
     med = {k: statistics.median(v) for k, v in samples.items()}
     for name, seconds in med.items():
@@ -125,10 +140,25 @@ def main() -> None:
     up = med["TransferManager upload_fileobj (memory)"] / med["ckpt save to S3 (to commit)"]
     down = med["TransferManager download_fileobj"] / med["ckpt load from S3 (verified)"]
     print("\ntargets (ratio = TransferManager time / ckpt time, per-repeat values in brackets):")
-    per_up = [a / b for a, b in zip(samples["TransferManager upload_fileobj (memory)"], samples["ckpt save to S3 (to commit)"])]
-    per_down = [a / b for a, b in zip(samples["TransferManager download_fileobj"], samples["ckpt load from S3 (verified)"])]
-    print(f"  {'PASS' if up >= 0.9 else 'MISS'}  S3 save >= 0.9x TransferManager upload   {up:.2f}  {[round(x, 2) for x in per_up]}")
-    print(f"  {'PASS' if down >= 0.9 else 'MISS'}  S3 restore >= 0.9x its download         {down:.2f}  {[round(x, 2) for x in per_down]}")
+    per_up = [
+        a / b
+        for a, b in zip(
+            samples["TransferManager upload_fileobj (memory)"],
+            samples["ckpt save to S3 (to commit)"],
+        )
+    ]
+    per_down = [
+        a / b
+        for a, b in zip(
+            samples["TransferManager download_fileobj"], samples["ckpt load from S3 (verified)"]
+        )
+    ]
+    print(
+        f"  {'PASS' if up >= 0.9 else 'MISS'}  S3 save >= 0.9x TransferManager upload   {up:.2f}  {[round(x, 2) for x in per_up]}"
+    )
+    print(
+        f"  {'PASS' if down >= 0.9 else 'MISS'}  S3 restore >= 0.9x its download         {down:.2f}  {[round(x, 2) for x in per_down]}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from storage_backends import StorageBackend, StorageBackendError, open_backend
 
 log = logging.getLogger(__name__)
 
+
 def open_url(url: str | os.PathLike[str] | StorageBackend) -> StorageBackend:
     """A storage backend for ``url`` (a backend object is passed through)."""
     if not isinstance(url, (str, os.PathLike)):
@@ -90,7 +91,9 @@ def _blocking_save(
     user_metadata: Mapping[str, Any] | None,
     coordinator: Coordinator | str | None,
 ) -> SaveResult:
-    pending = _start_save(state, open_url(url), step, user_metadata, coordinator, overlap_writes=True)
+    pending = _start_save(
+        state, open_url(url), step, user_metadata, coordinator, overlap_writes=True
+    )
     return pending.result()
 
 
@@ -170,19 +173,24 @@ def restore(
             skipped.append((candidate.step, str(candidate.error)))
             continue
         try:
-            stats = load_manifest(state, candidate.backend, candidate.manifest, strict=strict, options=options)
+            stats = load_manifest(
+                state, candidate.backend, candidate.manifest, strict=strict, options=options
+            )
         except CorruptCheckpointError as exc:
             if step is not None:
                 raise
             log.warning(
                 "checkpoint step %d failed verification (%s); falling back to an older one",
-                candidate.step, exc,
+                candidate.step,
+                exc,
             )
             skipped.append((candidate.step, str(exc)))
             continue
         if skipped:
             log.warning(
-                "restored step %d after skipping %s", candidate.step, ", ".join(str(s) for s, _ in skipped)
+                "restored step %d after skipping %s",
+                candidate.step,
+                ", ".join(str(s) for s, _ in skipped),
             )
         return RestoreReport(candidate.step, tuple(skipped), stats)
     if skipped:
@@ -208,7 +216,9 @@ def load_manifest(
         if callable(hint):
             hint(manifest.world_size)
     plan = plan_load(state, manifest.state, stored, strict=strict)
-    with storage_errors(f"loading step {manifest.step} from {backend.url}", missing=CorruptCheckpointError):
+    with storage_errors(
+        f"loading step {manifest.step} from {backend.url}", missing=CorruptCheckpointError
+    ):
         stats = Loader(backend, manifest, options).load(plan.destinations)
     for key, tree in plan.trees.items():
         target = state[key]
@@ -234,5 +244,6 @@ def _load_state_dict(key: str, target: Any, tree: Any, **kwargs: Any) -> None:
         target.load_state_dict(tree, **kwargs)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise StateMismatchError(
-            f"{key!r}: {type(target).__name__}.load_state_dict refused the checkpoint's state: {exc}"
+            f"{key!r}: {type(target).__name__}.load_state_dict refused the checkpoint's state: "
+            f"{exc}"
         ) from exc

@@ -99,7 +99,8 @@ class CheckpointManager:
         self.backend = open_url(url)
         self.retention = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
         self.local_retention = RetentionPolicy(
-            keep_last=keep_last_local if keep_last_local is not None else keep_last, keep_every=keep_every
+            keep_last=keep_last_local if keep_last_local is not None else keep_last,
+            keep_every=keep_every,
         )
         self.coordinator = resolve_coordinator(coordinator, self.backend.url)
         self.every_steps = every_steps
@@ -127,7 +128,9 @@ class CheckpointManager:
 
     # -- restore -----------------------------------------------------------------------
 
-    def restore(self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True) -> int | None:
+    def restore(
+        self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True
+    ) -> int | None:
         """Load the newest committed checkpoint that verifies into ``state``.
 
         Falls back to older committed steps when the newest fails verification, logging
@@ -138,7 +141,9 @@ class CheckpointManager:
         """
         full = self._with_rng(state)
         try:
-            report = restore(full, self.backend, step=step, strict=strict, options=self.load_options)
+            report = restore(
+                full, self.backend, step=step, strict=strict, options=self.load_options
+            )
         except CheckpointNotFoundError:
             if step is not None:
                 raise
@@ -165,7 +170,11 @@ class CheckpointManager:
         With several ranks, the decision is agreed in one small all-reduce per call: a
         save happens when it is due on any rank and is skipped when any rank is busy.
         """
-        due, busy, preempted = self._due(step), self._snapshotter.busy(), self._preempted is not None
+        due, busy, preempted = (
+            self._due(step),
+            self._snapshotter.busy(),
+            self._preempted is not None,
+        )
         if self.coordinator.world_size > 1:
             due, busy, preempted = self.coordinator.any_rank([due, busy, preempted])
         if preempted:

@@ -47,7 +47,12 @@ def _pack() -> torch.Tensor:
     _, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     cuda = _cuda_states()
     head = _HEAD.pack(
-        py_version, py_gauss is not None, py_gauss or 0.0, int(np_pos), int(np_has_gauss), float(np_gauss),
+        py_version,
+        py_gauss is not None,
+        py_gauss or 0.0,
+        int(np_pos),
+        int(np_has_gauss),
+        float(np_gauss),
         len(cuda),
     )
     parts = [
@@ -62,13 +67,17 @@ def _pack() -> torch.Tensor:
 
 def _unpack(blob: torch.Tensor) -> None:
     data = blob.numpy().tobytes()
-    py_version, py_has_gauss, py_gauss, np_pos, np_has_gauss, np_gauss, cuda_count = _HEAD.unpack_from(data)
+    py_version, py_has_gauss, py_gauss, np_pos, np_has_gauss, np_gauss, cuda_count = (
+        _HEAD.unpack_from(data)
+    )
     at = _HEAD.size
     torch.set_rng_state(blob[at : at + _TORCH_BYTES].clone())
     at += _TORCH_BYTES
     py_internal = np.frombuffer(data, dtype=np.uint32, count=_PY_WORDS, offset=at)
     at += _PY_WORDS * 4
-    random.setstate((py_version, tuple(int(v) for v in py_internal), py_gauss if py_has_gauss else None))
+    random.setstate(
+        (py_version, tuple(int(v) for v in py_internal), py_gauss if py_has_gauss else None)
+    )
     np_keys = np.frombuffer(data, dtype=np.uint32, count=_NP_WORDS, offset=at).copy()
     at += _NP_WORDS * 4
     np.random.set_state(("MT19937", np_keys, np_pos, np_has_gauss, np_gauss))
@@ -102,9 +111,18 @@ class RNGState:
             if self._saved_world != world and rank == 0:
                 log.warning(
                     "RNG states were saved by %d ranks and are restored on %d: rank r takes the "
-                    "states of rank r %% %d", self._saved_world, world, self._saved_world,
+                    "states of rank r %% %d",
+                    self._saved_world,
+                    world,
+                    self._saved_world,
                 )
-            return {"per_rank": ShardedTensor(torch.empty_like(blob).unsqueeze(0), (self._saved_world, blob.numel()), (source, 0))}
+            return {
+                "per_rank": ShardedTensor(
+                    torch.empty_like(blob).unsqueeze(0),
+                    (self._saved_world, blob.numel()),
+                    (source, 0),
+                )
+            }
         return {"per_rank": ShardedTensor(blob.unsqueeze(0), (world, blob.numel()), (rank, 0))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -43,5 +43,8 @@ class ModelOptimizerState:
             set_model_state_dict(self.model, state["model"])
             return
         set_state_dict(
-            self.model, self.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            self.model,
+            self.optimizers,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
         )

@@ -70,7 +70,9 @@ def plan_load(
             continue
         # Modules define their full state; other objects may lack state they had when saved.
         allow_new = not isinstance(value, (nn.Module, torch.Tensor, ShardedTensor))
-        plan.trees[key] = _merge(stored_tree[key], state_tree(value), key, stored_tensors, plan, allow_new)
+        plan.trees[key] = _merge(
+            stored_tree[key], state_tree(value), key, stored_tensors, plan, allow_new
+        )
     plan.unexpected.extend(k for k in stored_tree if k not in state)
     problems = []
     if plan.mismatched:
@@ -81,7 +83,8 @@ def plan_load(
         problems.append("in the checkpoint but not in the state: " + ", ".join(plan.unexpected))
     if problems:
         raise StateMismatchError(
-            "the state does not match the checkpoint — " + " | ".join(problems)
+            "the state does not match the checkpoint — "
+            + " | ".join(problems)
             + " (pass strict=False to ignore keys present on one side only)"
         )
     return plan
@@ -102,7 +105,9 @@ def _merge(
     if isinstance(stored, dict) and (TENSOR_REF in stored or NDARRAY_REF in stored):
         name = stored.get(TENSOR_REF, stored.get(NDARRAY_REF))
         if not isinstance(name, str) or name not in stored_tensors:
-            plan.mismatched.append(f"{path!r} refers to tensor {name!r}, which the checkpoint lacks")
+            plan.mismatched.append(
+                f"{path!r} refers to tensor {name!r}, which the checkpoint lacks"
+            )
             return None
         dtype, shape = stored_tensors[name]
         geometry = local_geometry(target) if target is not _ABSENT else None
@@ -111,7 +116,10 @@ def _merge(
                 plan.unexpected.append(path)
                 return _DROP
             if target is not _ABSENT and not allow_new:
-                plan.mismatched.append(f"{path!r} is a tensor in the checkpoint but {type(target).__name__} in the state")
+                plan.mismatched.append(
+                    f"{path!r} is a tensor in the checkpoint but {type(target).__name__} in the "
+                    "state"
+                )
                 return None
             tensor = torch.empty(shape, dtype=torch_dtype(dtype))
             plan.destinations.append(Destination(name, tensor, Box.full(shape)))
@@ -119,16 +127,22 @@ def _merge(
         local, global_shape, box, _ = geometry
         problems = []
         if tuple(global_shape) != tuple(shape):
-            problems.append(f"shape {list(shape)} in the checkpoint vs {list(global_shape)} in the state")
+            problems.append(
+                f"shape {list(shape)} in the checkpoint vs {list(global_shape)} in the state"
+            )
         if dtype_name(local.dtype) != dtype:
-            problems.append(f"dtype {dtype} in the checkpoint vs {dtype_name(local.dtype)} in the state")
+            problems.append(
+                f"dtype {dtype} in the checkpoint vs {dtype_name(local.dtype)} in the state"
+            )
         if problems:
             plan.mismatched.append(f"{path!r}: " + ", ".join(problems))
             return target
         plan.destinations.append(Destination(name, local, box))
         return target
     if not allow_new and target is not _ABSENT and local_geometry(target) is not None:
-        plan.mismatched.append(f"{path!r} is a tensor in the state but a {type(stored).__name__} in the checkpoint")
+        plan.mismatched.append(
+            f"{path!r} is a tensor in the state but a {type(stored).__name__} in the checkpoint"
+        )
         return target
     if isinstance(stored, dict) and TUPLE_REF in stored:
         items = stored[TUPLE_REF]
@@ -136,24 +150,36 @@ def _merge(
             raise _malformed(path, stored)
         target_items = target if isinstance(target, (tuple, list)) else None
         return tuple(
-            _merge(v, target_items[i] if target_items is not None and i < len(target_items) else _ABSENT,
-                   join_path(path, i), stored_tensors, plan, allow_new)
+            _merge(
+                v,
+                target_items[i] if target_items is not None and i < len(target_items) else _ABSENT,
+                join_path(path, i),
+                stored_tensors,
+                plan,
+                allow_new,
+            )
             for i, v in enumerate(items)
         )
     if isinstance(stored, dict) and ITEMS_REF in stored:
         pairs = stored[ITEMS_REF]
         if not isinstance(pairs, list) or not all(
-            isinstance(p, list) and len(p) == 2 and (p[0] is None or isinstance(p[0], (str, int, float)))
+            isinstance(p, list)
+            and len(p) == 2
+            and (p[0] is None or isinstance(p[0], (str, int, float)))
             for p in pairs
         ):
             raise _malformed(path, stored)
         target_map = target if isinstance(target, Mapping) else {}
         out = {}
         for k, v in stored[ITEMS_REF]:
-            merged = _merge(v, target_map.get(k, _ABSENT), join_path(path, k), stored_tensors, plan, allow_new)
+            merged = _merge(
+                v, target_map.get(k, _ABSENT), join_path(path, k), stored_tensors, plan, allow_new
+            )
             if merged is not _DROP:
                 out[k] = merged
-        _note_missing(target_map, stored_keys=[k for k, _ in stored[ITEMS_REF]], path=path, plan=plan)
+        _note_missing(
+            target_map, stored_keys=[k for k, _ in stored[ITEMS_REF]], path=path, plan=plan
+        )
         return out
     if isinstance(stored, dict) and BYTES_REF in stored:
         try:
@@ -171,7 +197,9 @@ def _merge(
         target_map = target if isinstance(target, Mapping) else {}
         out = {}
         for k, v in stored.items():
-            merged = _merge(v, target_map.get(k, _ABSENT), join_path(path, k), stored_tensors, plan, allow_new)
+            merged = _merge(
+                v, target_map.get(k, _ABSENT), join_path(path, k), stored_tensors, plan, allow_new
+            )
             if merged is not _DROP:
                 out[k] = merged
         _note_missing(target_map, stored_keys=list(stored), path=path, plan=plan)
@@ -179,8 +207,14 @@ def _merge(
     if isinstance(stored, list):
         target_items = target if isinstance(target, (list, tuple)) else None
         return [
-            _merge(v, target_items[i] if target_items is not None and i < len(target_items) else _ABSENT,
-                   join_path(path, i), stored_tensors, plan, allow_new)
+            _merge(
+                v,
+                target_items[i] if target_items is not None and i < len(target_items) else _ABSENT,
+                join_path(path, i),
+                stored_tensors,
+                plan,
+                allow_new,
+            )
             for i, v in enumerate(stored)
         ]
     return stored
@@ -189,11 +223,14 @@ def _merge(
 def _malformed(path: str, stored: Any) -> CorruptCheckpointError:
     text = repr(stored)
     return CorruptCheckpointError(
-        f"the checkpoint's state tree is malformed at {path!r}: {text[:80]}{'...' if len(text) > 80 else ''}"
+        f"the checkpoint's state tree is malformed at {path!r}: "
+        f"{text[:80]}{'...' if len(text) > 80 else ''}"
     )
 
 
-def _note_missing(target: Mapping[Any, Any], *, stored_keys: list[Any], path: str, plan: LoadPlan) -> None:
+def _note_missing(
+    target: Mapping[Any, Any], *, stored_keys: list[Any], path: str, plan: LoadPlan
+) -> None:
     known = set(stored_keys)
     for k, v in target.items():
         if k not in known and local_geometry(v) is not None:

@@ -41,7 +41,14 @@ from ckpt.format import (
 from recovery import Destination, Loader, candidates
 from storage_backends import StorageBackend
 
-__all__ = ["ConvertResult", "export_safetensors", "export_torch", "open_manifest", "relayout", "split_box"]
+__all__ = [
+    "ConvertResult",
+    "export_safetensors",
+    "export_torch",
+    "open_manifest",
+    "relayout",
+    "split_box",
+]
 
 Progress = Callable[[int, int, str], None]  # bytes done, bytes total, what
 
@@ -61,7 +68,10 @@ def open_manifest(backend: StorageBackend, step: int | None) -> Manifest:
 
 
 def split_box(shape: Sequence[int], parts: int, index: int, dim: int) -> Box:
-    """Region ``index`` of ``parts`` along ``dim`` (torch.chunk sizes; trailing parts may be empty)."""
+    """Region ``index`` of ``parts`` along ``dim``.
+
+    Sizes follow torch.chunk; trailing parts may be empty.
+    """
     if not shape:
         return Box((), ())
     size = shape[dim]
@@ -107,15 +117,24 @@ class _OfflineRanks:
         return list(flags)
 
     def commit(
-        self, backend: StorageBackend, step: int, index: ShardIndex, *, chunk_bytes: int,
+        self,
+        backend: StorageBackend,
+        step: int,
+        index: ShardIndex,
+        *,
+        chunk_bytes: int,
         user_metadata: Mapping[str, Any],
     ) -> Manifest | None:
         self._indexes.append(index)
         if len(self._indexes) < self._world:
             return None
         manifest = merge_indexes(
-            step=step, generation=self.generation, world_size=self._world, chunk_bytes=chunk_bytes,
-            indexes=self._indexes, user_metadata=user_metadata,
+            step=step,
+            generation=self.generation,
+            world_size=self._world,
+            chunk_bytes=chunk_bytes,
+            indexes=self._indexes,
+            user_metadata=user_metadata,
         )
         publish(backend, manifest)
         return manifest
@@ -167,8 +186,11 @@ def relayout(
                 per_rank[name] = box
         boxes[rank] = per_rank
     descriptions = [
-        [PieceInfo(n, b.offsets, b.lengths, b.numel * element_size(manifest.tensors[n].dtype))
-         for n, b in boxes[r].items() if b.numel]
+        [
+            PieceInfo(n, b.offsets, b.lengths, b.numel * element_size(manifest.tensors[n].dtype))
+            for n, b in boxes[r].items()
+            if b.numel
+        ]
         for r in range(world_size)
     ]
     ranks = _OfflineRanks(world_size, descriptions)
@@ -187,8 +209,15 @@ def relayout(
                 done += local.numel() * local.element_size()
                 progress(done, total, f"rank {rank}/{world_size}: {name}")
             pending = engine.save_flat(
-                tensors, manifest.state, dst, manifest.step, ranks,
-                user_metadata={**manifest.user_metadata, "converted_from": f"{src.url} step {manifest.step}"},
+                tensors,
+                manifest.state,
+                dst,
+                manifest.step,
+                ranks,
+                user_metadata={
+                    **manifest.user_metadata,
+                    "converted_from": f"{src.url} step {manifest.step}",
+                },
             )
             pending.result()
     finally:
@@ -203,7 +232,7 @@ def _selected(manifest: Manifest, prefix: str | None) -> list[tuple[str, str]]:
         if prefix:
             if not name.startswith(prefix):
                 continue
-            out.append((name, name[len(prefix):]))
+            out.append((name, name[len(prefix) :]))
         else:
             out.append((name, name))
     if not out:
@@ -220,7 +249,10 @@ def export_safetensors(
     max_shard_bytes: int | None = None,
     progress: Progress = _no_progress,
 ) -> ConvertResult:
-    """Consolidate ``step`` into safetensors file(s) at ``path`` (a file, or a directory when sharded)."""
+    """Consolidate ``step`` into safetensors file(s) at ``path``.
+
+    ``path`` is a file, or a directory when the export is sharded.
+    """
     manifest = open_manifest(src, step)
     loader = Loader(src, manifest)
     names = _selected(manifest, prefix)
@@ -239,14 +271,18 @@ def export_safetensors(
     else:
         os.makedirs(target, exist_ok=True)
         file_paths = [
-            os.path.join(target, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors") for i in range(len(groups))
+            os.path.join(target, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors")
+            for i in range(len(groups))
         ]
     total = sum(manifest.tensors[s].nbytes for s, _ in names)
     done = 0
     weight_map: dict[str, str] = {}
     for group, file_path in zip(groups, file_paths):
         header = safetensors_header(
-            [(exported, manifest.tensors[stored].dtype, manifest.tensors[stored].shape) for stored, exported in group],
+            [
+                (exported, manifest.tensors[stored].dtype, manifest.tensors[stored].shape)
+                for stored, exported in group
+            ],
             {"format": "pt", "source": f"ckpt step {manifest.step}"},
         )
         weight_map.update((exported, os.path.basename(file_path)) for _, exported in group)

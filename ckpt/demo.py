@@ -55,7 +55,10 @@ def _build(world: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
 
 
 def _samples(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples ``first .. first+count-1`` of the synthetic data set (a function of the index only)."""
+    """Samples ``first .. first+count-1`` of the synthetic data set.
+
+    Each sample is a function of its index only.
+    """
     xs, ys = [], []
     for index in range(first, first + count):
         g = torch.Generator().manual_seed(10_000 + index)
@@ -96,9 +99,17 @@ def worker(args: argparse.Namespace) -> None:
     model, optimizer, scheduler = _build(world)
     torch.manual_seed(1 + rank)
     data = {"next_sample": 0, "next_step": 1}
-    state: dict[str, Any] = {"train": ModelOptimizerState(model, optimizer), "scheduler": scheduler, "data": data}
+    state: dict[str, Any] = {
+        "train": ModelOptimizerState(model, optimizer),
+        "scheduler": scheduler,
+        "data": data,
+    }
     mgr = CheckpointManager(
-        args.root, every_steps=args.every, keep_last=3, include_rng=True, if_busy="wait",
+        args.root,
+        every_steps=args.every,
+        keep_last=3,
+        include_rng=True,
+        if_busy="wait",
         coordinator=args.coordinator,
     )
     restored = mgr.restore(state)
@@ -141,10 +152,18 @@ def _append_results(mgr: Any, report: str, reported: int) -> int:
     if len(history) > reported:
         with open(report, "a") as f:
             for r in history[reported:]:
-                f.write(json.dumps({
-                    "step": r.step, "stall": r.stall_seconds, "persist": r.persist_seconds,
-                    "commit": r.commit_seconds, "bytes": r.bytes_written,
-                }) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": r.step,
+                            "stall": r.stall_seconds,
+                            "persist": r.persist_seconds,
+                            "commit": r.commit_seconds,
+                            "bytes": r.bytes_written,
+                        }
+                    )
+                    + "\n"
+                )
     return len(history)
 
 
@@ -174,11 +193,28 @@ class _Launcher:
         self.report = workdir / "saves.jsonl"
 
     def command(
-        self, nproc: int, root: Path, out: Path, *, stop_at: int, save: bool = True, max_restarts: int = 0
+        self,
+        nproc: int,
+        root: Path,
+        out: Path,
+        *,
+        stop_at: int,
+        save: bool = True,
+        max_restarts: int = 0,
     ) -> list[str]:
         worker_args = [
-            "-m", "ckpt.demo", "--root", str(root), "--every", str(self.every), "--stop-at", str(stop_at),
-            "--out", str(out), "--report", str(self.report),
+            "-m",
+            "ckpt.demo",
+            "--root",
+            str(root),
+            "--every",
+            str(self.every),
+            "--stop-at",
+            str(stop_at),
+            "--out",
+            str(out),
+            "--report",
+            str(self.report),
         ]
         if self.coordinator:
             worker_args += ["--coordinator", self.coordinator]
@@ -189,9 +225,22 @@ class _Launcher:
         # The c10d rendezvous, not the static one (--master-addr/--master-port): with the
         # static one, about half of the restarts (--max-restarts) time out in gloo's connect.
         return [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-            "--rdzv-id", f"ckpt-demo-{os.getpid()}", "--max-restarts", str(max_restarts), *worker_args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{_free_port()}",
+            "--rdzv-id",
+            f"ckpt-demo-{os.getpid()}",
+            "--max-restarts",
+            str(max_restarts),
+            *worker_args,
         ]
 
     def run(self, cmd: list[str]) -> str:
@@ -203,15 +252,27 @@ class _Launcher:
 
 def _env() -> dict[str, str]:
     # Without it, torchrun restarts reuse stale gloo addresses from the shared rendezvous store.
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
 
 
-def _run_and_kill(cmd: list[str], victim_rank: int, event: str, at_step: int, *, keep_reading: bool) -> tuple[int, list[str]]:
+def _run_and_kill(
+    cmd: list[str], victim_rank: int, event: str, at_step: int, *, keep_reading: bool
+) -> tuple[int, list[str]]:
     """Run ``cmd``; SIGKILL ``victim_rank`` when it reports ``event`` ("step" or "saving") at
     ``at_step``. Returns the exit status and the lines printed after the kill (when
     ``keep_reading``, e.g. by workers that torchrun restarted)."""
     child = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+        start_new_session=True,
     )
     assert child.stdout is not None
     after: list[str] = []
@@ -221,8 +282,13 @@ def _run_and_kill(cmd: list[str], victim_rank: int, event: str, at_step: int, *,
             after.append(line.rstrip("\n"))
             continue
         parts = line.split()
-        if (len(parts) == 6 and parts[0] == "rank" and int(parts[1]) == victim_rank
-                and parts[4] == event and int(parts[5]) == at_step):
+        if (
+            len(parts) == 6
+            and parts[0] == "rank"
+            and int(parts[1]) == victim_rank
+            and parts[4] == event
+            and int(parts[5]) == at_step
+        ):
             os.kill(int(parts[3]), signal.SIGKILL)
             killed = True
             if not keep_reading:
@@ -234,14 +300,24 @@ def _run_and_kill(cmd: list[str], victim_rank: int, event: str, at_step: int, *,
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     if not killed:
-        raise RuntimeError(f"rank {victim_rank} never reported {event} {at_step}; nothing was killed")
+        raise RuntimeError(
+            f"rank {victim_rank} never reported {event} {at_step}; nothing was killed"
+        )
     return child.returncode, after
 
 
 def run_demo(
-    workdir: str, *, steps: int = 40, every: int = 5, nproc: int = 1, resume_nproc: int | None = None,
-    coordinator: str | None = None, seed: int | None = None, kill_during: str = "step",
-    torchrun_restarts: bool = False, echo: Any = print,
+    workdir: str,
+    *,
+    steps: int = 40,
+    every: int = 5,
+    nproc: int = 1,
+    resume_nproc: int | None = None,
+    coordinator: str | None = None,
+    seed: int | None = None,
+    kill_during: str = "step",
+    torchrun_restarts: bool = False,
+    echo: Any = print,
 ) -> DemoResult:
     """Run the whole demo and return what happened; ``echo`` prints progress lines.
 
@@ -264,7 +340,9 @@ def run_demo(
     else:
         crash_step = rng.randint(2 * every + 1, steps - 2)
     if torchrun_restarts and (nproc == 1 or resume_nproc not in (None, nproc)):
-        raise ValueError("torchrun restarts need --nproc > 1 and the same world size after the crash")
+        raise ValueError(
+            "torchrun restarts need --nproc > 1 and the same world size after the crash"
+        )
     base = Path(workdir)
     if base.exists():
         shutil.rmtree(base)
@@ -272,13 +350,21 @@ def run_demo(
     launcher = _Launcher(base, steps, every, coordinator)
     root = base / "ckpts"
 
-    echo(f"[1/4] training {steps} steps on {nproc} rank(s), async checkpoint every {every} steps -> {root}")
+    echo(
+        f"[1/4] training {steps} steps on {nproc} rank(s), async checkpoint every {every} steps -> "
+        f"{root}"
+    )
     victim_rank = nproc - 1
     event = "saving" if kill_during == "save" else "step"
     if torchrun_restarts:
-        cmd = launcher.command(nproc, root, base / "final.safetensors", stop_at=steps, max_restarts=1)
+        cmd = launcher.command(
+            nproc, root, base / "final.safetensors", stop_at=steps, max_restarts=1
+        )
         status, after = _run_and_kill(cmd, victim_rank, event, crash_step, keep_reading=True)
-        echo(f"[2/4] SIGKILLed rank {victim_rank} at {event} {crash_step}; torchrun restarted the job")
+        echo(
+            f"[2/4] SIGKILLed rank {victim_rank} at {event} {crash_step}; torchrun restarted the "
+            "job"
+        )
         if status != 0:
             raise RuntimeError(f"the job restarted by torchrun failed (exit status {status})")
         out = "\n".join(after)
@@ -286,14 +372,23 @@ def run_demo(
     else:
         cmd = launcher.command(nproc, root, base / "unused.safetensors", stop_at=steps)
         status, _ = _run_and_kill(cmd, victim_rank, event, crash_step, keep_reading=False)
-        echo(f"[2/4] SIGKILLed rank {victim_rank} at {event} {crash_step}; the job died (exit status {status})")
+        echo(
+            f"[2/4] SIGKILLed rank {victim_rank} at {event} {crash_step}; the job died (exit "
+            f"status {status})"
+        )
         committed = scan_steps(LocalBackend(root)).committed
         committed_before = committed[-1] if committed else None
-        out = launcher.run(launcher.command(resume_nproc, root, base / "final.safetensors", stop_at=steps))
-    restored_line = next((ln for ln in out.splitlines() if ln.startswith("restored")), "restored None")
+        out = launcher.run(
+            launcher.command(resume_nproc, root, base / "final.safetensors", stop_at=steps)
+        )
+    restored_line = next(
+        (ln for ln in out.splitlines() if ln.startswith("restored")), "restored None"
+    )
     restored = None if restored_line.split()[1] == "None" else int(restored_line.split()[1])
     how = "restarted by torchrun" if torchrun_restarts else "relaunched"
-    echo(f"[3/4] {how} on {resume_nproc} rank(s): restored step {restored}, trained to step {steps}")
+    echo(
+        f"[3/4] {how} on {resume_nproc} rank(s): restored step {restored}, trained to step {steps}"
+    )
 
     # The reference never fails. On one world size it is a single run; when the resume
     # reshards, it reaches the restored step on the original world size, saves there and
@@ -301,19 +396,36 @@ def run_demo(
     ref_root = base / "reference"
     saves_seen = launcher.report.read_text() if launcher.report.exists() else ""
     if restored is not None and resume_nproc != nproc:
-        launcher.run(launcher.command(nproc, ref_root, base / "ref-mid.safetensors", stop_at=restored))
-        launcher.run(launcher.command(resume_nproc, ref_root, base / "reference.safetensors", stop_at=steps, save=False))
+        launcher.run(
+            launcher.command(nproc, ref_root, base / "ref-mid.safetensors", stop_at=restored)
+        )
+        launcher.run(
+            launcher.command(
+                resume_nproc, ref_root, base / "reference.safetensors", stop_at=steps, save=False
+            )
+        )
     else:
-        launcher.run(launcher.command(resume_nproc, ref_root, base / "reference.safetensors", stop_at=steps, save=False))
+        launcher.run(
+            launcher.command(
+                resume_nproc, ref_root, base / "reference.safetensors", stop_at=steps, save=False
+            )
+        )
     launcher.report.write_text(saves_seen)
     expected = load_file(str(base / "reference.safetensors"))
     got = load_file(str(base / "final.safetensors"))
-    identical = expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    echo(f"[4/4] compared with a run without failure: {'bit-identical' if identical else 'DIFFERENT'}")
+    identical = expected.keys() == got.keys() and all(
+        torch.equal(expected[k], got[k]) for k in expected
+    )
+    echo(
+        "[4/4] compared with a run without failure: "
+        f"{'bit-identical' if identical else 'DIFFERENT'}"
+    )
     if committed_before is not None and restored != committed_before:
         echo(f"      note: newest committed step was {committed_before}, restore chose {restored}")
     saves = [json.loads(line) for line in saves_seen.splitlines() if line]
-    return DemoResult(nproc, resume_nproc, crash_step, restored, identical, saves, time.perf_counter() - t0)
+    return DemoResult(
+        nproc, resume_nproc, crash_step, restored, identical, saves, time.perf_counter() - t0
+    )
 
 
 def _main() -> None:

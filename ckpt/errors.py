@@ -29,7 +29,9 @@ class ChecksumMismatchError(CorruptCheckpointError):
         byte_range: first and last byte (inclusive) of the chunk in the file.
     """
 
-    def __init__(self, message: str, *, file: str, tensor: str, byte_range: tuple[int, int]) -> None:
+    def __init__(
+        self, message: str, *, file: str, tensor: str, byte_range: tuple[int, int]
+    ) -> None:
         super().__init__(message)
         self.file = file
         self.tensor = tensor

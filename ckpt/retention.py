@@ -105,6 +105,8 @@ def remove_unreferenced(backend: StorageBackend, manifest: Manifest) -> list[str
     if stale or unfinished:
         log.info(
             "committed step %d: removed %d stale files and %d unfinished writes",
-            manifest.step, len(stale), unfinished,
+            manifest.step,
+            len(stale),
+            unfinished,
         )
     return stale

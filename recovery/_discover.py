@@ -100,7 +100,9 @@ def candidates(backend: StorageBackend, step: int | None = None) -> Iterator[Can
         if not found_any:
             if last_error is not None:
                 raise last_error
-            raise CheckpointNotFoundError(f"step {step} is not a committed checkpoint under {backend.url}")
+            raise CheckpointNotFoundError(
+                f"step {step} is not a committed checkpoint under {backend.url}"
+            )
         return
     per_tier = [(tier, set(committed_steps(tier))) for tier in tiers]
     for found in sorted(set().union(*(steps for _, steps in per_tier)), reverse=True):

@@ -126,7 +126,9 @@ def _bytes_view(tensor: torch.Tensor) -> memoryview:
 class Loader:
     """Fills target tensors from one committed checkpoint."""
 
-    def __init__(self, backend: StorageBackend, manifest: Manifest, options: LoadOptions | None = None) -> None:
+    def __init__(
+        self, backend: StorageBackend, manifest: Manifest, options: LoadOptions | None = None
+    ) -> None:
         self._backend = backend
         self._manifest = manifest
         self._options = options or LoadOptions()
@@ -137,7 +139,9 @@ class Loader:
         start = time.perf_counter()
         requests = self._plan(destinations)
         jobs = self._jobs(requests, destinations)
-        needed = sum(r.region.numel * element_size(self._manifest.tensors[r.tensor].dtype) for r in requests)
+        needed = sum(
+            r.region.numel * element_size(self._manifest.tensors[r.tensor].dtype) for r in requests
+        )
         read = sum(j.end - j.start for j in jobs)
         # Largest first keeps the threads busy until the end.
         jobs.sort(key=lambda j: j.start - j.end)
@@ -170,7 +174,11 @@ class Loader:
                     c1 = min(c0 + per_request, len(bounds))
                     s0 = bounds[c0][0]
                     s1 = bounds[c1 - 1][0] + bounds[c1 - 1][1]
-                    segments.append(_Segment(name, piece, c0, c1, [], piece.byte_offset + s0, piece.byte_offset + s1))
+                    segments.append(
+                        _Segment(
+                            name, piece, c0, c1, [], piece.byte_offset + s0, piece.byte_offset + s1
+                        )
+                    )
         jobs = self._coalesce(segments)
         with ThreadPoolExecutor(self._options.io_threads, thread_name_prefix="ckpt-verify") as pool:
             for future in [pool.submit(self._run, job, ()) for job in jobs]:
@@ -179,15 +187,17 @@ class Loader:
         return LoadStats(self._manifest.total_bytes, read, len(jobs), time.perf_counter() - start)
 
     def _plan(self, destinations: Sequence[Destination]) -> list[ReadRequest]:
-        by_tensor: dict[str, list[tuple[int, object]]] = defaultdict(list)
+        by_tensor: dict[str, list[tuple[int, Box]]] = defaultdict(list)
         for i, dest in enumerate(destinations):
             entry = self._manifest.tensors.get(dest.name)
             if entry is None:
-                raise StateMismatchError(f"tensor {dest.name!r} is not in checkpoint step {self._manifest.step}")
+                raise StateMismatchError(
+                    f"tensor {dest.name!r} is not in checkpoint step {self._manifest.step}"
+                )
             by_tensor[dest.name].append((i, dest.box))
         requests: list[ReadRequest] = []
         for name, targets in by_tensor.items():
-            requests.extend(plan_reads(name, self._manifest.tensors[name], targets))  # type: ignore[arg-type]
+            requests.extend(plan_reads(name, self._manifest.tensors[name], targets))
         return requests
 
     def _jobs(self, requests: list[ReadRequest], destinations: Sequence[Destination]) -> list[_Job]:
@@ -199,7 +209,9 @@ class Loader:
             raw_length = piece.box.numel * element_size(self._manifest.tensors[req.tensor].dtype)
             direct = self._direct_view(req, raw_length, destinations)
             c0 = req.raw_start // chunk
-            c1 = min(math.ceil((req.raw_start + req.raw_length) / chunk), math.ceil(raw_length / chunk))
+            c1 = min(
+                math.ceil((req.raw_start + req.raw_length) / chunk), math.ceil(raw_length / chunk)
+            )
             if direct is not None:
                 jobs.extend(self._direct_jobs(req, direct, raw_length))
                 continue
@@ -210,7 +222,12 @@ class Loader:
                 s0 = bounds[c0][0]
                 s1 = bounds[c1 - 1][0] + bounds[c1 - 1][1]
                 seg = segments[key] = _Segment(
-                    req.tensor, piece, c0, c1, file_start=piece.byte_offset + s0, file_end=piece.byte_offset + s1
+                    req.tensor,
+                    piece,
+                    c0,
+                    c1,
+                    file_start=piece.byte_offset + s0,
+                    file_end=piece.byte_offset + s1,
                 )
             seg.requests.append(req)
         jobs.extend(self._coalesce(list(segments.values())))
@@ -233,13 +250,20 @@ class Loader:
 
     def _direct_jobs(self, req: ReadRequest, target: torch.Tensor, raw_length: int) -> list[_Job]:
         piece = req.piece
-        step = max(self._manifest.chunk_bytes, self._options.max_request_bytes // self._manifest.chunk_bytes * self._manifest.chunk_bytes)
+        step = max(
+            self._manifest.chunk_bytes,
+            self._options.max_request_bytes
+            // self._manifest.chunk_bytes
+            * self._manifest.chunk_bytes,
+        )
         jobs = []
         for lo in range(0, raw_length, step):
             hi = min(lo + step, raw_length)
             c0 = lo // self._manifest.chunk_bytes
             c1 = math.ceil(hi / self._manifest.chunk_bytes)
-            seg = _Segment(req.tensor, piece, c0, c1, [req], piece.byte_offset + lo, piece.byte_offset + hi)
+            seg = _Segment(
+                req.tensor, piece, c0, c1, [req], piece.byte_offset + lo, piece.byte_offset + hi
+            )
             jobs.append(_Job(piece.file, seg.file_start, seg.file_end, [seg], direct=target[lo:hi]))
         return jobs
 
@@ -297,7 +321,8 @@ class Loader:
             if checksum(stored) != expected:
                 first = piece.byte_offset + offset
                 raise ChecksumMismatchError(
-                    f"checksum mismatch in {where} (tensor {seg.tensor!r}, bytes {first}..{first + length - 1}): "
+                    f"checksum mismatch in {where} (tensor {seg.tensor!r}, bytes "
+                    f"{first}..{first + length - 1}): "
                     "the file is corrupt",
                     file=piece.file,
                     tensor=seg.tensor,
@@ -308,14 +333,18 @@ class Loader:
                 try:
                     parts.append(decompress_chunk(stored, raw_chunk))
                 except Exception as exc:
-                    raise CorruptCheckpointError(f"{where}: tensor {seg.tensor!r} chunk {c} does not decompress: {exc}") from exc
+                    raise CorruptCheckpointError(
+                        f"{where}: tensor {seg.tensor!r} chunk {c} does not decompress: {exc}"
+                    ) from exc
         if piece.codec == "zstd":
             return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
         at = piece.byte_offset + bounds[seg.c0][0] - job_start
         end = piece.byte_offset + bounds[seg.c1 - 1][0] + bounds[seg.c1 - 1][1] - job_start
         return torch.from_numpy(np.frombuffer(host[at:end], dtype=np.uint8))
 
-    def _scatter(self, seg: _Segment, raw: torch.Tensor, destinations: Sequence[Destination]) -> None:
+    def _scatter(
+        self, seg: _Segment, raw: torch.Tensor, destinations: Sequence[Destination]
+    ) -> None:
         entry = self._manifest.tensors[seg.tensor]
         dtype = torch_dtype(entry.dtype)
         piece_shape = list(seg.piece.box.lengths)

@@ -73,7 +73,9 @@ class PieceIndex:
         return [p for p in self._pieces[first:last] if p.box.intersect(region) is not None]
 
 
-def plan_reads(name: str, entry: TensorEntry, targets: Sequence[tuple[int, Box]]) -> list[ReadRequest]:
+def plan_reads(
+    name: str, entry: TensorEntry, targets: Sequence[tuple[int, Box]]
+) -> list[ReadRequest]:
     """Read requests that fill every target region of tensor ``name``.
 
     Raises:
@@ -86,7 +88,8 @@ def plan_reads(name: str, entry: TensorEntry, targets: Sequence[tuple[int, Box]]
     for target, region in targets:
         if not region.within(entry.shape):
             raise ReshardError(
-                f"tensor {name!r}: requested region {region} lies outside its shape {list(entry.shape)}"
+                f"tensor {name!r}: requested region {region} lies outside its shape "
+                f"{list(entry.shape)}"
             )
         if region.numel == 0:
             continue
@@ -108,7 +111,8 @@ def plan_reads(name: str, entry: TensorEntry, targets: Sequence[tuple[int, Box]]
         if clash is not None:
             raise CorruptCheckpointError(
                 f"tensor {name!r}: stored pieces overlap at {clash}, so part of region {region} "
-                "would be written twice (and another part, possibly, never); the manifest is inconsistent"
+                "would be written twice (and another part, possibly, never); the manifest is "
+                "inconsistent"
             )
         if covered != region.numel:
             raise ReshardError(

@@ -2,7 +2,9 @@
 # Runs the whole test suite on a fresh machine: creates .venv, installs torch (CPU
 # build 2.13.0 on these machines), the package with its test extra, makes sure a
 # redis-server binary exists (tests start their own servers on free ports), then
-# runs ruff, mypy and pytest. Extra arguments go to pytest (e.g. --full, -k name).
+# runs ruff (lint and format check), mypy (strict, package, tests and benchmarks) and
+# pytest, whose tests/test_layers.py holds the layers contract. Extra arguments go to
+# pytest (e.g. --full, -k name).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,7 @@ fi
 
 echo "== ruff"
 "$VPY" -m ruff check ckpt recovery storage_backends tests benchmarks
+"$VPY" -m ruff format --check ckpt recovery storage_backends tests benchmarks
 echo "== mypy"
 "$VPY" -m mypy
 echo "== pytest"

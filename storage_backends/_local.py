@@ -78,7 +78,9 @@ class _LocalStream:
         self._backend = backend
         self._path = path
         self._final = backend._resolve(path)
-        self._tmp = backend._make_parent(self._final) / f".{self._final.name}{_TMP_MARK}{uuid.uuid4().hex}"
+        self._tmp = (
+            backend._make_parent(self._final) / f".{self._final.name}{_TMP_MARK}{uuid.uuid4().hex}"
+        )
         try:
             self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:

@@ -144,7 +144,8 @@ class S3Backend:
                 return True
             log.warning(
                 "%s ignores If-None-Match: commits use check-then-put; rely on the "
-                "coordinator's fencing against concurrent committers", self.url,
+                "coordinator's fencing against concurrent committers",
+                self.url,
             )
             return False
         finally:
@@ -211,7 +212,9 @@ class S3Backend:
         def get(first: int, last: int) -> Any:
             nonlocal done, etag
             args: dict[str, Any] = {
-                "Bucket": s3.bucket, "Key": key, "Range": f"bytes={first}-{last}"
+                "Bucket": s3.bucket,
+                "Key": key,
+                "Range": f"bytes={first}-{last}",
             }
             if done and etag:
                 # Resuming after a dropped connection: only from the same version of the object.
@@ -308,8 +311,11 @@ class S3Backend:
 
     def _holds_objects(self, key_prefix: str, prefix: str) -> bool:
         s3 = self._s3
-        response = s3.call("listing", prefix, lambda: s3.boto.list_objects_v2(
-            Bucket=s3.bucket, Prefix=key_prefix, MaxKeys=1))
+        response = s3.call(
+            "listing",
+            prefix,
+            lambda: s3.boto.list_objects_v2(Bucket=s3.bucket, Prefix=key_prefix, MaxKeys=1),
+        )
         return bool(response.get("Contents"))
 
     # -- deletes -------------------------------------------------------------------------
@@ -327,7 +333,8 @@ class S3Backend:
                 )
                 # Per-key errors come inside an answer that is itself a success.
                 errors = [
-                    e for e in response.get("Errors", [])
+                    e
+                    for e in response.get("Errors", [])
                     if not issubclass(rule_for(str(e.get("Code") or "")).kind, BlobNotFoundError)
                 ]
                 passing = [e for e in errors if rule_for(str(e.get("Code") or "")).retryable]
@@ -336,8 +343,12 @@ class S3Backend:
                     # batch again, through the retry policy (deleting is idempotent).
                     first = passing[0]
                     raise bce.ClientError(
-                        {"Error": {"Code": str(first.get("Code")),
-                                   "Message": f"{first.get('Message')} (key {first.get('Key')})"}},
+                        {
+                            "Error": {
+                                "Code": str(first.get("Code")),
+                                "Message": f"{first.get('Message')} (key {first.get('Key')})",
+                            }
+                        },
                         "DeleteObjects",
                     )
                 return errors

@@ -37,7 +37,11 @@ T = TypeVar("T")
 
 # Integrity checksums S3 may return per part; the completion must repeat them.
 _PART_CHECKSUMS = (
-    "ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumSHA256", "ChecksumCRC64NVME"
+    "ChecksumCRC32",
+    "ChecksumCRC32C",
+    "ChecksumSHA1",
+    "ChecksumSHA256",
+    "ChecksumCRC64NVME",
 )
 
 _loader_lock = threading.Lock()
@@ -265,7 +269,8 @@ class S3Client:
         key = self.key(path)
         args = self._put_args()
         response = self.call(
-            "starting the upload of", path,
+            "starting the upload of",
+            path,
             lambda: self.boto.create_multipart_upload(Bucket=self.bucket, Key=key, **args),
         )
         return str(response["UploadId"])
@@ -279,8 +284,14 @@ class S3Client:
 
         def call() -> dict[str, Any]:
             body = ViewReader(views)
-            args = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
-                    "PartNumber": number, "Body": body, "ContentLength": len(body)}
+            args = {
+                "Bucket": self.bucket,
+                "Key": key,
+                "UploadId": upload_id,
+                "PartNumber": number,
+                "Body": body,
+                "ContentLength": len(body),
+            }
             if self.config.checksum_algorithm:
                 args["ChecksumAlgorithm"] = self.config.checksum_algorithm
             response = self.boto.upload_part(**args)
@@ -300,7 +311,9 @@ class S3Client:
             tries += 1
             try:
                 self.boto.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
                 )
             except bce.ClientError as exc:
@@ -329,7 +342,8 @@ class S3Client:
         """Abort a multipart upload of ``path`` (by its ``key`` when given)."""
         key = key or self.key(path)
         self.call(
-            "aborting the upload of", path,
+            "aborting the upload of",
+            path,
             lambda: self.boto.abort_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id
             ),

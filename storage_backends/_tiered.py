@@ -35,7 +35,9 @@ class TieredBackend:
         replication_threads: objects copied at once.
     """
 
-    def __init__(self, local: StorageBackend, remote: StorageBackend, *, replication_threads: int = 4) -> None:
+    def __init__(
+        self, local: StorageBackend, remote: StorageBackend, *, replication_threads: int = 4
+    ) -> None:
         self.local = local
         self.remote = remote
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-tier")
@@ -63,7 +65,9 @@ class TieredBackend:
 
     def put_if_absent(self, path: str, data: BytesLike) -> bool:
         if self.remote.exists(path):
-            return False  # committed remotely by someone else (e.g. before this node's disk was lost)
+            return (
+                False  # committed remotely by someone else (e.g. before this node's disk was lost)
+            )
         if not self.local.put_if_absent(path, data):
             return False
         self.replicate(path)
@@ -84,20 +88,32 @@ class TieredBackend:
         directory = posixpath.dirname(commit_path)
         try:
             present_remote = set(self.remote.list_objects(directory)) if directory else set()
-            objects = [p for p in self.local.list_objects(directory) if p != commit_path and p not in present_remote]
+            objects = [
+                p
+                for p in self.local.list_objects(directory)
+                if p != commit_path and p not in present_remote
+            ]
             for future in [self._copiers.submit(self._copy, p) for p in objects]:
                 future.result()
             data = self.local.read(commit_path)
-            if not self.remote.put_if_absent(commit_path, data) and self.remote.read(commit_path) != data:
+            if (
+                not self.remote.put_if_absent(commit_path, data)
+                and self.remote.read(commit_path) != data
+            ):
                 raise StorageBackendError(
-                    f"{commit_path!r} exists on the remote tier with other contents; not replaced", path=commit_path
+                    f"{commit_path!r} exists on the remote tier with other contents; not replaced",
+                    path=commit_path,
                 )
             log.info("replicated %s to %s", directory or commit_path, self.remote.url)
         except BaseException as exc:
             with self._lock:
                 self.failures[commit_path] = exc
-            log.error("replicating %s to %s failed: %s (it stays local-only; retried on the next commit)",
-                      commit_path, self.remote.url, exc)
+            log.error(
+                "replicating %s to %s failed: %s (it stays local-only; retried on the next commit)",
+                commit_path,
+                self.remote.url,
+                exc,
+            )
             raise
 
     def _copy(self, path: str) -> None:
@@ -124,7 +140,9 @@ class TieredBackend:
         """Directories whose commit is local only (queued, running or failed)."""
         with self._lock:
             return sorted(
-                posixpath.dirname(p) for p, f in self._pending.items() if not f.done() or p in self.failures
+                posixpath.dirname(p)
+                for p, f in self._pending.items()
+                if not f.done() or p in self.failures
             )
 
     def wait_replicated(self, timeout: float | None = None) -> None:
@@ -161,7 +179,9 @@ class TieredBackend:
         return sorted(set(self.local.list_objects(prefix)) | set(self.remote.list_objects(prefix)))
 
     def list_prefixes(self, prefix: str = "") -> list[str]:
-        return sorted(set(self.local.list_prefixes(prefix)) | set(self.remote.list_prefixes(prefix)))
+        return sorted(
+            set(self.local.list_prefixes(prefix)) | set(self.remote.list_prefixes(prefix))
+        )
 
     # -- deletes: both tiers ---------------------------------------------------------------
 
@@ -175,9 +195,9 @@ class TieredBackend:
         self.remote.delete_prefix(prefix)
 
     def abort_unfinished(self, prefix: str, older_than_seconds: float = 0.0) -> int:
-        return self.local.abort_unfinished(prefix, older_than_seconds) + self.remote.abort_unfinished(
+        return self.local.abort_unfinished(
             prefix, older_than_seconds
-        )
+        ) + self.remote.abort_unfinished(prefix, older_than_seconds)
 
     def close(self) -> None:
         """Finish queued replications, then release both tiers."""

@@ -11,7 +11,9 @@ from storage_backends._protocol import StorageBackend
 from storage_backends._s3_config import S3Config
 
 
-def open_backend(url: str | os.PathLike[str], *, s3_config: S3Config | None = None) -> StorageBackend:
+def open_backend(
+    url: str | os.PathLike[str], *, s3_config: S3Config | None = None
+) -> StorageBackend:
     """Open the backend for ``url``: a plain path, ``file://`` URL or ``s3://bucket/prefix``.
 
     Args:
@@ -43,5 +45,6 @@ def open_backend(url: str | os.PathLike[str], *, s3_config: S3Config | None = No
 
         return S3Backend(text, s3_config)
     raise StorageBackendError(
-        f"unsupported storage URL scheme {parsed.scheme!r} in {text!r}: use a local path, file:// or s3://"
+        f"unsupported storage URL scheme {parsed.scheme!r} in {text!r}: use a local path, file:// "
+        "or s3://"
     )

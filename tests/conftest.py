@@ -15,7 +15,9 @@ from storage_backends import LocalBackend
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--full", action="store_true", default=False,
+        "--full",
+        action="store_true",
+        default=False,
         help="run the tests marked slow, and the full counts of reduced campaigns",
     )
 

@@ -22,7 +22,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ckpt", "recovery", "storage_backends")
 
-STORAGE, VOCABULARY, SAVE_PATH, READ_PATH, FACE = "storage", "vocabulary", "save path", "read path", "face"
+STORAGE, VOCABULARY, SAVE_PATH, READ_PATH, FACE = (
+    "storage",
+    "vocabulary",
+    "save path",
+    "read path",
+    "face",
+)
 RANK = {STORAGE: 0, VOCABULARY: 1, SAVE_PATH: 2, READ_PATH: 2, FACE: 3}
 
 
@@ -153,7 +159,9 @@ FIRST_IMPORTS = [
 def test_each_package_imports_first_in_a_fresh_interpreter(statement: str) -> None:
     """Python runs a package's ``__init__`` before any submodule: an import cycle shows up
     only when the cycle's other end is imported first, which the suite's own imports hide."""
-    run = subprocess.run([sys.executable, "-c", statement], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", statement], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
 
 

@@ -108,7 +108,8 @@ class ManifestBuilder:
             known = self._tensors.get(name)
             if known is not None and (known.dtype, known.shape) != (entry.dtype, entry.shape):
                 raise CoordinationError(
-                    f"step {self.step}: ranks disagree on tensor {name!r}: {known.dtype}{list(known.shape)} "
+                    f"step {self.step}: ranks disagree on tensor {name!r}: "
+                    f"{known.dtype}{list(known.shape)} "
                     f"vs {entry.dtype}{list(entry.shape)} (rank {report.rank})"
                 )
         self.ranks.add(report.rank)
@@ -139,12 +140,19 @@ class ManifestBuilder:
         """The sealed manifest; ``InvalidStateError`` when the pieces do not cover some tensor."""
         self._check_covered()
         header = manifest_header(
-            step=self.step, generation=generation, world_size=world_size, created_unix=created_unix,
-            chunk_bytes=chunk_bytes, files=dict(sorted(self._files.items())), state=self._state_value(),
-            layout=dict(layout or {}), user_metadata=dict(user_metadata or {}),
+            step=self.step,
+            generation=generation,
+            world_size=world_size,
+            created_unix=created_unix,
+            chunk_bytes=chunk_bytes,
+            files=dict(sorted(self._files.items())),
+            state=self._state_value(),
+            layout=dict(layout or {}),
+            user_metadata=dict(user_metadata or {}),
         )
         return render_manifest(
-            header, ((name, tensor_json(t.dtype, t.shape, t.texts)) for name, t in self._tensors.items())
+            header,
+            ((name, tensor_json(t.dtype, t.shape, t.texts)) for name, t in self._tensors.items()),
         )
 
     def build(
@@ -157,7 +165,10 @@ class ManifestBuilder:
         user_metadata: Mapping[str, Any] | None = None,
         layout: Mapping[str, Any] | None = None,
     ) -> Manifest:
-        """The manifest as objects; ``InvalidStateError`` when the pieces do not tile some tensor."""
+        """The manifest as objects.
+
+        Raises ``InvalidStateError`` when the pieces do not tile some tensor.
+        """
         self._check_covered()
         tensors = {
             name: TensorEntry(t.dtype, t.shape, tuple(t.pieces))
@@ -186,9 +197,12 @@ class ManifestBuilder:
             total = math.prod(parts.shape)
             if parts.tiling.covered != total:
                 raise InvalidStateError(
-                    f"step {self.step}: tensor {name!r} of global shape {list(parts.shape)}: the saved "
-                    f"shards cover {parts.tiling.covered} of {total} elements; each element must be "
-                    "saved by exactly one rank (check ShardedTensor offsets and global_shape). Not committed"
+                    f"step {self.step}: tensor {name!r} of global shape {list(parts.shape)}: the "
+                    "saved "
+                    f"shards cover {parts.tiling.covered} of {total} elements; each element must "
+                    "be "
+                    "saved by exactly one rank (check ShardedTensor offsets and global_shape). Not "
+                    "committed"
                 )
 
 
@@ -207,12 +221,17 @@ def merge_indexes(
     for index in sorted(indexes, key=lambda i: i.rank):
         builder.add(index)
     return builder.build(
-        generation=generation, world_size=world_size, chunk_bytes=chunk_bytes,
-        user_metadata=user_metadata, layout=layout,
+        generation=generation,
+        world_size=world_size,
+        chunk_bytes=chunk_bytes,
+        user_metadata=user_metadata,
+        layout=layout,
     )
 
 
-def _overlap_error(step: int, name: str, shape: tuple[int, ...], first: Box, second: Box) -> InvalidStateError:
+def _overlap_error(
+    step: int, name: str, shape: tuple[int, ...], first: Box, second: Box
+) -> InvalidStateError:
     # The right count can still hide a hole: shards that overlap leave elements unsaved.
     return InvalidStateError(
         f"step {step}: tensor {name!r} of global shape {list(shape)}: saved shards "

@@ -201,13 +201,18 @@ class ProcessGroupCoordinator:
                 with storage_errors(f"reading the abort marker of step {step} under {backend.url}"):
                     reason = backend.read(self._abort_path(step)).decode(errors="replace")
                 raise CoordinationError(
-                    f"step {step} was aborted ({reason}); the previous committed checkpoint stays the newest"
+                    f"step {step} was aborted ({reason}); the previous committed checkpoint stays "
+                    "the newest"
                 )
             if time.monotonic() > deadline:
-                self._write_abort(backend, step, f"ranks {missing} did not report within {self._timeout:.0f} s")
+                self._write_abort(
+                    backend, step, f"ranks {missing} did not report within {self._timeout:.0f} s"
+                )
                 raise CoordinationError(
-                    f"step {step}: ranks {missing} did not report within {self._timeout:.0f} s; the step "
-                    f"is aborted and the previous committed checkpoint under {backend.url} stays the newest"
+                    f"step {step}: ranks {missing} did not report within {self._timeout:.0f} s; "
+                    "the step "
+                    f"is aborted and the previous committed checkpoint under {backend.url} stays "
+                    "the newest"
                 )
             time.sleep(delay)
         indexes = [own]

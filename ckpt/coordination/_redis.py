@@ -114,7 +114,9 @@ class RedisCoordinator:
             self._rank = rank if rank is not None else 0
             self._world = world_size if world_size is not None else 1
         self._link = RedisLink(
-            target.client_url, rank=self._rank, retry_seconds=retry_seconds,
+            target.client_url,
+            rank=self._rank,
+            retry_seconds=retry_seconds,
             client_factory=client_factory,
         )
         if generation is None:
@@ -131,8 +133,11 @@ class RedisCoordinator:
         self._collectors: dict[int, ReportCollector] = {}
         self._attempts: dict[int, int] = {}  # step -> saves begun (the same on every rank)
         self._heartbeat = Heartbeat(
-            self._link, self._keys.heartbeats(generation), rank=self._rank,
-            interval=heartbeat_interval, ttl=heartbeat_ttl,
+            self._link,
+            self._keys.heartbeats(generation),
+            rank=self._rank,
+            interval=heartbeat_interval,
+            ttl=heartbeat_ttl,
         )
         if start_heartbeat:
             self._heartbeat.start()
@@ -250,8 +255,11 @@ class RedisCoordinator:
             self.wait_outcome(step, backend)
             return None
         described: dict[str, Any] = {
-            "generation": self._generation, "world_size": self._world, "chunk_bytes": chunk_bytes,
-            "created_unix": time.time(), "user_metadata": user_metadata,
+            "generation": self._generation,
+            "world_size": self._world,
+            "chunk_bytes": chunk_bytes,
+            "created_unix": time.time(),
+            "user_metadata": user_metadata,
         }
         try:
             builder = self.collect(step, chunk_bytes)
@@ -273,9 +281,18 @@ class RedisCoordinator:
         """A non-committer's data is durable. Returns how many ranks have reported."""
         keys = self._step_keys(step)
         status, detail = self._link.script(
-            "REPORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.wake],
-            [self._generation, self._rank, index_json, self._world, self._ttl, self._inflight_ttl,
-             _SMALLEST_BATCH, self._attempt(step)],
+            "REPORT",
+            [keys.gen, keys.step, keys.ranks, keys.reports, keys.wake],
+            [
+                self._generation,
+                self._rank,
+                index_json,
+                self._world,
+                self._ttl,
+                self._inflight_ttl,
+                _SMALLEST_BATCH,
+                self._attempt(step),
+            ],
             f"reporting step {step}",
         )
         if status != "OK":
@@ -294,7 +311,8 @@ class RedisCoordinator:
         """Committer, before publishing: the generation is still current, the step not aborted."""
         keys = self._step_keys(step)
         status, detail = self._link.script(
-            "CLAIM", [keys.gen, keys.step],
+            "CLAIM",
+            [keys.gen, keys.step],
             [self._generation, self._world, self._ttl, self._attempt(step)],
             f"claiming step {step}",
         )
@@ -306,10 +324,23 @@ class RedisCoordinator:
         keys = self._step_keys(step)
         status, detail = self._link.script(
             "COMMIT",
-            [keys.gen, keys.step, keys.ranks, keys.reports, self._keys.committed, keys.done,
-             keys.wake],
-            [self._generation, step, self._world - 1, self._ttl, self._inflight_ttl,
-             self._attempt(step)],
+            [
+                keys.gen,
+                keys.step,
+                keys.ranks,
+                keys.reports,
+                self._keys.committed,
+                keys.done,
+                keys.wake,
+            ],
+            [
+                self._generation,
+                step,
+                self._world - 1,
+                self._ttl,
+                self._inflight_ttl,
+                self._attempt(step),
+            ],
             f"committing step {step}",
         )
         if status == "FENCED":
@@ -317,7 +348,8 @@ class RedisCoordinator:
             # this writer is a zombie: it must stop (no retention, no further saves).
             log.warning(
                 "step %d committed in storage, but generation %s was superseded in Redis",
-                step, self._generation,
+                step,
+                self._generation,
             )
             raise FencedError(
                 f"job {self.job}: step {step}'s manifest was published, but this writer's "
@@ -335,8 +367,10 @@ class RedisCoordinator:
         client = self._link.client
         while True:
             wait_s = max(0.01, min(slice_s, deadline - time.monotonic()))
-            got = self._link.call(f"waiting for the commit of step {step}",
-                                  partial(client.blpop, [keys.done], timeout=wait_s))
+            got = self._link.call(
+                f"waiting for the commit of step {step}",
+                partial(client.blpop, [keys.done], timeout=wait_s),
+            )
             if got is not None:
                 if got[1] == b"committed":
                     return
@@ -352,8 +386,11 @@ class RedisCoordinator:
             if status != "OK":
                 raise self._refusal(step, status, detail[0] if detail else "")
             if detail[0] == "1":
-                self._give_up(step, "the committer (rank 0) stopped heartbeating while rank "
-                                    f"{self._rank} waited for the commit")
+                self._give_up(
+                    step,
+                    "the committer (rank 0) stopped heartbeating while rank "
+                    f"{self._rank} waited for the commit",
+                )
             if time.monotonic() > deadline:
                 self._give_up(
                     step, f"rank {self._rank} waited {self._timeout:.0f} s for the commit"
@@ -369,9 +406,17 @@ class RedisCoordinator:
         publishing the manifest."""
         keys = self._step_keys(step)
         status, _ = self._link.script(
-            "ABORT", [keys.gen, keys.step, keys.ranks, keys.reports, keys.done, keys.wake],
-            [self._generation, self._world - 1, reason, self._ttl, self._inflight_ttl,
-             "1" if committer else "0", self._attempt(step)],
+            "ABORT",
+            [keys.gen, keys.step, keys.ranks, keys.reports, keys.done, keys.wake],
+            [
+                self._generation,
+                self._world - 1,
+                reason,
+                self._ttl,
+                self._inflight_ttl,
+                "1" if committer else "0",
+                self._attempt(step),
+            ],
             f"aborting step {step}",
         )
         if status == "OK":
@@ -386,11 +431,18 @@ class RedisCoordinator:
     # -- helpers of the steps ----------------------------------------------------------
 
     def _collector(self, step: int, chunk_bytes: int) -> ReportCollector:
-        return ReportCollector(ReportsJob(
-            step=step, chunk_bytes=chunk_bytes, expected=self._world - 1,
-            keys=self._step_keys(step), link=self._link, timeout=self._timeout,
-            check_every=min(1.0, self._hb_ttl / 4), check=partial(self._check_reporters, step),
-        ))
+        return ReportCollector(
+            ReportsJob(
+                step=step,
+                chunk_bytes=chunk_bytes,
+                expected=self._world - 1,
+                keys=self._step_keys(step),
+                link=self._link,
+                timeout=self._timeout,
+                check_every=min(1.0, self._hb_ttl / 4),
+                check=partial(self._check_reporters, step),
+            )
+        )
 
     def _check_reporters(self, step: int, started: float, deadline: float) -> None:
         """The committer, every second while reports are due: the generation, an abort, lost
@@ -402,16 +454,21 @@ class RedisCoordinator:
         if stale or (beating < self._world and time.monotonic() - started > self._hb_ttl):
             lost = self._heartbeat.lost_ranks(self._world)
             if lost:
-                self._give_up(step, f"ranks {lost} stopped heartbeating while rank "
-                                    f"{self._rank} waited for reports", committer=True)
+                self._give_up(
+                    step,
+                    f"ranks {lost} stopped heartbeating while rank {self._rank} waited for reports",
+                    committer=True,
+                )
         if time.monotonic() > deadline:
-            self._give_up(step, f"rank {self._rank} waited {self._timeout:.0f} s for reports",
-                          committer=True)
+            self._give_up(
+                step, f"rank {self._rank} waited {self._timeout:.0f} s for reports", committer=True
+            )
 
     def _watch(self, step: int, whom: str) -> list[str]:
         keys = self._step_keys(step)
         return self._link.script(
-            "WATCH", [keys.gen, keys.step, self._keys.heartbeats(self._generation)],
+            "WATCH",
+            [keys.gen, keys.step, self._keys.heartbeats(self._generation)],
             [self._generation, int(self._hb_ttl * 1000), whom, self._attempt(step)],
             f"checking step {step}",
         )

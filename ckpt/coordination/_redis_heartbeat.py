@@ -81,6 +81,7 @@ class Heartbeat:
         # A rank that never beat counts as lost only once the others have beaten for a TTL.
         since = min(seen.values())
         return sorted(
-            r for r in range(world_size)
+            r
+            for r in range(world_size)
             if (r in seen and now - seen[r] > ttl) or (r not in seen and now - since > ttl)
         )

@@ -61,7 +61,8 @@ class RedisStepIndex:
         if len(merged) > len(steps):
             log.info(
                 "job %s: rebuilt the committed-step index from storage (%d steps)",
-                self._keys.job, len(merged),
+                self._keys.job,
+                len(merged),
             )
         return merged
 

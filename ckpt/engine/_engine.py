@@ -209,8 +209,14 @@ class Snapshotter:
         coordinator.begin(step, self.options.chunk_bytes)
         tensors, tree = flatten(state)
         return self.save_flat(
-            tensors, tree, backend, step, coordinator,
-            user_metadata=user_metadata, on_committed=on_committed, started=start,
+            tensors,
+            tree,
+            backend,
+            step,
+            coordinator,
+            user_metadata=user_metadata,
+            on_committed=on_committed,
+            started=start,
             overlap_writes=overlap_writes,
         )
 
@@ -234,7 +240,9 @@ class Snapshotter:
             min_split_bytes=max(MIN_SPLIT_BYTES, self.options.chunk_bytes),
         )
         mine = plan.boxes_for(coordinator.rank)
-        to_write = [part_of(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine]
+        to_write = [
+            part_of(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine
+        ]
         files, nbytes = plan_files(
             to_write, self.options, generation=coordinator.generation, rank=coordinator.rank
         )
@@ -295,7 +303,12 @@ class Snapshotter:
         log.info(
             "step %d (rank %d): %d bytes durable in %.3fs, committed after %.3fs more "
             "(busiest writer / mean: %.2f)",
-            job.step, job.rank, bytes_written, t1 - t0, t2 - t1, job.imbalance,
+            job.step,
+            job.rank,
+            bytes_written,
+            t1 - t0,
+            t2 - t1,
+            job.imbalance,
         )
         return SaveResult(
             step=job.step,

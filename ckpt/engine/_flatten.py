@@ -74,7 +74,12 @@ class FlatTensor:
 def local_geometry(value: Any) -> tuple[torch.Tensor, tuple[int, ...], Box, bool] | None:
     """(local data, global shape, region, replicated) of a tensor-like value, else None."""
     if isinstance(value, ShardedTensor):
-        return value.local, tuple(value.global_shape), Box(tuple(value.offsets), tuple(value.local.shape)), value.replicated
+        return (
+            value.local,
+            tuple(value.global_shape),
+            Box(tuple(value.offsets), tuple(value.local.shape)),
+            value.replicated,
+        )
     if not isinstance(value, torch.Tensor):
         return None
     dtensor = _dtensor_geometry(value)
@@ -83,7 +88,9 @@ def local_geometry(value: Any) -> tuple[torch.Tensor, tuple[int, ...], Box, bool
     return value, tuple(value.shape), Box.full(value.shape), True
 
 
-def _dtensor_geometry(value: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], Box, bool] | None:
+def _dtensor_geometry(
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[int, ...], Box, bool] | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -108,7 +115,9 @@ def _dtensor_geometry(value: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...
 def state_tree(value: Any) -> Any:
     """The checkpointable tree of one top-level state entry."""
     if isinstance(value, nn.Module) or (
-        hasattr(value, "state_dict") and hasattr(value, "load_state_dict") and not isinstance(value, torch.Tensor)
+        hasattr(value, "state_dict")
+        and hasattr(value, "load_state_dict")
+        and not isinstance(value, torch.Tensor)
     ):
         return value.state_dict()
     return value
@@ -117,7 +126,9 @@ def state_tree(value: Any) -> Any:
 def flatten(state: Mapping[str, Any]) -> tuple[dict[str, FlatTensor], dict[str, Any]]:
     """Split ``state`` into its tensors (by fully-qualified name) and a JSON tree."""
     if not isinstance(state, Mapping):
-        raise InvalidStateError(f"state must be a dict of name -> object, got {type(state).__name__}")
+        raise InvalidStateError(
+            f"state must be a dict of name -> object, got {type(state).__name__}"
+        )
     tensors: dict[str, FlatTensor] = {}
     tree: dict[str, Any] = {}
     for key, value in state.items():
@@ -164,7 +175,9 @@ def _encode(value: Any, path: str, tensors: dict[str, FlatTensor]) -> Any:
         items = []
         for k, v in value.items():
             if not isinstance(k, (str, int, bool, float)) and k is not None:
-                raise InvalidStateError(f"{path!r}: dict key {k!r} of type {type(k).__name__} cannot be stored")
+                raise InvalidStateError(
+                    f"{path!r}: dict key {k!r} of type {type(k).__name__} cannot be stored"
+                )
             items.append([k, _encode(v, join_path(path, k), tensors)])
         return {ITEMS_REF: items}
     if isinstance(value, tuple):

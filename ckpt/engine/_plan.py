@@ -97,7 +97,9 @@ class WritePlan:
         return {key: s.box for key, shares in self.shares.items() for s in shares if s.rank == rank}
 
 
-def assign_writers(per_rank: Sequence[Sequence[PieceInfo]], *, min_split_bytes: int = MIN_SPLIT_BYTES) -> WritePlan:
+def assign_writers(
+    per_rank: Sequence[Sequence[PieceInfo]], *, min_split_bytes: int = MIN_SPLIT_BYTES
+) -> WritePlan:
     """Deterministically share out every distinct piece (same result on every rank).
 
     Args:
@@ -144,7 +146,14 @@ def _share_out(
     if 2 * (piece.lengths[0] - (level - load[least]) // row_bytes) < min_rows:  # it fits
         return (_whole(piece, least),)
     level = max(level, _water_level([load[r] for r in holders], piece.nbytes))
-    counts = _fill(sorted(holders, key=lambda r: (load[r], r)), load, level, piece.lengths[0], row_bytes, min_rows)
+    counts = _fill(
+        sorted(holders, key=lambda r: (load[r], r)),
+        load,
+        level,
+        piece.lengths[0],
+        row_bytes,
+        min_rows,
+    )
     if not counts:
         return (_whole(piece, least),)
     return tuple(_row_ranges(piece, _without_short_tail(counts, min_rows), row_bytes))
@@ -185,7 +194,8 @@ def _fill(
 
 
 def _water_level(loads: list[int], extra: int) -> int:
-    """The smallest level L such that raising every load below L up to L takes ``extra`` bytes or more."""
+    """The smallest level L such that raising every load below L up to L takes
+    ``extra`` bytes or more."""
     ordered = sorted(loads)
     total = extra
     for k, value in enumerate(ordered, start=1):

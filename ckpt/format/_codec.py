@@ -34,7 +34,8 @@ def checksum(*parts: memoryview | bytes | bytearray) -> str:
 def chunk_checksums(data: memoryview, chunk_bytes: int) -> str:
     """Concatenated hex digests of each ``chunk_bytes`` slice of ``data``."""
     return "".join(
-        xxhash.xxh3_64_hexdigest(data[i : i + chunk_bytes]) for i in range(0, len(data), chunk_bytes)
+        xxhash.xxh3_64_hexdigest(data[i : i + chunk_bytes])
+        for i in range(0, len(data), chunk_bytes)
     )
 
 
@@ -58,7 +59,9 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 def compress_chunks(data: memoryview, chunk_bytes: int, level: int) -> list[bytes]:
     """One zstd frame per chunk of ``data``."""
     compressor = _compressor(level)
-    return [compressor.compress(data[i : i + chunk_bytes]) for i in range(0, len(data), chunk_bytes)]
+    return [
+        compressor.compress(data[i : i + chunk_bytes]) for i in range(0, len(data), chunk_bytes)
+    ]
 
 
 def decompress_chunk(frame: memoryview | bytes, raw_length: int) -> bytes:
@@ -74,7 +77,9 @@ def stored_chunk_bounds(
     """(offset, length) of each stored chunk within the piece's stored bytes."""
     count = chunk_count(raw_length, chunk_bytes)
     if stored_sizes is None:
-        return [(i * chunk_bytes, min(chunk_bytes, raw_length - i * chunk_bytes)) for i in range(count)]
+        return [
+            (i * chunk_bytes, min(chunk_bytes, raw_length - i * chunk_bytes)) for i in range(count)
+        ]
     bounds = []
     offset = 0
     for size in stored_sizes:

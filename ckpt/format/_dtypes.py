@@ -43,7 +43,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     """The name a manifest stores for ``dtype`` (``TypeError`` when it cannot be stored)."""
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise TypeError(f"tensors of dtype {dtype} cannot be checkpointed (supported: {sorted(DTYPES)})")
+        raise TypeError(
+            f"tensors of dtype {dtype} cannot be checkpointed (supported: {sorted(DTYPES)})"
+        )
     return name
 
 
@@ -75,8 +77,11 @@ def safetensors_header(
     for name, dtype, shape in tensors:
         nbytes = math.prod(shape) * element_size(dtype)
         real_shape = [*shape, 2] if dtype.startswith("complex") else list(shape)
-        entries[name] = {"dtype": DTYPES[dtype][0], "shape": real_shape,
-                         "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {
+            "dtype": DTYPES[dtype][0],
+            "shape": real_shape,
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)

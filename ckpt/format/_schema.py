@@ -68,7 +68,9 @@ class StoredPiece(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
         chunk_sizes: tuple[int, ...] | None = None,
     ) -> StoredPiece:
         """A piece storing the region ``box``."""
-        return cls(box.offsets, box.lengths, file, byte_offset, byte_length, codec, checksums, chunk_sizes)
+        return cls(
+            box.offsets, box.lengths, file, byte_offset, byte_length, codec, checksums, chunk_sizes
+        )
 
     @property
     def box(self) -> Box:
@@ -96,11 +98,17 @@ class ShardIndex(msgspec.Struct, frozen=True):
     state: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
-        return b"".join((
-            b'{"rank":%d,"tensors":' % self.rank, _ENCODER.encode(self.tensors),
-            b',"files":', _ENCODER.encode(self.files),
-            b',"state":', _dumps(self.state).encode(), b"}",
-        ))
+        return b"".join(
+            (
+                b'{"rank":%d,"tensors":' % self.rank,
+                _ENCODER.encode(self.tensors),
+                b',"files":',
+                _ENCODER.encode(self.files),
+                b',"state":',
+                _dumps(self.state).encode(),
+                b"}",
+            )
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, chunk_bytes: int) -> ShardIndex:
@@ -144,9 +152,15 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     def header(self) -> dict[str, Any]:
         """Every field of the stored document but the tensors (and the seal)."""
         return manifest_header(
-            step=self.step, generation=self.generation, world_size=self.world_size,
-            created_unix=self.created_unix, chunk_bytes=self.chunk_bytes, files=self.files,
-            state=self.state, layout=self.layout, user_metadata=self.user_metadata,
+            step=self.step,
+            generation=self.generation,
+            world_size=self.world_size,
+            created_unix=self.created_unix,
+            chunk_bytes=self.chunk_bytes,
+            files=self.files,
+            state=self.state,
+            layout=self.layout,
+            user_metadata=self.user_metadata,
         )
 
     @classmethod
@@ -155,10 +169,14 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         verify_manifest_seal(data, where)
         envelope = _decode(data, _Envelope, where)
         if envelope.format != FORMAT_NAME:
-            raise CorruptCheckpointError(f"{where}: not a ckpt manifest (format={envelope.format!r})")
+            raise CorruptCheckpointError(
+                f"{where}: not a ckpt manifest (format={envelope.format!r})"
+            )
         version = envelope.format_version
         if type(version) is not int or version < 1:
-            raise CorruptCheckpointError(f"{where}: 'format_version' is missing or not a version number")
+            raise CorruptCheckpointError(
+                f"{where}: 'format_version' is missing or not a version number"
+            )
         if version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"{where}: written in format version {version}, this ckpt reads up to "
@@ -222,7 +240,9 @@ def render_manifest(header: Mapping[str, Any], tensors: Any) -> bytes:
 def tensor_json(dtype: str, shape: tuple[int, ...], piece_texts: list[bytes]) -> bytes:
     """A tensor's JSON from its pieces' JSON (``encode_piece``)."""
     return b'{"dtype":%s,"shape":%s,"pieces":[%s]}' % (
-        _dumps(dtype).encode(), _ENCODER.encode(shape), b",".join(piece_texts)
+        _dumps(dtype).encode(),
+        _ENCODER.encode(shape),
+        b",".join(piece_texts),
     )
 
 
@@ -254,7 +274,9 @@ def _decode(data: bytes, kind: type[_T], where: str) -> _T:
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{where}: not valid JSON ({exc}); the file is corrupt") from exc
+        raise CorruptCheckpointError(
+            f"{where}: not valid JSON ({exc}); the file is corrupt"
+        ) from exc
     try:
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
@@ -287,12 +309,14 @@ def _check_tensors(
             raise CorruptCheckpointError(f"{here}: unknown dtype {entry.dtype!r}")
         covered = 0
         for piece in entry.pieces:
-            _check_piece(piece, entry.shape, element[1] * math.prod(piece.lengths), files,
-                         chunk_bytes, here)
+            _check_piece(
+                piece, entry.shape, element[1] * math.prod(piece.lengths), files, chunk_bytes, here
+            )
             covered += math.prod(piece.lengths)
         if complete and covered != math.prod(entry.shape):
             raise CorruptCheckpointError(
-                f"{where}: tensor {name!r}: stored pieces cover {covered} of {math.prod(entry.shape)} elements"
+                f"{where}: tensor {name!r}: stored pieces cover {covered} of "
+                f"{math.prod(entry.shape)} elements"
             )
 
 
@@ -308,11 +332,15 @@ def _check_piece(
     if len(offsets) != len(lengths):
         raise CorruptCheckpointError(f"{where}: piece offsets and lengths differ in rank")
     if len(shape) != len(offsets) or any(o + n > s for o, n, s in zip(offsets, lengths, shape)):
-        raise CorruptCheckpointError(f"{where}: piece {piece.box} lies outside the shape {list(shape)}")
+        raise CorruptCheckpointError(
+            f"{where}: piece {piece.box} lies outside the shape {list(shape)}"
+        )
     size = files.get(piece.file)
     if size is None:
         safe_relative_path(piece.file, where)  # the clearer error for a path that climbs out
-        raise CorruptCheckpointError(f"{where}: piece names {piece.file!r}, which the checkpoint does not list")
+        raise CorruptCheckpointError(
+            f"{where}: piece names {piece.file!r}, which the checkpoint does not list"
+        )
     if piece.codec not in CODECS:
         raise UnsupportedFormatError(f"{where}: unknown codec {piece.codec!r}")
     if piece.byte_offset + piece.byte_length > size:
@@ -322,7 +350,9 @@ def _check_piece(
         )
     chunks = chunk_count(raw_length, chunk_bytes)
     if len(piece.checksums) != chunks * DIGEST_HEX:
-        raise CorruptCheckpointError(f"{where}: expected {chunks} chunk checksums in {piece.file!r}")
+        raise CorruptCheckpointError(
+            f"{where}: expected {chunks} chunk checksums in {piece.file!r}"
+        )
     if piece.codec == "raw":
         if piece.byte_length != raw_length:
             raise CorruptCheckpointError(

@@ -26,7 +26,9 @@ def verify_manifest_seal(data: bytes, where: str) -> None:
     """Raise ``CorruptCheckpointError`` unless ``data`` carries a matching manifest checksum."""
     end = len(_SEAL_OPEN) + DIGEST_HEX
     if not data.startswith(_SEAL_OPEN) or len(data) < end + 2:
-        raise CorruptCheckpointError(f"{where}: the manifest carries no checksum; the file is corrupt or foreign")
+        raise CorruptCheckpointError(
+            f"{where}: the manifest carries no checksum; the file is corrupt or foreign"
+        )
     stored = data[len(_SEAL_OPEN) : end]
     if checksum(_SEAL_OPEN, _SEAL_BLANK, memoryview(data)[end:]).encode() != stored:
         raise CorruptCheckpointError(f"{where}: manifest checksum mismatch; the file is corrupt")

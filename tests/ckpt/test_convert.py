@@ -86,9 +86,12 @@ def _flat(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def _blank(values: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A state of the same tensors holding other values (so a load has to fill all of them)."""
-    return _state({
-        name: (~v if v.dtype == torch.bool else torch.full_like(v, 3)) for name, v in values.items()
-    }) | {"meta": {}}
+    return _state(
+        {
+            name: (~v if v.dtype == torch.bool else torch.full_like(v, 3))
+            for name, v in values.items()
+        }
+    ) | {"meta": {}}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,10 @@ def test_relayout_has_the_asked_layout_and_loads_back(
     dst = tmp_path / "dst"
     calls: list[tuple[int, int]] = []
     result = relayout(
-        LocalBackend(source), LocalBackend(dst), world_size=world_size, dim=dim,
+        LocalBackend(source),
+        LocalBackend(dst),
+        world_size=world_size,
+        dim=dim,
         progress=lambda done, total, what: calls.append((done, total)),
     )
     manifest = read_manifest(LocalBackend(dst), STEP)
@@ -144,8 +150,14 @@ def test_relayout_has_the_asked_layout_and_loads_back(
         assert set(got) == {(b.offsets, b.lengths) for b in want.values()}, name
         for r, box in want.items():
             piece = got[(box.offsets, box.lengths)]
-            assert re.search(rf"-r{r:05d}-([0-9a-f]+-)?\d{{3}}\.safetensors$", piece.file), (name, r, piece.file)
-            assert piece.codec == "raw" and piece.byte_length == box.numel * element_size(entry.dtype)
+            assert re.search(rf"-r{r:05d}-([0-9a-f]+-)?\d{{3}}\.safetensors$", piece.file), (
+                name,
+                r,
+                piece.file,
+            )
+            assert piece.codec == "raw" and piece.byte_length == box.numel * element_size(
+                entry.dtype
+            )
     assert set(manifest.files) == set(result.files)
     _assert_loads_back(dst)
     # The progress bar moves forward and ends at the total it announced.
@@ -195,12 +207,16 @@ def test_export_safetensors_sharded_with_index(source: Path, tmp_path: Path) -> 
     result = export_safetensors(LocalBackend(source), out, max_shard_bytes=limit)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     values = _values()
-    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in values.values())
+    assert index["metadata"]["total_size"] == sum(
+        v.numel() * v.element_size() for v in values.values()
+    )
     assert index["weight_map"].keys() == values.keys()
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
     assert all(re.fullmatch(rf"model-\d{{5}}-of-{len(shards):05d}\.safetensors", s) for s in shards)
-    assert sorted(Path(f).name for f in result.files) == sorted([*shards, "model.safetensors.index.json"])
+    assert sorted(Path(f).name for f in result.files) == sorted(
+        [*shards, "model.safetensors.index.json"]
+    )
     seen: dict[str, torch.Tensor] = {}
     for shard in shards:
         part = load_file(str(out / shard))
@@ -234,14 +250,18 @@ def test_export_torch_reads_with_weights_only(source: Path, tmp_path: Path) -> N
     for name, value in values.items():
         assert_bit_identical(loaded[name], value)
     assert calls[-1] == (result.bytes, result.bytes)
-    only_optim = torch.load(export_torch(LocalBackend(source), tmp_path / "o.pt", prefix="optim.").files[0],
-                            weights_only=True)
+    only_optim = torch.load(
+        export_torch(LocalBackend(source), tmp_path / "o.pt", prefix="optim.").files[0],
+        weights_only=True,
+    )
     assert only_optim.keys() == {"step", "ids", "empty"}
 
 
 def test_export_selecting_nothing_raises(source: Path, tmp_path: Path) -> None:
     for export in (export_safetensors, export_torch):
-        with pytest.raises(ckpt.CheckpointError, match=re.escape("no tensor names start with 'nothing.'")):
+        with pytest.raises(
+            ckpt.CheckpointError, match=re.escape("no tensor names start with 'nothing.'")
+        ):
             export(LocalBackend(source), tmp_path / "x", prefix="nothing.")
     assert list(tmp_path.iterdir()) == []
 
@@ -278,7 +298,9 @@ def test_corrupt_source_raises_naming_the_file(source: Path, tmp_path: Path) -> 
         assert info.value.file == file and info.value.tensor == "model.embed.weight"
     leftovers = sorted(p.name for p in out.iterdir() if p.is_file())
     assert leftovers == [], leftovers
-    assert scan_steps(LocalBackend(out / "ckpt")).committed == (), "nothing committed from a corrupt source"
+    assert scan_steps(LocalBackend(out / "ckpt")).committed == (), (
+        "nothing committed from a corrupt source"
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -303,11 +325,21 @@ def test_cli_convert_every_mode(source: Path, tmp_path: Path) -> None:
     loaded = load_file(str(tmp_path / "all.safetensors"))
     assert all(torch.equal(loaded[n], _exported(n, v)) for n, v in values.items())
 
-    res = _invoke(str(source), str(tmp_path / "hf"), "--to", "safetensors", "--prefix", "model.",
-                  "--max-shard-size", "1KB")
+    res = _invoke(
+        str(source),
+        str(tmp_path / "hf"),
+        "--to",
+        "safetensors",
+        "--prefix",
+        "model.",
+        "--max-shard-size",
+        "1KB",
+    )
     assert res.exit_code == 0, res.output
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
-    assert index["weight_map"].keys() == {n.removeprefix("model.") for n in values if n.startswith("model.")}
+    assert index["weight_map"].keys() == {
+        n.removeprefix("model.") for n in values if n.startswith("model.")
+    }
     assert len(set(index["weight_map"].values())) > 1
 
     res = _invoke(str(source), str(tmp_path / "state.pt"), "--to", "torch", "--step", str(STEP))
@@ -323,7 +355,9 @@ def test_cli_convert_usage_errors(source: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--to must be ckpt, safetensors or torch" in res.output
     res = _invoke(str(source), str(tmp_path / "x"))
     assert res.exit_code == 2 and "--world-size" in res.output
-    res = _invoke(str(source), str(tmp_path / "x"), "--to", "safetensors", "--max-shard-size", "lots")
+    res = _invoke(
+        str(source), str(tmp_path / "x"), "--to", "safetensors", "--max-shard-size", "lots"
+    )
     assert res.exit_code == 2 and "cannot read the size" in res.output
     assert not (tmp_path / "x").exists()
 
@@ -339,13 +373,25 @@ def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str]:
     return (code if isinstance(code, int) else 1), out.getvalue()
 
 
-def test_cli_convert_checkpoint_errors(monkeypatch: pytest.MonkeyPatch, source: Path, tmp_path: Path) -> None:
+def test_cli_convert_checkpoint_errors(
+    monkeypatch: pytest.MonkeyPatch, source: Path, tmp_path: Path
+) -> None:
     """Through the `ckpt` entry point: a prefix selecting nothing, and a corrupt source whose
     message names the data file, both exit 2 with a one-line error (no traceback)."""
-    code, text = _main(monkeypatch, "convert", str(source), str(tmp_path / "x.pt"), "--to", "torch",
-                       "--prefix", "nothing.")
+    code, text = _main(
+        monkeypatch,
+        "convert",
+        str(source),
+        str(tmp_path / "x.pt"),
+        "--to",
+        "torch",
+        "--prefix",
+        "nothing.",
+    )
     assert code == 2 and "no tensor names start with 'nothing.'" in text
     root, file = _corrupt_copy(source, tmp_path)
-    code, text = _main(monkeypatch, "convert", str(root), str(tmp_path / "y.safetensors"), "--to", "safetensors")
+    code, text = _main(
+        monkeypatch, "convert", str(root), str(tmp_path / "y.safetensors"), "--to", "safetensors"
+    )
     assert code == 2 and "error:" in text and "checksum mismatch" in text and file in text, text
     assert "Traceback" not in text

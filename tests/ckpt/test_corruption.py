@@ -121,7 +121,9 @@ def test_every_chunk_is_verified_on_a_full_load(root: Path) -> None:
     for name, entry in doc["tensors"].items():
         (piece,) = entry["pieces"]
         path = data_file(root, STEP, piece["file"])
-        for offset in range(piece["byte_offset"], piece["byte_offset"] + piece["byte_length"], 1500):
+        for offset in range(
+            piece["byte_offset"], piece["byte_offset"] + piece["byte_length"], 1500
+        ):
             flip_byte(path, offset)
             with pytest.raises(ckpt.ChecksumMismatchError) as info:
                 load_step(root)
@@ -188,8 +190,16 @@ def test_a_changed_plain_value_in_the_manifest_fails_its_checksum(root: Path) ->
 
 
 _REQUIRED = [
-    "format", "format_version", "step", "generation", "world_size",
-    "checksum_algorithm", "chunk_bytes", "files", "tensors", "state",
+    "format",
+    "format_version",
+    "step",
+    "generation",
+    "world_size",
+    "checksum_algorithm",
+    "chunk_bytes",
+    "files",
+    "tensors",
+    "state",
 ]
 
 
@@ -207,7 +217,11 @@ def _set(*path: Any, value: Any) -> Callable[[dict[str, Any]], None]:
 
     def edit(doc: dict[str, Any]) -> None:
         node: Any = doc
-        keys = [k for part in path for k in (("tensors", "w", "pieces", 0) if part == "PIECE" else (part,))]
+        keys = [
+            k
+            for part in path
+            for k in (("tensors", "w", "pieces", 0) if part == "PIECE" else (part,))
+        ]
         for key in keys[:-1]:
             node = node[key]
         node[keys[-1]] = value
@@ -288,7 +302,9 @@ def test_newer_or_unknown_format_raises_unsupported(
     [([0, 1], [64, 64]), ([64, 0], [1, 64]), ([0, 0], [65, 64])],
     ids=["shifted", "past-end", "too-long"],
 )
-def test_piece_outside_the_shape_is_corrupt(root: Path, offsets: list[int], lengths: list[int]) -> None:
+def test_piece_outside_the_shape_is_corrupt(
+    root: Path, offsets: list[int], lengths: list[int]
+) -> None:
     """A piece that does not lie inside its tensor's global shape is refused."""
     save(root)
 
@@ -303,7 +319,15 @@ def test_piece_outside_the_shape_is_corrupt(root: Path, offsets: list[int], leng
 
 @pytest.mark.parametrize(
     "bad",
-    ["../../etc/passwd", "/etc/passwd", "a/../../x", "data/../../x", "..", "data\\..\\x", "./data/x"],
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "a/../../x",
+        "data/../../x",
+        "..",
+        "data\\..\\x",
+        "./data/x",
+    ],
 )
 @pytest.mark.parametrize("where", ["files", "piece"])
 def test_file_path_leaving_the_prefix_is_refused(root: Path, bad: str, where: str) -> None:
@@ -419,7 +443,9 @@ def test_restore_falls_back_to_the_previous_committed_step(
     assert [s for s, _ in report.skipped] == [3]
     assert report.skipped[0][1]
     assert_loaded(target, states[2])
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("ckpt")]
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("ckpt")
+    ]
     assert any("step 3" in r.getMessage() for r in warnings)
     # Asking for the corrupt step by number never falls back.
     with pytest.raises(ckpt.CorruptCheckpointError):
@@ -499,7 +525,9 @@ def _fuzz_checkpoint(root: Path) -> dict[str, Any]:
     """Save tensors (one compressed), values, a module and an optimizer with moments."""
     state = make_state()
     state["model"], state["optim"] = _model_and_optimizer(0, steps=1)
-    options = ckpt.SaveOptions(chunk_bytes=CHUNK, compression=ckpt.Compression(patterns=("w",), min_bytes=0))
+    options = ckpt.SaveOptions(
+        chunk_bytes=CHUNK, compression=ckpt.Compression(patterns=("w",), min_bytes=0)
+    )
     save_with(state, root, STEP, options)
     manifest_path(root, STEP).chmod(0o644)
     return state
@@ -524,7 +552,9 @@ def _check_outcome(root: Path, state: dict[str, Any], mutated: bytes) -> None:
 
 _JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 
@@ -549,7 +579,9 @@ def test_fuzzed_manifest_bytes_give_correct_data_or_a_checkpoint_error(root: Pat
     @_FUZZ
     @given(
         edits=st.lists(
-            st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)), min_size=1, max_size=4
+            st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)),
+            min_size=1,
+            max_size=4,
         ),
         cut=st.none() | st.integers(0, len(original)),
     )

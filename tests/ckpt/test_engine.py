@@ -148,7 +148,10 @@ def test_mutation_after_async_save_returns_does_not_change_the_checkpoint(
 
 
 def test_at_most_one_save_in_flight_the_second_waits_for_the_staging_buffer(
-    snap: ckpt.Snapshotter, backend: LocalBackend, gated: FaultyBackend, caplog: pytest.LogCaptureFixture
+    snap: ckpt.Snapshotter,
+    backend: LocalBackend,
+    gated: FaultyBackend,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     faulty = gated
     order: list[str] = []
@@ -206,7 +209,9 @@ def test_failed_write_raises_on_the_handle_and_keeps_the_previous_step(
     snap.async_save(good, backend, 1, LocalCoordinator()).result()
     # Several files of several blocks each: files written before the fault are discarded.
     faulty = FaultyBackend(backend, error=error, **fault)
-    bad = ckpt.Snapshotter(ckpt.SaveOptions(write_block_bytes=4096, chunk_bytes=4096, file_bytes=4096))
+    bad = ckpt.Snapshotter(
+        ckpt.SaveOptions(write_block_bytes=4096, chunk_bytes=4096, file_bytes=4096)
+    )
     try:
         pending = bad.async_save(_state(2), faulty, 2, LocalCoordinator())
         with pytest.raises(expected) as info:
@@ -292,14 +297,18 @@ def test_failed_manifest_put_leaves_the_step_uncommitted(
     listing = scan_steps(backend)
     assert listing.committed == (1,) and listing.uncommitted == (2,)
     assert not backend.exists(manifest_path(2))
-    assert any(p.startswith(f"{step_prefix(2)}/{DATA_DIR}/") for p in backend.list_objects(step_prefix(2)))
+    assert any(
+        p.startswith(f"{step_prefix(2)}/{DATA_DIR}/") for p in backend.list_objects(step_prefix(2))
+    )
     target = _blank()
     assert ckpt.load(target, backend) == 1
     with pytest.raises(ckpt.CheckpointNotFoundError):
         ckpt.load(_blank(), backend, step=2)
 
 
-def test_saving_a_committed_step_again_is_refused(snap: ckpt.Snapshotter, backend: LocalBackend) -> None:
+def test_saving_a_committed_step_again_is_refused(
+    snap: ckpt.Snapshotter, backend: LocalBackend
+) -> None:
     first = _state(1)
     snap.async_save(first, backend, 3, LocalCoordinator()).result()
     with pytest.raises(CoordinationError, match="already committed"):
@@ -318,7 +327,9 @@ def test_bad_step_is_refused_before_staging(snap: ckpt.Snapshotter, backend: Loc
 # -- the staging pool is reused ----------------------------------------------------------
 
 
-def test_staging_bytes_stay_the_same_across_saves(snap: ckpt.Snapshotter, backend: LocalBackend) -> None:
+def test_staging_bytes_stay_the_same_across_saves(
+    snap: ckpt.Snapshotter, backend: LocalBackend
+) -> None:
     state = _state()
     snap.async_save(state, backend, 0, LocalCoordinator()).result()
     reserved = snap.staging_bytes
@@ -358,7 +369,9 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def test_host_memory_after_50_saves_is_about_that_after_one(snap: ckpt.Snapshotter, root: Path) -> None:
+def test_host_memory_after_50_saves_is_about_that_after_one(
+    snap: ckpt.Snapshotter, root: Path
+) -> None:
     backend = _DiscardingBackend(root)
     state = {f"t{i}": torch.randn(4 * MiB) for i in range(4)}  # 4 x 16 MiB
     snap.async_save(state, backend, 1, LocalCoordinator()).result()
@@ -391,9 +404,15 @@ def test_save_result_fields(backend: LocalBackend, compression: ckpt.Compression
     assert pending.done() and "done" in repr(pending)
     assert result.step == 5 and result.url == backend.url and result.committed
     manifest = read_manifest(backend, 5)
-    data = [p for p in backend.list_objects(step_prefix(5)) if p.startswith(f"{step_prefix(5)}/{DATA_DIR}/")]
+    data = [
+        p
+        for p in backend.list_objects(step_prefix(5))
+        if p.startswith(f"{step_prefix(5)}/{DATA_DIR}/")
+    ]
     assert result.files == len(manifest.files) == len(data) > 1
-    assert result.bytes_written == sum(manifest.files.values()) == sum(backend.size(p) for p in data)
+    assert (
+        result.bytes_written == sum(manifest.files.values()) == sum(backend.size(p) for p in data)
+    )
     raw_bytes = sum(t.numel() * t.element_size() for t in _tensors_live(state))
     if compression is None:
         assert result.bytes_written > raw_bytes  # safetensors headers included

@@ -57,9 +57,20 @@ class Worker:
 
     def __init__(self, root: Path, out: Path, log: Path, extra: Sequence[str] = ()) -> None:
         cmd = [
-            sys.executable, "-m", "tests.support.workers.train",
-            "--root", str(root), "--steps", str(STEPS), "--every", str(EVERY),
-            "--keep-last", str(KEEP_LAST), "--out", str(out), *extra,
+            sys.executable,
+            "-m",
+            "tests.support.workers.train",
+            "--root",
+            str(root),
+            "--steps",
+            str(STEPS),
+            "--every",
+            str(EVERY),
+            "--keep-last",
+            str(KEEP_LAST),
+            "--out",
+            str(out),
+            *extra,
         ]
         self.log = log
         self._stderr = log.open("ab")
@@ -251,7 +262,9 @@ def test_kill_at_a_random_step(tmp_path: Path, reference: dict[str, torch.Tensor
         assert_all_bit_identical(run.finish(), reference)
 
 
-def test_kill_right_after_a_save_started(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+def test_kill_right_after_a_save_started(
+    tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
     with Run(tmp_path) as run:
         run.kill_at(f"saving {2 * EVERY}")
         assert_all_bit_identical(run.finish(), reference)
@@ -263,7 +276,8 @@ def test_kill_while_save_data_is_half_written(
     torn = 3 * EVERY
     with Run(tmp_path) as run:
         listing = run.kill_at(
-            f"hang data {torn}", f"committed {torn - EVERY}",
+            f"hang data {torn}",
+            f"committed {torn - EVERY}",
             extra=["--hang-step", str(torn), "--hang-phase", "data"],
         )
         assert torn in listing.uncommitted, listing  # the torn prefix is on disk ...
@@ -287,7 +301,8 @@ def test_kill_twice_in_one_run(tmp_path: Path, reference: dict[str, torch.Tensor
     with Run(tmp_path) as run:
         # First: the data of step 2K is durable, its manifest is not written yet.
         listing = run.kill_at(
-            f"hang commit {torn}", f"committed {torn - EVERY}",
+            f"hang commit {torn}",
+            f"committed {torn - EVERY}",
             extra=["--hang-step", str(torn), "--hang-phase", "commit"],
         )
         assert torn in listing.uncommitted and listing.newest == torn - EVERY, listing

@@ -21,12 +21,26 @@ from tests.support.on_disk import data_file, read_manifest, save_with, step_dir
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-FLOAT8 = [d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d]
+FLOAT8 = [
+    d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d
+]
 DTYPES: list[torch.dtype] = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, *FLOAT8,
-    torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint64, torch.uint32, torch.uint16, torch.uint8,
-    torch.bool, torch.complex64, torch.complex128,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    *FLOAT8,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint64,
+    torch.uint32,
+    torch.uint16,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
 ]
 
 
@@ -297,14 +311,20 @@ def test_chunks_that_do_not_divide_the_tensor_round_trip(
 
 
 @pytest.mark.parametrize("compression", [None, ckpt.Compression(min_bytes=0)], ids=["raw", "zstd"])
-def test_multi_chunk_tensors_of_a_module_round_trip(root: Path, compression: ckpt.Compression | None) -> None:
+def test_multi_chunk_tensors_of_a_module_round_trip(
+    root: Path, compression: ckpt.Compression | None
+) -> None:
     """A module whose weights span many 4 KiB chunks restores exactly, raw or compressed."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 5, dtype=torch.float64))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 48), torch.nn.Linear(48, 5, dtype=torch.float64)
+    )
     options = ckpt.SaveOptions(chunk_bytes=4096, compression=compression)
     save_with({"model": model}, root, 1, options)
     torch.manual_seed(1)
-    other = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 5, dtype=torch.float64))
+    other = torch.nn.Sequential(
+        torch.nn.Linear(64, 48), torch.nn.Linear(48, 5, dtype=torch.float64)
+    )
     ckpt.load({"model": other}, root, step=1)
     for key, value in model.state_dict().items():
         assert_bit_identical(other.state_dict()[key], value)
@@ -320,7 +340,7 @@ def test_plain_values_round_trip(root: Path) -> None:
         "floats": [1.5, -0.0, float("inf"), float("-inf")],
         "nan": float("nan"),
         "none": None,
-        "text": "héllo ✓ \"quoted\" \\ \n",
+        "text": 'héllo ✓ "quoted" \\ \n',
         "nested": [1, (2, [3, (4,)]), {"k": (5, 6)}],
         "int_keys": {0: "zero", 1: {2: [3]}, -5: None},
         "mixed_keys": {"a": 1, 7: 2},

@@ -114,9 +114,13 @@ def test_every_seconds_follows_the_clock(root: Path, clock: FakeClock) -> None:
     assert _committed(root) == (1, 4, 6, 7)
 
 
-def test_auto_interval_saves_first_then_every_young_daly_period(root: Path, clock: FakeClock) -> None:
+def test_auto_interval_saves_first_then_every_young_daly_period(
+    root: Path, clock: FakeClock
+) -> None:
     mtbf = 2.0
-    with CheckpointManager(root, interval="auto", mtbf_seconds=mtbf, keep_last=None, if_busy="wait") as mgr:
+    with CheckpointManager(
+        root, interval="auto", mtbf_seconds=mtbf, keep_last=None, if_busy="wait"
+    ) as mgr:
         assert _run(mgr, range(1, 2)) == [1]  # saved at once, to measure the stall
         step = 2
         for _ in range(2):
@@ -133,7 +137,12 @@ def test_auto_interval_saves_first_then_every_young_daly_period(root: Path, cloc
 def test_auto_interval_is_capped_by_every_seconds(root: Path, clock: FakeClock) -> None:
     # With a one-day MTBF the derived period is at least sqrt(2 * 1 ms * 86400 s) ~ 13 s.
     with CheckpointManager(
-        root, interval="auto", every_seconds=5.0, mtbf_seconds=86400.0, keep_last=None, if_busy="wait"
+        root,
+        interval="auto",
+        every_seconds=5.0,
+        mtbf_seconds=86400.0,
+        keep_last=None,
+        if_busy="wait",
     ) as mgr:
         assert _run(mgr, range(1, 2)) == [1]
         clock.advance(4.0)
@@ -144,7 +153,13 @@ def test_auto_interval_is_capped_by_every_seconds(root: Path, clock: FakeClock) 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"every_steps": 0}, {"every_seconds": 0.0}, {"interval": "often"}, {"if_busy": "drop"}, {"keep_last": 0}],
+    [
+        {"every_steps": 0},
+        {"every_seconds": 0.0},
+        {"interval": "often"},
+        {"if_busy": "drop"},
+        {"keep_last": 0},
+    ],
 )
 def test_bad_configuration_is_refused(root: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -167,7 +182,9 @@ def test_keep_every_keeps_multiples_forever(root: Path) -> None:
     assert _committed(root) == (3, 6, 7)
 
 
-def test_newest_committed_survives_failed_saves_and_newer_partials_are_left_alone(root: Path) -> None:
+def test_newest_committed_survives_failed_saves_and_newer_partials_are_left_alone(
+    root: Path,
+) -> None:
     # Step 3's manifest put fails: its data files stay behind as a partial step.
     faulty = FaultyBackend(LocalBackend(root), fail_put_at=3)
     with CheckpointManager(faulty, every_steps=1, keep_last=1, if_busy="wait") as mgr:
@@ -235,7 +252,9 @@ def test_if_busy_skip_skips_counts_and_warns(root: Path, caplog: pytest.LogCaptu
         assert mgr.maybe_save(2, _state(2.0)) is None
         assert mgr.maybe_save(3, _state(3.0)) is None
         assert mgr.metrics.saves_skipped_busy == 2
-        skipped = [r for r in caplog.records if r.levelname == "WARNING" and "skipped" in r.getMessage()]
+        skipped = [
+            r for r in caplog.records if r.levelname == "WARNING" and "skipped" in r.getMessage()
+        ]
         assert len(skipped) == 2 and "step 2" in skipped[0].getMessage()
         faulty.release()
         first.result()
@@ -300,7 +319,9 @@ def _job() -> dict[str, Any]:
     """Model, optimizer, LR scheduler, a custom stateful object, a tensor, plain values."""
     with torch.random.fork_rng():  # the same initial weights, the global RNG untouched
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.25), torch.nn.Linear(8, 2))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Dropout(0.25), torch.nn.Linear(8, 2)
+        )
     optim = torch.optim.AdamW(model.parameters(), lr=0.05)
     return {
         "model": model,
@@ -342,7 +363,9 @@ def _assert_jobs_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert sa["param_groups"] == sb["param_groups"]
     for k in sa["state"]:
         for field in sa["state"][k]:
-            assert torch.equal(torch.as_tensor(sa["state"][k][field]), torch.as_tensor(sb["state"][k][field]))
+            assert torch.equal(
+                torch.as_tensor(sa["state"][k][field]), torch.as_tensor(sb["state"][k][field])
+            )
     assert a["sched"].state_dict() == b["sched"].state_dict()
     assert a["counter"].seen == b["counter"].seen
     assert torch.equal(a["ema"], b["ema"])
@@ -357,7 +380,9 @@ def test_restore_on_an_empty_root_returns_none(root: Path) -> None:
 
 
 @pytest.mark.parametrize("include_rng", [False, True], ids=["no-rng", "rng"])
-def test_restore_returns_the_step_and_the_loop_continues_from_it(root: Path, include_rng: bool) -> None:
+def test_restore_returns_the_step_and_the_loop_continues_from_it(
+    root: Path, include_rng: bool
+) -> None:
     total, every, crash_after = 8, 3, 7
 
     _seed_everything(1)
@@ -366,7 +391,9 @@ def test_restore_returns_the_step_and_the_loop_continues_from_it(root: Path, inc
 
     _seed_everything(1)
     first = _job()
-    with CheckpointManager(root, every_steps=every, keep_last=2, include_rng=include_rng, if_busy="wait") as mgr:
+    with CheckpointManager(
+        root, every_steps=every, keep_last=2, include_rng=include_rng, if_busy="wait"
+    ) as mgr:
         for step in range(1, crash_after + 1):
             _train(first, step)
             pending = mgr.maybe_save(step, first)
@@ -376,7 +403,9 @@ def test_restore_returns_the_step_and_the_loop_continues_from_it(root: Path, inc
 
     _seed_everything(12345)  # a restarted process starts from other RNG states
     resumed = _job()
-    with CheckpointManager(root, every_steps=every, keep_last=2, include_rng=include_rng, if_busy="wait") as mgr:
+    with CheckpointManager(
+        root, every_steps=every, keep_last=2, include_rng=include_rng, if_busy="wait"
+    ) as mgr:
         start = mgr.restore(resumed)
         assert start == 6 and mgr.last_restore is not None and mgr.last_restore.skipped == ()
         assert resumed["counter"].seen == list(range(1, 7))
@@ -402,11 +431,15 @@ def test_include_rng_reserves_its_key(root: Path) -> None:
 # -- SIGTERM and close -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("in_flight_fails", [False, True], ids=["in-flight-commits", "in-flight-fails"])
+@pytest.mark.parametrize(
+    "in_flight_fails", [False, True], ids=["in-flight-commits", "in-flight-fails"]
+)
 def test_sigterm_finishes_the_save_in_flight_saves_and_exits_143(
     root: Path, in_flight_fails: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    faulty = FaultyBackend(LocalBackend(root), gate=threading.Event(), fail_put_at=1 if in_flight_fails else None)
+    faulty = FaultyBackend(
+        LocalBackend(root), gate=threading.Event(), fail_put_at=1 if in_flight_fails else None
+    )
     before = signal.getsignal(signal.SIGTERM)
     mgr = CheckpointManager(faulty, every_steps=3, keep_last=None, if_busy="wait")
     events: list[str] = []
@@ -466,7 +499,9 @@ def test_sigterm_in_a_real_process(root: Path) -> None:
     assert ckpt.load(target, root) == 5
     assert target["step"] == 5 and torch.equal(target["w"], torch.full((1 << 16,), 5.0))
     older: dict[str, Any] = {"w": torch.zeros(1 << 16), "step": 0}
-    assert ckpt.load(older, root, step=3) == 3 and torch.equal(older["w"], torch.full((1 << 16,), 3.0))
+    assert ckpt.load(older, root, step=3) == 3 and torch.equal(
+        older["w"], torch.full((1 << 16,), 3.0)
+    )
 
 
 def test_close_waits_for_the_save_in_flight(root: Path) -> None:

@@ -67,11 +67,19 @@ def rank_index(
             if name in zstd:
                 frames = compress_chunks(memoryview(raw), CHUNK, 3)
                 sizes = tuple(len(f) for f in frames)
-                piece = StoredPiece.at(box, file, offset, sum(sizes), "zstd",
-                                    "".join(checksum(f) for f in frames), sizes)
+                piece = StoredPiece.at(
+                    box,
+                    file,
+                    offset,
+                    sum(sizes),
+                    "zstd",
+                    "".join(checksum(f) for f in frames),
+                    sizes,
+                )
             else:
-                piece = StoredPiece.at(box, file, offset, len(raw), "raw",
-                                    chunk_checksums(memoryview(raw), CHUNK))
+                piece = StoredPiece.at(
+                    box, file, offset, len(raw), "raw", chunk_checksums(memoryview(raw), CHUNK)
+                )
             offset += piece.byte_length
             pieces.append(piece)
         tensors[name] = TensorEntry(dtype, tuple(shape), tuple(pieces))
@@ -80,7 +88,9 @@ def rank_index(
 
 def row_boxes(shape: tuple[int, ...], cuts: Sequence[int]) -> list[Box]:
     """Shard(0): rows ``cuts[i] .. cuts[i + 1]`` of a tensor of ``shape``."""
-    return [Box((a, *(0 for _ in shape[1:])), (b - a, *shape[1:])) for a, b in itertools.pairwise(cuts)]
+    return [
+        Box((a, *(0 for _ in shape[1:])), (b - a, *shape[1:])) for a, b in itertools.pairwise(cuts)
+    ]
 
 
 def mesh_blocks(shape: tuple[int, int], mesh: tuple[int, int]) -> list[Box]:
@@ -100,13 +110,19 @@ def add_mixed(builder: ManifestBuilder, indexes: Sequence[ShardIndex], as_bytes:
 
 def render_and_build(builder: ManifestBuilder, created: float = 1234.5) -> tuple[bytes, Manifest]:
     common: dict[str, Any] = {
-        "generation": "gen-1", "world_size": 4, "chunk_bytes": CHUNK, "created_unix": created,
-        "user_metadata": {"run": "a"}, "layout": {"mesh": [2, 2]},
+        "generation": "gen-1",
+        "world_size": 4,
+        "chunk_bytes": CHUNK,
+        "created_unix": created,
+        "user_metadata": {"run": "a"},
+        "layout": {"mesh": [2, 2]},
     }
     return builder.render(**common), builder.build(**common)
 
 
-def piece_sets(manifest: Manifest) -> dict[str, tuple[str, tuple[int, ...], frozenset[StoredPiece]]]:
+def piece_sets(
+    manifest: Manifest,
+) -> dict[str, tuple[str, tuple[int, ...], frozenset[StoredPiece]]]:
     return {name: (e.dtype, e.shape, frozenset(e.pieces)) for name, e in manifest.tensors.items()}
 
 
@@ -167,8 +183,10 @@ def test_rendered_manifest_equals_built_manifest() -> None:
     assert data == built.to_bytes()
     assert loaded.created_unix == 1234.5
     assert loaded.state == STATE0  # the lowest rank's state, whatever the arrival order
-    assert loaded.files == {f"data/rank{r:05d}.safetensors": indexes[r].files[f"data/rank{r:05d}.safetensors"]
-                            for r in range(4)}
+    assert loaded.files == {
+        f"data/rank{r:05d}.safetensors": indexes[r].files[f"data/rank{r:05d}.safetensors"]
+        for r in range(4)
+    }
     assert list(loaded.files) == sorted(loaded.files)
     assert loaded.user_metadata == {"run": "a"} and loaded.layout == {"mesh": [2, 2]}
     expected: dict[str, set[StoredPiece]] = {name: set() for name in indexes[0].tensors}
@@ -179,17 +197,25 @@ def test_rendered_manifest_equals_built_manifest() -> None:
     assert loaded.tensors["model.scalar"].shape == ()
     assert loaded.tensors["model.mesh"].dtype == "bfloat16"
     (packed,) = loaded.tensors["optim.packed"].pieces
-    assert packed.codec == "zstd" and packed.chunk_sizes == indexes[1].tensors["optim.packed"].pieces[0].chunk_sizes
+    assert (
+        packed.codec == "zstd"
+        and packed.chunk_sizes == indexes[1].tensors["optim.packed"].pieces[0].chunk_sizes
+    )
 
 
-@pytest.mark.parametrize("as_bytes", [set(), {0, 1, 2, 3}, {1, 3}], ids=["objects", "bytes", "mixed"])
+@pytest.mark.parametrize(
+    "as_bytes", [set(), {0, 1, 2, 3}, {1, 3}], ids=["objects", "bytes", "mixed"]
+)
 def test_same_manifest_whatever_the_arrival_order(as_bytes: set[int]) -> None:
     """Every arrival order gives the same tensors (as sets of pieces), files and state."""
     indexes = four_ranks()
-    reference = piece_sets(merge_indexes(step=5, generation="g", world_size=4, chunk_bytes=CHUNK,
-                                         indexes=indexes))
+    reference = piece_sets(
+        merge_indexes(step=5, generation="g", world_size=4, chunk_bytes=CHUNK, indexes=indexes)
+    )
     for order in itertools.permutations(indexes):
-        merged = merge_indexes(step=5, generation="g", world_size=4, chunk_bytes=CHUNK, indexes=list(order))
+        merged = merge_indexes(
+            step=5, generation="g", world_size=4, chunk_bytes=CHUNK, indexes=list(order)
+        )
         assert piece_sets(merged) == reference
         builder = ManifestBuilder(5)
         add_mixed(builder, order, as_bytes)
@@ -205,9 +231,14 @@ def test_same_manifest_whatever_the_arrival_order(as_bytes: set[int]) -> None:
 
 OVERLAPS: dict[str, tuple[tuple[int, ...], list[Box]]] = {
     "rows-by-one": ((10, 4), [Box((0, 0), (4, 4)), Box((4, 0), (3, 4)), Box((6, 0), (4, 4))]),
-    "rows-by-one-backwards": ((10, 4), [Box((7, 0), (3, 4)), Box((4, 0), (3, 4)), Box((0, 0), (5, 4))]),
-    "mesh-blocks": ((4, 4), [Box((0, 0), (2, 2)), Box((0, 2), (2, 2)), Box((2, 0), (2, 2)),
-                             Box((1, 1), (2, 2))]),
+    "rows-by-one-backwards": (
+        (10, 4),
+        [Box((7, 0), (3, 4)), Box((4, 0), (3, 4)), Box((0, 0), (5, 4))],
+    ),
+    "mesh-blocks": (
+        (4, 4),
+        [Box((0, 0), (2, 2)), Box((0, 2), (2, 2)), Box((2, 0), (2, 2)), Box((1, 1), (2, 2))],
+    ),
     "mesh-corner": ((4, 4), [Box((0, 0), (2, 2)), Box((2, 2), (2, 2)), Box((1, 1), (2, 2))]),
     "identical": ((6, 2), [Box((0, 0), (3, 2)), Box((3, 0), (3, 2)), Box((3, 0), (3, 2))]),
     "scalar": ((), [Box((), ()), Box((), ())]),
@@ -217,10 +248,24 @@ OVERLAPS: dict[str, tuple[tuple[int, ...], list[Box]]] = {
     "long-after-short": ((16,), [Box((i,), (1,)) for i in range(8)] + [Box((4,), (12,))]),
     "long-over-all": ((16,), [Box((i,), (1,)) for i in range(4, 12)] + [Box((0,), (16,))]),
     # a short piece far after a long one's start, with others in between
-    "short-after-long": ((20,), [Box((0,), (10,)), Box((10,), (1,)), Box((11,), (1,)), Box((9,), (1,))]),
-    "short-at-long-end": ((20,), [Box((12,), (2,)), Box((0,), (12,)), Box((14,), (6,)), Box((11,), (1,))]),
-    "wide-then-thin-2d": ((8, 8), [Box((0, 0), (8, 1)), Box((0, 1), (8, 1)), Box((0, 2), (1, 6)),
-                                   Box((7, 7), (1, 1)), Box((5, 0), (1, 1))]),
+    "short-after-long": (
+        (20,),
+        [Box((0,), (10,)), Box((10,), (1,)), Box((11,), (1,)), Box((9,), (1,))],
+    ),
+    "short-at-long-end": (
+        (20,),
+        [Box((12,), (2,)), Box((0,), (12,)), Box((14,), (6,)), Box((11,), (1,))],
+    ),
+    "wide-then-thin-2d": (
+        (8, 8),
+        [
+            Box((0, 0), (8, 1)),
+            Box((0, 1), (8, 1)),
+            Box((0, 2), (1, 6)),
+            Box((7, 7), (1, 1)),
+            Box((5, 0), (1, 1)),
+        ],
+    ),
 }
 
 
@@ -253,12 +298,18 @@ def test_overlap_within_one_report_is_refused() -> None:
 def test_empty_pieces_never_overlap() -> None:
     """Zero-length boxes anywhere (inside other pieces, repeated) are accepted and cover nothing."""
     layouts: list[Layout] = [
-        {"w": ("float32", (4, 3), [Box((0, 0), (4, 3)), Box((2, 0), (0, 3))]),
-         "e": ("float32", (0, 3), [Box((0, 0), (0, 3))])},
-        {"w": ("float32", (4, 3), [Box((1, 1), (2, 0)), Box((2, 0), (0, 3))]),
-         "e": ("float32", (0, 3), [Box((0, 0), (0, 3)), Box((0, 1), (0, 2))])},
-        {"w": ("float32", (4, 3), [Box((0, 0), (0, 0)), Box((4, 3), (0, 0))]),
-         "e": ("float32", (0, 3), [])},
+        {
+            "w": ("float32", (4, 3), [Box((0, 0), (4, 3)), Box((2, 0), (0, 3))]),
+            "e": ("float32", (0, 3), [Box((0, 0), (0, 3))]),
+        },
+        {
+            "w": ("float32", (4, 3), [Box((1, 1), (2, 0)), Box((2, 0), (0, 3))]),
+            "e": ("float32", (0, 3), [Box((0, 0), (0, 3)), Box((0, 1), (0, 2))]),
+        },
+        {
+            "w": ("float32", (4, 3), [Box((0, 0), (0, 0)), Box((4, 3), (0, 0))]),
+            "e": ("float32", (0, 3), []),
+        },
     ]
     builder = ManifestBuilder(1)
     add_mixed(builder, [rank_index(r, lay) for r, lay in enumerate(layouts)], as_bytes={1})
@@ -291,8 +342,10 @@ def block_tilings(draw: st.DrawFn) -> tuple[tuple[int, int], list[Box]]:
         d = draw(st.sampled_from(dims))
         cut = draw(st.integers(1, box.lengths[d] - 1))
         lo = Box(box.offsets, tuple(cut if i == d else n for i, n in enumerate(box.lengths)))
-        hi = Box(tuple(o + cut if i == d else o for i, o in enumerate(box.offsets)),
-                 tuple(n - cut if i == d else n for i, n in enumerate(box.lengths)))
+        hi = Box(
+            tuple(o + cut if i == d else o for i, o in enumerate(box.offsets)),
+            tuple(n - cut if i == d else n for i, n in enumerate(box.lengths)),
+        )
         return split(lo, depth + 1) + split(hi, depth + 1)
 
     return shape, split(Box.full(shape), 0)
@@ -311,7 +364,9 @@ def test_touching_blocks_in_any_order_are_accepted(
     builder = ManifestBuilder(2)
     for r, box in enumerate(boxes):
         builder.add(rank_index(r, {"w": ("float32", shape, [box])}))
-    manifest = builder.build(generation="g", world_size=len(boxes), chunk_bytes=CHUNK, created_unix=0.0)
+    manifest = builder.build(
+        generation="g", world_size=len(boxes), chunk_bytes=CHUNK, created_unix=0.0
+    )
     assert (coverage(shape, [p.box for p in manifest.tensors["w"].pieces]) == 1).all()
     cell = Box((rng.randrange(shape[0]), rng.randrange(shape[1])), (1, 1))
     with pytest.raises(InvalidStateError, match="overlap"):
@@ -322,13 +377,18 @@ def test_touching_blocks_exhaustively_on_a_small_mesh() -> None:
     """A 3x3 mesh of uneven blocks (and a 2x2 mesh): all orders of arrival are accepted."""
     for blocks in (
         [Box((0, 0), (2, 2)), Box((0, 2), (2, 3)), Box((2, 0), (3, 2)), Box((2, 2), (3, 3))],
-        [Box((r0, c0), (r1 - r0, c1 - c0))
-         for r0, r1 in itertools.pairwise((0, 1, 3, 6)) for c0, c1 in itertools.pairwise((0, 4, 5, 7))],
+        [
+            Box((r0, c0), (r1 - r0, c1 - c0))
+            for r0, r1 in itertools.pairwise((0, 1, 3, 6))
+            for c0, c1 in itertools.pairwise((0, 4, 5, 7))
+        ],
     ):
         shape = (max(b.ends[0] for b in blocks), max(b.ends[1] for b in blocks))
-        orders = list(itertools.permutations(blocks)) if len(blocks) <= 4 else [
-            random.Random(i).sample(blocks, len(blocks)) for i in range(200)
-        ]
+        orders = (
+            list(itertools.permutations(blocks))
+            if len(blocks) <= 4
+            else [random.Random(i).sample(blocks, len(blocks)) for i in range(200)]
+        )
         for order in orders:
             builder = ManifestBuilder(1)
             builder.add(rank_index(0, {"w": ("float32", shape, list(order))}))
@@ -342,7 +402,9 @@ def test_touching_blocks_exhaustively_on_a_small_mesh() -> None:
 def test_a_hole_is_refused_at_render_and_build(method: str) -> None:
     builder = ManifestBuilder(3)
     builder.add(rank_index(0, {"w": ("float32", (10, 2), [Box((0, 0), (4, 2))])}))
-    builder.add_report(rank_index(1, {"w": ("float32", (10, 2), [Box((5, 0), (5, 2))])}).to_bytes(), "r1", CHUNK)
+    builder.add_report(
+        rank_index(1, {"w": ("float32", (10, 2), [Box((5, 0), (5, 2))])}).to_bytes(), "r1", CHUNK
+    )
     with pytest.raises(InvalidStateError, match=r"'w'.*cover 18 of 20 elements"):
         getattr(builder, method)(generation="g", world_size=2, chunk_bytes=CHUNK, created_unix=0.0)
 
@@ -386,10 +448,15 @@ def test_ranks_disagreeing_on_a_tensor_are_refused(other: tuple[str, tuple[int, 
 
 
 def valid_report() -> dict[str, Any]:
-    index = rank_index(3, {
-        "raw": ("float32", (8, 4), [Box((0, 0), (4, 4)), Box((4, 0), (4, 4))]),
-        "packed": ("float64", (40,), [Box((0,), (40,))]),
-    }, zstd=["packed"], state={"step": 5})
+    index = rank_index(
+        3,
+        {
+            "raw": ("float32", (8, 4), [Box((0, 0), (4, 4)), Box((4, 0), (4, 4))]),
+            "packed": ("float64", (40,), [Box((0,), (40,))]),
+        },
+        zstd=["packed"],
+        state={"step": 5},
+    )
     doc: dict[str, Any] = json.loads(index.to_bytes())
     return doc
 
@@ -431,6 +498,7 @@ def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+
     return edit
 
 
@@ -476,8 +544,14 @@ def _climbing_file_listed(doc: dict[str, Any]) -> None:
 REJECTED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "string-offset": (_set(("tensors", "raw", "pieces", 0, "offsets", 0), "0"), "offsets"),
     "float-length": (_set(("tensors", "raw", "pieces", 0, "lengths", 1), 4.0), "lengths"),
-    "negative-byte-offset": (_set(("tensors", "raw", "pieces", 0, "byte_offset"), -1), "byte_offset"),
-    "string-byte-length": (_set(("tensors", "raw", "pieces", 0, "byte_length"), "64"), "byte_length"),
+    "negative-byte-offset": (
+        _set(("tensors", "raw", "pieces", 0, "byte_offset"), -1),
+        "byte_offset",
+    ),
+    "string-byte-length": (
+        _set(("tensors", "raw", "pieces", 0, "byte_length"), "64"),
+        "byte_length",
+    ),
     "checksums-not-string": (_set(("tensors", "raw", "pieces", 0, "checksums"), 12), "checksums"),
     "shape-negative": (_set(("tensors", "raw", "shape", 0), -8), "shape"),
     "rank-string": (_set(("rank",), "3"), "rank"),
@@ -486,8 +560,14 @@ REJECTED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "files-not-object": (_set(("files",), []), "files"),
     "file-size-negative": (lambda doc: doc["files"].update({_file(doc): -1}), ""),
     "file-not-listed": (_list_other_file, "does not list"),
-    "file-climbs-out": (_set(("tensors", "raw", "pieces", 0, "file"), "../x"), "leave the checkpoint prefix"),
-    "file-absolute": (_set(("tensors", "raw", "pieces", 0, "file"), "/etc/passwd"), "leave the checkpoint prefix"),
+    "file-climbs-out": (
+        _set(("tensors", "raw", "pieces", 0, "file"), "../x"),
+        "leave the checkpoint prefix",
+    ),
+    "file-absolute": (
+        _set(("tensors", "raw", "pieces", 0, "file"), "/etc/passwd"),
+        "leave the checkpoint prefix",
+    ),
     "file-listed-climbs-out": (_climbing_file_listed, "leave the checkpoint prefix"),
     "bytes-past-file-end": (_shrink_file, "past the end"),
     "one-checksum-too-many": (_extra_checksum, "chunk checksums"),
@@ -497,7 +577,10 @@ REJECTED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "zstd-sizes-missing": (_chunk_sizes_missing, "chunk_sizes"),
     "zstd-sizes-count": (_chunk_sizes_one_short, "chunk_sizes"),
     "unknown-dtype": (_set(("tensors", "raw", "dtype"), "float7"), "unknown dtype 'float7'"),
-    "outside-shape": (_set(("tensors", "raw", "pieces", 1, "offsets"), [5, 0]), "outside the shape"),
+    "outside-shape": (
+        _set(("tensors", "raw", "pieces", 1, "offsets"), [5, 0]),
+        "outside the shape",
+    ),
     "rank-of-box": (_set(("tensors", "raw", "pieces", 0, "offsets"), [0]), "differ in rank"),
 }
 
@@ -522,7 +605,9 @@ def test_parse_report_rejects(case: str, fallback: bool, fallbacks: list[bytes])
     assert len(fallbacks) == (2 if fallback else 0)
 
 
-@pytest.mark.parametrize("data", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b"null", b'{"rank": 3'])
+@pytest.mark.parametrize(
+    "data", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b"null", b'{"rank": 3']
+)
 def test_parse_report_rejects_what_is_not_a_report(data: bytes) -> None:
     with pytest.raises(CorruptCheckpointError) as info:
         ShardIndex.from_bytes(data, WHERE, CHUNK)
@@ -553,12 +638,15 @@ def test_parse_report_unknown_codec_is_unsupported(fallback: bool) -> None:
     assert WHERE in str(info.value)
 
 
-@pytest.mark.parametrize(("fallback", "value"), [
-    pytest.param(False, True, id="msgspec-bool"),
-    pytest.param(False, 3.0, id="msgspec-float"),
-    pytest.param(True, True, id="json-fallback-bool"),
-    pytest.param(True, 3.0, id="json-fallback-float"),
-])
+@pytest.mark.parametrize(
+    ("fallback", "value"),
+    [
+        pytest.param(False, True, id="msgspec-bool"),
+        pytest.param(False, 3.0, id="msgspec-float"),
+        pytest.param(True, True, id="json-fallback-bool"),
+        pytest.param(True, 3.0, id="json-fallback-float"),
+    ],
+)
 def test_parse_report_rank_must_be_an_integer(fallback: bool, value: Any) -> None:
     """``true`` is not rank 1, on either path."""
     doc = valid_report()
@@ -606,8 +694,9 @@ def test_nan_in_state_survives_report_and_manifest() -> None:
     assert report.tensors["w"].pieces[0] == index.tensors["w"].pieces[0]
     builder = ManifestBuilder(9)
     builder.add_report(data, WHERE, CHUNK)
-    loaded = Manifest.from_bytes(builder.render(generation="g", world_size=1, chunk_bytes=CHUNK,
-                                                created_unix=1.0), "m")
+    loaded = Manifest.from_bytes(
+        builder.render(generation="g", world_size=1, chunk_bytes=CHUNK, created_unix=1.0), "m"
+    )
     assert math.isnan(loaded.state["loss"]) and loaded.state["best"] == math.inf
 
 
@@ -644,18 +733,25 @@ def test_random_row_tilings_render_a_manifest_covering_every_element_once(
 ) -> None:
     shape, per_rank = save
     indexes = [
-        rank_index(r, {"t": ("float32", shape, boxes), "c": ("int8", (), [Box((), ())] if r == 0 else [])},
-                   zstd=["t"] if zstd else [], state={"rank": r})
+        rank_index(
+            r,
+            {"t": ("float32", shape, boxes), "c": ("int8", (), [Box((), ())] if r == 0 else [])},
+            zstd=["t"] if zstd else [],
+            state={"rank": r},
+        )
         for r, boxes in enumerate(per_rank)
     ]
     order.shuffle(indexes)
     builder = ManifestBuilder(4)
     for index in indexes:
         builder.add_report(index.to_bytes(), f"rank {index.rank}", CHUNK)
-    data = builder.render(generation="g", world_size=len(per_rank), chunk_bytes=CHUNK, created_unix=2.0)
+    data = builder.render(
+        generation="g", world_size=len(per_rank), chunk_bytes=CHUNK, created_unix=2.0
+    )
     loaded = Manifest.from_bytes(data, "m")
-    assert loaded == builder.build(generation="g", world_size=len(per_rank), chunk_bytes=CHUNK,
-                                   created_unix=2.0)
+    assert loaded == builder.build(
+        generation="g", world_size=len(per_rank), chunk_bytes=CHUNK, created_unix=2.0
+    )
     assert (coverage(shape, [p.box for p in loaded.tensors["t"].pieces]) == 1).all()
     assert sum(len(b) for b in per_rank) == len(loaded.tensors["t"].pieces)
     assert loaded.state == {"rank": 0}

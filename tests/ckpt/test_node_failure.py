@@ -19,7 +19,15 @@ from tests.support.redis_server import RedisServer, redis_server_binary
 
 def test_four_workers_killed_mid_step_resume_on_three(tmp_path: Path) -> None:
     """4 workers, SIGKILL one after a step, relaunch with 3 workers: resharded restore."""
-    result = run_demo(str(tmp_path / "demo"), steps=16, every=4, nproc=4, resume_nproc=3, seed=3, echo=lambda *_: None)
+    result = run_demo(
+        str(tmp_path / "demo"),
+        steps=16,
+        every=4,
+        nproc=4,
+        resume_nproc=3,
+        seed=3,
+        echo=lambda *_: None,
+    )
     assert result.restored_step is not None
     assert result.restored_step < result.crash_step
     assert result.identical
@@ -32,8 +40,14 @@ def test_redis_coordinated_workers_killed_mid_step_resume_on_three(tmp_path: Pat
         pytest.skip("redis-server is not installed")
     with RedisServer(tmp_path / "redis") as server:
         result = run_demo(
-            str(tmp_path / "demo"), steps=16, every=4, nproc=4, resume_nproc=3, seed=11,
-            coordinator=server.url(), echo=lambda *_: None,
+            str(tmp_path / "demo"),
+            steps=16,
+            every=4,
+            nproc=4,
+            resume_nproc=3,
+            seed=11,
+            coordinator=server.url(),
+            echo=lambda *_: None,
         )
     assert result.restored_step is not None
     assert result.restored_step < result.crash_step
@@ -45,8 +59,14 @@ def test_a_worker_killed_mid_save_resumes(tmp_path: Path, full: bool) -> None:
     (``ckpt demo --kill-during save``): 2 workers again by default, 4 -> 3 with --full."""
     nproc, resume_nproc = (4, 3) if full else (2, 2)
     result = run_demo(
-        str(tmp_path / "demo"), steps=16, every=4, nproc=nproc, resume_nproc=resume_nproc, seed=5,
-        kill_during="save", echo=lambda *_: None,
+        str(tmp_path / "demo"),
+        steps=16,
+        every=4,
+        nproc=nproc,
+        resume_nproc=resume_nproc,
+        seed=5,
+        kill_during="save",
+        echo=lambda *_: None,
     )
     assert result.identical
 
@@ -54,7 +74,13 @@ def test_a_worker_killed_mid_save_resumes(tmp_path: Path, full: bool) -> None:
 def test_torchrun_max_restarts_same_size(tmp_path: Path) -> None:
     """torchrun --max-restarts restarts all workers after the SIGKILL; they restore and finish."""
     result = run_demo(
-        str(tmp_path / "demo"), steps=16, every=4, nproc=2, seed=7, torchrun_restarts=True, echo=lambda *_: None,
+        str(tmp_path / "demo"),
+        steps=16,
+        every=4,
+        nproc=2,
+        seed=7,
+        torchrun_restarts=True,
+        echo=lambda *_: None,
     )
     assert result.restored_step is not None
     assert result.identical

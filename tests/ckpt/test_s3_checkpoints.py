@@ -69,7 +69,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (dtype, shape and every byte)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
 
 
 def assert_same_state(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -82,7 +84,9 @@ def assert_same_state(got: dict[str, Any], want: dict[str, Any]) -> None:
             assert got[key] == value, f"{key!r}: {got[key]!r} != {value!r}"
 
 
-def s3_backend(server: S3Server, url: str, endpoint: str | None = None, **overrides: Any) -> StorageBackend:
+def s3_backend(
+    server: S3Server, url: str, endpoint: str | None = None, **overrides: Any
+) -> StorageBackend:
     """``open_backend("s3://...")`` with an ``S3Config`` for ``server`` (or a proxy)."""
     return open_backend(url, s3_config=server.config(endpoint, part_size=PART, **overrides))
 
@@ -140,7 +144,9 @@ def test_manager_saves_retains_and_restores(s3_server: S3Server, s3_url: str) ->
     model = _Net()
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     backend = s3_backend(s3_server, s3_url)
-    with CheckpointManager(backend, every_steps=2, keep_last=2, if_busy="wait", save_on_sigterm=False) as mgr:
+    with CheckpointManager(
+        backend, every_steps=2, keep_last=2, if_busy="wait", save_on_sigterm=False
+    ) as mgr:
         assert mgr.restore({"model": model, "optim": optim}) is None
         for step in range(1, 7):
             _train(model, optim, step)
@@ -185,7 +191,9 @@ def test_missing_bucket_is_a_clear_storage_error(s3_server: S3Server) -> None:
         backend.close()
 
 
-def test_access_denied_is_a_clear_storage_error_without_retries(s3_server: S3Server, s3_url: str) -> None:
+def test_access_denied_is_a_clear_storage_error_without_retries(
+    s3_server: S3Server, s3_url: str
+) -> None:
     """Every PUT answered 403 AccessDenied: the save fails with ``ckpt.StorageError``
     naming bucket, key and the fix; no request was repeated; no step is committed."""
     with S3FaultProxy(s3_server.endpoint) as proxy:
@@ -222,7 +230,9 @@ def _rank_state(rank: int, world: int, *, zero: bool) -> dict[str, Any]:
     local = full[rank * rows : (rank + 1) * rows].clone()
     bias = torch.arange(COLS, dtype=torch.float64) / 7
     return {
-        "weight": ckpt.ShardedTensor(torch.zeros_like(local) if zero else local, (ROWS, COLS), (rank * rows, 0)),
+        "weight": ckpt.ShardedTensor(
+            torch.zeros_like(local) if zero else local, (ROWS, COLS), (rank * rows, 0)
+        ),
         "bias": torch.zeros_like(bias) if zero else bias,
         "meta": {} if zero else {"epoch": 3},
     }
@@ -251,9 +261,17 @@ def test_two_ranks_save_and_restore_through_s3(seaweedfs_s3: S3Server) -> None:
     """2 gloo ranks save one sharded checkpoint to SeaweedFS and each restores its shard
     bit for bit; this process then restores the whole weight unsharded, bit for bit."""
     url = seaweedfs_s3.url()
-    results = run_ranks(_rank_save_and_restore, 2, url, seaweedfs_s3.config(part_size=PART), timeout_s=120.0)
+    results = run_ranks(
+        _rank_save_and_restore, 2, url, seaweedfs_s3.config(part_size=PART), timeout_s=120.0
+    )
     for rank, r in enumerate(results):
-        assert r == {"committed": True, "loaded": STEP, "weight": True, "bias": True, "meta": {"epoch": 3}}, rank
+        assert r == {
+            "committed": True,
+            "loaded": STEP,
+            "weight": True,
+            "bias": True,
+            "meta": {"epoch": 3},
+        }, rank
     backend = s3_backend(seaweedfs_s3, url)
     try:
         weight, bias = torch.zeros(ROWS, COLS), torch.zeros(COLS, dtype=torch.float64)
@@ -283,7 +301,9 @@ def test_fault_campaign_through_proxy(s3_server: S3Server, s3_url: str, full: bo
             proxy.add(TRANSIENT_FAULTS, fraction=0.1, count=40 * saves)  # bounded
             states = {step: make_state(step) for step in range(1, saves + 1)}
             options = SaveOptions(file_bytes=4 * MiB)  # several data files per save
-            with CheckpointManager(backend, keep_last=2, save_options=options, save_on_sigterm=False) as mgr:
+            with CheckpointManager(
+                backend, keep_last=2, save_options=options, save_on_sigterm=False
+            ) as mgr:
                 for step, state in states.items():
                     assert mgr.save(step, state, blocking=True).result().committed
             assert mgr.metrics.saves_committed == saves and mgr.metrics.saves_failed == 0
@@ -316,7 +336,9 @@ def child_main(url: str) -> None:
     """The SIGKILLed writer: commits step 1, waits for a line on stdin, saves step 2."""
     backend = open_backend(url, s3_config=S3Config(part_size=PART, addressing_style="path"))
     options = SaveOptions(file_bytes=1 * MiB)  # the small tensors land in their own files
-    with CheckpointManager(backend, keep_last=5, save_options=options, save_on_sigterm=False) as mgr:
+    with CheckpointManager(
+        backend, keep_last=5, save_options=options, save_on_sigterm=False
+    ) as mgr:
         mgr.save(1, make_state(1), blocking=True)
         print("committed 1", flush=True)
         sys.stdin.readline()
@@ -333,7 +355,9 @@ def child_env(server: S3Server, endpoint: str | None = None) -> dict[str, str]:
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
     """One line of the child's stdout, or "" when it does not come in time."""
     out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.readline() if proc.stdout else ""), daemon=True)
+    reader = threading.Thread(
+        target=lambda: out.append(proc.stdout.readline() if proc.stdout else ""), daemon=True
+    )
     reader.start()
     reader.join(timeout)
     return out[0] if out else ""
@@ -348,12 +372,20 @@ def test_sigkill_mid_upload_leaves_no_torn_step(seaweedfs_s3: S3Server, tmp_path
     with S3FaultProxy(server.endpoint) as proxy, open(tmp_path / "child.log", "w") as log:
         code = f"from tests.ckpt.test_s3_checkpoints import child_main; child_main({url!r})"
         proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO_ROOT, env=child_env(server, proxy.endpoint), text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            [sys.executable, "-c", code],
+            cwd=REPO_ROOT,
+            env=child_env(server, proxy.endpoint),
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
         )
         try:
             line = _readline(proc, CHILD_TIMEOUT_S)
-            assert line.strip() == "committed 1", (line, (tmp_path / "child.log").read_text()[-3000:])
+            assert line.strip() == "committed 1", (
+                line,
+                (tmp_path / "child.log").read_text()[-3000:],
+            )
             # Parts of step 2: the first goes through, the others hang until the kill.
             proxy.add("delay", count=1, method="PUT", target="partNumber=")
             proxy.add("stall", method="PUT", target="partNumber=", delay_s=60.0)
@@ -377,10 +409,18 @@ def test_sigkill_mid_upload_leaves_no_torn_step(seaweedfs_s3: S3Server, tmp_path
         assert report.step == 1 and report.skipped == ()
         assert_same_state(target, make_state(1))
         cli = Path(sys.executable).with_name("ckpt")
-        argv = [str(cli)] if cli.exists() else [sys.executable, "-c", "from ckpt.cli import main; main()"]
+        argv = (
+            [str(cli)]
+            if cli.exists()
+            else [sys.executable, "-c", "from ckpt.cli import main; main()"]
+        )
         verify = subprocess.run(
-            [*argv, "verify", url], env=child_env(server), capture_output=True, text=True,
-            timeout=CHILD_TIMEOUT_S, cwd=REPO_ROOT,
+            [*argv, "verify", url],
+            env=child_env(server),
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            cwd=REPO_ROOT,
         )
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "step 1: OK" in verify.stdout

@@ -100,7 +100,11 @@ def test_mismatch_names_missing_and_unexpected_tensors_inside_a_module(root: Pat
 
 def test_strict_false_ignores_keys_on_one_side_only(root: Path) -> None:
     """strict=False loads what both sides share and leaves the rest alone."""
-    saved: dict[str, Any] = {"model": nn.Linear(4, 3, bias=True), "t": torch.arange(3.0), "only_saved": 5}
+    saved: dict[str, Any] = {
+        "model": nn.Linear(4, 3, bias=True),
+        "t": torch.arange(3.0),
+        "only_saved": 5,
+    }
     ckpt.save(saved, root, step=1)
     model = nn.Linear(4, 3, bias=False)
     extra = torch.full((2,), 7.0)
@@ -171,22 +175,43 @@ def test_lr_scheduler_and_plain_values_are_restored(root: Path) -> None:
     for _ in range(5):
         opt.step()
         sched.step()
-    state = {"optim": opt, "sched": sched, "step": 5, "epoch": 1.5, "run": "name", "flags": [True, None]}
+    state = {
+        "optim": opt,
+        "sched": sched,
+        "step": 5,
+        "epoch": 1.5,
+        "run": "name",
+        "flags": [True, None],
+    }
     ckpt.save(state, root, step=5)
 
     _, opt2 = fresh()
     sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
-    target: dict[str, Any] = {"optim": opt2, "sched": sched2, "step": 0, "epoch": 0.0, "run": "", "flags": []}
+    target: dict[str, Any] = {
+        "optim": opt2,
+        "sched": sched2,
+        "step": 0,
+        "epoch": 0.0,
+        "run": "",
+        "flags": [],
+    }
     ckpt.load(target, root)
     assert sched2.state_dict() == sched.state_dict()
     assert sched2.last_epoch == 5 and sched2.get_last_lr() == sched.get_last_lr()
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    assert (target["step"], target["epoch"], target["run"], target["flags"]) == (5, 1.5, "name", [True, None])
+    assert (target["step"], target["epoch"], target["run"], target["flags"]) == (
+        5,
+        1.5,
+        "name",
+        [True, None],
+    )
 
 
 def test_nested_dict_state_is_updated_in_place(root: Path) -> None:
     """A dict in the state keeps its identity; its tensors are filled in place, its values replaced."""
-    saved: dict[str, Any] = {"extra": {"buf": torch.arange(6.0).reshape(2, 3), "meta": {"k": 1}, "ids": (1, 2)}}
+    saved: dict[str, Any] = {
+        "extra": {"buf": torch.arange(6.0).reshape(2, 3), "meta": {"k": 1}, "ids": (1, 2)}
+    }
     ckpt.save(saved, root, step=1)
     inner: dict[str, Any] = {"buf": torch.zeros(2, 3), "meta": {}, "stale": "dropped"}
     buf = inner["buf"]
@@ -248,7 +273,11 @@ def test_sharded_tensor_records_its_global_shape_and_offsets(root: Path) -> None
 
 @pytest.mark.parametrize(
     ("offsets", "rows", "cols"),
-    [((2, 0), slice(2, 6), slice(0, 6)), ((0, 3), slice(0, 8), slice(3, 6)), ((5, 2), slice(5, 8), slice(2, 5))],
+    [
+        ((2, 0), slice(2, 6), slice(0, 6)),
+        ((0, 3), slice(0, 8), slice(3, 6)),
+        ((5, 2), slice(5, 8), slice(2, 5)),
+    ],
     ids=["rows", "columns", "block"],
 )
 def test_sharded_tensor_loads_the_region_it_owns(

@@ -43,7 +43,9 @@ from tests.coordination.harness import (
 # -- what each rank runs ------------------------------------------------------------------
 
 
-def lose_a_rank(rank: int, world: int, spec: CoordSpec, root: str, log_path: str, scenario: str) -> dict[str, Any]:
+def lose_a_rank(
+    rank: int, world: int, spec: CoordSpec, root: str, log_path: str, scenario: str
+) -> dict[str, Any]:
     """Step 1 commits on every rank; then one participant is lost.
 
     Scenarios:
@@ -55,8 +57,11 @@ def lose_a_rank(rank: int, world: int, spec: CoordSpec, root: str, log_path: str
     coordinator = spec.make()
     committer_lost = scenario == "committer" and rank == 0
     backend = RecordingBackend(
-        LocalBackend(root), log_path=log_path, rank=rank,
-        kill_at="manifest" if committer_lost else None, kill_step=3,
+        LocalBackend(root),
+        log_path=log_path,
+        rank=rank,
+        kill_at="manifest" if committer_lost else None,
+        kill_step=3,
         fail_put_at=2 if committer_lost else None,  # the 2nd manifest put is step 2's
     )
     steps: dict[int, str] = {1: save_outcome(coordinator, backend, 1, rank, world)}
@@ -71,12 +76,15 @@ def lose_a_rank(rank: int, world: int, spec: CoordSpec, root: str, log_path: str
     return {"generation": coordinator.generation, "steps": steps}
 
 
-def save_again_after_abort(rank: int, world: int, spec: CoordSpec, root: str, log_path: str) -> dict[str, Any]:
+def save_again_after_abort(
+    rank: int, world: int, spec: CoordSpec, root: str, log_path: str
+) -> dict[str, Any]:
     """Step 1 commits; step 2's manifest write fails on rank 0 (the step aborts on every
     rank); the same incarnation saves step 2 again."""
     coordinator = spec.make()
-    backend = RecordingBackend(LocalBackend(root), log_path=log_path, rank=rank,
-                               fail_put_at=2 if rank == 0 else None)
+    backend = RecordingBackend(
+        LocalBackend(root), log_path=log_path, rank=rank, fail_put_at=2 if rank == 0 else None
+    )
     outcomes = [save_outcome(coordinator, backend, step, rank, world) for step in (1, 2, 2)]
     coordinator.close()
     return {"generation": coordinator.generation, "outcomes": outcomes}
@@ -87,7 +95,11 @@ def save_again_after_abort(rank: int, world: int, spec: CoordSpec, root: str, lo
 # "after-report" (reported, then dead), "manifest" (the committer, every report in, no
 # manifest yet), "after-manifest" (the committer, manifest durable, nothing after it).
 KILL_CAMPAIGN = [
-    *[(4, victim, stage) for victim in (1, 3) for stage in ("data-write", "report", "after-report")],
+    *[
+        (4, victim, stage)
+        for victim in (1, 3)
+        for stage in ("data-write", "report", "after-report")
+    ],
     *[(4, 0, stage) for stage in ("data-write", "report", "manifest", "after-manifest")],
     (2, 1, "after-report"),
     (3, 0, "after-manifest"),
@@ -108,7 +120,9 @@ def kill_at_stage(
         backend_stage = stage
     elif rank == victim and stage == "after-report" and spec.kind == "embedded":
         backend_stage = "index-durable"  # the embedded report is the shard index file
-    backend = RecordingBackend(LocalBackend(root), log_path=log_path, rank=rank, kill_at=backend_stage, kill_step=2)
+    backend = RecordingBackend(
+        LocalBackend(root), log_path=log_path, rank=rank, kill_at=backend_stage, kill_step=2
+    )
     steps = {1: save_outcome(coordinator, backend, 1, rank, world)}
     if rank == victim and stage == "report":
         coordinator.commit = lambda *a, **k: kill_self()
@@ -140,7 +154,9 @@ class CoordinatorConformance:
 
     # -- one process ---------------------------------------------------------------------
 
-    def test_commit_writes_one_manifest_after_the_data(self, spec: CoordSpec, backend: StorageBackend, tmp_path: Path) -> None:
+    def test_commit_writes_one_manifest_after_the_data(
+        self, spec: CoordSpec, backend: StorageBackend, tmp_path: Path
+    ) -> None:
         """Single process: each save commits exactly one manifest, after its data is durable,
         stamped with the coordinator's generation; the newest loads and the index lists both."""
         log = tmp_path / "writes.jsonl"
@@ -162,7 +178,9 @@ class CoordinatorConformance:
     ) -> None:
         """Single process: a manifest write that fails aborts that step only; the previous
         step stays the newest and loads, and the next step commits normally."""
-        faulty = RecordingBackend(backend, log_path=str(tmp_path / "writes.jsonl"), rank=0, fail_put_at=2)
+        faulty = RecordingBackend(
+            backend, log_path=str(tmp_path / "writes.jsonl"), rank=0, fail_put_at=2
+        )
         coordinator = spec.make()
         try:
             assert save_outcome(coordinator, faulty, 1, 0, 1) == "committed"
@@ -212,7 +230,9 @@ class CoordinatorConformance:
         assert_committed_once_after_data(log, 1, 2)
         steps = steps_of(outcomes[1])
         assert steps["1"] == "committed"
-        assert steps["2"].startswith("CoordinationError") and "could not publish" in steps["2"], steps["2"]
+        assert steps["2"].startswith("CoordinationError") and "could not publish" in steps["2"], (
+            steps["2"]
+        )
         assert steps["3"].startswith("CoordinationError"), steps["3"]
         # Rank 0 got as far as the manifest of step 3, so every report had arrived.
         starts = [e for e in read_log(log) if e["op"] == "manifest-start" and e["step"] == 3]
@@ -245,13 +265,17 @@ class CoordinatorConformance:
         survivors always return; a step commits only with every rank's data durable, its
         one manifest written last; a survivor that says "committed" is right; otherwise the
         previous step stays the newest and loads."""
-        for i, (world, victim, stage) in enumerate(KILL_CAMPAIGN if full else KILL_CAMPAIGN_REDUCED):
+        for i, (world, victim, stage) in enumerate(
+            KILL_CAMPAIGN if full else KILL_CAMPAIGN_REDUCED
+        ):
             case = f"world {world}, rank {victim} killed at {stage}"
             root = tmp_path / f"case-{i}"
             root.mkdir()
             log = tmp_path / f"case-{i}.jsonl"
             case_spec = dataclasses.replace(spec, job=f"{spec.job}-{i}")
-            outcomes = spawn_ranks(kill_at_stage, world, case_spec, str(root), str(log), victim, stage)
+            outcomes = spawn_ranks(
+                kill_at_stage, world, case_spec, str(root), str(log), victim, stage
+            )
             try:
                 self._check_kill_case(outcomes, LocalBackend(root), log, world, victim, stage)
             except AssertionError as exc:
@@ -259,7 +283,12 @@ class CoordinatorConformance:
 
     @staticmethod
     def _check_kill_case(
-        outcomes: list[RankOutcome], backend: StorageBackend, log: Path, world: int, victim: int, stage: str
+        outcomes: list[RankOutcome],
+        backend: StorageBackend,
+        log: Path,
+        world: int,
+        victim: int,
+        stage: str,
     ) -> None:
         assert outcomes[victim].killed
         assert_committed_once_after_data(log, 1, world)

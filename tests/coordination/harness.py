@@ -73,8 +73,11 @@ class CoordSpec:
         from ckpt.coordination import RedisCoordinator
 
         kwargs: dict[str, Any] = dict(
-            job=self.job, timeout=self.timeout, heartbeat_interval=self.heartbeat_interval,
-            heartbeat_ttl=self.heartbeat_ttl, retry_seconds=self.retry_seconds,
+            job=self.job,
+            timeout=self.timeout,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_ttl=self.heartbeat_ttl,
+            retry_seconds=self.retry_seconds,
         )
         kwargs.update(overrides)
         return RedisCoordinator(self.url, **kwargs)
@@ -91,7 +94,9 @@ def make_state(step: int, rank: int, world: int) -> dict[str, Any]:
     """Rank ``rank``'s part of step ``step``: a row block of ``w`` (every rank writes data),
     a replicated ``b`` (written once) and a plain value."""
     return {
-        "w": ckpt.ShardedTensor(torch.full((ROWS, COLS), value(step, rank)), (ROWS * world, COLS), (ROWS * rank, 0)),
+        "w": ckpt.ShardedTensor(
+            torch.full((ROWS, COLS), value(step, rank)), (ROWS * world, COLS), (ROWS * rank, 0)
+        ),
         "b": torch.full((3,), float(step)),
         "meta": {"step": step},
     }
@@ -117,9 +122,13 @@ def assert_loads_as(backend: StorageBackend, world: int, step: int) -> None:
     assert state["meta"] == {"step": step}
 
 
-def save_outcome(coordinator: Coordinator, backend: StorageBackend, step: int, rank: int, world: int) -> str:
+def save_outcome(
+    coordinator: Coordinator, backend: StorageBackend, step: int, rank: int, world: int
+) -> str:
     """Save ``step`` and wait for it; ``"committed"`` or ``"<ErrorClass>: <message>"``."""
-    pending = ckpt.async_save(make_state(step, rank, world), backend, step=step, coordinator=coordinator)
+    pending = ckpt.async_save(
+        make_state(step, rank, world), backend, step=step, coordinator=coordinator
+    )
     try:
         pending.result(timeout=SIGNAL_TIMEOUT_S)  # a TimeoutError here fails the rank: a hang
     except ckpt.CheckpointError as exc:
@@ -176,8 +185,14 @@ class RecordingBackend(FaultyBackend):
     """
 
     def __init__(
-        self, inner: StorageBackend, *, log_path: str, rank: int,
-        kill_at: str | None = None, kill_step: int | None = None, **kw: Any,
+        self,
+        inner: StorageBackend,
+        *,
+        log_path: str,
+        rank: int,
+        kill_at: str | None = None,
+        kill_step: int | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(inner, **kw)
         self.log_path = log_path
@@ -212,11 +227,18 @@ class RecordingBackend(FaultyBackend):
             return super().put_if_absent(path, data)
         manifest = Manifest.from_bytes(bytes(data), path)
         missing = [
-            rel for rel, size in manifest.files.items()
+            rel
+            for rel, size in manifest.files.items()
             if not self.inner.exists(f"{head}/{rel}") or self.inner.size(f"{head}/{rel}") != size
         ]
-        self.record(op="manifest-start", step=step, path=path, missing=missing,
-                    files=sorted(manifest.files), generation=manifest.generation)
+        self.record(
+            op="manifest-start",
+            step=step,
+            path=path,
+            missing=missing,
+            files=sorted(manifest.files),
+            generation=manifest.generation,
+        )
         if step == self.kill_step:
             self.maybe_kill("manifest", path)
         created = super().put_if_absent(path, data)
@@ -247,16 +269,20 @@ def assert_committed_once_after_data(log_path: Path, step: int, world: int) -> d
     assert [d["created"] for d in dones] == [True]
     start = events[starts[0]]
     assert start["rank"] == 0
-    assert start["missing"] == [], f"step {step}: the manifest was put before {start['missing']} were durable"
+    assert start["missing"] == [], (
+        f"step {step}: the manifest was put before {start['missing']} were durable"
+    )
     durable_before = {e["path"] for e in events[: starts[0]] if e["op"] == "durable"}
     for rel in start["files"]:
-        assert f"{prefix}/{rel}" in durable_before, f"{prefix}/{rel} became durable after the manifest"
+        assert f"{prefix}/{rel}" in durable_before, (
+            f"{prefix}/{rel} became durable after the manifest"
+        )
     # Data files are named <generation>-r<rank>-...: one generation on every rank, and
     # every rank's data is in the manifest.
     tag = start["generation"] + "-r"
     names = [rel.rpartition("/")[2] for rel in start["files"]]
     assert all(name.startswith(tag) for name in names), f"step {step}: {names} not all of {tag}*"
-    writers = {int(name[len(tag):].split("-")[0]) for name in names}
+    writers = {int(name[len(tag) :].split("-")[0]) for name in names}
     assert writers == set(range(world)), f"step {step}: data from ranks {sorted(writers)} only"
     return start
 
@@ -270,7 +296,10 @@ def send(directory: str | Path, name: str) -> None:
 
 
 def wait_signals(
-    directory: str | Path, names: list[str], *, timeout: float = SIGNAL_TIMEOUT_S,
+    directory: str | Path,
+    names: list[str],
+    *,
+    timeout: float = SIGNAL_TIMEOUT_S,
     ranks: Ranks | None = None,
 ) -> None:
     """Wait until every signal in ``names`` was raised; fail early when ``ranks`` died."""
@@ -288,7 +317,13 @@ def wait_signals(
 
 # -- a launcher that survives dead ranks -----------------------------------------------------
 
-_PRELOAD = ["torch", "torch.distributed", "ckpt", "ckpt.coordination._redis", "tests.coordination.conformance"]
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "ckpt",
+    "ckpt.coordination._redis",
+    "tests.coordination.conformance",
+]
 
 
 def _context() -> Any:
@@ -296,7 +331,6 @@ def _context() -> Any:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
-
 
 
 @dataclass
@@ -326,7 +360,12 @@ class Ranks:
     """
 
     def __init__(
-        self, fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0, pg_timeout_s: float = 30.0
+        self,
+        fn: Callable[..., Any],
+        world: int,
+        *args: Any,
+        timeout_s: float = 120.0,
+        pg_timeout_s: float = 30.0,
     ) -> None:
         self._fn = fn
         self._world = world
@@ -345,7 +384,15 @@ class Ranks:
         for rank in range(self._world):
             p = ctx.Process(
                 target=rank_main,
-                args=(rank, self._world, port, self._dir.name, self._pg_timeout_s, self._fn, self._args),
+                args=(
+                    rank,
+                    self._world,
+                    port,
+                    self._dir.name,
+                    self._pg_timeout_s,
+                    self._fn,
+                    self._args,
+                ),
                 name=f"rank{rank}",
             )
             p.start()
@@ -372,7 +419,9 @@ class Ranks:
             path = Path(self._dir.name) / f"rank{rank}.json"
             outcome = RankOutcome(rank, p.exitcode)
             if rank in hung:
-                outcome.error = f"still running after {self._timeout_s:.0f} s (a hang); killed by the test"
+                outcome.error = (
+                    f"still running after {self._timeout_s:.0f} s (a hang); killed by the test"
+                )
             elif path.exists():
                 data = json.loads(path.read_text())
                 if data["ok"]:
@@ -393,7 +442,9 @@ class Ranks:
         self._dir.cleanup()
 
 
-def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0) -> list[RankOutcome]:
+def spawn_ranks(
+    fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0
+) -> list[RankOutcome]:
     """Run ``fn`` on ``world`` ranks to the end; every rank's outcome, dead ones included."""
     with Ranks(fn, world, *args, timeout_s=timeout_s) as ranks:
         return ranks.join()

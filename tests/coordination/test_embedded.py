@@ -34,9 +34,13 @@ def _fail_rank1_write(rank: int, world: int, root: str) -> str:
     from tests.support.faulty import FaultyBackend
 
     inner = LocalBackend(root)
-    backend = FaultyBackend(inner, fail_write_at=1, error=StorageBackendError) if rank == 1 else inner
+    backend = (
+        FaultyBackend(inner, fail_write_at=1, error=StorageBackendError) if rank == 1 else inner
+    )
     coordinator = ProcessGroupCoordinator(timeout=120)
-    state = {"w": ckpt.ShardedTensor(torch.full((4,), float(rank)), (8,), (4 * rank,), replicated=False)}
+    state = {
+        "w": ckpt.ShardedTensor(torch.full((4,), float(rank)), (8,), (4 * rank,), replicated=False)
+    }
     try:
         ckpt.Snapshotter().async_save(state, backend, 1, coordinator).result(timeout=60)
     except ckpt.CheckpointError as exc:

@@ -62,7 +62,9 @@ THREAD_WAIT_S = 30.0
 
 def redis_spec(server: RedisServer, job: str, **kw: Any) -> CoordSpec:
     """Short timeouts and a fast heartbeat: failures show within seconds."""
-    return CoordSpec("redis", url=server.url(), job=job, **{"timeout": 10.0, "heartbeat_ttl": 4.0, **kw})
+    return CoordSpec(
+        "redis", url=server.url(), job=job, **{"timeout": 10.0, "heartbeat_ttl": 4.0, **kw}
+    )
 
 
 class TestRedisConformance(CoordinatorConformance):
@@ -87,7 +89,8 @@ def rank_coordinators(spec: CoordSpec, world: int, **kw: Any) -> list[Any]:
     """One RedisCoordinator per rank of one incarnation (rank 0 takes the generation)."""
     first = spec.redis(rank=0, world_size=world, **kw)
     return [first] + [
-        spec.redis(rank=r, world_size=world, generation=first.generation, **kw) for r in range(1, world)
+        spec.redis(rank=r, world_size=world, generation=first.generation, **kw)
+        for r in range(1, world)
     ]
 
 
@@ -101,9 +104,15 @@ def shard_index(backend: StorageBackend, step: int, rank: int, generation: str) 
     data = torch.full((4,), float(rank)).numpy().tobytes()
     rel = f"data/{generation}-r{rank:05d}-000.safetensors"
     backend.write(f"{step_prefix(step)}/{rel}", data)
-    piece = StoredPiece.at(Box((0,), (4,)), rel, 0, len(data), "raw", chunk_checksums(memoryview(data), CHUNK))
-    return ShardIndex(rank, {f"t{rank}": TensorEntry("float32", (4,), (piece,))}, {rel: len(data)},
-                      state={} if rank == 0 else None)
+    piece = StoredPiece.at(
+        Box((0,), (4,)), rel, 0, len(data), "raw", chunk_checksums(memoryview(data), CHUNK)
+    )
+    return ShardIndex(
+        rank,
+        {f"t{rank}": TensorEntry("float32", (4,), (piece,))},
+        {rel: len(data)},
+        state={} if rank == 0 else None,
+    )
 
 
 def commit_rank0(coordinator: Any, backend: StorageBackend, step: int) -> Any:
@@ -116,7 +125,9 @@ def report(coordinator: Any, backend: StorageBackend, step: int) -> int:
     return int(coordinator.report(step, index.to_bytes()))
 
 
-def test_a_checkpoint_costs_at_most_three_round_trips_per_rank(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_a_checkpoint_costs_at_most_three_round_trips_per_rank(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """4 ranks: report + wait costs a non-committer 2 round trips; reading the reports +
     claim + commit costs the committer 3. A one-rank save through the engine costs 2."""
     spec = redis_spec(redis_server, job)
@@ -144,7 +155,9 @@ def test_a_checkpoint_costs_at_most_three_round_trips_per_rank(redis_server: Red
         single.close()
 
 
-def test_the_committer_merges_reports_while_they_arrive(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_the_committer_merges_reports_while_they_arrive(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """33 ranks. From ``begin`` the committer reads reports in the background: once 16 are
     in it has merged them (and Redis keeps only unread reports) before any more come;
     once the others are in and merged, the commit needs only the claim and the commit.
@@ -176,8 +189,12 @@ def test_the_committer_merges_reports_while_they_arrive(redis_server: RedisServe
         assert clients[0].round_trips <= 6  # reads (16 of them wake it first, then 24 and 32)
         before = clients[0].round_trips
         manifest = commit_rank0(ranks[0], backend, 1)
-        assert manifest is not None and sorted(manifest.tensors) == sorted(f"t{r}" for r in range(33))
-        assert clients[0].round_trips - before == 2  # claim, commit: every report was merged already
+        assert manifest is not None and sorted(manifest.tensors) == sorted(
+            f"t{r}" for r in range(33)
+        )
+        assert (
+            clients[0].round_trips - before == 2
+        )  # claim, commit: every report was merged already
         spent = []
         for c, client in zip(ranks[1:], clients[1:]):
             b = client.round_trips
@@ -191,7 +208,9 @@ def test_the_committer_merges_reports_while_they_arrive(redis_server: RedisServe
         close_all(ranks)
 
 
-def test_a_retried_report_counts_once(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_a_retried_report_counts_once(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """A report sent twice (a retry whose first reply was lost) is counted and merged once."""
     spec = redis_spec(redis_server, job)
     ranks = rank_coordinators(spec, 3)
@@ -207,13 +226,17 @@ def test_a_retried_report_counts_once(redis_server: RedisServer, job: str, backe
         close_all(ranks)
 
 
-def test_a_corrupt_report_aborts_the_step(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_a_corrupt_report_aborts_the_step(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """A report that is not a valid shard index: the committer refuses to commit with an
     error naming the rank, the other rank's wait ends in an abort, no manifest appears."""
     spec = redis_spec(redis_server, job)
     ranks = rank_coordinators(spec, 3)
     try:
-        ranks[1].report(1, b'{"rank": 1, "tensors": {"t1": {"dtype": "float32", "shape": [4], "pieces": 7}}}')
+        ranks[1].report(
+            1, b'{"rank": 1, "tensors": {"t1": {"dtype": "float32", "shape": [4], "pieces": 7}}}'
+        )
         report(ranks[2], backend, 1)
         with pytest.raises(ckpt.CorruptCheckpointError, match="rank 1's report of step 1"):
             commit_rank0(ranks[0], backend, 1)
@@ -224,7 +247,9 @@ def test_a_corrupt_report_aborts_the_step(redis_server: RedisServer, job: str, b
         close_all(ranks)
 
 
-def test_waiting_ranks_do_not_poll(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_waiting_ranks_do_not_poll(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """The commit comes 1.5 s after the report: the waiting rank blocks the whole time in
     one pop (its slice is half the heartbeat TTL) and spends 2 round trips in all."""
     spec = redis_spec(redis_server, job, heartbeat_ttl=4.0)
@@ -250,7 +275,9 @@ def test_a_report_from_an_earlier_save_of_the_step_is_refused(
     coming from the first save (a slow rank) is refused, and the second save commits."""
     spec = redis_spec(redis_server, job)
     ranks = rank_coordinators(spec, 2)
-    slow = spec.redis(rank=1, world_size=2, generation=ranks[0].generation)  # stays at the first save
+    slow = spec.redis(
+        rank=1, world_size=2, generation=ranks[0].generation
+    )  # stays at the first save
     try:
         for c in (*ranks, slow):
             c.begin(1, CHUNK)
@@ -302,7 +329,9 @@ def test_redis_remembering_an_old_commit_does_not_block_a_new_save(
         close_all(third)
 
 
-def test_zombie_generation_is_fenced(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_zombie_generation_is_fenced(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """After a new incarnation takes the job, coordinators holding the old generation get
     FencedError on report, collect, commit, wait_outcome and mark_committed; the zombie
     committer writes no manifest (I4) and takes none of the new incarnation's wake-up
@@ -335,7 +364,10 @@ def test_zombie_generation_is_fenced(redis_server: RedisServer, job: str, backen
 
 
 def test_two_jobs_share_one_redis(
-    redis_server: RedisServer, backend: StorageBackend, other_backend: StorageBackend, tmp_path: Path
+    redis_server: RedisServer,
+    backend: StorageBackend,
+    other_backend: StorageBackend,
+    tmp_path: Path,
 ) -> None:
     """Jobs ``a`` and ``b`` use the same step numbers on one server: b's restart does not
     fence a, b's abort does not touch a's step, each index lists its own steps, and every
@@ -356,7 +388,10 @@ def test_two_jobs_share_one_redis(
         b[1].wait_outcome(2, other_backend)
         assert a[0].step_index.committed_steps(backend) == [1]
         assert b[0].step_index.committed_steps(other_backend) == [2]
-        keys = describe_state(redis_server.client(), "a").keys() | describe_state(redis_server.client(), "b").keys()
+        keys = (
+            describe_state(redis_server.client(), "a").keys()
+            | describe_state(redis_server.client(), "b").keys()
+        )
         assert {k.decode() for k in redis_server.client().keys("*")} == keys
     finally:
         close_all(a + b)
@@ -365,7 +400,9 @@ def test_two_jobs_share_one_redis(
         with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
             assert mgr.coordinator.job == job_from_url(mgr.backend.url)  # type: ignore[attr-defined]
             mgr.save(step, {"x": torch.full((2,), float(step))}, blocking=True)
-    assert job_from_url(LocalBackend(tmp_path / "ckpts").url) != job_from_url(LocalBackend(tmp_path / "ckpts-other").url)
+    assert job_from_url(LocalBackend(tmp_path / "ckpts").url) != job_from_url(
+        LocalBackend(tmp_path / "ckpts-other").url
+    )
     for root, steps in ((tmp_path / "ckpts", [3, 1]), (tmp_path / "ckpts-other", [4, 2])):
         with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
             assert mgr.coordinator.step_index.committed_steps(mgr.backend) == steps  # type: ignore[union-attr]
@@ -380,11 +417,15 @@ def test_redis_py_is_imported_only_when_a_redis_coordinator_is_used() -> None:
     )
     root = str(Path(__file__).resolve().parents[2])  # this checkout's ckpt, not an installed one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     assert out.stdout.split() == ["False", "True"]
 
 
-def test_save_functions_take_a_redis_url(redis_server: RedisServer, backend: StorageBackend) -> None:
+def test_save_functions_take_a_redis_url(
+    redis_server: RedisServer, backend: StorageBackend
+) -> None:
     """``ckpt.save`` and ``ckpt.async_save`` given ``coordinator="redis://..."`` commit through
     a RedisCoordinator of the root's job (its index in Redis lists both steps) and close it
     once the save has ended (no heartbeat thread is left)."""
@@ -452,7 +493,9 @@ def test_committed_index_survives_restarts_and_is_rebuilt(
     assert index(_NoListing(root)) == [3, 2, 1]
 
 
-def test_lost_heartbeat_aborts_the_step(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_lost_heartbeat_aborts_the_step(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """3 ranks, a long timeout: rank 1 stops heartbeating before it reports. The committer
     aborts the step because of the lost heartbeat (not the timeout) and the waiting rank
     2 gets the abort too; no manifest appears."""
@@ -472,7 +515,9 @@ def test_lost_heartbeat_aborts_the_step(redis_server: RedisServer, job: str, bac
         close_all(ranks)
 
 
-def test_timeout_aborts_and_a_late_report_is_refused(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_timeout_aborts_and_a_late_report_is_refused(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """A rank that keeps heartbeating but never reports: the committer aborts the step
     at its timeout; the straggler's late report is refused; no manifest appears."""
     spec = redis_spec(redis_server, job, timeout=1.5)
@@ -487,7 +532,9 @@ def test_timeout_aborts_and_a_late_report_is_refused(redis_server: RedisServer, 
         close_all(ranks)
 
 
-def test_committer_dead_after_the_manifest_still_commits(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_committer_dead_after_the_manifest_still_commits(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """The committer publishes the manifest and dies before telling Redis: the waiting
     rank sees the manifest in storage and treats the step as committed (storage is the
     truth), and the index rebuilt from storage lists it."""
@@ -497,7 +544,9 @@ def test_committer_dead_after_the_manifest_still_commits(redis_server: RedisServ
         report(ranks[1], backend, 1)
         builder = ranks[0].collect(1, CHUNK)
         builder.add(shard_index(backend, 1, 0, ranks[0].generation))
-        publish(backend, builder.build(generation=ranks[0].generation, world_size=2, chunk_bytes=CHUNK))
+        publish(
+            backend, builder.build(generation=ranks[0].generation, world_size=2, chunk_bytes=CHUNK)
+        )
         ranks[0].close()  # ... and no mark_committed
         ranks[1].wait_outcome(1, backend)  # returns: committed in storage
         assert ranks[1].step_index.committed_steps(backend) == [1]
@@ -505,7 +554,9 @@ def test_committer_dead_after_the_manifest_still_commits(redis_server: RedisServ
         close_all(ranks)
 
 
-def test_redis_gone_for_good_gives_a_clear_error(redis_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_redis_gone_for_good_gives_a_clear_error(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """Redis dies and does not come back: a rank's report fails with a CoordinationError
     naming the step after its retry budget, and nothing is committed."""
     spec = redis_spec(redis_server, job, retry_seconds=1.0)
@@ -519,7 +570,9 @@ def test_redis_gone_for_good_gives_a_clear_error(redis_server: RedisServer, job:
         close_all(ranks)
 
 
-def test_auth_with_requirepass(redis_password_server: RedisServer, job: str, backend: StorageBackend) -> None:
+def test_auth_with_requirepass(
+    redis_password_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
     """``redis://:password@host:port/0`` (a password with URL-special characters) works; a
     wrong or missing password is a CoordinationError that says authentication failed."""
     good = redis_password_server.url()
@@ -528,7 +581,10 @@ def test_auth_with_requirepass(redis_password_server: RedisServer, job: str, bac
         assert save_outcome(coordinator, backend, 1, 0, 1) == "committed"
     finally:
         coordinator.close()
-    for bad in (redis_password_server.url(password="wrong"), redis_password_server.url(password="")):
+    for bad in (
+        redis_password_server.url(password="wrong"),
+        redis_password_server.url(password=""),
+    ):
         with pytest.raises(ckpt.CoordinationError, match="authentication failed"):
             CoordSpec("redis", url=bad, job=job).redis()
 
@@ -551,7 +607,9 @@ def test_tls_rediss(redis_tls_server: RedisServer, backend: StorageBackend, tmp_
 # -- Redis killed and restarted in the middle of a step (real ranks) ------------------------
 
 
-def redis_restarts(rank: int, world: int, spec: CoordSpec, root: str, signals: str) -> dict[str, Any]:
+def redis_restarts(
+    rank: int, world: int, spec: CoordSpec, root: str, signals: str
+) -> dict[str, Any]:
     """Steps 1-4. At steps 2 and 3 every non-committer reports, then the committer stops
     before collecting until the test has restarted Redis (with AOF before step 2's
     collect, without persistence before step 3's)."""
@@ -613,4 +671,3 @@ def test_redis_killed_and_restarted_mid_step(
         assert restarted.step_index.committed_steps(backend) == [4, 2, 1]
     finally:
         restarted.close()
-

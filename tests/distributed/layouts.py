@@ -24,7 +24,12 @@ import torch
 import ckpt
 from tests.distributed.sharded import chunk, global_value
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64, "bool": torch.bool}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
 LAYOUTS_1D = ("S0", "S1", "R", "ST0", "ST1")
 LAYOUTS_2D = ("2D_S0_S1", "2D_R_S1", "2D_S0_R", "2D_R_S0", "2D_S0_S0", "2D_S1_S0")
 
@@ -70,7 +75,9 @@ class Meshes:
 
         self.world = world
         self.one = init_device_mesh("cpu", (world,)) if world > 1 else None
-        self.two = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")) if world == 4 else None
+        self.two = (
+            init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")) if world == 4 else None
+        )
 
     def mesh_and_placements(self, layout: str) -> tuple[Any, list[Any]]:
         if layout.startswith("2D_"):
@@ -91,7 +98,9 @@ def sentinel_of(expected: torch.Tensor) -> torch.Tensor:
     return (expected + 1).to(expected.dtype)
 
 
-def place(spec: Spec, layout: str, meshes: Meshes, rank: int, *, sentinel: bool) -> tuple[Any, torch.Tensor]:
+def place(
+    spec: Spec, layout: str, meshes: Meshes, rank: int, *, sentinel: bool
+) -> tuple[Any, torch.Tensor]:
     """(this rank's value of ``spec`` in ``layout``, what its local data must be after a load).
 
     With ``sentinel`` the value holds other data, so that a load has to overwrite all of it.
@@ -110,7 +119,9 @@ def place(spec: Spec, layout: str, meshes: Meshes, rank: int, *, sentinel: bool)
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         mesh, placements = meshes.mesh_and_placements(layout)
-        local_shape, offsets = compute_local_shape_and_global_offset(torch.Size(shape), mesh, placements)
+        local_shape, offsets = compute_local_shape_and_global_offset(
+            torch.Size(shape), mesh, placements
+        )
         box_offsets = tuple(int(o) for o in offsets)
         index = tuple(slice(o, o + n) for o, n in zip(box_offsets, local_shape))
         expected = full[index].clone()
@@ -122,8 +133,10 @@ def place(spec: Spec, layout: str, meshes: Meshes, rank: int, *, sentinel: bool)
     from torch.distributed.tensor import DTensor
 
     mesh, placements = meshes.mesh_and_placements(layout)
-    stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
-    value = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+    stride = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+    value = DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
+    )
     return value, expected
 
 

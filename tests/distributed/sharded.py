@@ -76,17 +76,23 @@ def _placements(spec: tuple[str, ...]) -> list[Any]:
     return [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec]
 
 
-def _dtensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, mesh: Any, spec: tuple[str, ...]) -> Any:
+def _dtensor(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, mesh: Any, spec: tuple[str, ...]
+) -> Any:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(global_value(name, shape, dtype), mesh, _placements(spec))
 
 
-def _sharded(name: str, shape: tuple[int, ...], dim: int, parts: int, index: int, replicated: bool) -> ckpt.ShardedTensor:
+def _sharded(
+    name: str, shape: tuple[int, ...], dim: int, parts: int, index: int, replicated: bool
+) -> ckpt.ShardedTensor:
     full = global_value(name, shape, torch.float32)
     start, length = chunk(shape[dim], parts, index)
     offsets = tuple(start if d == dim else 0 for d in range(len(shape)))
-    return ckpt.ShardedTensor(full.narrow(dim, start, length).clone(), shape, offsets, replicated=replicated)
+    return ckpt.ShardedTensor(
+        full.narrow(dim, start, length).clone(), shape, offsets, replicated=replicated
+    )
 
 
 def _megatron(rank: int, world: int, variant: str) -> dict[str, ckpt.ShardedTensor]:
@@ -266,7 +272,9 @@ def mismatches(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -
         full = full_value(value)
         want = expected[name]
         if full.dtype != want.dtype or full.shape != want.shape:
-            problems.append(f"{name}: {full.dtype}{list(full.shape)} vs {want.dtype}{list(want.shape)}")
+            problems.append(
+                f"{name}: {full.dtype}{list(full.shape)} vs {want.dtype}{list(want.shape)}"
+            )
         elif not torch.equal(full, want):
             problems.append(f"{name}: values differ")
     return problems

@@ -53,7 +53,9 @@ from tests.support.checks import difference
 from tests.support.gloo import run_ranks
 
 STEP = 3
-TIMEOUT_S = 120.0  # a stuck collective fails the rank (with its traceback) before pytest-timeout (300 s)
+TIMEOUT_S = (
+    120.0  # a stuck collective fails the rank (with its traceback) before pytest-timeout (300 s)
+)
 MATRIX_CHUNK = 4096  # small chunks: loads cut through chunks inside pieces
 AMP_CHUNK = 16 << 10
 BIG_SHAPE = (1531, 517)  # float32, ~3 MiB, odd sizes
@@ -68,7 +70,9 @@ def _save(state: dict[str, Any], root: str, chunk_bytes: int | None) -> None:
     options = ckpt.SaveOptions(chunk_bytes=chunk_bytes) if chunk_bytes else None
     engine = ckpt.Snapshotter(options)
     try:
-        engine.async_save(state, LocalBackend(root), STEP, default_coordinator()).result(timeout=TIMEOUT_S)
+        engine.async_save(state, LocalBackend(root), STEP, default_coordinator()).result(
+            timeout=TIMEOUT_S
+        )
     finally:
         engine.close()
 
@@ -102,13 +106,17 @@ def _fsdp_model(meshes: Meshes, seed: int) -> nn.Module:
     return model
 
 
-def _full_state(model: nn.Module, optim: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+def _full_state(
+    model: nn.Module, optim: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], Any]:
     """Whole model + optimizer state keyed by parameter name (a collective), and param groups."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_sd: Any
     optim_sd: Any
-    model_sd, optim_sd = get_state_dict(model, optim, options=StateDictOptions(full_state_dict=True))
+    model_sd, optim_sd = get_state_dict(
+        model, optim, options=StateDictOptions(full_state_dict=True)
+    )
     tensors = {f"model.{k}": v.detach().clone() for k, v in model_sd.items()}
     for fqn, per_param in optim_sd["state"].items():
         for key, value in per_param.items():
@@ -159,7 +167,9 @@ def _worker(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
     specs = job["specs"]
     out: dict[str, Any] = {"problems": [], "loads": 0, "amp": {}, "fsdp_problems": []}
     for layout, root in job.get("save", []):
-        state = {"t": {spec[0]: place(spec, layout, meshes, rank, sentinel=False)[0] for spec in specs}}
+        state = {
+            "t": {spec[0]: place(spec, layout, meshes, rank, sentinel=False)[0] for spec in specs}
+        }
         _save(state, root, MATRIX_CHUNK)
     for root, chunk_bytes in job.get("big_save", []):
         _save({"big": _big(meshes, rank, "S0", sentinel=False)[0]}, root, chunk_bytes)
@@ -264,7 +274,9 @@ def four(base: Path, one: Path) -> dict[str, Any]:
 def two(base: Path, one: Path, four: dict[str, Any]) -> dict[str, Any]:
     """2 ranks: save S0, S1; load 4 -> 2 (every saved layout into S0/S1/R/ST1), 1 -> 2, 2 -> 2."""
     saved = _roots(base, 2, ("S0", "S1"))
-    loads = [[root, layout] for root in four["saved"].values() for layout in ("S0", "S1", "R", "ST1")]
+    loads = [
+        [root, layout] for root in four["saved"].values() for layout in ("S0", "S1", "R", "ST1")
+    ]
     loads += [[str(one), "S0"], [str(one), "S1"], [saved["S0"], "S1"], [saved["S1"], "ST0"]]
     big = base / "n4-big"
     job = {
@@ -287,8 +299,14 @@ def two(base: Path, one: Path, four: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def three(base: Path, one: Path, four: dict[str, Any], two: dict[str, Any]) -> dict[str, Any]:
     """3 ranks (uneven splits): load 2 -> 3, 4 -> 3, 1 -> 3."""
-    loads = [[root, layout] for root in two["saved"].values() for layout in ("S0", "S1", "ST1", "R")]
-    loads += [[four["saved"]["S0"], "S0"], [four["saved"]["2D_S0_S1"], "S1"], [four["saved"]["2D_R_S1"], "ST0"]]
+    loads = [
+        [root, layout] for root in two["saved"].values() for layout in ("S0", "S1", "ST1", "R")
+    ]
+    loads += [
+        [four["saved"]["S0"], "S0"],
+        [four["saved"]["2D_S0_S1"], "S1"],
+        [four["saved"]["2D_R_S1"], "ST0"],
+    ]
     loads += [[str(one), "S0"], [str(one), "S1"]]
     job = {
         "specs": SPECS,
@@ -311,7 +329,9 @@ def three(base: Path, one: Path, four: dict[str, Any], two: dict[str, Any]) -> d
 # --------------------------------------------------------------------------- tests
 
 
-def test_saved_checkpoints_record_their_world_size(four: dict[str, Any], two: dict[str, Any], one: Path) -> None:
+def test_saved_checkpoints_record_their_world_size(
+    four: dict[str, Any], two: dict[str, Any], one: Path
+) -> None:
     """Each matrix checkpoint is committed with the world size that wrote it."""
     for world, saved in ((4, four["saved"]), (2, two["saved"]), (1, {"full": str(one)})):
         for root in saved.values():
@@ -356,7 +376,9 @@ def test_optimizer_state_follows_parameters(two: dict[str, Any], three: dict[str
     assert _all(three["results"], "fsdp_problems") == []
 
 
-def test_read_amplification(two: dict[str, Any], three: dict[str, Any], record_property: Any) -> None:
+def test_read_amplification(
+    two: dict[str, Any], three: dict[str, Any], record_property: Any
+) -> None:
     """A ~3 MiB float32 tensor saved Shard(0) with 16 KiB chunks: Shard(0) -> Shard(0) onto
     another world size reads <= 1.05x the bytes each rank needs (4 -> 2 is exactly 1.0: whole
     pieces read straight into the target). Shard(0) -> Shard(1) reads whole rows of every
@@ -394,7 +416,12 @@ def test_full_matrix(tmp_path: Path) -> None:
     problems: list[str] = []
 
     def loads_for(world: int, sources: dict[int, dict[str, str]]) -> list[list[str]]:
-        return [[root, layout] for roots in sources.values() for root in roots.values() for layout in layouts_for(world)]
+        return [
+            [root, layout]
+            for roots in sources.values()
+            for root in roots.values()
+            for layout in layouts_for(world)
+        ]
 
     # Each world saves every layout, then loads everything saved so far (its own included).
     for world in (4, 3, 2):

@@ -55,8 +55,17 @@ from tests.support.gloo import run_ranks
 STEP = 7
 TIMEOUT_S = 120.0
 _COLLECTIVES = (
-    "all_gather_object", "broadcast_object_list", "all_reduce", "all_gather", "broadcast",
-    "barrier", "reduce_scatter", "gather_object", "scatter_object_list", "send", "recv",
+    "all_gather_object",
+    "broadcast_object_list",
+    "all_reduce",
+    "all_gather",
+    "broadcast",
+    "barrier",
+    "reduce_scatter",
+    "gather_object",
+    "scatter_object_list",
+    "send",
+    "recv",
 )
 _RANK_IN_FILE = re.compile(r"-r(\d{5})-[0-9a-f]{8}-\d{3}\.safetensors$")
 
@@ -87,7 +96,9 @@ def _scenario(
     result = ckpt.save(state, save["root"], step=STEP)
     tensors, _ = flatten(state)
     out["held"] = {
-        name: [list(t.box.offsets), list(t.box.lengths)] for name, t in tensors.items() if t.local.numel()
+        name: [list(t.box.offsets), list(t.box.lengths)]
+        for name, t in tensors.items()
+        if t.local.numel()
     }
     out["bytes_written"] = result.bytes_written
     out["files"] = result.files
@@ -140,7 +151,9 @@ def _check_checkpoint(
     unique = 0
     for name, entry in manifest.tensors.items():
         want = expected[name]
-        assert entry.shape == tuple(want.shape) and entry.dtype == str(want.dtype).removeprefix("torch.")
+        assert entry.shape == tuple(want.shape) and entry.dtype == str(want.dtype).removeprefix(
+            "torch."
+        )
         itemsize = element_size(entry.dtype)
         unique += want.numel() * itemsize
         # (a) the pieces tile the global tensor exactly once.
@@ -152,12 +165,14 @@ def _check_checkpoint(
             writer = int(_RANK_IN_FILE.search(piece.file).group(1))  # type: ignore[union-attr]
             raw_per_rank[writer] += piece.byte_length
             # (c) the writer holds this piece, and its file holds exactly its data.
-            assert [list(piece.box.offsets), list(piece.box.lengths)] == per_rank[writer]["held"][name], (
-                f"{name} {piece.box} written by rank {writer}, which does not hold it"
-            )
+            assert [list(piece.box.offsets), list(piece.box.lengths)] == per_rank[writer]["held"][
+                name
+            ], f"{name} {piece.box} written by rank {writer}, which does not hold it"
             with safe_open(str(step_dir / piece.file), "pt") as f:
                 assert torch.equal(f.get_tensor(name), want[region]), name
-        assert bool((cover == 1).all()), f"{name}: pieces cover some elements {cover.unique().tolist()} times"
+        assert bool((cover == 1).all()), (
+            f"{name}: pieces cover some elements {cover.unique().tolist()} times"
+        )
 
     # (b) written bytes == unique bytes: no replica stored twice.
     assert sum(raw_per_rank.values()) == unique
@@ -331,7 +346,9 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
     out["collective_threads"] = sorted(set(collective_threads))
     out["committed"] = committed_steps(LocalBackend(f"{base}/steps"))
     restored_state: dict[str, Any] = {
-        "w": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)]), "bias": torch.zeros(3), "meta": {},
+        "w": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)]),
+        "bias": torch.zeros(3),
+        "meta": {},
     }
     with ckpt.CheckpointManager(f"{base}/steps") as mgr:
         out["restored"] = mgr.restore(restored_state)
@@ -347,7 +364,9 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
     # (e) every_seconds: due on rank 0 only, saved on every rank together.
     period = 0.01 if rank == 0 else 1e6
     timed = []
-    with ckpt.CheckpointManager(f"{base}/timed", every_seconds=period, keep_last=None, if_busy="wait") as mgr:
+    with ckpt.CheckpointManager(
+        f"{base}/timed", every_seconds=period, keep_last=None, if_busy="wait"
+    ) as mgr:
         for step in range(1, 4):
             if rank == 0:
                 time.sleep(2 * period)
@@ -378,11 +397,17 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
 
     # (g) ranks that disagree on a tensor: a clear error on every rank, nothing committed.
     root = f"{base}/disagree"
-    good = ckpt.ShardedTensor(global_value("g", (8, 4), torch.float32)[rank * 4 : rank * 4 + 4].clone(), (8, 4), (rank * 4, 0))
+    good = ckpt.ShardedTensor(
+        global_value("g", (8, 4), torch.float32)[rank * 4 : rank * 4 + 4].clone(),
+        (8, 4),
+        (rank * 4, 0),
+    )
     ckpt.save({"t": good}, root, step=1, coordinator=ProcessGroupCoordinator(timeout=60))
     rows = 4 if rank == 0 else 2
     cases: dict[str, Any] = {
-        "global_shape": ckpt.ShardedTensor(torch.ones(rows, 4), (8, 4) if rank == 0 else (6, 4), (rank * 4, 0)),
+        "global_shape": ckpt.ShardedTensor(
+            torch.ones(rows, 4), (8, 4) if rank == 0 else (6, 4), (rank * 4, 0)
+        ),
         "plain_shape": torch.ones(3 + rank),
         "plain_dtype": torch.ones(3, dtype=torch.float32 if rank == 0 else torch.float64),
         # 3 + 3 rows of 6: the element count matches, but rows 1-2 twice and 4-5 never.
@@ -393,7 +418,9 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
     errors: dict[str, str] = {}
     for number, (case, value) in enumerate(cases.items(), start=2):
         try:
-            ckpt.save({"t": value}, root, step=number, coordinator=ProcessGroupCoordinator(timeout=60))
+            ckpt.save(
+                {"t": value}, root, step=number, coordinator=ProcessGroupCoordinator(timeout=60)
+            )
             errors[case] = "committed"
         except ckpt.CheckpointError as exc:
             errors[case] = f"{type(exc).__name__}: {exc}"
@@ -422,7 +449,9 @@ def coordination(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     return run_ranks(_coordination, 2, str(tmp_path_factory.mktemp("coord")), timeout_s=TIMEOUT_S)
 
 
-def test_manager_ranks_agree_on_saves_and_retention_runs_once(coordination: list[dict[str, Any]]) -> None:
+def test_manager_ranks_agree_on_saves_and_retention_runs_once(
+    coordination: list[dict[str, Any]],
+) -> None:
     """(e) every_steps/keep_last on 2 ranks: identical saves, retention only on the committer,
     the retention window holds, and a restore brings back the newest step on every rank."""
     for result in coordination:
@@ -438,7 +467,9 @@ def test_no_collective_from_a_background_thread(coordination: list[dict[str, Any
         assert result["collective_threads"] == ["MainThread"]
 
 
-def test_manager_every_seconds_saves_on_all_ranks_together(coordination: list[dict[str, Any]]) -> None:
+def test_manager_every_seconds_saves_on_all_ranks_together(
+    coordination: list[dict[str, Any]],
+) -> None:
     """(e) A time-based save due on rank 0 only happens on every rank (all-reduced decision)."""
     for result in coordination:
         assert result["timed"] == [[1, True], [2, True], [3, True]]

@@ -44,7 +44,9 @@ from tests.distributed.sharded import global_value
 from tests.support.gloo import run_ranks
 
 
-def _piece(name: str, nbytes: int, offsets: tuple[int, ...] = (0,), lengths: tuple[int, ...] | None = None) -> PieceInfo:
+def _piece(
+    name: str, nbytes: int, offsets: tuple[int, ...] = (0,), lengths: tuple[int, ...] | None = None
+) -> PieceInfo:
     return PieceInfo(name, offsets, lengths if lengths is not None else (nbytes // 4,), nbytes)
 
 
@@ -122,11 +124,15 @@ def test_a_rank_without_pieces_and_an_empty_plan() -> None:
 
 def test_empty_shards_are_not_pieces() -> None:
     """A 0-element local shard (more ranks than rows) is not offered for writing."""
-    tensors, _ = flatten({
-        "empty": ckpt.ShardedTensor(torch.empty(0, 4), (2, 4), (2, 0)),
-        "rows": ckpt.ShardedTensor(torch.ones(1, 4), (2, 4), (1, 0)),
-    })
-    assert [(p.name, p.offsets, p.lengths, p.nbytes) for p in describe(tensors)] == [("rows", (1, 0), (1, 4), 16)]
+    tensors, _ = flatten(
+        {
+            "empty": ckpt.ShardedTensor(torch.empty(0, 4), (2, 4), (2, 0)),
+            "rows": ckpt.ShardedTensor(torch.ones(1, 4), (2, 4), (1, 0)),
+        }
+    )
+    assert [(p.name, p.offsets, p.lengths, p.nbytes) for p in describe(tensors)] == [
+        ("rows", (1, 0), (1, 4), 16)
+    ]
 
 
 # --------------------------------------------------------------------------- row ranges
@@ -135,7 +141,9 @@ MiB = 1 << 20
 NEVER_CUT = 1 << 62  # as min_split_bytes: whole pieces only (the planner before row ranges)
 
 
-def _matrix(name: str, rows: int, cols: int = 1024, itemsize: int = 4, first_row: int = 0) -> PieceInfo:
+def _matrix(
+    name: str, rows: int, cols: int = 1024, itemsize: int = 4, first_row: int = 0
+) -> PieceInfo:
     return PieceInfo(name, (first_row, 0), (rows, cols), rows * cols * itemsize)
 
 
@@ -143,7 +151,9 @@ def _norms(count: int) -> list[PieceInfo]:
     return [PieceInfo(f"norm{i}", (0,), (4096,), 4096 * 4) for i in range(count)]
 
 
-def _assert_valid(plan: WritePlan, per_rank: list[list[PieceInfo]], min_split: int = MIN_SPLIT_BYTES) -> None:
+def _assert_valid(
+    plan: WritePlan, per_rank: list[list[PieceInfo]], min_split: int = MIN_SPLIT_BYTES
+) -> None:
     """Every piece is written once: whole, or as contiguous row ranges in order that tile
     it, each by a different holder and at least ``min_split`` bytes; the loads add up."""
     holders: dict[PieceKey, set[int]] = defaultdict(set)
@@ -165,7 +175,10 @@ def _assert_valid(plan: WritePlan, per_rank: list[list[PieceInfo]], min_split: i
             itemsize = piece.nbytes // math.prod(piece.lengths)
             row = piece.offsets[0]
             for s in shares:
-                assert s.box.offsets == (row, *piece.offsets[1:]) and s.box.lengths[1:] == piece.lengths[1:]
+                assert (
+                    s.box.offsets == (row, *piece.offsets[1:])
+                    and s.box.lengths[1:] == piece.lengths[1:]
+                )
                 assert s.nbytes == s.box.numel * itemsize and s.nbytes >= min_split, (key, s)
                 row += s.box.lengths[0]
             assert row == piece.offsets[0] + piece.lengths[0]
@@ -178,8 +191,14 @@ def _assert_valid(plan: WritePlan, per_rank: list[list[PieceInfo]], min_split: i
 DDP_STATES = {
     "two 128 MiB matrices": [_matrix("embed", 32768), _matrix("head", 32768), *_norms(16)],
     "one 300 MiB matrix, odd rows": [_matrix("embed", 76801), *_norms(4)],
-    "uneven sizes": [_matrix("a", 24_833), _matrix("b", 15_617, 1000), _matrix("c", 8_447, 1000, 2),
-                     _matrix("d", 1_793), _matrix("e", 777), *_norms(16)],
+    "uneven sizes": [
+        _matrix("a", 24_833),
+        _matrix("b", 15_617, 1000),
+        _matrix("c", 8_447, 1000, 2),
+        _matrix("d", 1_793),
+        _matrix("e", 777),
+        *_norms(16),
+    ],
     "a 1-D vector": [PieceInfo("vec", (0,), (50_000_017,), 200_000_068), *_norms(3)],
 }
 
@@ -204,8 +223,12 @@ def test_tp_fsdp_mix_with_two_replicated_matrices_balances_four_ranks() -> None:
     """4 ranks, each with its own 32 MiB of shards plus two replicated 128 MiB matrices
     (the case whole-piece assignment left at 1.25x the mean): now even."""
     per_rank = [
-        [*(_matrix(f"w{i}", 2048, first_row=2048 * r) for i in range(4)), _matrix("embed", 32768),
-         _matrix("head", 32768), *_norms(16)]
+        [
+            *(_matrix(f"w{i}", 2048, first_row=2048 * r) for i in range(4)),
+            _matrix("embed", 32768),
+            _matrix("head", 32768),
+            *_norms(16),
+        ]
         for r in range(4)
     ]
     plan = assign_writers(per_rank)
@@ -278,7 +301,10 @@ def test_small_pieces_are_never_cut() -> None:
     six = [[_matrix("six", 1536)] for _ in range(3)]  # 6 MiB
     assert len(assign_writers(six, min_split_bytes=4 * MiB).shares[six[0][0].key]) == 1
     assert len(assign_writers(six, min_split_bytes=3 * MiB).shares[six[0][0].key]) == 2
-    huge = [PieceInfo("scalar", (), (), 64 * MiB), PieceInfo("row", (0, 0), (1, 16 * MiB), 64 * MiB)]
+    huge = [
+        PieceInfo("scalar", (), (), 64 * MiB),
+        PieceInfo("row", (0, 0), (1, 16 * MiB), 64 * MiB),
+    ]
     plan = assign_writers([list(huge) for _ in range(4)])
     _assert_valid(plan, [list(huge) for _ in range(4)])
     assert plan.bytes_per_rank == (64 * MiB, 64 * MiB, 0, 0)
@@ -290,7 +316,11 @@ def test_a_1d_vector_is_cut_into_element_ranges() -> None:
     plan = assign_writers([[vec] for _ in range(3)])
     _assert_valid(plan, [[vec] for _ in range(3)])
     boxes = [s.box for s in plan.shares[vec.key]]
-    assert boxes == [Box((0,), (3_333_334,)), Box((3_333_334,), (3_333_334,)), Box((6_666_668,), (3_333_335,))]
+    assert boxes == [
+        Box((0,), (3_333_334,)),
+        Box((3_333_334,), (3_333_334,)),
+        Box((6_666_668,), (3_333_335,)),
+    ]
 
 
 def _index(rank: int, boxes: list[Box], shape: tuple[int, ...]) -> ShardIndex:
@@ -302,7 +332,9 @@ def _index(rank: int, boxes: list[Box], shape: tuple[int, ...]) -> ShardIndex:
 
 
 def _merge(*indexes: ShardIndex) -> None:
-    merge_indexes(step=1, generation="g", world_size=len(indexes), chunk_bytes=1 << 20, indexes=indexes)
+    merge_indexes(
+        step=1, generation="g", world_size=len(indexes), chunk_bytes=1 << 20, indexes=indexes
+    )
 
 
 def test_commit_accepts_shards_that_tile_the_tensor() -> None:
@@ -367,7 +399,9 @@ def _rows(value: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, int
     return chunks[rank], sum(len(c) for c in chunks[:rank])
 
 
-def _state(rank: int, world: int, sharded: tuple[str, ...], values: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _state(
+    rank: int, world: int, sharded: tuple[str, ...], values: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for name, value in values.items():
         if name in sharded:
@@ -387,21 +421,27 @@ def _save_replicated(rank: int, world: int, root: str) -> dict[str, Any]:
     out["raw"] = [raw.committed, raw.bytes_written, raw.write_imbalance]
     engine = ckpt.Snapshotter(ckpt.SaveOptions(compression=ckpt.Compression()))
     try:
-        zst = engine.async_save(state, LocalBackend(f"{root}/zst"), STEP, default_coordinator()).result(TIMEOUT_S)
+        zst = engine.async_save(
+            state, LocalBackend(f"{root}/zst"), STEP, default_coordinator()
+        ).result(TIMEOUT_S)
     finally:
         engine.close()
     out["zst"] = [zst.committed, zst.bytes_written, zst.write_imbalance]
     return out
 
 
-def _mismatches(state: dict[str, Any], expected: dict[str, torch.Tensor], rank: int, world: int) -> list[str]:
+def _mismatches(
+    state: dict[str, Any], expected: dict[str, torch.Tensor], rank: int, world: int
+) -> list[str]:
     problems = []
     for name, want in expected.items():
         value = state[name]
         got = value.local if isinstance(value, ckpt.ShardedTensor) else value
         if isinstance(value, ckpt.ShardedTensor):
             want = _rows(want, rank, world)[0]
-        if got.dtype != want.dtype or not torch.equal(got.view(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
+        if got.dtype != want.dtype or not torch.equal(
+            got.view(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+        ):
             problems.append(f"{name} (rank {rank} of {world})")
     return problems
 
@@ -451,7 +491,9 @@ def test_four_ranks_write_replicated_tensors_once_and_evenly(
                 per_rank[int(writer.group(1))] += piece.box.numel * element_size(entry.dtype)
             if not entry.shape or name.startswith("norm"):
                 assert len(entry.pieces) == 1, (codec, name, entry.pieces)
-        assert len(manifest.tensors["embed"].pieces) > 1, "the largest tensor is cut into row ranges"
+        assert len(manifest.tensors["embed"].pieces) > 1, (
+            "the largest tensor is cut into row ranges"
+        )
         assert sum(per_rank) == unique
         assert max(per_rank) / (unique / 4) <= 1.05, per_rank
         assert sum(manifest.files.values()) == sum(r[codec][1] for r in results)
@@ -462,21 +504,29 @@ def test_four_ranks_write_replicated_tensors_once_and_evenly(
         for piece in entry.pieces:
             assert piece.codec == "raw"
             with safe_open(str(step_dir / piece.file), "pt") as f:
-                region = tuple(slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.lengths))
+                region = tuple(
+                    slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.lengths)
+                )
                 assert torch.equal(f.get_tensor(name), expected[name][region]), (name, piece.box)
     zst = read_manifest(LocalBackend(root / "zst"), STEP)
     assert {p.codec for p in zst.tensors["embed"].pieces} == {"zstd"}
 
 
-def test_replicated_ranges_restore_onto_one_process(replicated_saves: tuple[Path, list[dict[str, Any]]]) -> None:
+def test_replicated_ranges_restore_onto_one_process(
+    replicated_saves: tuple[Path, list[dict[str, Any]]],
+) -> None:
     """Both checkpoints load bit for bit into whole plain tensors (no process group)."""
     root, _ = replicated_saves
     assert _load_replicated(0, 1, [str(root / "raw"), str(root / "zst")]) == []
 
 
-def test_replicated_ranges_restore_onto_three_ranks(replicated_saves: tuple[Path, list[dict[str, Any]]]) -> None:
+def test_replicated_ranges_restore_onto_three_ranks(
+    replicated_saves: tuple[Path, list[dict[str, Any]]],
+) -> None:
     """On 3 ranks, row slices that straddle the stored ranges and whole replicated
     tensors both load bit for bit."""
     root, _ = replicated_saves
-    results = run_ranks(_load_replicated, 3, [str(root / "raw"), str(root / "zst")], timeout_s=TIMEOUT_S)
+    results = run_ranks(
+        _load_replicated, 3, [str(root / "raw"), str(root / "zst")], timeout_s=TIMEOUT_S
+    )
     assert results == [[], [], []]

@@ -51,11 +51,17 @@ DTYPES = ("float32", "bfloat16", "int64", "bool")
 # Derandomized and without an example database, as the other property tests here: the same
 # examples on every run and machine, so a failure in CI reproduces locally.
 PLANNER_SETTINGS = settings(
-    max_examples=150, deadline=None, derandomize=True, database=None,
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 LOADER_SETTINGS = settings(
-    max_examples=60, deadline=None, derandomize=True, database=None,
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -170,7 +176,9 @@ def _inside(inner: Box, outer: Box) -> bool:
 @given(problems())
 @example((entry_of("float32", (), [Box((), ())]), [(0, Box((), ()))]))  # 0-d tensor
 @example((entry_of("int64", (3, 0), [Box((0, 0), (3, 0))]), [(0, Box((0, 0), (3, 0)))]))  # 0-size
-def test_plan_covers_every_target_element_exactly_once(problem: tuple[TensorEntry, list[tuple[int, Box]]]) -> None:
+def test_plan_covers_every_target_element_exactly_once(
+    problem: tuple[TensorEntry, list[tuple[int, Box]]],
+) -> None:
     """Each target element gets exactly one request; requests stay inside piece and target."""
     entry, targets = problem
     requests = plan_reads("t", entry, targets)
@@ -185,7 +193,9 @@ def test_plan_covers_every_target_element_exactly_once(problem: tuple[TensorEntr
         assert _inside(req.region, target), (req.region, target)
         counts[req.target][req.region.relative_to(target)] += 1
     for i, count in counts.items():
-        assert bool((count == 1).all()), f"target {i} {boxes[i]}: coverage {count.unique().tolist()}"
+        assert bool((count == 1).all()), (
+            f"target {i} {boxes[i]}: coverage {count.unique().tolist()}"
+        )
     # One request per (target, piece) pair that overlaps.
     pairs = [(r.target, r.piece.file) for r in requests]
     assert len(pairs) == len(set(pairs))
@@ -193,7 +203,9 @@ def test_plan_covers_every_target_element_exactly_once(problem: tuple[TensorEntr
 
 @PLANNER_SETTINGS
 @given(problems())
-def test_plan_byte_ranges_are_the_rows_needed(problem: tuple[TensorEntry, list[tuple[int, Box]]]) -> None:
+def test_plan_byte_ranges_are_the_rows_needed(
+    problem: tuple[TensorEntry, list[tuple[int, Box]]],
+) -> None:
     """raw_start/raw_length lie in the piece's raw bytes, are exactly the rows the region
     touches, are exact when the region spans the piece's inner dims, and the bytes they
     name hold the target's values (checked on a tensor of element indices)."""
@@ -215,8 +227,12 @@ def test_plan_byte_ranges_are_the_rows_needed(problem: tuple[TensorEntry, list[t
         else:
             assert (req.raw_start, req.raw_length) == (0, itemsize)
         if req.region.lengths[1:] == piece.lengths[1:]:
-            assert req.raw_length == req.region.numel * itemsize, "spanning region reads exact bytes"
-        assert (req.raw_start // itemsize, req.raw_length // itemsize) == row_span(piece, req.region)
+            assert req.raw_length == req.region.numel * itemsize, (
+                "spanning region reads exact bytes"
+            )
+        assert (req.raw_start // itemsize, req.raw_length // itemsize) == row_span(
+            piece, req.region
+        )
         # Execute the request the way the loader does, on element indices.
         stored = numbered[_index(piece)].contiguous().reshape(-1)
         span = stored[req.raw_start // itemsize : (req.raw_start + req.raw_length) // itemsize]
@@ -224,7 +240,9 @@ def test_plan_byte_ranges_are_the_rows_needed(problem: tuple[TensorEntry, list[t
             rows = span.view(req.region.lengths[0], *piece.lengths[1:])
             inner = tuple(
                 slice(o - po, o - po + n)
-                for o, n, po in zip(req.region.offsets[1:], req.region.lengths[1:], piece.offsets[1:])
+                for o, n, po in zip(
+                    req.region.offsets[1:], req.region.lengths[1:], piece.offsets[1:]
+                )
             )
             index = (slice(None), *inner)  # mypy misreads rows[(a, *b)] as 3.11-only syntax
             values = rows[index]
@@ -409,7 +427,11 @@ def relaid(tmp_path_factory: pytest.TempPathFactory) -> Relaid:
 def _restore_region(root: Path, name: str, box: Box) -> tuple[torch.Tensor, Any]:
     """Load ``box`` of tensor ``name`` into a ShardedTensor target (sentinel-filled first)."""
     shape, dtype = LOADER_TENSORS[name]
-    local = torch.ones(box.lengths, dtype=dtype) if dtype == torch.bool else torch.full(box.lengths, 7).to(dtype)
+    local = (
+        torch.ones(box.lengths, dtype=dtype)
+        if dtype == torch.bool
+        else torch.full(box.lengths, 7).to(dtype)
+    )
     target = ckpt.ShardedTensor(local, shape, box.offsets)
     report = ckpt.restore({name: target}, root, strict=False)
     assert report.step == STEP and report.stats is not None
@@ -432,7 +454,12 @@ def _allowance(root: Path, name: str, box: Box) -> tuple[int, int]:
         first, count = row_span(piece.box, overlap)
         a, b = first * itemsize, (first + count) * itemsize
         whole += raw + 63
-        extra += (a % CHUNK) + (min(-(-b // CHUNK) * CHUNK, raw) - b) + (b - a - overlap.numel * itemsize) + 63
+        extra += (
+            (a % CHUNK)
+            + (min(-(-b // CHUNK) * CHUNK, raw) - b)
+            + (b - a - overlap.numel * itemsize)
+            + 63
+        )
     return whole, extra
 
 
@@ -524,6 +551,8 @@ def test_loader_chunk_aligned_rows_read_only_alignment_slack(relaid: Relaid) -> 
                 box = Box((lo, 0), (hi - lo, 256))
                 local, stats = _restore_region(root, name, box)
                 assert_bit_identical(local, full[lo:hi])
-                touched = sum(1 for p in manifest.tensors[name].pieces if p.box.intersect(box) is not None)
+                touched = sum(
+                    1 for p in manifest.tensors[name].pieces if p.box.intersect(box) is not None
+                )
                 assert 0 <= stats.bytes_read - stats.bytes_needed < 64 * touched, (k, lo, hi, stats)
                 assert stats.read_amplification < 1 + 64 / 4096

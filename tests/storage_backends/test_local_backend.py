@@ -294,8 +294,11 @@ def test_local_storage_never_imports_the_s3_client(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", child, str(tmp_path / "root")], env=env, capture_output=True,
-        text=True, timeout=60,
+        [sys.executable, "-c", child, str(tmp_path / "root")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[]", "True"]

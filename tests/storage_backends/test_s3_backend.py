@@ -154,7 +154,9 @@ def test_multipart_several_parts_in_flight_odd_writes(
     assert len(proxy.requests("PUT", "partNumber=")) == parts
     assert proxy.max_in_flight == via_proxy.config.max_concurrency
     assert via_proxy.read("mp/odd.bin") == data
-    head = s3_server.client().head_object(Bucket=s3_server.bucket, Key=via_proxy._s3.key("mp/odd.bin"))
+    head = s3_server.client().head_object(
+        Bucket=s3_server.bucket, Key=via_proxy._s3.key("mp/odd.bin")
+    )
     assert head["ContentLength"] == len(data)
     assert str(head["ETag"]).strip('"').endswith(f"-{parts}")
     assert _uploads(s3_server, via_proxy) == []
@@ -200,7 +202,9 @@ def test_put_if_absent_race_single_winner_despite_lost_answers(
         backend.close()
 
 
-def test_put_if_absent_lost_answer_is_still_a_win(proxy: S3FaultProxy, via_proxy: S3Backend) -> None:
+def test_put_if_absent_lost_answer_is_still_a_win(
+    proxy: S3FaultProxy, via_proxy: S3Backend
+) -> None:
     """The conditional PUT succeeds on the server but the answer is lost: the retry gets
     412, sees its own bytes, and reports the win (retries are idempotent)."""
     via_proxy.put_if_absent("warm/x", b"probe the server first")
@@ -343,7 +347,11 @@ def test_resume_after_replacement_starts_over(
     via_proxy.read_into("swap/obj", 0, out)
     assert out == new
     cut, refused, fresh = proxy.requests("GET", "swap/obj")
-    assert cut.fault == "short_body" and refused.headers.get("if-match") and "if-match" not in fresh.headers
+    assert (
+        cut.fault == "short_body"
+        and refused.headers.get("if-match")
+        and "if-match" not in fresh.headers
+    )
 
 
 @pytest.mark.parametrize("kind", ["slowdown", "internal", "reset", "reset_body", "short_body"])
@@ -395,7 +403,10 @@ def test_completion_answer_lost_then_no_such_upload_is_success(
     proxy.fail_next("no_such_upload", method="POST", target="uploadId=")
     via_proxy.write("lost-complete/obj", data)
     assert via_proxy.read("lost-complete/obj") == data
-    assert [r.fault for r in proxy.requests("POST", "uploadId=")] == ["reset_after", "no_such_upload"]
+    assert [r.fault for r in proxy.requests("POST", "uploadId=")] == [
+        "reset_after",
+        "no_such_upload",
+    ]
 
 
 def test_no_such_upload_on_first_completion_is_an_error(
@@ -490,8 +501,15 @@ def test_access_denied_is_clear_and_not_retried(
         lambda b: b.delete(["k/obj", "k/other"]),
     ],
     ids=[
-        "write", "write-multipart", "read", "read_into", "list", "list_prefixes", "put_if_absent",
-        "abort_unfinished", "delete",
+        "write",
+        "write-multipart",
+        "read",
+        "read_into",
+        "list",
+        "list_prefixes",
+        "put_if_absent",
+        "abort_unfinished",
+        "delete",
     ],
 )
 def test_missing_bucket_is_clear_and_not_retried(
@@ -576,7 +594,9 @@ def test_abort_unfinished_removes_orphaned_uploads(s3_server: S3Server) -> None:
             stream.write(payload(PART + 1, seed=7))
         other = backend.open_stream("step-3/data/r0")
         other.write(payload(PART + 1, seed=8))
-        s3_server.client().create_multipart_upload(Bucket=s3_server.bucket, Key=backend._s3.key("step-2/x"))
+        s3_server.client().create_multipart_upload(
+            Bucket=s3_server.bucket, Key=backend._s3.key("step-2/x")
+        )
         assert len(_uploads(s3_server, backend)) == 5
         assert backend.abort_unfinished("step-2") == 4
         assert len(_uploads(s3_server, backend)) == 1  # step-3 is another prefix
@@ -589,7 +609,9 @@ def test_abort_unfinished_removes_orphaned_uploads(s3_server: S3Server) -> None:
         backend.close()
 
 
-def test_aws_endpoint_url_env_is_honoured(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aws_endpoint_url_env_is_honoured(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``open_backend("s3://...")`` with no config finds the server through
     ``AWS_ENDPOINT_URL`` and the credentials through the environment."""
     for name, value in s3_server.env().items():
@@ -600,13 +622,17 @@ def test_aws_endpoint_url_env_is_honoured(s3_server: S3Server, monkeypatch: pyte
         assert isinstance(backend, S3Backend)
         backend.write("env/obj", b"via the environment")
         assert backend.read("env/obj") == b"via the environment"
-        direct = s3_server.client().get_object(Bucket=s3_server.bucket, Key=backend._s3.key("env/obj"))
+        direct = s3_server.client().get_object(
+            Bucket=s3_server.bucket, Key=backend._s3.key("env/obj")
+        )
         assert direct["Body"].read() == b"via the environment"
     finally:
         backend.close()
 
 
-def test_aws_endpoint_url_s3_takes_precedence(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aws_endpoint_url_s3_takes_precedence(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The service-specific ``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``."""
     for name, value in base_env().items():
         monkeypatch.setenv(name, value)
@@ -642,7 +668,9 @@ def test_md5_of_parts_matches_server_etag(s3_server: S3Server) -> None:
         parts = [payload(PART, seed=11), payload(12_345, seed=12)]
         backend.write("etag/obj", b"".join(parts))
         digests = b"".join(hashlib.md5(p).digest() for p in parts)
-        head = s3_server.client().head_object(Bucket=s3_server.bucket, Key=backend._s3.key("etag/obj"))
+        head = s3_server.client().head_object(
+            Bucket=s3_server.bucket, Key=backend._s3.key("etag/obj")
+        )
         assert head["ETag"] == f'"{hashlib.md5(digests).hexdigest()}-2"'
     finally:
         backend.close()

@@ -75,7 +75,9 @@ def test_commit_is_local_first_and_remote_gets_the_manifest_last(tiers: Tiers) -
     assert tiered.unreplicated() == []
 
 
-def test_losing_the_local_disk_loses_nothing_that_reached_the_remote(tiers: Tiers, tmp_path: Path) -> None:
+def test_losing_the_local_disk_loses_nothing_that_reached_the_remote(
+    tiers: Tiers, tmp_path: Path
+) -> None:
     """After the local tier is wiped, restore reads the replicated step from the remote tier."""
     _local, _remote, tiered = tiers
     saved = _state(2)
@@ -116,7 +118,9 @@ def test_per_tier_retention_keeps_unreplicated_steps_locally(tiers: Tiers) -> No
     has not received yet is never deleted locally."""
     local, remote, tiered = tiers
     state = _state(5)
-    with ckpt.CheckpointManager(tiered, every_steps=1, keep_last=3, keep_last_local=1, if_busy="wait") as mgr:
+    with ckpt.CheckpointManager(
+        tiered, every_steps=1, keep_last=3, keep_last_local=1, if_busy="wait"
+    ) as mgr:
         for step in range(1, 4):
             mgr.maybe_save(step, state)
             mgr.wait()

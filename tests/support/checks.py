@@ -41,6 +41,8 @@ def assert_all_bit_identical(
     """The same names, and every tensor bit for bit equal to the expected one."""
     assert actual.keys() == expected.keys(), sorted(set(actual) ^ set(expected))
     differ = {
-        name: why for name in expected if (why := difference(actual[name], expected[name])) is not None
+        name: why
+        for name in expected
+        if (why := difference(actual[name], expected[name])) is not None
     }
     assert not differ, f"tensors differ: {differ}"

@@ -28,23 +28,35 @@ class RankFailed(AssertionError):
 
 
 def rank_main(
-    rank: int, world: int, port: int, out_dir: str, timeout_s: float, fn: Callable[..., Any], args: tuple[Any, ...]
+    rank: int,
+    world: int,
+    port: int,
+    out_dir: str,
+    timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
 ) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
     result_path = Path(out_dir) / f"rank{rank}.json"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
         try:
             value = fn(rank, world, *args)
             result_path.write_text(json.dumps({"ok": True, "value": value}))
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # reported to the parent, which raises RankFailed
-        result_path.write_text(json.dumps({"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"}))
+        result_path.write_text(
+            json.dumps({"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"})
+        )
         raise
 
 
@@ -53,7 +65,11 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
         context = mp.start_processes(
-            rank_main, args=(world, port, out_dir, timeout_s, fn, args), nprocs=world, join=False, start_method="spawn"
+            rank_main,
+            args=(world, port, out_dir, timeout_s, fn, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
         )
         failed_join: BaseException | None = None
         try:

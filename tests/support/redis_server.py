@@ -43,7 +43,9 @@ def tls_supported() -> bool:
         # a build without TLS rejects the directive.
         out = subprocess.run(
             [binary, "--port", "0", "--tls-port", "0", "--save", ""],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -65,12 +67,50 @@ def make_tls_files(directory: Path) -> dict[str, Path]:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ckpt-test-ca",
-            "-keyout", str(ca_key), "-out", str(ca))
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-            "-keyout", str(key), "-out", str(csr))
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-            "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ckpt-test-ca",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
     return {"ca": ca, "cert": cert, "key": key}
 
 
@@ -126,8 +166,12 @@ class RedisServer:
         import redis
 
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=10,
-            ssl=bool(self.tls), ssl_ca_certs=str(self.tls["ca"]) if self.tls else None,
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=10,
+            ssl=bool(self.tls),
+            ssl_ca_certs=str(self.tls["ca"]) if self.tls else None,
         )
 
     # -- life cycle --------------------------------------------------------------------
@@ -136,15 +180,38 @@ class RedisServer:
         port_args = ["--port", str(self.port)]
         if self.tls:
             port_args = [
-                "--port", "0", "--tls-port", str(self.port),
-                "--tls-cert-file", str(self.tls["cert"]), "--tls-key-file", str(self.tls["key"]),
-                "--tls-ca-cert-file", str(self.tls["ca"]), "--tls-auth-clients", "no",
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(self.tls["cert"]),
+                "--tls-key-file",
+                str(self.tls["key"]),
+                "--tls-ca-cert-file",
+                str(self.tls["ca"]),
+                "--tls-auth-clients",
+                "no",
             ]
         argv = [
-            self.binary, *port_args, "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-            "--dir", str(self.directory), "--logfile", str(self._log), "--daemonize", "no",
-            "--protected-mode", "no",
+            self.binary,
+            *port_args,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self._log),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
         ]
         if self.password:
             argv += ["--requirepass", self.password]
@@ -157,7 +224,10 @@ class RedisServer:
         if appendonly is not None:
             self.appendonly = appendonly
         self.proc = subprocess.Popen(
-            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=self.preexec_fn
+            self._argv(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=self.preexec_fn,
         )
         self._wait_ready()
 

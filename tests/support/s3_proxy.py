@@ -51,7 +51,12 @@ MAX_DELAY_S = 60.0
 # Canned S3 error answers: kind -> (HTTP status, reason, S3 error code, message).
 CANNED: dict[str, tuple[int, str, str, str]] = {
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
-    "internal": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
+    "internal": (
+        500,
+        "Internal Server Error",
+        "InternalError",
+        "We encountered an internal error. Please try again.",
+    ),
     "access_denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
     "no_such_bucket": (404, "Not Found", "NoSuchBucket", "The specified bucket does not exist"),
     "no_such_upload": (404, "Not Found", "NoSuchUpload", "The specified upload does not exist."),
@@ -259,7 +264,10 @@ class S3FaultProxy:
         self._server = Server(("127.0.0.1", 0), Handler)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="s3-fault-proxy", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="s3-fault-proxy",
+            daemon=True,
         )
         self._thread.start()
 
@@ -290,7 +298,9 @@ class S3FaultProxy:
         with self._lock:
             self.rules = []
 
-    def _decide(self, method: str, target: str, headers: list[tuple[str, str]]) -> tuple[str, float]:
+    def _decide(
+        self, method: str, target: str, headers: list[tuple[str, str]]
+    ) -> tuple[str, float]:
         with self._lock:
             fault, delay = "", 0.0
             for rule in self.rules:
@@ -308,7 +318,8 @@ class S3FaultProxy:
         """The requests seen so far, optionally only those of ``method`` / containing ``target``."""
         with self._lock:
             return [
-                r for r in self.records
+                r
+                for r in self.records
                 if (method is None or r.method == method) and (target is None or target in r.target)
             ]
 
@@ -367,8 +378,15 @@ class S3FaultProxy:
                 self.in_flight -= 1
 
     def _serve(
-        self, client: socket.socket, method: str, target: str, first: bytes,
-        headers: list[tuple[str, str]], body: bytes, fault: str, delay: float,
+        self,
+        client: socket.socket,
+        method: str,
+        target: str,
+        first: bytes,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        fault: str,
+        delay: float,
     ) -> None:
         if fault == "reset":
             _reset(client)
@@ -385,15 +403,24 @@ class S3FaultProxy:
             self._stopping.wait(delay)
         if fault == "hold":
             deadline = time.monotonic() + delay
-            while not self._released.is_set() and not self._stopping.is_set() and time.monotonic() < deadline:
+            while (
+                not self._released.is_set()
+                and not self._stopping.is_set()
+                and time.monotonic() < deadline
+            ):
                 self._released.wait(0.05)
         response = self._forward(first, headers, body, method)
-        if fault == "reset_after" or (fault in ("reset_body", "short_body") and len(response.body) < 2):
+        if fault == "reset_after" or (
+            fault in ("reset_body", "short_body") and len(response.body) < 2
+        ):
             _reset(client)
             return
         out_headers = _without(response.headers, "connection", "keep-alive", "transfer-encoding")
         if not response.head_only:
-            out_headers = [*_without(out_headers, "content-length"), ("Content-Length", str(len(response.body)))]
+            out_headers = [
+                *_without(out_headers, "content-length"),
+                ("Content-Length", str(len(response.body))),
+            ]
         out_headers.append(("Connection", "close"))
         head = _encode(response.status_line, out_headers)
         if fault in ("reset_body", "short_body"):
@@ -407,12 +434,23 @@ class S3FaultProxy:
         client.sendall(head + response.body)
         client.close()
 
-    def _forward(self, first: bytes, headers: list[tuple[str, str]], body: bytes, method: str) -> _Response:
+    def _forward(
+        self, first: bytes, headers: list[tuple[str, str]], body: bytes, method: str
+    ) -> _Response:
         out = _without(
-            headers, "connection", "keep-alive", "expect", "proxy-connection", "transfer-encoding",
+            headers,
+            "connection",
+            "keep-alive",
+            "expect",
+            "proxy-connection",
+            "transfer-encoding",
             *self.strip_headers,
         )
-        if body or _get(headers, "content-length") or "chunked" in _get(headers, "transfer-encoding").lower():
+        if (
+            body
+            or _get(headers, "content-length")
+            or "chunked" in _get(headers, "transfer-encoding").lower()
+        ):
             out = [*_without(out, "content-length"), ("Content-Length", str(len(body)))]
         out.append(("Connection", "close"))
         with socket.create_connection(self.upstream, timeout=SOCKET_TIMEOUT_S) as upstream:
@@ -436,8 +474,12 @@ class S3FaultProxy:
             f"<Error><Code>{code}</Code><Message>{message}</Message>"
             f"<Resource>{resource}</Resource><RequestId>ckpt-fault-proxy</RequestId></Error>"
         ).encode()
-        headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(xml))),
-                   ("x-amz-request-id", "ckpt-fault-proxy"), ("Connection", "close")]
+        headers = [
+            ("Content-Type", "application/xml"),
+            ("Content-Length", str(len(xml))),
+            ("x-amz-request-id", "ckpt-fault-proxy"),
+            ("Connection", "close"),
+        ]
         first = f"HTTP/1.1 {status} {reason}".encode()
         return _encode(first, headers) + (b"" if method == "HEAD" else xml)
 

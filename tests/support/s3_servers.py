@@ -138,11 +138,22 @@ class S3Server:
         data = self.directory / "data"
         data.mkdir(exist_ok=True)
         return [
-            binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=256", "-volume.max=64",
+            binary,
+            "server",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=64",
             "-volume.preStopSeconds=0",
-            "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3",
+            f"-s3.port={s3}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             # Like AWS: a PUT to a missing bucket is NoSuchBucket, not a new bucket.
             "-s3.autoCreateBucket=false",
         ]
@@ -158,7 +169,11 @@ class S3Server:
             self._log = open(self._log_path, "ab")  # noqa: SIM115  (closed in stop())
             env = {**os.environ, **base_env()}
             self.proc = subprocess.Popen(
-                argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.directory,
+                argv,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.directory,
                 start_new_session=True,
             )
             try:
@@ -229,12 +244,17 @@ class S3Server:
     def client(self, endpoint: str | None = None) -> Any:
         """A plain boto3 S3 client for poking at the server (test side only)."""
         return boto3.session.Session(
-            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
         ).client(
-            "s3", endpoint_url=endpoint or self.endpoint,
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
             config=Config(
-                s3={"addressing_style": "path"}, retries={"total_max_attempts": 3, "mode": "standard"},
-                connect_timeout=5, read_timeout=30,
+                s3={"addressing_style": "path"},
+                retries={"total_max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
             ),
         )
 
@@ -257,7 +277,9 @@ class S3Server:
         )
         return replace(base, **overrides)
 
-    def backend(self, url: str | None = None, *, endpoint: str | None = None, **overrides: Any) -> S3Backend:
+    def backend(
+        self, url: str | None = None, *, endpoint: str | None = None, **overrides: Any
+    ) -> S3Backend:
         """An ``S3Backend`` under ``url`` (default: a fresh prefix)."""
         return S3Backend(url or self.url(), self.config(endpoint, **overrides))
 
@@ -268,8 +290,10 @@ class S3Server:
     def unfinished_uploads(self, url: str) -> list[dict[str, Any]]:
         """Multipart uploads still open under the prefix of ``url`` (listed directly)."""
         prefix = url.removeprefix(f"s3://{self.bucket}").strip("/")
-        pages = self.client().get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.bucket, Prefix=f"{prefix}/" if prefix else ""
+        pages = (
+            self.client()
+            .get_paginator("list_multipart_uploads")
+            .paginate(Bucket=self.bucket, Prefix=f"{prefix}/" if prefix else "")
         )
         return [u for page in pages for u in page.get("Uploads", [])]
 

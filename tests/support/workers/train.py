@@ -117,7 +117,11 @@ class SlowBackend:
     def open_stream(self, path: str) -> BlobStream:
         stream = self._inner.open_stream(path)
         hang = None
-        if self._hang_phase == "data" and self._hang_step is not None and _step_of(path) == self._hang_step:
+        if (
+            self._hang_phase == "data"
+            and self._hang_step is not None
+            and _step_of(path) == self._hang_step
+        ):
             hang = f"hang data {self._hang_step}"
         return _SlowStream(stream, self._delay, hang)
 
