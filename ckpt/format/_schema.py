@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -229,7 +229,7 @@ def manifest_header(
     }
 
 
-def render_manifest(header: Mapping[str, Any], tensors: Any) -> bytes:
+def render_manifest(header: Mapping[str, Any], tensors: Iterable[tuple[str, bytes]]) -> bytes:
     """The sealed manifest: ``header`` plus ``tensors``, pairs of a name and the tensor's
     JSON (a ``TensorEntry`` encoded, or built from pieces already encoded one by one)."""
     body = b",".join(b"%s:%s" % (_dumps(name).encode(), text) for name, text in tensors)
