@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from ckpt._unflatten import plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveResult, ShardedTensor, default_snapshotter
 from ckpt.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StateMismatchError,
@@ -22,8 +24,8 @@ from ckpt.errors import (
     storage_errors,
 )
 from ckpt.format import Manifest
-from recovery import Loader, LoadOptions, LoadStats, candidates
-from storage_backends import StorageBackend, StorageBackendError, open_backend
+from recovery import Loader, LoadOptions, LoadStats, candidates, committed_steps
+from storage_backends import StorageBackend, StorageBackendError, as_tiered, open_backend
 
 log = logging.getLogger(__name__)
 
@@ -163,42 +165,139 @@ def restore(
     step: int | None = None,
     strict: bool = True,
     options: LoadOptions | None = None,
+    coordinator: Coordinator | None = None,
 ) -> RestoreReport:
-    """``load`` that reports which steps it skipped and what it read."""
+    """``load`` that reports which steps it skipped and what it read.
+
+    A step that fails verification or cannot be read (after the retries a transient
+    storage error deserves) is skipped, logged, and the next older one is tried. With a
+    ``coordinator`` of several ranks, every rank restores the same step: a step that
+    fails on any rank is skipped on all of them.
+    """
     backend = open_url(url)
+    group = coordinator if coordinator is not None and coordinator.world_size > 1 else None
+    steps = [step] if step is not None else _committed_newest_first(backend)
+    if group is not None and step is None:
+        steps = _agreed_steps(group, steps)
     skipped: list[tuple[int, str]] = []
-    for candidate in candidates(backend, step):
-        if candidate.manifest is None:
-            log.warning("skipping checkpoint step %d: %s", candidate.step, candidate.error)
-            skipped.append((candidate.step, str(candidate.error)))
-            continue
+    for found in steps:
+        stats: LoadStats | None = None
+        error: CheckpointError | None = None
         try:
-            stats = load_manifest(
-                state, candidate.backend, candidate.manifest, strict=strict, options=options
-            )
-        except CorruptCheckpointError as exc:
-            if step is not None:
+            stats = _load_step(state, backend, found, strict=strict, options=options)
+        except _FALLBACK_ERRORS as exc:
+            error = exc
+        except CheckpointError as exc:  # the state does not fit: no older step would either
+            if group is None:
                 raise
-            log.warning(
-                "checkpoint step %d failed verification (%s); falling back to an older one",
-                candidate.step,
-                exc,
-            )
-            skipped.append((candidate.step, str(exc)))
-            continue
-        if skipped:
-            log.warning(
-                "restored step %d after skipping %s",
-                candidate.step,
-                ", ".join(str(s) for s, _ in skipped),
-            )
-        return RestoreReport(candidate.step, tuple(skipped), stats)
+            error = exc
+        if group is not None:
+            error = _agreed_error(group, found, error)
+        if error is None:
+            if skipped:
+                log.warning(
+                    "restored step %d after skipping %s",
+                    found,
+                    ", ".join(str(s) for s, _ in skipped),
+                )
+            return RestoreReport(found, tuple(skipped), stats)
+        if step is not None or not isinstance(error, _FALLBACK_ERRORS):
+            raise error
+        log.warning("skipping checkpoint step %d: %s; trying an older one", found, error)
+        skipped.append((found, str(error)))
     if skipped:
         raise CorruptCheckpointError(
-            f"every committed checkpoint under {backend.url} failed verification: "
-            + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            f"every committed checkpoint under {backend.url} failed verification or could not "
+            "be read: " + "; ".join(f"step {s}: {why}" for s, why in skipped)
         )
     raise CheckpointNotFoundError(f"no committed checkpoint under {backend.url}")
+
+
+# What makes restore move on to an older step: the step is damaged, unreadable after
+# retries, or vanished between the listing and the read.
+_FALLBACK_ERRORS = (CorruptCheckpointError, StorageError, CheckpointNotFoundError)
+_READ_ATTEMPTS = 3
+
+
+def _committed_newest_first(backend: StorageBackend) -> list[int]:
+    return sorted(
+        {s for tier in as_tiered(backend).tiers for s in committed_steps(tier)}, reverse=True
+    )
+
+
+def _agreed_steps(group: Coordinator, steps: list[int]) -> list[int]:
+    """The steps every rank sees committed, newest first (listings may differ for a moment)."""
+    seen = group.all_gather(steps)
+    common = set(seen[0]).intersection(*map(set, seen[1:]))
+    missing = sorted(set().union(*map(set, seen)) - common, reverse=True)
+    if missing:
+        log.warning("steps %s are not visible to every rank yet; not restoring them", missing)
+    return sorted(common, reverse=True)
+
+
+def _agreed_error(
+    group: Coordinator, step: int, error: CheckpointError | None
+) -> CheckpointError | None:
+    """This rank's error, or one naming the ranks where ``step`` failed; None when it loaded
+    on every rank."""
+    outcomes = group.all_gather(None if error is None else (type(error).__name__, str(error)))
+    failed = [(rank, why) for rank, why in enumerate(outcomes) if why is not None]
+    if not failed or error is not None:
+        return error
+    rank, (kind, why) = failed[0]
+    if kind == StateMismatchError.__name__:
+        return StateMismatchError(f"step {step} does not fit the state on rank {rank}: {why}")
+    return CorruptCheckpointError(f"step {step} failed on rank {rank}: {why}")
+
+
+def _load_step(
+    state: Mapping[str, Any],
+    backend: StorageBackend,
+    step: int,
+    *,
+    strict: bool,
+    options: LoadOptions | None,
+) -> LoadStats:
+    """Load ``step`` from the first tier that holds a good copy; a retryable storage error
+    is tried again before the step counts as unreadable."""
+    for attempt in range(1, _READ_ATTEMPTS + 1):
+        try:
+            return _load_from_any_tier(state, backend, step, strict=strict, options=options)
+        except StorageError as exc:
+            if not exc.retryable or attempt == _READ_ATTEMPTS:
+                raise
+            delay = 0.2 * 2 ** (attempt - 1)
+            log.warning(
+                "step %d: %s; retrying in %.1f s (attempt %d of %d)",
+                step,
+                exc,
+                delay,
+                attempt + 1,
+                _READ_ATTEMPTS,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _load_from_any_tier(
+    state: Mapping[str, Any],
+    backend: StorageBackend,
+    step: int,
+    *,
+    strict: bool,
+    options: LoadOptions | None,
+) -> LoadStats:
+    last: CheckpointError | None = None
+    for candidate in candidates(backend, step):
+        assert candidate.manifest is not None  # a step given: only usable copies are offered
+        try:
+            return load_manifest(
+                state, candidate.backend, candidate.manifest, strict=strict, options=options
+            )
+        except (CorruptCheckpointError, StorageError) as exc:
+            last = exc  # another tier may hold a good copy
+    assert last is not None
+    raise last
 
 
 def load_manifest(

@@ -117,6 +117,7 @@ class CheckpointManager:
         self._last_save_time: float | None = None
         self._last_saved_step: int | None = None
         self._preempted: int | None = None
+        self._replaceable: set[int] = set()
         self._previous_handler: Any = None
         self._closed = False
         self._metrics_lock = threading.Lock()
@@ -142,7 +143,12 @@ class CheckpointManager:
         full = self._with_rng(state)
         try:
             report = restore(
-                full, self.backend, step=step, strict=strict, options=self.load_options
+                full,
+                self.backend,
+                step=step,
+                strict=strict,
+                options=self.load_options,
+                coordinator=self.coordinator,
             )
         except CheckpointNotFoundError:
             if step is not None:
@@ -154,6 +160,8 @@ class CheckpointManager:
             state.update({key: value for key, value in full.items() if key != RNG_KEY})
         self.last_restore = report
         self.metrics.restores_fallbacks += len(report.skipped)
+        # The job continues from an older step: the skipped ones it reaches again are replaced.
+        self._replaceable = {skipped for skipped, _ in report.skipped}
         self._last_saved_step = report.step
         self._last_save_time = time.monotonic()
         return report.step
@@ -200,6 +208,8 @@ class CheckpointManager:
         # An earlier save's error is raised before this step counts as started, so that
         # calling again with the same step saves it.
         self._snapshotter.raise_unobserved()
+        if step in self._replaceable:
+            self._retire(step)
         started = time.monotonic()
         self.metrics.saves_started += 1
         try:
@@ -223,6 +233,25 @@ class CheckpointManager:
         if blocking:
             pending.result()
         return pending
+
+    def _retire(self, step: int) -> None:
+        """Un-commit ``step``, which restore skipped as corrupt or unreadable, so that it can be
+        saved again (I7). Its manifest goes first; the new commit removes its old files."""
+        self._replaceable.discard(step)
+        if self.coordinator.rank == 0:
+            reason = dict(self.last_restore.skipped if self.last_restore else ()).get(step, "")
+            log.warning(
+                "step %d under %s was skipped at restore (%s); replacing it with this save",
+                step,
+                self.backend.url,
+                reason,
+            )
+            retention.retire_step(self.backend, step)
+            index = self.coordinator.step_index
+            if index is not None:
+                index.forget_steps([step])
+        if self.coordinator.world_size > 1:
+            self.coordinator.any_rank([False])  # nobody writes before the manifest is gone
 
     def _record(self, future: Any) -> None:
         with self._metrics_lock:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckpt.errors import CheckpointError
+
 __all__ = ["DemoResult", "run_demo", "worker"]
 
 WIDTH = 1024
@@ -306,6 +308,28 @@ def _run_and_kill(
     return child.returncode, after
 
 
+_DEMO_MARK = ".ckpt-demo"
+
+
+def _fresh_workdir(base: Path) -> Path:
+    """Empty ``base`` for a new demo run; only a directory an earlier demo created (it holds
+    the demo's mark) or an empty one is ever emptied."""
+    if base.is_symlink() or (base.exists() and not base.is_dir()):
+        raise CheckpointError(
+            f"demo directory {base} is not a directory; give a new or empty directory"
+        )
+    if base.exists() and any(base.iterdir()):
+        if not (base / _DEMO_MARK).is_file():
+            raise CheckpointError(
+                f"refusing to use {base} for the demo: it is not empty and was not created by "
+                "`ckpt demo` (its files would be deleted); give a new or empty directory"
+            )
+        shutil.rmtree(base)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / _DEMO_MARK).write_text("created by `ckpt demo`; the next demo run empties this\n")
+    return base
+
+
 def run_demo(
     workdir: str,
     *,
@@ -343,10 +367,7 @@ def run_demo(
         raise ValueError(
             "torchrun restarts need --nproc > 1 and the same world size after the crash"
         )
-    base = Path(workdir)
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
+    base = _fresh_workdir(Path(workdir))
     launcher = _Launcher(base, steps, every, coordinator)
     root = base / "ckpts"
 

@@ -14,9 +14,16 @@ from dataclasses import dataclass
 
 from ckpt.errors import storage_errors
 from ckpt.format import INDEX_DIR, MANIFEST_NAME, Manifest, manifest_path, scan_steps, step_prefix
-from storage_backends import StorageBackend
+from storage_backends import StorageBackend, as_tiered
 
-__all__ = ["GcPlan", "RetentionPolicy", "apply_retention", "plan_gc", "remove_unreferenced"]
+__all__ = [
+    "GcPlan",
+    "RetentionPolicy",
+    "apply_retention",
+    "plan_gc",
+    "remove_unreferenced",
+    "retire_step",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +117,11 @@ def remove_unreferenced(backend: StorageBackend, manifest: Manifest) -> list[str
             unfinished,
         )
     return stale
+
+
+def retire_step(backend: StorageBackend, step: int) -> None:
+    """Un-commit ``step``: delete its manifest on every tier, leaving its files as an
+    abandoned attempt that the next commit of the step (or gc) removes."""
+    for tier in as_tiered(backend).tiers:
+        with storage_errors(f"retiring step {step} under {tier.url}"):
+            tier.delete([manifest_path(step)])

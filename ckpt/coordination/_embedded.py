@@ -14,7 +14,14 @@ from ckpt.coordination._agreement import GroupAgreement
 from ckpt.coordination._commit import merge_indexes, publish
 from ckpt.coordination._protocol import CommittedStepIndex, Coordinator, new_generation
 from ckpt.errors import CheckpointError, CoordinationError, storage_errors
-from ckpt.format import INDEX_DIR, Manifest, ShardIndex, manifest_path, step_prefix
+from ckpt.format import (
+    INDEX_DIR,
+    Manifest,
+    ShardIndex,
+    manifest_path,
+    read_manifest,
+    step_prefix,
+)
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -227,6 +234,7 @@ class ProcessGroupCoordinator:
         for delay in _poll_delays():
             with storage_errors(f"waiting for the commit of step {step} under {backend.url}"):
                 if backend.exists(manifest_path(step)):
+                    self._check_own_commit(backend, step)
                     return
                 if backend.exists(self._abort_path(step)):
                     reason = backend.read(self._abort_path(step)).decode(errors="replace")
@@ -240,6 +248,15 @@ class ProcessGroupCoordinator:
                     "(rank 0 may have died); the previous committed checkpoint stays the newest"
                 )
             time.sleep(delay)
+
+    def _check_own_commit(self, backend: StorageBackend, step: int) -> None:
+        """The manifest that appeared is this save's, not an older one of the same step."""
+        manifest = read_manifest(backend, step)
+        if manifest.generation != self._generation:
+            raise CoordinationError(
+                f"step {step} under {backend.url} is already committed by another writer "
+                f"(generation {manifest.generation}); rank {self._rank}'s data is discarded"
+            )
 
     def close(self) -> None:
         return None

@@ -1,0 +1,168 @@
+"""The training loop survives damaged checkpoints without a human (I2, I7): a corrupt or
+unreadable newest step is skipped, the job saves that step number again, and every rank
+of a job restores the same step."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckpt
+from storage_backends import LocalBackend, StorageBackendError
+from tests.support.checks import assert_bit_identical
+from tests.support.gloo import run_ranks
+from tests.support.on_disk import data_file, flip_byte, piece_of, read_manifest
+
+
+def _state(value: float) -> dict[str, Any]:
+    return {"w": torch.full((256,), value), "meta": {"value": value}}
+
+
+def _corrupt(root: Path, step: int) -> None:
+    piece = piece_of(root, step, "w")
+    flip_byte(data_file(root, step, piece["file"]), piece["byte_offset"] + 3)
+
+
+def _train(root: Path | LocalBackend, steps: range, every: int) -> int | None:
+    """A README-style loop; returns the step it restored."""
+    state = _state(0.0)
+    with ckpt.CheckpointManager(root, every_steps=every, keep_last=10, if_busy="wait") as mgr:
+        start = mgr.restore(state)
+        for step in steps:
+            if start is not None and step <= start:
+                continue
+            state["w"].fill_(float(step))
+            state["meta"] = {"value": float(step)}
+            mgr.maybe_save(step, state)
+    return start
+
+
+def test_corrupt_newest_step_is_saved_again_by_the_loop(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    _train(root, range(1, 31), every=5)
+    _corrupt(root, 30)
+    # Each incarnation restores 25, trains to 30 and must save step 30 again: no crash loop.
+    assert _train(root, range(1, 33), every=5) == 25
+    assert _train(root, range(1, 33), every=5) == 30
+    state = _state(-1.0)
+    assert ckpt.load(state, root) == 30
+    assert_bit_identical(state["w"], torch.full((256,), 30.0))
+
+
+def test_the_replaced_step_holds_only_the_new_files(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    _train(root, range(1, 11), every=5)
+    old_files = set(read_manifest(root, 10)["files"])
+    _corrupt(root, 10)
+    assert _train(root, range(1, 11), every=5) == 5
+    new_files = set(read_manifest(root, 10)["files"])
+    assert not old_files & new_files
+    data = {p.name for p in (root / "step-000000010" / "data").iterdir()}
+    assert data == {Path(f).name for f in new_files}
+
+
+def test_function_save_over_a_committed_step_says_what_to_do(tmp_path: Path) -> None:
+    ckpt.save(_state(1.0), tmp_path, step=3)
+    with pytest.raises(ckpt.CheckpointError, match="already committed"):
+        ckpt.save(_state(2.0), tmp_path, step=3)
+
+
+class _UnreadableStep(LocalBackend):
+    """A local root whose step ``bad`` answers every data read with an I/O error."""
+
+    def __init__(self, root: Path, bad: int, *, retryable: bool) -> None:
+        super().__init__(root)
+        self.bad_prefix = f"step-{bad:09d}/data/"
+        self.retryable = retryable
+        self.failed_reads = 0
+
+    def read_into(self, path: str, offset: int, out: Any) -> None:
+        if path.startswith(self.bad_prefix):
+            self.failed_reads += 1
+            raise StorageBackendError(
+                f"reading {path!r} failed: Input/output error", path=path, retryable=self.retryable
+            )
+        super().read_into(path, offset, out)
+
+
+@pytest.mark.parametrize("retryable", [True, False])
+def test_unreadable_newest_step_falls_back_and_says_why(
+    tmp_path: Path, retryable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt.save(_state(1.0), tmp_path, step=1)
+    ckpt.save(_state(2.0), tmp_path, step=2)
+    backend = _UnreadableStep(tmp_path, 2, retryable=retryable)
+    state = _state(0.0)
+    with caplog.at_level(logging.WARNING):
+        report = ckpt.restore(state, backend)
+    assert report.step == 1
+    assert [s for s, _ in report.skipped] == [2]
+    assert "Input/output error" in report.skipped[0][1]
+    assert "skipping checkpoint step 2" in caplog.text
+    assert backend.failed_reads >= (3 if retryable else 1)  # transient errors are retried
+    assert_bit_identical(state["w"], torch.full((256,), 1.0))
+
+
+def test_unreadable_step_asked_for_by_number_raises(tmp_path: Path) -> None:
+    ckpt.save(_state(1.0), tmp_path, step=1)
+    backend = _UnreadableStep(tmp_path, 1, retryable=False)
+    with pytest.raises(ckpt.StorageError, match="Input/output error"):
+        ckpt.load(_state(0.0), backend, step=1)
+
+
+def test_nothing_restorable_names_every_step(tmp_path: Path) -> None:
+    ckpt.save(_state(1.0), tmp_path, step=1)
+    _corrupt(tmp_path, 1)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="step 1"):
+        ckpt.load(_state(0.0), tmp_path)
+
+
+def _restore_with_one_rank_damaged(rank: int, world: int, root: str) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def sharded(value: float) -> Any:
+        return distribute_tensor(torch.full((64,), value), mesh, [Shard(0)])
+
+    mgr = ckpt.CheckpointManager(root, every_steps=1, keep_last=10)
+    try:
+        for step in (1, 2):
+            mgr.save(step, {"w": sharded(float(step))}, blocking=True)
+    finally:
+        mgr.close()
+    torch.distributed.barrier()
+    if rank == 0:
+        # Damage only the bytes rank 1 reads: rank 0 alone would happily load step 2.
+        for piece in read_manifest(Path(root), 2)["tensors"]["w"]["pieces"]:
+            if piece["offsets"] == [32]:
+                flip_byte(data_file(Path(root), 2, piece["file"]), piece["byte_offset"])
+    torch.distributed.barrier()
+    target = {"w": sharded(0.0)}
+    mgr = ckpt.CheckpointManager(root, every_steps=1, keep_last=10)
+    try:
+        restored = mgr.restore(target)
+    finally:
+        mgr.close()
+    return {"step": restored, "w": target["w"].to_local().tolist()}
+
+
+def test_every_rank_restores_the_same_step(tmp_path: Path) -> None:
+    results = run_ranks(_restore_with_one_rank_damaged, 2, str(tmp_path / "ckpts"))
+    assert [r["step"] for r in results] == [1, 1]
+    assert [r["w"] for r in results] == [[1.0] * 32, [1.0] * 32]
+
+
+def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
+    from ckpt.demo import run_demo
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    with pytest.raises(ckpt.CheckpointError, match="not created by `ckpt demo`"):
+        run_demo(str(tmp_path))
+    assert precious.read_text() == "keep me"
