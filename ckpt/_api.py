@@ -208,7 +208,10 @@ def restore(
     if skipped:
         raise CorruptCheckpointError(
             f"every committed checkpoint under {backend.url} failed verification or could not "
-            "be read: " + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            "be read: "
+            + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            + f". Check them with `ckpt verify {backend.url}`; to start from scratch, move the "
+            "root aside"
         )
     raise CheckpointNotFoundError(f"no committed checkpoint under {backend.url}")
 
