@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from storage_backends import BlobNotFoundError, StorageBackendError, StorageFullError
+from storage_backends import (
+    BlobNotFoundError,
+    InvalidPathError,
+    StorageBackendError,
+    StorageFullError,
+)
 
 
 class CheckpointError(Exception):
@@ -88,11 +93,16 @@ def storage_errors(
         what: the operation, for the message ("writing step-5/data/r0.safetensors").
         missing: the type to raise when the object does not exist (a missing data file
             of a committed checkpoint is corruption, a missing manifest is "not found").
+
+    A path the backend refuses to follow (a symlink or a FIFO under the root, where ckpt
+    only ever writes directories and regular files) is corruption of the checkpoint.
     """
     try:
         yield
     except BlobNotFoundError as exc:
         raise missing(f"{what}: {exc}") from exc
+    except InvalidPathError as exc:
+        raise CorruptCheckpointError(f"{what}: {exc}") from exc
     except StorageFullError as exc:
         raise StorageFullCheckpointError(f"{what}: {exc}") from exc
     except StorageBackendError as exc:

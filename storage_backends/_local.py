@@ -4,6 +4,25 @@ Every object is written to a temporary file beside its final path, fsynced, move
 into place with ``os.replace`` and then the directory is fsynced, so an object is
 either absent or complete and durable. ``put_if_absent`` publishes with ``os.link``,
 which fails when the target exists: two committers can never both win.
+
+Symlinks. The root may itself be a symlink (``ln -s /nvme/ckpts ./ckpts``); it is
+resolved once, when the backend is made. Below the root nothing is ever followed: every
+operation walks down from the root one directory at a time with ``O_NOFOLLOW`` and works
+relative to that directory's descriptor, so a symlink swapped in midway cannot redirect
+it either. A symlink below the root:
+
+* is neither an object nor a prefix: listings skip it and never enter it, ``exists`` is
+  False;
+* is refused with ``InvalidPathError`` naming it when a read, ``size`` or write would go
+  through it or land on it (it could lead out of the root);
+* is unlinked itself, never what it points to, when deletion meets it: ``delete`` of an
+  object path that is a symlink, ``delete_prefix`` of a prefix that is one, and every
+  symlink inside a prefix being deleted. A path that passes through a symlinked
+  directory holds nothing of this root, so deleting it does nothing.
+
+Only regular files are objects. A FIFO, socket or device where an object is expected is
+refused with ``InvalidPathError`` without being opened, so that a reader never blocks on
+one; files are opened ``O_NONBLOCK`` as well, in case one is swapped in meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +32,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from storage_backends._errors import (
@@ -27,6 +46,9 @@ from storage_backends._protocol import BytesLike
 _TMP_MARK = ".tmp-"
 # Linux moves at most this many bytes per write()/read() call.
 _MAX_IO = 1 << 30
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 def _os_error(exc: OSError, path: str, action: str) -> StorageBackendError:
@@ -49,6 +71,10 @@ def _not_found(exc: OSError) -> bool:
     return exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 
 
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and _TMP_MARK in name
+
+
 def _check_range(path: str, offset: int, length: int, size: int) -> None:
     if offset < 0 or length < 0 or offset + length > size:
         raise StorageBackendError(
@@ -58,14 +84,6 @@ def _check_range(path: str, offset: int, length: int, size: int) -> None:
         )
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: BytesLike) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -73,18 +91,97 @@ def _write_all(fd: int, data: BytesLike) -> None:
         view = view[written:]
 
 
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    """The entry ``name`` in the directory open at ``dir_fd`` (a symlink itself), or None."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _walk_at(fd: int, rel: str) -> Iterator[tuple[int, str, list[os.DirEntry[str]]]]:
+    """Walk the tree open at ``fd`` top-down without entering symlinks: for each directory,
+    (its descriptor, its path relative to the start with a trailing ``/``, its entries that
+    are not directories). A directory that vanishes or is replaced meanwhile is skipped."""
+    with os.scandir(fd) as scan:
+        entries = list(scan)
+    subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    yield fd, rel, [e for e in entries if not e.is_dir(follow_symlinks=False)]
+    for name in subdirs:
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            yield from _walk_at(child, f"{rel}{name}/")
+        finally:
+            os.close(child)
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    """Remove the entry ``name`` (a symlink itself, never its target); directories too."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        _remove_tree_at(dir_fd, name)
+
+
+def _remove_tree_at(dir_fd: int, name: str) -> None:
+    """Remove the directory ``name`` and everything below it, never entering a symlink."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:  # replaced by a file or a symlink: remove that entry itself
+        _unlink_at(dir_fd, name)
+        return
+    try:
+        with os.scandir(fd) as scan:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in scan]
+        for child, is_dir in entries:
+            if is_dir:
+                _remove_tree_at(fd, child)
+            else:
+                _unlink_at(fd, child)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
 class _LocalStream:
     def __init__(self, backend: LocalBackend, path: str) -> None:
-        self._backend = backend
         self._path = path
-        self._final = backend._resolve(path)
-        self._tmp = (
-            backend._make_parent(self._final) / f".{self._final.name}{_TMP_MARK}{uuid.uuid4().hex}"
-        )
+        parts = backend._parts(path)
+        self._name = parts[-1]
+        self._tmp = f".{self._name}{_TMP_MARK}{uuid.uuid4().hex}"
+        self._dir_fd: int | None = backend._parent_for_write(parts, path)
         try:
-            self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd: int | None = os.open(self._tmp, _NEW_FILE_FLAGS, 0o644, dir_fd=self._dir_fd)
         except OSError as exc:
+            self._close_dir()
             raise _os_error(exc, path, "creating") from exc
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def write(self, data: BytesLike) -> None:
         if self._fd is None:
@@ -96,30 +193,39 @@ class _LocalStream:
             raise _os_error(exc, self._path, "writing") from exc
 
     def commit(self) -> None:
-        if self._fd is None:
+        if self._fd is None or self._dir_fd is None:
             raise StorageBackendError(f"stream for {self._path!r} is closed", path=self._path)
         try:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            os.replace(self._tmp, self._final)
-            _fsync_dir(self._final.parent)
+            # Replaces a symlink at the final name itself, never writes through it.
+            os.replace(self._tmp, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            os.fsync(self._dir_fd)
         except OSError as exc:
             self.abort()
             raise _os_error(exc, self._path, "committing") from exc
+        self._close_dir()
 
     def abort(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
+        if self._dir_fd is not None:
+            try:
+                os.unlink(self._tmp, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+            finally:
+                self._close_dir()
 
 
 class LocalBackend:
-    """Stores objects as files under a root directory (local disk, NVMe, NFS, tmpfs)."""
+    """Stores objects as files under a root directory (local disk, NVMe, NFS, tmpfs).
+
+    Never follows a symlink below the root (see the module's docstring); the root itself
+    may be one.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = Path(root).expanduser().absolute()
@@ -127,6 +233,8 @@ class LocalBackend:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, str(self._root), "creating the checkpoint root") from exc
+        # Resolved once: the root may be a symlink; nothing below it is ever followed.
+        self._real_root = os.path.realpath(self._root)
 
     @property
     def url(self) -> str:
@@ -136,29 +244,99 @@ class LocalBackend:
     def root(self) -> Path:
         return self._root
 
-    def _resolve(self, path: str) -> Path:
+    # -- walking down from the root ----------------------------------------------------
+
+    def _parts(self, path: str) -> list[str]:
         parts = path.split("/")
         if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise InvalidPathError(f"invalid object path {path!r}", path=path)
-        return self._root.joinpath(*parts)
+        return parts
 
-    def _resolve_prefix(self, prefix: str) -> Path:
+    def _prefix_parts(self, prefix: str) -> list[str]:
         prefix = prefix.strip("/")
-        return self._resolve(prefix) if prefix else self._root
+        return self._parts(prefix) if prefix else []
 
-    def _make_parent(self, final: Path) -> Path:
-        parent = final.parent
-        if not parent.is_dir():
-            missing = []
-            probe = parent
-            while not probe.exists():
-                missing.append(probe)
-                probe = probe.parent
-            parent.mkdir(parents=True, exist_ok=True)
-            # Make the new directory entries durable too, outermost last.
-            for directory in missing:
-                _fsync_dir(directory.parent)
-        return parent
+    def _symlink_error(self, path: str, link: Sequence[str]) -> InvalidPathError:
+        name = "/".join(link)
+        where = "is a symlink" if name == path else f"goes through {name!r}, a symlink"
+        what = "file" if name == path else "directory"
+        return InvalidPathError(
+            f"{path!r} {where} below the checkpoint root {self._root}; symlinks there are never "
+            f"followed (one could lead out of the root): replace it with the real {what}",
+            path=path,
+        )
+
+    def _open_dir(self, parts: Sequence[str], path: str, *, create: bool = False) -> int:
+        """A descriptor of the directory ``root/parts``, reached one component at a time
+        without following symlinks. With ``create``, missing directories are made and each
+        new entry fsynced in its parent before anything is published in it.
+
+        Raises:
+            FileNotFoundError: a component is missing (and ``create`` is False).
+            NotADirectoryError: a component is a file.
+            InvalidPathError: a component is a symlink.
+        """
+        fd = os.open(self._real_root, _DIR_FLAGS)
+        try:
+            for i, name in enumerate(parts):
+                try:
+                    try:
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except FileNotFoundError:
+                        if not create:
+                            raise
+                        try:
+                            os.mkdir(name, dir_fd=fd)
+                        except FileExistsError:
+                            pass  # made by a concurrent writer
+                        else:
+                            os.fsync(fd)
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except NotADirectoryError:
+                    st = _lstat_at(fd, name)
+                    if st is not None and stat.S_ISLNK(st.st_mode):
+                        raise self._symlink_error(path, parts[: i + 1]) from None
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _parent_for_write(self, parts: Sequence[str], path: str) -> int:
+        try:
+            return self._open_dir(parts[:-1], path, create=True)
+        except OSError as exc:
+            raise _os_error(exc, path, "creating the directory of") from exc
+
+    def _parent_for_read(self, parts: Sequence[str], path: str, action: str) -> int:
+        try:
+            return self._open_dir(parts[:-1], path)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise BlobNotFoundError(f"{path!r} does not exist ({action})", path=path) from exc
+        except OSError as exc:
+            raise _os_error(exc, path, action) from exc
+
+    def _check_object(
+        self, st: os.stat_result | None, path: str, parts: Sequence[str], action: str
+    ) -> os.stat_result:
+        """``st`` when it is a regular file; else the error saying what is there instead."""
+        if st is None:
+            raise BlobNotFoundError(f"{path!r} does not exist ({action})", path=path)
+        if stat.S_ISREG(st.st_mode):
+            return st
+        if stat.S_ISDIR(st.st_mode):
+            raise BlobNotFoundError(f"{path!r} is a prefix, not an object", path=path)
+        if stat.S_ISLNK(st.st_mode):
+            raise self._symlink_error(path, parts)
+        raise InvalidPathError(
+            f"{path!r} below the checkpoint root {self._root} is {_kind(st.st_mode)}, not a "
+            "regular file; it is never opened: remove it",
+            path=path,
+        )
+
+    # -- writing -----------------------------------------------------------------------
 
     def write(self, path: str, data: BytesLike) -> None:
         stream = self.open_stream(path)
@@ -171,56 +349,63 @@ class LocalBackend:
             raise
 
     def open_stream(self, path: str) -> _LocalStream:
-        try:
-            return _LocalStream(self, path)
-        except OSError as exc:
-            raise _os_error(exc, path, "creating") from exc
+        return _LocalStream(self, path)
 
     def put_if_absent(self, path: str, data: BytesLike) -> bool:
-        final = self._resolve(path)
+        parts = self._parts(path)
+        dir_fd = self._parent_for_write(parts, path)
+        tmp = f".{parts[-1]}{_TMP_MARK}{uuid.uuid4().hex}"
         try:
-            parent = self._make_parent(final)
-        except OSError as exc:
-            raise _os_error(exc, path, "creating the directory of") from exc
-        tmp = parent / f".{final.name}{_TMP_MARK}{uuid.uuid4().hex}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, _NEW_FILE_FLAGS, 0o644, dir_fd=dir_fd)
             try:
                 _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             try:
-                os.link(tmp, final)
+                # Fails on any existing entry, a symlink included: never writes through one.
+                os.link(tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except FileExistsError:
                 return False
-            _fsync_dir(parent)
+            os.fsync(dir_fd)
             return True
         except OSError as exc:
             raise _os_error(exc, path, "publishing") from exc
         finally:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dir_fd)
             except FileNotFoundError:
                 pass
+            finally:
+                os.close(dir_fd)
+
+    # -- reading -----------------------------------------------------------------------
 
     def _open_object(self, path: str) -> tuple[int, int]:
         """Open ``path`` for reading; returns (fd, size of that very file)."""
-        target = self._resolve(path)
+        parts = self._parts(path)
+        dir_fd = self._parent_for_read(parts, path, "opening")
         try:
-            fd = os.open(target, os.O_RDONLY)
+            # Checked before opening: opening a FIFO or a device may block or act.
+            self._check_object(_lstat_at(dir_fd, parts[-1]), path, parts, "opening")
+            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # became a symlink since
+                raise self._symlink_error(path, parts) from exc
             if _not_found(exc):
                 raise BlobNotFoundError(f"{path!r} does not exist (opening)", path=path) from exc
             raise _os_error(exc, path, "opening") from exc
+        finally:
+            os.close(dir_fd)
         try:
-            st = os.fstat(fd)
+            st = self._check_object(os.fstat(fd), path, parts, "opening")  # replaced since?
+            os.set_blocking(fd, True)
         except OSError as exc:
             os.close(fd)
             raise _os_error(exc, path, "stat of") from exc
-        if not stat.S_ISREG(st.st_mode):
+        except BaseException:
             os.close(fd)
-            raise BlobNotFoundError(f"{path!r} is a prefix, not an object", path=path)
+            raise
         return fd, st.st_size
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -261,88 +446,142 @@ class LocalBackend:
             raise _os_error(exc, path, "reading") from exc
 
     def size(self, path: str) -> int:
-        target = self._resolve(path)
+        parts = self._parts(path)
+        dir_fd = self._parent_for_read(parts, path, "stat of")
         try:
-            st = target.stat()
+            st = _lstat_at(dir_fd, parts[-1])
         except OSError as exc:
-            if _not_found(exc):
-                raise BlobNotFoundError(f"{path!r} does not exist (stat of)", path=path) from exc
             raise _os_error(exc, path, "stat of") from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise BlobNotFoundError(f"{path!r} is a prefix, not an object", path=path)
-        return st.st_size
+        finally:
+            os.close(dir_fd)
+        return self._check_object(st, path, parts, "stat of").st_size
 
     def exists(self, path: str) -> bool:
-        return self._resolve(path).is_file()
+        parts = self._parts(path)
+        try:
+            dir_fd = self._open_dir(parts[:-1], path)
+        except (FileNotFoundError, NotADirectoryError, InvalidPathError):
+            return False
+        except OSError as exc:
+            raise _os_error(exc, path, "stat of") from exc
+        try:
+            st = _lstat_at(dir_fd, parts[-1])
+        except OSError as exc:
+            raise _os_error(exc, path, "stat of") from exc
+        finally:
+            os.close(dir_fd)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    # -- listing -----------------------------------------------------------------------
+
+    def _open_prefix(self, parts: Sequence[str], prefix: str, action: str) -> int | None:
+        """The directory of a prefix, or None when there is none (missing, a file, or
+        reached through a symlink: nothing of this root)."""
+        try:
+            return self._open_dir(parts, prefix)
+        except (FileNotFoundError, NotADirectoryError, InvalidPathError):
+            return None
+        except OSError as exc:
+            raise _os_error(exc, prefix, action) from exc
 
     def list_objects(self, prefix: str = "") -> list[str]:
-        base = self._resolve_prefix(prefix)
+        parts = self._prefix_parts(prefix)
+        fd = self._open_prefix(parts, prefix, "listing")
+        if fd is None:
+            return []
         found: list[str] = []
-        for dirpath, _dirnames, filenames in os.walk(base):
-            rel_dir = Path(dirpath).relative_to(self._root).as_posix()
-            for name in filenames:
-                if _TMP_MARK in name and name.startswith("."):
-                    continue
-                found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+        try:
+            for _dir_fd, rel, entries in _walk_at(fd, "".join(f"{p}/" for p in parts)):
+                found.extend(
+                    rel + e.name
+                    for e in entries
+                    if e.is_file(follow_symlinks=False) and not _is_tmp(e.name)
+                )
+        except OSError as exc:
+            raise _os_error(exc, prefix, "listing") from exc
+        finally:
+            os.close(fd)
         return sorted(found)
 
     def list_prefixes(self, prefix: str = "") -> list[str]:
-        base = self._resolve_prefix(prefix)
-        try:
-            return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
-        except (FileNotFoundError, NotADirectoryError):
+        parts = self._prefix_parts(prefix)
+        fd = self._open_prefix(parts, prefix, "listing")
+        if fd is None:
             return []
+        try:
+            with os.scandir(fd) as scan:
+                return sorted(e.name for e in scan if e.is_dir(follow_symlinks=False))
+        except OSError as exc:
+            raise _os_error(exc, prefix, "listing") from exc
+        finally:
+            os.close(fd)
+
+    # -- deleting ----------------------------------------------------------------------
 
     def delete(self, paths: Iterable[str]) -> None:
         for path in paths:
+            parts = self._parts(path)
             try:
-                os.unlink(self._resolve(path))
+                dir_fd = self._open_dir(parts[:-1], path)
+            except (FileNotFoundError, NotADirectoryError, InvalidPathError):
+                continue  # absent, below an object, or through a symlink: not an object here
             except OSError as exc:
-                if _not_found(exc):
-                    continue  # absent, a prefix, or below an object: not an object
                 raise _os_error(exc, path, "deleting") from exc
+            try:
+                os.unlink(parts[-1], dir_fd=dir_fd)  # a symlink is removed itself
+            except OSError as exc:
+                if not _not_found(exc):  # absent, or a prefix: not an object
+                    raise _os_error(exc, path, "deleting") from exc
+            finally:
+                os.close(dir_fd)
 
     def delete_prefix(self, prefix: str) -> None:
-        base = self._resolve_prefix(prefix)
-        if base == self._root:
+        parts = self._prefix_parts(prefix)
+        if not parts:
             raise InvalidPathError("refusing to delete the whole backend root", path=prefix)
         try:
-            for dirpath, dirnames, filenames in os.walk(base, topdown=False):
-                for name in filenames:
-                    try:
-                        os.unlink(os.path.join(dirpath, name))
-                    except FileNotFoundError:
-                        pass
-                for name in dirnames:
-                    try:
-                        os.rmdir(os.path.join(dirpath, name))
-                    except FileNotFoundError:
-                        pass
-            try:
-                os.rmdir(base)
-            except (FileNotFoundError, NotADirectoryError):
-                pass  # nothing there, or an object (which is not under its own prefix)
+            dir_fd = self._open_dir(parts[:-1], prefix)
+        except (FileNotFoundError, NotADirectoryError, InvalidPathError):
+            return  # nothing there, or through a symlink: nothing of this root
         except OSError as exc:
             raise _os_error(exc, prefix, "deleting") from exc
+        try:
+            st = _lstat_at(dir_fd, parts[-1])
+            if st is None:
+                return
+            if stat.S_ISLNK(st.st_mode):
+                _unlink_at(dir_fd, parts[-1])  # the link itself, never what it points to
+            elif stat.S_ISDIR(st.st_mode):
+                _remove_tree_at(dir_fd, parts[-1])
+            # else: an object, which is not under its own prefix
+        except OSError as exc:
+            raise _os_error(exc, prefix, "deleting") from exc
+        finally:
+            os.close(dir_fd)
 
     def abort_unfinished(self, prefix: str, older_than_seconds: float = 0.0) -> int:
         """Remove temporary files of streams that never committed (a writer died)."""
-        base = self._resolve_prefix(prefix)
+        parts = self._prefix_parts(prefix)
+        fd = self._open_prefix(parts, prefix, "removing unfinished files under")
+        if fd is None:
+            return 0
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for dirpath, _dirnames, filenames in os.walk(base):
-            for name in filenames:
-                if not (name.startswith(".") and _TMP_MARK in name):
-                    continue
-                path = os.path.join(dirpath, name)
-                try:
-                    if os.stat(path).st_mtime <= cutoff:
-                        os.unlink(path)
-                        removed += 1
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise _os_error(exc, prefix, "removing unfinished files under") from exc
+        try:
+            for dir_fd, _rel, entries in _walk_at(fd, ""):
+                for entry in entries:
+                    if not (_is_tmp(entry.name) and entry.is_file(follow_symlinks=False)):
+                        continue
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                            os.unlink(entry.name, dir_fd=dir_fd)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+        except OSError as exc:
+            raise _os_error(exc, prefix, "removing unfinished files under") from exc
+        finally:
+            os.close(fd)
         return removed
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ MANIFEST_NAME = "manifest.json"
 INDEX_DIR = "index"
 DATA_DIR = "data"
 DEFAULT_CHUNK_BYTES = 1 << 20
-_STEP_RE = re.compile(r"^step-(\d{9,})$")
+_STEP_RE = re.compile(r"step-([0-9]{9,})")
 
 
 def step_prefix(step: int) -> str:
@@ -21,9 +21,16 @@ def step_prefix(step: int) -> str:
 
 
 def parse_step_prefix(name: str) -> int | None:
-    """The step a prefix name holds, or None for any other name."""
-    match = _STEP_RE.match(name)
-    return int(match.group(1)) if match else None
+    """The step a prefix name holds, or None for any other name.
+
+    Only the spelling ``step_prefix`` writes is a step: ``step-0000000003`` (an extra
+    leading zero) is not step 3, so that no step is counted, listed or deleted twice.
+    """
+    match = _STEP_RE.fullmatch(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if step_prefix(step) == name else None
 
 
 def manifest_path(step: int) -> str:

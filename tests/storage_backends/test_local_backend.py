@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 import storage_backends
-from storage_backends import LocalBackend, StorageBackend, StorageBackendError, open_backend
+from storage_backends import (
+    InvalidPathError,
+    LocalBackend,
+    StorageBackend,
+    StorageBackendError,
+    open_backend,
+)
 
 from .conformance import BackendConformance, payload
 
@@ -41,8 +47,15 @@ def local(tmp_path: Path) -> LocalBackend:
     return LocalBackend(tmp_path / "root")
 
 
+def _full(path: str | os.PathLike[str], dir_fd: int | None) -> str:
+    """``path`` as an absolute path, when it is relative to the directory open at ``dir_fd``."""
+    if dir_fd is None:
+        return os.fspath(path)
+    return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), os.fspath(path))
+
+
 class _FsSpy:
-    """Records fsync (by the path of the fd), replace and link calls, in order."""
+    """Records fsync (by the path of the fd), replace and link calls (by full paths), in order."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, ...]] = []
@@ -52,13 +65,32 @@ class _FsSpy:
             self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
             real_fsync(fd)
 
-        def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-            self.events.append(("replace", os.fspath(src), os.fspath(dst)))
-            real_replace(src, dst)
+        def replace(
+            src: str | os.PathLike[str],
+            dst: str | os.PathLike[str],
+            *,
+            src_dir_fd: int | None = None,
+            dst_dir_fd: int | None = None,
+        ) -> None:
+            self.events.append(("replace", _full(src, src_dir_fd), _full(dst, dst_dir_fd)))
+            real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
-        def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-            self.events.append(("link", os.fspath(src), os.fspath(dst)))
-            real_link(src, dst)
+        def link(
+            src: str | os.PathLike[str],
+            dst: str | os.PathLike[str],
+            *,
+            src_dir_fd: int | None = None,
+            dst_dir_fd: int | None = None,
+            follow_symlinks: bool = True,
+        ) -> None:
+            self.events.append(("link", _full(src, src_dir_fd), _full(dst, dst_dir_fd)))
+            real_link(
+                src,
+                dst,
+                src_dir_fd=src_dir_fd,
+                dst_dir_fd=dst_dir_fd,
+                follow_symlinks=follow_symlinks,
+            )
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
@@ -202,6 +234,166 @@ def test_root_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(StorageBackendError):
         LocalBackend(tmp_path / "file")
+
+
+# -- symlinks and special files below the root ----------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory beside the root (outside it) with a file, a subfolder and a file that
+    looks like an unfinished stream."""
+    victim = tmp_path / "outside"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "secret").write_bytes(b"not yours")
+    (victim / "sub" / "deep").write_bytes(b"nor this")
+    (victim / f".x{'.tmp-'}0123").write_bytes(b"looks unfinished")
+    return victim
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p: (directory / p).read_bytes() for p in all_files(directory)}
+
+
+def test_symlinks_are_neither_objects_nor_prefixes(local: LocalBackend, outside: Path) -> None:
+    """Listings skip symlinks (to directories and to files) and never descend into them;
+    ``exists`` is False for them and for anything reached through them."""
+    local.write("step-1/data/real", b"r")
+    os.symlink(outside, local.root / "step-2")
+    os.symlink(outside, local.root / "step-1" / "linked-dir")
+    os.symlink(outside / "secret", local.root / "step-1" / "data" / "linked-file")
+    assert local.list_prefixes() == ["step-1"]
+    assert local.list_prefixes("step-1") == ["data"]
+    assert local.list_objects() == ["step-1/data/real"]
+    assert local.list_objects("step-2") == []
+    assert local.list_prefixes("step-2") == []
+    assert local.list_objects("step-1/linked-dir") == []
+    assert not local.exists("step-1/data/linked-file")
+    assert not local.exists("step-2/secret")
+    assert not local.exists("step-1/linked-dir/secret")
+
+
+@pytest.mark.parametrize(
+    ("path", "link"),
+    [
+        ("step-2/secret", "step-2"),
+        ("step-1/linked-dir/sub/deep", "step-1/linked-dir"),
+        ("step-1/data/linked-file", "step-1/data/linked-file"),
+    ],
+)
+def test_reads_never_follow_a_symlink(
+    local: LocalBackend, outside: Path, path: str, link: str
+) -> None:
+    """Reading, reading into and sizing a path through or at a symlink raise
+    ``InvalidPathError`` naming the link; nothing outside the root is read."""
+    local.write("step-1/data/real", b"r")
+    os.symlink(outside, local.root / "step-2")
+    os.symlink(outside, local.root / "step-1" / "linked-dir")
+    os.symlink(outside / "secret", local.root / "step-1" / "data" / "linked-file")
+    for call in (
+        lambda: local.read(path),
+        lambda: local.read_into(path, 0, bytearray(1)),
+        lambda: local.size(path),
+    ):
+        with pytest.raises(InvalidPathError, match="symlink") as info:
+            call()
+        assert repr(link) in str(info.value)
+
+
+def test_writes_never_go_through_a_symlinked_directory(local: LocalBackend, outside: Path) -> None:
+    """Writing, streaming and ``put_if_absent`` below a symlinked directory are refused and
+    create nothing outside the root."""
+    os.symlink(outside, local.root / "step-2")
+    before = _snapshot(outside)
+    for call in (
+        lambda: local.write("step-2/new", b"x"),
+        lambda: local.write("step-2/sub/new", b"x"),
+        lambda: local.open_stream("step-2/sub/deeper/new"),
+        lambda: local.put_if_absent("step-2/manifest.json", b"x"),
+    ):
+        with pytest.raises(InvalidPathError, match="symlink"):
+            call()
+    assert _snapshot(outside) == before
+    assert sorted(os.listdir(outside)) == [".x.tmp-0123", "secret", "sub"]
+
+
+def test_a_symlink_at_an_object_path_is_replaced_never_written_through(
+    local: LocalBackend, outside: Path
+) -> None:
+    """``write`` over a symlink replaces the link with the object; ``put_if_absent`` finds
+    the name taken. The file the link pointed to is untouched either way."""
+    os.symlink(outside / "secret", local.root / "obj")
+    os.symlink(outside / "secret", local.root / "manifest.json")
+    local.write("obj", b"new")
+    assert not (local.root / "obj").is_symlink()
+    assert local.read("obj") == b"new"
+    assert not local.put_if_absent("manifest.json", b"new")
+    assert (outside / "secret").read_bytes() == b"not yours"
+
+
+def test_deletion_unlinks_symlinks_never_their_targets(local: LocalBackend, outside: Path) -> None:
+    """``delete_prefix`` of a symlinked prefix removes the link; of a real prefix, everything
+    in it including links to directories and files, without entering them; ``delete`` of a
+    symlink removes the link; deleting through a symlinked directory does nothing.
+    ``abort_unfinished`` never looks behind a link either."""
+    before = _snapshot(outside)
+    local.write("step-1/data/real", b"r")
+    os.symlink(outside, local.root / "step-1" / "data" / "linked-dir")
+    os.symlink(outside / "secret", local.root / "step-1" / "linked-file")
+    os.symlink(outside, local.root / "step-2")
+    os.symlink(outside / "secret", local.root / "obj")
+
+    assert local.abort_unfinished("") == 0
+    assert local.abort_unfinished("step-2") == 0
+    local.delete(["step-2/secret", "step-2/sub/deep", "step-1/data/linked-dir/secret"])
+    local.delete_prefix("step-2/sub")
+    assert _snapshot(outside) == before
+
+    local.delete(["obj"])
+    local.delete_prefix("step-2")
+    local.delete_prefix("step-1")
+    assert os.listdir(local.root) == []
+    assert _snapshot(outside) == before
+
+
+@pytest.mark.timeout(60)
+def test_fifo_is_refused_without_blocking(local: LocalBackend) -> None:
+    """A FIFO where an object is expected: reads and ``size`` raise ``InvalidPathError`` at
+    once (a plain open would wait for a writer forever), ``exists`` is False, listings skip
+    it and ``delete_prefix`` removes it."""
+    local.write("step-1/data/real", b"r")
+    os.mkfifo(local.root / "step-1" / "manifest.json")
+    for call in (
+        lambda: local.read("step-1/manifest.json"),
+        lambda: local.read_into("step-1/manifest.json", 0, bytearray(1)),
+        lambda: local.size("step-1/manifest.json"),
+    ):
+        with pytest.raises(InvalidPathError, match="FIFO"):
+            call()
+    assert not local.exists("step-1/manifest.json")
+    assert local.list_objects() == ["step-1/data/real"]
+    local.delete_prefix("step-1")
+    assert os.listdir(local.root) == []
+
+
+def test_root_may_be_a_symlink(tmp_path: Path) -> None:
+    """``ln -s /nvme/ckpts ./ckpts``: a root that is a symlink works for every operation, and
+    the backend keeps the path it was given."""
+    real = tmp_path / "nvme"
+    real.mkdir()
+    os.symlink(real, tmp_path / "ckpts")
+    backend = LocalBackend(tmp_path / "ckpts")
+    assert backend.root == tmp_path / "ckpts"
+    backend.write("step-1/data/r0", b"abc")
+    assert backend.put_if_absent("step-1/manifest.json", b"{}")
+    assert backend.read("step-1/data/r0", 1, 2) == b"bc"
+    assert backend.size("step-1/data/r0") == 3
+    assert backend.exists("step-1/manifest.json")
+    assert backend.list_prefixes() == ["step-1"]
+    assert backend.list_objects() == ["step-1/data/r0", "step-1/manifest.json"]
+    assert all_files(real) == ["step-1/data/r0", "step-1/manifest.json"]
+    backend.delete_prefix("step-1")
+    assert os.listdir(real) == []
 
 
 # -- open_backend --------------------------------------------------------------------------
