@@ -111,6 +111,19 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+# Checkpoints nest a few directories deep; a deeper tree is not ours and is refused
+# rather than walked (no recursion or descriptor exhaustion on a hostile tree).
+_MAX_DEPTH = 32
+
+
+def _too_deep(rel: str) -> StorageBackendError:
+    return StorageBackendError(
+        f"{rel!r} is nested more than {_MAX_DEPTH} directories deep, which no checkpoint is; "
+        "refusing to walk it (remove it by hand if it is not needed)",
+        path=rel,
+    )
+
+
 def _walk_at(fd: int, rel: str) -> Iterator[tuple[int, str, list[os.DirEntry[str]]]]:
     """Walk the tree open at ``fd`` top-down without entering symlinks: for each directory,
     (its descriptor, its path relative to the start with a trailing ``/``, its entries that
@@ -119,6 +132,8 @@ def _walk_at(fd: int, rel: str) -> Iterator[tuple[int, str, list[os.DirEntry[str
         entries = list(scan)
     subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
     yield fd, rel, [e for e in entries if not e.is_dir(follow_symlinks=False)]
+    if subdirs and rel.count("/") >= _MAX_DEPTH:
+        raise _too_deep(rel)
     for name in subdirs:
         try:
             child = os.open(name, _DIR_FLAGS, dir_fd=fd)
@@ -130,33 +145,35 @@ def _walk_at(fd: int, rel: str) -> Iterator[tuple[int, str, list[os.DirEntry[str
             os.close(child)
 
 
-def _unlink_at(dir_fd: int, name: str) -> None:
+def _unlink_at(dir_fd: int, name: str, depth: int = 0) -> None:
     """Remove the entry ``name`` (a symlink itself, never its target); directories too."""
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     except IsADirectoryError:
-        _remove_tree_at(dir_fd, name)
+        _remove_tree_at(dir_fd, name, depth)
 
 
-def _remove_tree_at(dir_fd: int, name: str) -> None:
+def _remove_tree_at(dir_fd: int, name: str, depth: int = 0) -> None:
     """Remove the directory ``name`` and everything below it, never entering a symlink."""
+    if depth >= _MAX_DEPTH:
+        raise _too_deep(name)
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     except NotADirectoryError:  # replaced by a file or a symlink: remove that entry itself
-        _unlink_at(dir_fd, name)
+        _unlink_at(dir_fd, name, depth)
         return
     try:
         with os.scandir(fd) as scan:
             entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in scan]
         for child, is_dir in entries:
             if is_dir:
-                _remove_tree_at(fd, child)
+                _remove_tree_at(fd, child, depth + 1)
             else:
-                _unlink_at(fd, child)
+                _unlink_at(fd, child, depth + 1)
     finally:
         os.close(fd)
     try:

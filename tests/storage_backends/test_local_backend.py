@@ -494,3 +494,18 @@ def test_local_storage_never_imports_the_s3_client(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[]", "True"]
+
+
+def test_a_hostile_deep_tree_is_refused_not_recursed(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path)
+    deep = tmp_path / "step-000000001"
+    path = deep
+    for _ in range(200):
+        path = path / "d"
+    path.mkdir(parents=True)
+    (path / "f").write_bytes(b"x")
+    with pytest.raises(StorageBackendError, match="nested more than"):
+        backend.list_objects("step-000000001")
+    with pytest.raises(StorageBackendError, match="nested more than"):
+        backend.delete_prefix("step-000000001")
+    assert (path / "f").exists()
