@@ -3,6 +3,7 @@ written or modified; legitimate but unusual values round-trip bit for bit."""
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -223,3 +224,102 @@ def test_large_integers_nan_and_infinities_round_trip(root: Path) -> None:
     assert target["floats"][1:3] == [math.inf, -math.inf]
     assert math.copysign(1.0, target["floats"][3]) == -1.0
     assert math.isnan(target["keys"][1]) and target["keys"][2**80] == "big key"
+
+
+# --- loading into a state whose tensors meet values of another kind ----------------------
+
+
+@pytest.mark.parametrize(
+    ("saved", "target", "expected"),
+    [
+        ([1], torch.ones(3), "'model.w' is a tensor in the state but a list in the checkpoint"),
+        (torch.ones(3), [0], "'model.w' is a tensor in the checkpoint but a list in the state"),
+        (torch.ones(3), 7, "'model.w' is a tensor in the checkpoint but a int in the state"),
+        (
+            {"a": 1},
+            torch.ones(3),
+            "'model.w' is a tensor in the state but a dict in the checkpoint",
+        ),
+        (
+            torch.ones(3),
+            {"a": 1},
+            "'model.w' is a tensor in the checkpoint but a dict in the state",
+        ),
+        (
+            3,
+            {"a": torch.ones(3)},
+            "'model.w' is a dict holding tensors in the state but a int in the checkpoint",
+        ),
+        (
+            (1, 2),
+            [torch.ones(3)],
+            "'model.w.0' is a tensor in the state but a int in the checkpoint",
+        ),
+    ],
+    ids=[
+        "list-for-tensor",
+        "tensor-for-list",
+        "tensor-for-int",
+        "dict-for-tensor",
+        "tensor-for-dict",
+        "int-for-dict-of-tensors",
+        "tuple-of-ints-for-list-of-tensors",
+    ],
+)
+def test_tensor_meeting_another_kind_is_a_mismatch_and_nothing_is_loaded(
+    root: Path, saved: Any, target: Any, expected: str
+) -> None:
+    ckpt.save({"model": {"w": saved, "v": torch.arange(3.0)}, "n": 5}, root, step=1)
+    v = torch.zeros(3)
+    inner: dict[str, Any] = {"w": target, "v": v}
+    state: dict[str, Any] = {"model": inner, "n": 0}
+    with pytest.raises(ckpt.StateMismatchError) as info:
+        ckpt.load(state, root)
+    assert expected in str(info.value)
+    # Nothing was applied: not the other tensor, not the plain values.
+    assert state["model"] is inner and inner["w"] is target and inner["v"] is v
+    assert torch.equal(v, torch.zeros(3)) and state["n"] == 0
+
+
+def test_without_strict_the_state_keeps_its_tensor_and_the_key_is_logged(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt.save({"model": {"w": [1], "v": torch.arange(3.0)}, "n": 5}, root, step=1)
+    w, v = torch.ones(3), torch.zeros(3)
+    inner = {"w": w, "v": v}
+    state: dict[str, Any] = {"model": inner, "n": 0}
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.load(state, root, strict=False) == 1
+    assert state["model"] is inner and inner["w"] is w and torch.equal(w, torch.ones(3))
+    assert torch.equal(v, torch.arange(3.0)) and state["n"] == 5
+    assert "'model.w' is a tensor in the state but a list" in caplog.text
+
+
+def test_tensor_deep_in_the_state_that_the_checkpoint_lacks_is_missing(root: Path) -> None:
+    ckpt.save({"m": {"sub": {}, "x": 1}}, root, step=1)
+    w = torch.ones(2)
+    state: dict[str, Any] = {"m": {"sub": {"deeper": {"w": w}}, "x": 0}}
+    with pytest.raises(
+        ckpt.StateMismatchError, match=r"missing from the checkpoint: m\.sub\.deeper\.w"
+    ):
+        ckpt.load(state, root)
+    assert state["m"]["x"] == 0
+    ckpt.load(state, root, strict=False)  # kept, not dropped
+    assert state["m"]["sub"]["deeper"]["w"] is w and state["m"]["x"] == 1
+
+
+def test_stored_tensor_fills_a_none_placeholder_and_replaces_an_array(root: Path) -> None:
+    ckpt.save({"extra": {"best": torch.arange(4), "arr": np.arange(3.0)}}, root, step=1)
+    state: dict[str, Any] = {"extra": {"best": None, "arr": np.zeros(5)}}
+    ckpt.load(state, root)
+    assert torch.equal(state["extra"]["best"], torch.arange(4))
+    assert np.array_equal(state["extra"]["arr"], np.arange(3.0))
+
+
+def test_shape_mismatch_leaves_every_tensor_untouched(root: Path) -> None:
+    ckpt.save({"a": torch.ones(3), "b": torch.ones(4)}, root, step=1)
+    a, b = torch.zeros(3), torch.zeros(5)
+    for strict in (True, False):
+        with pytest.raises(ckpt.StateMismatchError, match="'b': shape"):
+            ckpt.load({"a": a, "b": b}, root, strict=strict)
+        assert torch.equal(a, torch.zeros(3)) and torch.equal(b, torch.zeros(5))
