@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +23,7 @@ from ckpt.engine._flatten import (
     BYTES_REF,
     DTYPE_REF,
     ITEMS_REF,
+    MAX_DEPTH,
     NDARRAY_REF,
     TENSOR_REF,
     TUPLE_REF,
@@ -33,16 +36,29 @@ from ckpt.errors import CorruptCheckpointError, StateMismatchError
 from ckpt.format import Box, dtype_name, torch_dtype
 from recovery import Destination
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadPlan:
-    """What loading a stored tree into a target needs: destinations, then rebuilt trees."""
+    """What loading a stored tree into a target needs: destinations, then rebuilt trees.
+
+    Attributes:
+        destinations: the tensor regions to read, and where they go.
+        trees: per top-level key, the tree to put into the state.
+        missing: tensors of the state that the checkpoint lacks.
+        unexpected: keys of the checkpoint that the state lacks.
+        mismatched: tensors whose shape or dtype differ (always an error).
+        conflicts: places where one side holds a tensor and the other a value of another
+            kind (an error when strict; otherwise the state keeps its own value).
+    """
 
     destinations: list[Destination] = field(default_factory=list)
     trees: dict[str, Any] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
 
 def plan_load(
@@ -54,14 +70,20 @@ def plan_load(
 ) -> LoadPlan:
     """Match the stored tree with ``state``; collect destinations and every mismatch.
 
+    Nothing in ``state`` is touched here: a load that would fail fails before any byte
+    is copied into it.
+
     Args:
         state: the user's state (modules, optimizers, tensors, values).
         stored_tree: the manifest's ``state``.
         stored_tensors: name -> (dtype, global shape) for every stored tensor.
-        strict: whether keys present on one side only are errors.
+        strict: whether keys present on one side only, and a tensor on one side where
+            the other holds a value of another kind, are errors. Without it the state
+            keeps its own tensors (and values) there, and the keys are logged.
 
     Raises:
-        StateMismatchError: listing missing and unexpected keys, shape and dtype mismatches.
+        StateMismatchError: listing missing and unexpected keys, tensors meeting values of
+            another kind, shape and dtype mismatches.
     """
     plan = LoadPlan()
     for key, value in state.items():
@@ -70,13 +92,17 @@ def plan_load(
             continue
         # Modules define their full state; other objects may lack state they had when saved.
         allow_new = not isinstance(value, (nn.Module, torch.Tensor, ShardedTensor))
-        plan.trees[key] = _merge(
-            stored_tree[key], state_tree(value), key, stored_tensors, plan, allow_new
-        )
+        target = state_tree(value)
+        merged = _Merge(stored_tensors, plan, allow_new).merge(stored_tree[key], target, key)
+        if isinstance(value, torch.optim.Optimizer):
+            _check_param_groups(key, merged, target, plan)
+        plan.trees[key] = merged
     plan.unexpected.extend(k for k in stored_tree if k not in state)
     problems = []
     if plan.mismatched:
         problems.append("mismatched: " + "; ".join(plan.mismatched))
+    if strict and plan.conflicts:
+        problems.append("kind mismatch: " + "; ".join(plan.conflicts))
     if strict and plan.missing:
         problems.append("missing from the checkpoint: " + ", ".join(plan.missing))
     if strict and plan.unexpected:
@@ -85,7 +111,13 @@ def plan_load(
         raise StateMismatchError(
             "the state does not match the checkpoint — "
             + " | ".join(problems)
-            + " (pass strict=False to ignore keys present on one side only)"
+            + " (pass strict=False to keep the state's own value where only one side has a "
+            "key or a tensor)"
+        )
+    if plan.conflicts:
+        log.warning(
+            "strict=False: kept the state's own value where the checkpoint holds another kind: %s",
+            "; ".join(plan.conflicts),
         )
     return plan
 
@@ -94,35 +126,74 @@ _ABSENT = object()
 _DROP = object()
 
 
-def _merge(
-    stored: Any,
-    target: Any,
-    path: str,
-    stored_tensors: Mapping[str, tuple[str, tuple[int, ...]]],
-    plan: LoadPlan,
-    allow_new: bool,
-) -> Any:
-    if isinstance(stored, dict) and (TENSOR_REF in stored or NDARRAY_REF in stored):
+@dataclass
+class _Merge:
+    """Merges one top-level entry's stored tree with the target's, recording into ``plan``.
+
+    Attributes:
+        allow_new: whether the target may lack stored tensors (fresh ones are allocated,
+            e.g. the moments of an optimizer that never stepped); modules may not.
+    """
+
+    stored_tensors: Mapping[str, tuple[str, tuple[int, ...]]]
+    plan: LoadPlan
+    allow_new: bool
+
+    def merge(self, stored: Any, target: Any, path: str) -> Any:
+        clash = _kind_clash(stored, target, self.allow_new)
+        if clash is not None:
+            self.plan.conflicts.append(f"{path!r} is {clash}")
+            return target  # kept when not strict; strict raises before anything is applied
+        if _is_tensor_ref(stored):
+            return self._tensor(stored, target, path)
+        if isinstance(stored, dict) and TUPLE_REF in stored:
+            items = stored[TUPLE_REF]
+            if not isinstance(items, list):
+                raise _malformed(path, stored)
+            return tuple(self._sequence(items, target, path))
+        if isinstance(stored, dict) and ITEMS_REF in stored:
+            pairs = stored[ITEMS_REF]
+            if not isinstance(pairs, list) or not all(
+                isinstance(p, list)
+                and len(p) == 2
+                and (p[0] is None or isinstance(p[0], (str, int, float)))
+                for p in pairs
+            ):
+                raise _malformed(path, stored)
+            return self._mapping([(k, v) for k, v in pairs], target, path)
+        if isinstance(stored, dict) and BYTES_REF in stored:
+            try:
+                return base64.b64decode(stored[BYTES_REF], validate=True)
+            except (TypeError, binascii.Error) as exc:
+                raise _malformed(path, stored) from exc
+        if isinstance(stored, dict) and DTYPE_REF in stored:
+            if not isinstance(stored[DTYPE_REF], str):
+                raise _malformed(path, stored)
+            try:
+                return torch_dtype(stored[DTYPE_REF])
+            except CorruptCheckpointError as exc:
+                raise _malformed(path, stored) from exc
+        if isinstance(stored, dict):
+            return self._mapping(list(stored.items()), target, path)
+        if isinstance(stored, list):
+            return self._sequence(stored, target, path)
+        return stored
+
+    def _tensor(self, stored: dict[str, Any], target: Any, path: str) -> Any:
         name = stored.get(TENSOR_REF, stored.get(NDARRAY_REF))
-        if not isinstance(name, str) or name not in stored_tensors:
-            plan.mismatched.append(
+        if not isinstance(name, str) or name not in self.stored_tensors:
+            self.plan.mismatched.append(
                 f"{path!r} refers to tensor {name!r}, which the checkpoint lacks"
             )
             return None
-        dtype, shape = stored_tensors[name]
+        dtype, shape = self.stored_tensors[name]
         geometry = local_geometry(target) if target is not _ABSENT else None
         if geometry is None:
-            if target is _ABSENT and not allow_new:
-                plan.unexpected.append(path)
+            if not self.allow_new:
+                self.plan.unexpected.append(path)
                 return _DROP
-            if target is not _ABSENT and not allow_new:
-                plan.mismatched.append(
-                    f"{path!r} is a tensor in the checkpoint but {type(target).__name__} in the "
-                    "state"
-                )
-                return None
             tensor = torch.empty(shape, dtype=torch_dtype(dtype))
-            plan.destinations.append(Destination(name, tensor, Box.full(shape)))
+            self.plan.destinations.append(Destination(name, tensor, Box.full(shape)))
             return tensor.numpy() if NDARRAY_REF in stored else tensor
         local, global_shape, box, _ = geometry
         problems = []
@@ -135,89 +206,133 @@ def _merge(
                 f"dtype {dtype} in the checkpoint vs {dtype_name(local.dtype)} in the state"
             )
         if problems:
-            plan.mismatched.append(f"{path!r}: " + ", ".join(problems))
+            self.plan.mismatched.append(f"{path!r}: " + ", ".join(problems))
             return target
-        plan.destinations.append(Destination(name, local, box))
+        self.plan.destinations.append(Destination(name, local, box))
         return target
-    if not allow_new and target is not _ABSENT and local_geometry(target) is not None:
-        plan.mismatched.append(
-            f"{path!r} is a tensor in the state but a {type(stored).__name__} in the checkpoint"
-        )
-        return target
-    if isinstance(stored, dict) and TUPLE_REF in stored:
-        items = stored[TUPLE_REF]
-        if not isinstance(items, list):
-            raise _malformed(path, stored)
-        target_items = target if isinstance(target, (tuple, list)) else None
-        return tuple(
-            _merge(
-                v,
-                target_items[i] if target_items is not None and i < len(target_items) else _ABSENT,
-                join_path(path, i),
-                stored_tensors,
-                plan,
-                allow_new,
-            )
-            for i, v in enumerate(items)
-        )
-    if isinstance(stored, dict) and ITEMS_REF in stored:
-        pairs = stored[ITEMS_REF]
-        if not isinstance(pairs, list) or not all(
-            isinstance(p, list)
-            and len(p) == 2
-            and (p[0] is None or isinstance(p[0], (str, int, float)))
-            for p in pairs
-        ):
-            raise _malformed(path, stored)
-        target_map = target if isinstance(target, Mapping) else {}
-        out = {}
-        for k, v in stored[ITEMS_REF]:
-            merged = _merge(
-                v, target_map.get(k, _ABSENT), join_path(path, k), stored_tensors, plan, allow_new
-            )
-            if merged is not _DROP:
-                out[k] = merged
-        _note_missing(
-            target_map, stored_keys=[k for k, _ in stored[ITEMS_REF]], path=path, plan=plan
-        )
-        return out
-    if isinstance(stored, dict) and BYTES_REF in stored:
-        try:
-            return base64.b64decode(stored[BYTES_REF], validate=True)
-        except (TypeError, binascii.Error) as exc:
-            raise _malformed(path, stored) from exc
-    if isinstance(stored, dict) and DTYPE_REF in stored:
-        if not isinstance(stored[DTYPE_REF], str):
-            raise _malformed(path, stored)
-        try:
-            return torch_dtype(stored[DTYPE_REF])
-        except CorruptCheckpointError as exc:
-            raise _malformed(path, stored) from exc
-    if isinstance(stored, dict):
-        target_map = target if isinstance(target, Mapping) else {}
-        out = {}
-        for k, v in stored.items():
-            merged = _merge(
-                v, target_map.get(k, _ABSENT), join_path(path, k), stored_tensors, plan, allow_new
-            )
-            if merged is not _DROP:
-                out[k] = merged
-        _note_missing(target_map, stored_keys=list(stored), path=path, plan=plan)
-        return out
-    if isinstance(stored, list):
-        target_items = target if isinstance(target, (list, tuple)) else None
+
+    def _sequence(self, stored: list[Any], target: Any, path: str) -> list[Any]:
+        items = target if isinstance(target, (tuple, list)) else ()
         return [
-            _merge(
-                v,
-                target_items[i] if target_items is not None and i < len(target_items) else _ABSENT,
-                join_path(path, i),
-                stored_tensors,
-                plan,
-                allow_new,
-            )
+            self.merge(v, items[i] if i < len(items) else _ABSENT, join_path(path, i))
             for i, v in enumerate(stored)
         ]
-    return stored
+
+    def _mapping(self, stored: list[tuple[Any, Any]], target: Any, path: str) -> dict[Any, Any]:
+        target_map = target if isinstance(target, Mapping) else {}
+        out = {}
+        for k, v in stored:
+            merged = self.merge(v, target_map.get(k, _ABSENT), join_path(path, k))
+            if merged is not _DROP:
+                out[k] = merged
+        known = {k for k, _ in stored}
+        for k, v in target_map.items():
+            if k in known:
+                continue
+            below = _tensor_paths(v, join_path(path, k))
+            if below:
+                # A tensor only the state has is missing (an error when strict); without
+                # strict the state keeps it.
+                self.plan.missing.extend(below)
+                out[k] = v
+        return out
+
+
+def _is_tensor_ref(stored: Any) -> bool:
+    return isinstance(stored, dict) and (TENSOR_REF in stored or NDARRAY_REF in stored)
+
+
+def _kind_clash(stored: Any, target: Any, allow_new: bool) -> str | None:
+    """How ``stored`` and ``target`` differ in kind where a tensor is involved, else None.
+
+    A tensor meets a tensor; a stored tensor may also replace None or a numpy array (or
+    be allocated where the target has nothing, when ``allow_new``); a target container
+    holding tensors meets a stored container of its kind. Plain values replace plain values.
+    """
+    if target is _ABSENT:
+        return None
+    target_is_tensor = local_geometry(target) is not None
+    if _is_tensor_ref(stored):
+        if target_is_tensor:
+            return None
+        if allow_new and (target is None or isinstance(target, np.ndarray)):
+            return None
+        return f"a tensor in the checkpoint but {_kind(target)} in the state"
+    if target_is_tensor:
+        return f"a tensor in the state but {_stored_kind(stored)} in the checkpoint"
+    if isinstance(target, Mapping):
+        fits = isinstance(stored, dict) and not (stored.keys() & _VALUE_MARKERS)
+    elif isinstance(target, (list, tuple)):
+        fits = isinstance(stored, list) or (isinstance(stored, dict) and TUPLE_REF in stored)
+    else:
+        return None
+    if fits or not _tensor_paths(target, ""):
+        return None
+    return (
+        f"{_kind(target)} holding tensors in the state but {_stored_kind(stored)} in the checkpoint"
+    )
+
+
+# Markers of stored values that are not mappings.
+_VALUE_MARKERS = {TENSOR_REF, NDARRAY_REF, TUPLE_REF, BYTES_REF, DTYPE_REF}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "None"
+    return f"a {type(value).__name__}"
+
+
+def _stored_kind(stored: Any) -> str:
+    if isinstance(stored, dict):
+        for marker, kind in (
+            (TUPLE_REF, "a tuple"),
+            (BYTES_REF, "bytes"),
+            (DTYPE_REF, "a dtype"),
+        ):
+            if marker in stored:
+                return kind
+        return "a dict"
+    return _kind(stored)
+
+
+def _tensor_paths(value: Any, path: str, _open: frozenset[int] = frozenset()) -> list[str]:
+    """The names of the tensors in ``value`` (a tensor or containers of them)."""
+    if local_geometry(value) is not None:
+        return [path]
+    # Deeper than anything that can have been saved, or a container inside itself.
+    if len(_open) >= MAX_DEPTH or id(value) in _open:
+        return []
+    if isinstance(value, Mapping):
+        children: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        children = enumerate(value)
+    else:
+        return []
+    inside = _open | {id(value)}
+    return [p for k, v in children for p in _tensor_paths(v, join_path(path, k), inside)]
+
+
+def _check_param_groups(key: str, merged: Any, target: Any, plan: LoadPlan) -> None:
+    """What ``Optimizer.load_state_dict`` would refuse, found before anything is loaded."""
+    stored_groups = merged.get("param_groups") if isinstance(merged, dict) else None
+    target_groups = target.get("param_groups") if isinstance(target, Mapping) else None
+    if not isinstance(stored_groups, list) or not isinstance(target_groups, list):
+        return
+    if len(stored_groups) != len(target_groups):
+        plan.mismatched.append(
+            f"{key!r}: {len(stored_groups)} parameter groups in the checkpoint vs "
+            f"{len(target_groups)} in the optimizer"
+        )
+        return
+    for i, (saved, mine) in enumerate(zip(stored_groups, target_groups)):
+        n_saved = len(saved.get("params", ())) if isinstance(saved, dict) else -1
+        n_mine = len(mine.get("params", ())) if isinstance(mine, Mapping) else -1
+        if n_saved != n_mine:
+            plan.mismatched.append(
+                f"{key!r}: parameter group {i} holds {n_saved} parameters in the checkpoint "
+                f"vs {n_mine} in the optimizer"
+            )
 
 
 def _malformed(path: str, stored: Any) -> CorruptCheckpointError:
@@ -226,12 +341,3 @@ def _malformed(path: str, stored: Any) -> CorruptCheckpointError:
         f"the checkpoint's state tree is malformed at {path!r}: "
         f"{text[:80]}{'...' if len(text) > 80 else ''}"
     )
-
-
-def _note_missing(
-    target: Mapping[Any, Any], *, stored_keys: list[Any], path: str, plan: LoadPlan
-) -> None:
-    known = set(stored_keys)
-    for k, v in target.items():
-        if k not in known and local_geometry(v) is not None:
-            plan.missing.append(join_path(path, k))

@@ -10,7 +10,9 @@ next save.
 
 from __future__ import annotations
 
+import json
 import logging
+import operator
 import threading
 import time
 import traceback
@@ -18,6 +20,9 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
 
 from ckpt.coordination import Coordinator
 from ckpt.engine._flatten import FlatTensor, flatten
@@ -34,7 +39,7 @@ from ckpt.engine._job import (
 from ckpt.engine._options import SaveOptions
 from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
 from ckpt.engine._staging import StagingPool
-from ckpt.errors import CheckpointError, SaveAbortedError
+from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
 from ckpt.format import (
     Manifest,
 )
@@ -130,6 +135,53 @@ class PendingSave:
         return f"PendingSave(step={self.step}, url={self.url!r}, {state})"
 
 
+MAX_STEP = 2**63 - 1
+"""The largest step number (manifests store it as a signed 64-bit integer)."""
+
+
+def checked_step(step: object) -> int:
+    """``step`` as an ``int``: any integer type (``operator.index``) but bool, 0 to ``MAX_STEP``.
+
+    Raises:
+        InvalidStateError: ``step`` is a bool, not an integer, negative or too large.
+    """
+    if isinstance(step, (bool, np.bool_)) or (
+        isinstance(step, torch.Tensor) and step.dtype == torch.bool
+    ):
+        raise InvalidStateError(
+            f"step must be an integer from 0 to 2**63 - 1, not a bool ({step!r})"
+        )
+    try:
+        value = operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidStateError(
+            f"step must be an integer from 0 to 2**63 - 1, got {step!r} of type "
+            f"{type(step).__name__}"
+        ) from None
+    if not 0 <= value <= MAX_STEP:
+        raise InvalidStateError(f"step must be an integer from 0 to 2**63 - 1, got {value}")
+    return value
+
+
+def checked_metadata(user_metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``user_metadata``, refused now (not after the data is written) when the
+    manifest could not store it as JSON.
+
+    Raises:
+        InvalidStateError: a value JSON cannot hold (an object, a cycle, an integer of
+            more than 4300 digits).
+    """
+    metadata = dict(user_metadata or {})
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidStateError(
+            f"user_metadata cannot be stored as JSON ({exc}); keep it to strings, numbers, "
+            "lists and dicts with string keys"
+        ) from exc
+    return metadata
+
+
 # -- the engine -----------------------------------------------------------------------
 
 
@@ -202,12 +254,13 @@ class Snapshotter:
         """
         if self._closed:
             raise CheckpointError("this checkpointer is closed; create a new one")
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        step = checked_step(step)
+        user_metadata = checked_metadata(user_metadata)
         self.raise_unobserved()
         start = time.perf_counter()
-        coordinator.begin(step, self.options.chunk_bytes)
+        # Every value is checked here, before the step begins and anything is written.
         tensors, tree = flatten(state)
+        coordinator.begin(step, self.options.chunk_bytes)
         return self.save_flat(
             tensors,
             tree,

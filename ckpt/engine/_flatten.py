@@ -123,69 +123,214 @@ def state_tree(value: Any) -> Any:
     return value
 
 
+MAX_DEPTH = 100
+"""How deeply plain containers (dicts, lists, tuples) may nest in a saved state."""
+
+_INT_LIMIT = 10**4300
+"""Plain integers must stay below this in magnitude: Python turns an int of more than 4300
+digits into text (JSON) only when its ``sys.set_int_max_str_digits`` allows, and a reader
+with the default setting could not parse it back."""
+
+
 def flatten(state: Mapping[str, Any]) -> tuple[dict[str, FlatTensor], dict[str, Any]]:
-    """Split ``state`` into its tensors (by fully-qualified name) and a JSON tree."""
+    """Split ``state`` into its tensors (by fully-qualified name) and a JSON tree.
+
+    Every check of the values happens here, in the caller's thread and before anything
+    is written: the tree returned always encodes as JSON.
+
+    Raises:
+        InvalidStateError: a value that cannot be stored, naming its path and the fix.
+    """
     if not isinstance(state, Mapping):
         raise InvalidStateError(
             f"state must be a dict of name -> object, got {type(state).__name__}"
         )
-    tensors: dict[str, FlatTensor] = {}
+    encoder = _TreeEncoder()
     tree: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(key, str):
             raise InvalidStateError(f"top-level state keys must be strings, got {key!r}")
-        tree[key] = _encode(state_tree(value), key, tensors)
-    return tensors, tree
+        tree[key] = encoder.encode(state_tree(value), key, 0)
+    return encoder.tensors, tree
 
 
 def join_path(path: str, key: Any) -> str:
     return f"{path}.{key}"
 
 
-def _encode(value: Any, path: str, tensors: dict[str, FlatTensor]) -> Any:
-    geometry = local_geometry(value)
-    if geometry is not None:
-        if path in tensors:
-            raise InvalidStateError(f"two tensors in the state share the name {path!r}; rename one")
+def _shown(path: str) -> str:
+    """``path`` quoted, shortened to fit a one-line message."""
+    if len(path) > 120:
+        path = f"{path[:60]}...{path[-50:]}"
+    return repr(path)
+
+
+def check_storable(tensor: torch.Tensor, path: str) -> None:
+    """Refuse a tensor whose elements cannot be stored as one dense block, saying what to do.
+
+    Raises:
+        InvalidStateError: meta, sparse, nested or quantized tensors, and dtypes the
+            format lacks.
+    """
+    where = _shown(path)
+    if tensor.is_nested:
+        raise InvalidStateError(
+            f"{where} is a nested tensor; save its components (.unbind()) or a padded "
+            "tensor (.to_padded_tensor(0.0)) instead"
+        )
+    if tensor.layout != torch.strided:
+        kind = _SPARSE_LAYOUTS.get(tensor.layout, str(tensor.layout).removeprefix("torch."))
+        raise InvalidStateError(
+            f"{where} is a {kind} tensor; call .to_dense() before saving (or save its "
+            "index and value tensors)"
+        )
+    if tensor.is_meta:
+        raise InvalidStateError(
+            f"{where} is a meta tensor and holds no data; materialize it (e.g. "
+            "module.to_empty(device=...) and initialise it) before saving"
+        )
+    if tensor.is_quantized:
+        raise InvalidStateError(
+            f"{where} is a quantized tensor ({tensor.dtype}); save .dequantize(), or "
+            ".int_repr() with its scale and zero point, instead"
+        )
+    try:
+        dtype_name(tensor.dtype)
+    except TypeError as exc:
+        raise InvalidStateError(
+            f"{where}: {exc}; convert it (e.g. .to(torch.float32)) before saving"
+        ) from exc
+
+
+_SPARSE_LAYOUTS = {
+    torch.sparse_coo: "sparse COO",
+    torch.sparse_csr: "sparse CSR",
+    torch.sparse_csc: "sparse CSC",
+    torch.sparse_bsr: "sparse BSR",
+    torch.sparse_bsc: "sparse BSC",
+}
+
+
+class _TreeEncoder:
+    """Turns one state into its JSON tree, collecting its tensors by name.
+
+    It keeps the containers on the path being encoded, so that a state which contains
+    itself is refused instead of recursing for ever.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, FlatTensor] = {}
+        self._open: dict[int, str] = {}  # id of a container being encoded -> its path
+
+    def encode(self, value: Any, path: str, depth: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            check_storable(value, path)  # before its geometry: a nested tensor has no shape
+        geometry = local_geometry(value)
+        if geometry is not None:
+            return self._tensor(geometry, path)
+        if value is None or isinstance(value, (bool, str, float)):
+            return value
+        if isinstance(value, int):
+            return _checked_int(value, path)
+        if isinstance(value, np.generic):
+            item = value.item()
+            if isinstance(item, np.generic):  # no Python equivalent (e.g. float128)
+                raise InvalidStateError(
+                    f"{_shown(path)}: numpy {type(value).__name__} values cannot be "
+                    "checkpointed; convert it to a Python number or a tensor"
+                )
+            return self.encode(item, path, depth)
+        if isinstance(value, np.ndarray):
+            return self._ndarray(value, path)
+        if isinstance(value, torch.dtype):
+            try:
+                return {DTYPE_REF: dtype_name(value)}
+            except TypeError as exc:
+                raise InvalidStateError(f"{_shown(path)}: {exc}") from exc
+        if isinstance(value, (bytes, bytearray)):
+            return {BYTES_REF: base64.b64encode(bytes(value)).decode()}
+        if isinstance(value, (Mapping, tuple, list)):
+            return self._container(value, path, depth)
+        raise InvalidStateError(
+            f"{_shown(path)}: values of type {type(value).__module__}."
+            f"{type(value).__qualname__} cannot be checkpointed without pickle; convert it "
+            "to tensors, numbers, strings, lists or dicts, or give it "
+            "state_dict()/load_state_dict()"
+        )
+
+    def _tensor(
+        self, geometry: tuple[torch.Tensor, tuple[int, ...], Box, bool], path: str
+    ) -> dict[str, str]:
+        if path in self.tensors:
+            raise InvalidStateError(
+                f"two tensors in the state share the name {_shown(path)}; rename one"
+            )
         local, global_shape, box, replicated = geometry
-        try:
-            name = dtype_name(local.dtype)
-        except TypeError as exc:
-            raise InvalidStateError(f"{path!r}: {exc}") from exc
-        tensors[path] = FlatTensor(path, local.detach(), global_shape, box, replicated, name)
+        check_storable(local, path)
+        # A conjugate or negative view is a flag on shared memory; store the values it shows.
+        local = local.detach().resolve_conj().resolve_neg()
+        name = dtype_name(local.dtype)
+        self.tensors[path] = FlatTensor(path, local, global_shape, box, replicated, name)
         return {TENSOR_REF: path}
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise InvalidStateError(f"{path!r}: numpy arrays of objects cannot be checkpointed")
-        ref = _encode(torch.from_numpy(np.ascontiguousarray(value)), path, tensors)
+
+    def _ndarray(self, value: np.ndarray[Any, Any], path: str) -> dict[str, str]:
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError as exc:
+            raise InvalidStateError(
+                f"{_shown(path)}: numpy arrays of dtype {value.dtype} cannot be checkpointed; "
+                "convert it to a numeric dtype or a list"
+            ) from exc
+        ref = self.encode(tensor, path, 0)
         return {NDARRAY_REF: ref[TENSOR_REF]}
-    if isinstance(value, torch.dtype):
-        return {DTYPE_REF: dtype_name(value)}
-    if isinstance(value, (bytes, bytearray)):
-        return {BYTES_REF: base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, Mapping):
+
+    def _container(
+        self, value: Mapping[Any, Any] | tuple[Any, ...] | list[Any], path: str, depth: int
+    ) -> Any:
+        if id(value) in self._open:
+            raise InvalidStateError(
+                f"{_shown(path)} refers back to {_shown(self._open[id(value)])}, which "
+                "contains it: a state that contains itself cannot be checkpointed; break the "
+                "cycle before saving"
+            )
+        if depth >= MAX_DEPTH:
+            raise InvalidStateError(
+                f"{_shown(path)}: the state nests containers more than {MAX_DEPTH} deep; "
+                "flatten it (e.g. a list of records or a tensor)"
+            )
+        self._open[id(value)] = path
+        try:
+            return self._members(value, path, depth + 1)
+        finally:
+            del self._open[id(value)]
+
+    def _members(
+        self, value: Mapping[Any, Any] | tuple[Any, ...] | list[Any], path: str, depth: int
+    ) -> Any:
+        if isinstance(value, tuple):
+            return {
+                TUPLE_REF: [self.encode(v, join_path(path, i), depth) for i, v in enumerate(value)]
+            }
+        if isinstance(value, list):
+            return [self.encode(v, join_path(path, i), depth) for i, v in enumerate(value)]
         if all(isinstance(k, str) and k not in _MARKERS for k in value):
-            return {k: _encode(v, join_path(path, k), tensors) for k, v in value.items()}
+            return {k: self.encode(v, join_path(path, k), depth) for k, v in value.items()}
         items = []
         for k, v in value.items():
             if not isinstance(k, (str, int, bool, float)) and k is not None:
                 raise InvalidStateError(
-                    f"{path!r}: dict key {k!r} of type {type(k).__name__} cannot be stored"
+                    f"{_shown(path)}: dict key {k!r} of type {type(k).__name__} cannot be stored"
                 )
-            items.append([k, _encode(v, join_path(path, k), tensors)])
+            if isinstance(k, int):
+                _checked_int(k, path, "a dict key")
+            items.append([k, self.encode(v, join_path(path, k), depth)])
         return {ITEMS_REF: items}
-    if isinstance(value, tuple):
-        return {TUPLE_REF: [_encode(v, join_path(path, i), tensors) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(v, join_path(path, i), tensors) for i, v in enumerate(value)]
-    raise InvalidStateError(
-        f"{path!r}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be "
-        "checkpointed without pickle; convert it to tensors, numbers, strings, lists or dicts, "
-        "or give it state_dict()/load_state_dict()"
-    )
+
+
+def _checked_int(value: int, path: str, what: str = "an integer") -> int:
+    if not -_INT_LIMIT < value < _INT_LIMIT:
+        raise InvalidStateError(
+            f"{_shown(path)}: {what} of {value.bit_length()} bits has more than 4300 decimal "
+            "digits, more than JSON readers parse; store it as a string or bytes"
+        )
+    return value

@@ -319,7 +319,7 @@ def test_saving_a_committed_step_again_is_refused(
 
 
 def test_bad_step_is_refused_before_staging(snap: ckpt.Snapshotter, backend: LocalBackend) -> None:
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ckpt.InvalidStateError, match="step must be an integer from 0"):
         snap.async_save(_state(), backend, -1, LocalCoordinator())
     assert not snap.busy()
 

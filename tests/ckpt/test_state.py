@@ -134,14 +134,37 @@ def test_a_stored_value_where_the_state_has_a_tensor_is_a_mismatch(root: Path) -
 
 
 def test_optimizer_with_other_param_groups_is_a_state_mismatch(root: Path) -> None:
-    """load_state_dict refusing the stored tree surfaces as StateMismatchError, not a torch error."""
-    _, opt = trained()
-    ckpt.save({"optim": opt}, root, step=1)
+    """Parameter groups load_state_dict would refuse are found before anything is loaded."""
+    model, opt = trained()
+    ckpt.save({"model": model, "optim": opt}, root, step=1)
+    model2, _ = fresh()
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
     other = nn.Linear(2, 2)
     with pytest.raises(ckpt.StateMismatchError) as info:
-        ckpt.load({"optim": torch.optim.AdamW(other.parameters())}, root)
-    assert "optim" in str(info.value)
-    assert isinstance(info.value.__cause__, Exception)
+        ckpt.load({"model": model2, "optim": torch.optim.AdamW(other.parameters())}, root)
+    assert "'optim': parameter group 0 holds 4 parameters" in str(info.value)
+    for k, v in model2.state_dict().items():  # the model was not filled either
+        assert torch.equal(v, before[k])
+    two_groups = torch.optim.AdamW([{"params": [p]} for p in model2.parameters()])
+    with pytest.raises(ckpt.StateMismatchError, match="1 parameter groups in the checkpoint"):
+        ckpt.load({"model": model2, "optim": two_groups}, root)
+
+
+def test_load_state_dict_refusing_the_tree_is_a_state_mismatch(root: Path) -> None:
+    """An object's own load_state_dict refusing the stored tree surfaces as StateMismatchError."""
+
+    class Picky:
+        def state_dict(self) -> dict[str, Any]:
+            return {"n": 1}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            raise ValueError("n must be even")
+
+    ckpt.save({"obj": Picky()}, root, step=1)
+    with pytest.raises(ckpt.StateMismatchError) as info:
+        ckpt.load({"obj": Picky()}, root)
+    assert "'obj'" in str(info.value) and "n must be even" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
 
 
 # --- objects and values -------------------------------------------------------------
