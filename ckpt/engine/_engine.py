@@ -259,7 +259,16 @@ class Snapshotter:
         self.raise_unobserved()
         start = time.perf_counter()
         # Every value is checked here, before the step begins and anything is written.
-        tensors, tree = flatten(state)
+        try:
+            tensors, tree = flatten(state)
+            refused: CheckpointError | None = None
+        except CheckpointError as exc:
+            refused = exc
+        if coordinator.world_size > 1:
+            # A refusal on one rank must not leave the others waiting in the plan exchange.
+            _agree_on_refusal(coordinator, refused)
+        if refused is not None:
+            raise refused
         coordinator.begin(step, self.options.chunk_bytes)
         return self.save_flat(
             tensors,
@@ -387,3 +396,12 @@ class Snapshotter:
             self._persist.shutdown(wait=wait)
             self._io.shutdown(wait=wait)
             self._pool.close()
+
+
+def _agree_on_refusal(coordinator: Coordinator, refused: CheckpointError | None) -> None:
+    """Raise on every rank when any rank refused its state (each rank's own error first)."""
+    outcomes = coordinator.all_gather(None if refused is None else str(refused))
+    failed = [(rank, why) for rank, why in enumerate(outcomes) if why is not None]
+    if failed and refused is None:
+        rank, why = failed[0]
+        raise InvalidStateError(f"rank {rank} refused the state, so no rank saves: {why}")

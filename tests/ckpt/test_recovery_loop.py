@@ -166,3 +166,19 @@ def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
     with pytest.raises(ckpt.CheckpointError, match="not created by `ckpt demo`"):
         run_demo(str(tmp_path))
     assert precious.read_text() == "keep me"
+
+
+def _save_refused_on_one_rank(rank: int, world: int, root: str) -> str:
+    value = torch.ones(4).to_sparse() if rank == 1 else torch.ones(4)
+    try:
+        ckpt.save({"w": value}, root, step=1)
+    except ckpt.InvalidStateError as exc:
+        return str(exc)
+    return "saved"
+
+
+def test_a_state_refused_on_one_rank_fails_every_rank_at_once(tmp_path: Path) -> None:
+    results = run_ranks(_save_refused_on_one_rank, 2, str(tmp_path), timeout_s=30)
+    assert "rank 1 refused the state" in results[0]
+    assert "sparse" in results[1]
+    assert not (tmp_path / "step-000000001").exists()
