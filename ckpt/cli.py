@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import re
 import statistics
 import sys
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,7 +18,7 @@ from rich.table import Table
 from ckpt._api import open_url
 from ckpt.errors import CheckpointError
 from ckpt.format import read_manifest, scan_steps
-from ckpt.retention import RetentionPolicy, apply_retention, plan_gc
+from ckpt.retention import DEFAULT_ABANDONED_AFTER_S, RetentionPolicy, apply_retention
 from recovery import validate_files, verify_checkpoint
 from storage_backends import StorageBackend
 
@@ -185,7 +187,30 @@ def inspect(
     console.print(table)
     console.print(f"state entries: {', '.join(sorted(m.state))}")
     if m.user_metadata:
-        console.print(f"user metadata: {m.user_metadata}")
+        console.print("user metadata:")
+        for line in _metadata_lines(m.user_metadata):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+# Longest user-metadata value ``inspect`` prints whole, and most keys it lists.
+_METADATA_VALUE_CHARS = 200
+_METADATA_KEYS = 50
+
+
+def _metadata_lines(metadata: Mapping[str, Any]) -> list[str]:
+    """One line per key, long values cut with a note (metadata can be megabytes)."""
+    lines = []
+    for key in sorted(metadata)[:_METADATA_KEYS]:
+        text = json.dumps(metadata[key], ensure_ascii=False, default=str)
+        if len(text) > _METADATA_VALUE_CHARS:
+            size = len(text.encode())
+            text = f"{text[:_METADATA_VALUE_CHARS]}... ({size} bytes; use ckpt.format to read it)"
+        lines.append(f"  {key}: {text}")
+    if len(metadata) > _METADATA_KEYS:
+        lines.append(
+            f"  ... and {len(metadata) - _METADATA_KEYS} more keys (use ckpt.format to read them)"
+        )
+    return lines
 
 
 @app.command()
@@ -222,25 +247,46 @@ def verify(
 def gc(
     url: Annotated[str, typer.Argument(help="checkpoint root")],
     keep_last: Annotated[
-        int | None, typer.Option(help="committed steps to keep; default all")
+        int | None,
+        typer.Option(help="committed steps that verify to keep (invalid ones are not counted)"),
     ] = None,
     keep_every: Annotated[int | None, typer.Option(help="also keep multiples of this step")] = None,
+    abandoned_after: Annotated[
+        float,
+        typer.Option(
+            help="seconds without a write after which a partial step (or a file no manifest "
+            "names) is garbage; a save may still be writing a younger one"
+        ),
+    ] = DEFAULT_ABANDONED_AFTER_S,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="only say what would be deleted")
     ] = False,
 ) -> None:
-    """Delete abandoned partial checkpoints and, with --keep-last, superseded ones."""
+    """Delete abandoned partial checkpoints, files no manifest names and, with --keep-last,
+    superseded checkpoints (the newest one that validates is always kept)."""
     backend = open_url(url)
-    policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
-    if dry_run:
-        listing = scan_steps(backend)
-        plan = plan_gc(listing.committed, listing.uncommitted, policy)
-    else:
-        plan = apply_retention(backend, policy)
+    try:
+        policy = RetentionPolicy(
+            keep_last=keep_last, keep_every=keep_every, abandoned_after=abandoned_after
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    plan = apply_retention(backend, policy, remove_stale=True, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     console.print(
-        f"{verb} committed steps {list(plan.committed)} and partial steps {list(plan.abandoned)}"
+        f"{verb} committed steps {list(plan.committed)}, partial steps {list(plan.abandoned)} "
+        f"and {len(plan.stale_files)} files no manifest names"
     )
+    if plan.invalid:
+        console.print(
+            f"[yellow]committed steps that do not validate[/yellow] (not counted toward "
+            f"--keep-last): {list(plan.invalid)}; `ckpt verify {url} --all` says why"
+        )
+    if plan.in_use:
+        console.print(
+            f"kept partial steps {list(plan.in_use)}: written to in the last "
+            f"{abandoned_after:.0f} s (a save may be in flight)"
+        )
 
 
 @app.command()

@@ -603,3 +603,26 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+    def last_modified(self, prefix: str) -> float | None:
+        """Newest mtime of the file ``prefix``, or of the directory ``prefix`` and everything
+        below it (temporary files of unfinished writes included; links are not followed)."""
+        base = self._resolve_prefix(prefix)
+        try:
+            st = os.lstat(base)
+        except OSError as exc:
+            if _not_found(exc):
+                return None
+            raise _os_error(exc, prefix, "stat of") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+        newest = st.st_mtime
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in (*dirnames, *filenames):
+                try:
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                except OSError as exc:
+                    raise _os_error(exc, prefix, "stat of files under") from exc
+        return newest

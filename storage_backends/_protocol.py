@@ -20,7 +20,8 @@ Call order, as the checkpoint layer uses it:
   files from many loader threads at once.
 * Retention (the committing rank, in the save's background thread after the commit; or
   ``ckpt gc``): ``list_objects`` and ``delete`` of stale files, ``abort_unfinished`` in
-  a committed step, ``delete_prefix`` of whole steps. With ``Tiered`` backends, per tier.
+  a committed step, ``last_modified`` of a step without a manifest (a writer may still
+  be using it), ``delete_prefix`` of whole steps. With ``Tiered`` backends, per tier.
 * Whoever opened the backend ``close``s it once nothing else uses it.
 
 A list of buffers that must become one object is streamed: ``open_stream``, one
@@ -121,6 +122,13 @@ class StorageBackend(Protocol):
 
     def close(self) -> None:
         """Release connections and thread pools."""
+
+    def last_modified(self, prefix: str) -> float | None:
+        """When anything under ``prefix`` (or the object ``prefix`` itself) was last written,
+        unfinished writes included, as Unix seconds; None when there is nothing.
+
+        Retention calls it to tell an abandoned save from one still in flight.
+        """
 
 
 @runtime_checkable

@@ -395,3 +395,45 @@ class S3Backend:
 
     def close(self) -> None:
         self._s3.close()
+
+    def last_modified(self, prefix: str) -> float | None:
+        """Newest ``LastModified`` of the object ``prefix`` or of the objects under it, and
+        of the parts of unfinished multipart uploads there (or when they were started)."""
+        s3 = self._s3
+        base = s3.key_prefix(prefix)
+        exact = base.rstrip("/")  # the object itself; "" is the bucket root
+        start = exact if prefix.strip("/") else base
+
+        def ours(key: str) -> bool:
+            return key == exact or key.startswith(base)
+
+        def call() -> list[float]:
+            times: list[float] = []
+            for page in s3.boto.get_paginator("list_objects_v2").paginate(
+                Bucket=s3.bucket, Prefix=start
+            ):
+                times += [
+                    o["LastModified"].timestamp()
+                    for o in page.get("Contents", [])
+                    if ours(o["Key"])
+                ]
+            uploads = s3.boto.get_paginator("list_multipart_uploads")
+            for page in uploads.paginate(Bucket=s3.bucket, Prefix=start):
+                for upload in page.get("Uploads", []):
+                    if not ours(upload["Key"]):
+                        continue
+                    times.append(upload["Initiated"].timestamp())
+                    parts = s3.boto.get_paginator("list_parts").paginate(
+                        Bucket=s3.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    times += [
+                        p["LastModified"].timestamp() for pg in parts for p in pg.get("Parts", [])
+                    ]
+            return times
+
+        try:
+            times = s3.call("listing modification times under", prefix, call)
+        except UploadGoneError:
+            # An upload ended while its parts were listed: something was just written.
+            return time.time()
+        return max(times, default=None)

@@ -205,3 +205,8 @@ class TieredBackend:
         self._copiers.shutdown(wait=True)
         self.local.close()
         self.remote.close()
+
+    def last_modified(self, prefix: str) -> float | None:
+        """The newest of both tiers'."""
+        found = (tier.last_modified(prefix) for tier in (self.local, self.remote))
+        return max((t for t in found if t is not None), default=None)

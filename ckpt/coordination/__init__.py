@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ckpt.coordination._commit import ManifestBuilder, merge_indexes, publish, publish_bytes
+from ckpt.coordination._commit import (
+    ManifestBuilder,
+    check_data_files,
+    data_files_vanished,
+    merge_indexes,
+    publish,
+    publish_bytes,
+)
 from ckpt.coordination._embedded import (
     LocalCoordinator,
     ProcessGroupCoordinator,
@@ -36,6 +43,8 @@ __all__ = [
     "ManifestBuilder",
     "ProcessGroupCoordinator",
     "RedisCoordinator",
+    "check_data_files",
+    "data_files_vanished",
     "default_coordinator",
     "job_from_url",
     "merge_indexes",

@@ -8,7 +8,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ckpt.errors import CoordinationError, InvalidStateError, storage_errors
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CoordinationError,
+    InvalidStateError,
+    SaveAbortedError,
+    storage_errors,
+)
 from ckpt.format import (
     Box,
     Manifest,
@@ -96,6 +103,11 @@ class ManifestBuilder:
         self._tensors: dict[str, _TensorParts] = {}
         self._files: dict[str, int] = {}
         self._state: tuple[int, dict[str, Any]] | None = None
+
+    @property
+    def files(self) -> Mapping[str, int]:
+        """Data files of the reports added so far: path (relative to the step) -> bytes."""
+        return self._files
 
     def add_report(self, data: bytes, where: str, chunk_bytes: int) -> None:
         """A rank's ``ShardIndex.to_bytes``, validated (``CorruptCheckpointError``) and added."""
@@ -242,17 +254,80 @@ def _overlap_error(
 
 def publish(backend: StorageBackend, manifest: Manifest) -> None:
     """Write the manifest with an atomic create; refuse when the step is already committed."""
-    publish_bytes(backend, manifest.step, manifest.generation, manifest.to_bytes())
+    publish_bytes(
+        backend, manifest.step, manifest.generation, manifest.to_bytes(), files=manifest.files
+    )
 
 
-def publish_bytes(backend: StorageBackend, step: int, generation: str, data: bytes) -> None:
-    """``publish`` of a manifest already rendered (``ManifestBuilder.render``)."""
+def publish_bytes(
+    backend: StorageBackend, step: int, generation: str, data: bytes, *, files: Mapping[str, int]
+) -> None:
+    """``publish`` of a manifest already rendered (``ManifestBuilder.render``).
+
+    The data files the manifest names (``files``: paths relative to the step prefix) are
+    checked right before the manifest is created and again right after: another process
+    (``ckpt gc``, a job sharing the root) may have deleted the step's prefix meanwhile,
+    and a local ``put_if_absent`` would recreate the directory for the manifest alone.
+    When they vanished after the manifest was created, the manifest is deleted again.
+
+    Raises:
+        SaveAbortedError: data files are missing; the step is not committed.
+        CoordinationError: the step is already committed.
+    """
     path = manifest_path(step)
-    with storage_errors(f"committing {path} under {backend.url}"):
-        created = backend.put_if_absent(path, data)
+    check_data_files(backend, step, files)
+    try:
+        with storage_errors(f"committing {path} under {backend.url}"):
+            created = backend.put_if_absent(path, data)
+    except CheckpointNotFoundError as exc:  # the step's directory was deleted under it
+        raise data_files_vanished(step, backend.url, str(exc)) from exc
     if not created:
         raise CoordinationError(
             f"step {step} under {backend.url} is already committed by another writer; "
             f"this save (generation {generation}) was not committed. Delete "
             f"{step_prefix(step)}/ first if you mean to replace it"
         )
+    try:
+        check_data_files(backend, step, files, published=True)
+    except CheckpointError:
+        # Never leave a manifest that may name missing files: withdraw it, fail the save.
+        with storage_errors(f"withdrawing {path} under {backend.url}"):
+            backend.delete([path])
+        raise
+
+
+def check_data_files(
+    backend: StorageBackend, step: int, files: Mapping[str, int], *, published: bool = False
+) -> None:
+    """Every data file in ``files`` exists under ``step``'s prefix (one listing).
+
+    Their sizes are not read again: file names are unique per save, and their writers
+    recorded the sizes they made durable. What a listing catches is what happens to
+    them: a prefix deleted by garbage collection under a save.
+
+    Raises:
+        SaveAbortedError: some are missing (``data_files_vanished``).
+    """
+    prefix = step_prefix(step)
+    with storage_errors(f"listing {prefix} under {backend.url} before its commit"):
+        present = set(backend.list_objects(prefix))
+    missing = sorted(p for p in files if f"{prefix}/{p}" not in present)
+    if missing:
+        raise data_files_vanished(
+            step,
+            backend.url,
+            f"{len(missing)} of {len(files)} are missing, e.g. {prefix}/{missing[0]}",
+            published=published,
+        )
+
+
+def data_files_vanished(
+    step: int, url: str, detail: str, *, published: bool = False
+) -> SaveAbortedError:
+    """The error of a save whose data files were deleted under it."""
+    when = "while its manifest was published (the manifest was withdrawn)" if published else ""
+    return SaveAbortedError(
+        f"data files of step {step} under {url} disappeared during the save"
+        f"{' ' + when if when else ''} ({detail}): was `ckpt gc` or another job using the "
+        "same root? Step not committed; the previous committed checkpoint is intact"
+    )

@@ -265,7 +265,8 @@ class RedisCoordinator:
             builder = self.collect(step, chunk_bytes)
             builder.add(index)
             self.claim(step)
-            publish_bytes(backend, step, self._generation, builder.render(**described))
+            rendered = builder.render(**described)
+            publish_bytes(backend, step, self._generation, rendered, files=builder.files)
         except BaseException as exc:
             # Wake the other ranks now instead of letting them wait out their timeout.
             if not isinstance(exc, FencedError):

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from ckpt.coordination import Coordinator
+from ckpt.coordination import Coordinator, data_files_vanished
 from ckpt.engine._flatten import FlatTensor
 from ckpt.engine._options import SaveOptions
 from ckpt.engine._staging import StagingBuffer, StagingPool, align
-from ckpt.errors import storage_errors
+from ckpt.errors import CheckpointNotFoundError, storage_errors
 from ckpt.format import (
     DATA_DIR,
     Box,
@@ -301,6 +301,9 @@ def persist(
             written[result.path] = result
     if errors:
         _discard(job)
+        if isinstance(errors[0], CheckpointNotFoundError):
+            # Only a deleted prefix makes a write "not found" (local: the temporary file).
+            raise data_files_vanished(job.step, job.backend.url, str(errors[0])) from errors[0]
         raise errors[0]
     return [written[f.path] for f in job.files]
 

@@ -358,10 +358,20 @@ class _DiscardStream:
 
 
 class _DiscardingBackend(LocalBackend):
-    """Drops data files (manifests are still written): saves cost memory, not disk."""
+    """Drops data files (manifests are still written): saves cost memory, not disk. The
+    dropped files are still listed, for the committer's check that they exist."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.dropped: set[str] = set()
 
     def open_stream(self, path: str) -> BlobStream:  # type: ignore[override]
+        self.dropped.add(path)
         return _DiscardStream()
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        mine = {p for p in self.dropped if p.startswith(f"{prefix}/")}
+        return sorted(set(super().list_objects(prefix)) | mine)
 
 
 def _rss() -> int:

@@ -201,20 +201,35 @@ def test_newest_committed_survives_failed_saves_and_newer_partials_are_left_alon
         assert ckpt.load(target, root) == 2 and torch.equal(target["w"], torch.full((256,), 2.0))
 
         _run(mgr, range(4, 5))
-    assert scan_steps(LocalBackend(root)) == StepListing(committed=(4,), uncommitted=())
-    assert mgr.metrics.saves_failed == 1 and mgr.metrics.saves_committed == 3
+        # Step 3 is older than the newest committed step now, but was written to just now.
+        assert scan_steps(LocalBackend(root)) == StepListing(committed=(4,), uncommitted=(3,))
+        _age(root, 3)
+        _run(mgr, range(5, 6))
+    assert scan_steps(LocalBackend(root)) == StepListing(committed=(5,), uncommitted=())
+    assert mgr.metrics.saves_failed == 1 and mgr.metrics.saves_committed == 4
+
+
+def _age(root: Path, step: int, seconds: float = 2 * 3600.0) -> None:
+    """Make everything under ``step``'s prefix look written ``seconds`` ago."""
+    then = time.time() - seconds
+    top = root / step_prefix(step)
+    for path in [top, *top.rglob("*")]:
+        os.utime(path, (then, then), follow_symlinks=False)
 
 
 def test_abandoned_partial_steps_are_removed_after_the_next_commit(root: Path) -> None:
     backend = LocalBackend(root)
     backend.write(f"{step_prefix(3)}/data/x", b"half a checkpoint")
+    _age(root, 3)  # nothing written there for longer than the lease
+    backend.write(f"{step_prefix(2)}/data/x", b"a save of an older step, in flight")
     backend.write(f"{step_prefix(9)}/data/x", b"maybe still being written")
     with CheckpointManager(root, every_steps=4, keep_last=3, if_busy="wait") as mgr:
         _run(mgr, range(1, 5))
     listing = scan_steps(backend)
     assert listing.committed == (4,)
-    assert listing.uncommitted == (9,)
+    assert listing.uncommitted == (2, 9)
     assert not (root / step_prefix(3)).exists()
+    assert backend.read(f"{step_prefix(2)}/data/x") == b"a save of an older step, in flight"
     assert backend.read(f"{step_prefix(9)}/data/x") == b"maybe still being written"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,8 @@ RANGES = [(0, 1), (MiB + 2, 1), (12_345, 99_999), (0, MiB + 3), (MiB + 3, 0)]
 RANGE_IDS = ["first-byte", "last-byte", "middle", "whole", "empty-at-end"]
 # The object tree of the ``tree`` fixture: "ab" checks that prefixes match whole components.
 TREE = ("a/1", "a/10", "a/2/x", "a/2/y/deep", "ab/z", "b")
+# Modification times come from the medium's clock (S3: whole seconds).
+CLOCK_SLACK_S = 2.0
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -75,6 +78,8 @@ class BackendConformance:
     # Reads racing with rewrites in test_replacement_is_atomic_for_readers; a backend
     # behind a network may lower it.
     race_reads: int = 1000
+    # What an unfinished stream must have written to leave a trace on the medium.
+    unfinished_bytes: int = 10_000
 
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         """Return a fresh, empty backend private to one test."""
@@ -514,6 +519,26 @@ class BackendConformance:
         assert backend.list_objects("step-1") == ["step-1/data/done"]
         assert backend.read("step-1/data/done") == b"done"
         dead.abort()  # the writer's own abort after the fact is harmless
+
+    def test_last_modified_of_objects_prefixes_and_unfinished_writes(
+        self, backend: StorageBackend
+    ) -> None:
+        """``last_modified`` covers the object itself, everything under a prefix (not
+        ``ab/`` for ``a``) and unfinished writes; None where nothing is."""
+        assert backend.last_modified("step-1") is None
+        before = time.time() - CLOCK_SLACK_S
+        backend.write("step-1/data/done", b"done")
+        backend.write("step-10/x", b"other")
+        for where in ("step-1", "step-1/data", "step-1/data/done"):
+            found = backend.last_modified(where)
+            assert found is not None and before <= found <= time.time() + CLOCK_SLACK_S, where
+        assert backend.last_modified("step-1/data/none") is None
+        unfinished = backend.open_stream("step-2/data/big")
+        unfinished.write(payload(self.unfinished_bytes, seed=17))
+        try:
+            assert backend.last_modified("step-2") is not None
+        finally:
+            unfinished.abort()
 
     def test_delete_prefix_missing_is_a_no_op(self, backend: StorageBackend) -> None:
         """Deleting a prefix that holds nothing succeeds and touches nothing else."""

@@ -174,3 +174,6 @@ class FaultyBackend:
 
     def close(self) -> None:
         self.inner.close()
+
+    def last_modified(self, prefix: str) -> float | None:
+        return self.inner.last_modified(prefix)

@@ -169,6 +169,9 @@ class SlowBackend:
     def close(self) -> None:
         self._inner.close()
 
+    def last_modified(self, prefix: str) -> float | None:
+        return self._inner.last_modified(prefix)
+
 
 class Net(nn.Module):
     """An MLP with dropout (so the RNG state matters) and a bulky buffer (so saves take time)."""
