@@ -607,22 +607,37 @@ class LocalBackend:
     def last_modified(self, prefix: str) -> float | None:
         """Newest mtime of the file ``prefix``, or of the directory ``prefix`` and everything
         below it (temporary files of unfinished writes included; links are not followed)."""
-        base = self._resolve_prefix(prefix)
+        parts = self._prefix_parts(prefix)
+        if not parts:
+            raise InvalidPathError("last_modified needs a prefix below the root", path=prefix)
         try:
-            st = os.lstat(base)
+            dir_fd = self._open_dir(parts[:-1], prefix)
+        except (FileNotFoundError, NotADirectoryError, InvalidPathError):
+            return None  # nothing there, or through a symlink: nothing of this root
         except OSError as exc:
-            if _not_found(exc):
-                return None
             raise _os_error(exc, prefix, "stat of") from exc
-        if not stat.S_ISDIR(st.st_mode):
-            return st.st_mtime if stat.S_ISREG(st.st_mode) else None
-        newest = st.st_mtime
-        for dirpath, dirnames, filenames in os.walk(base):
-            for name in (*dirnames, *filenames):
-                try:
-                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-                except FileNotFoundError:
-                    continue  # deleted meanwhile
-                except OSError as exc:
-                    raise _os_error(exc, prefix, "stat of files under") from exc
-        return newest
+        try:
+            st = _lstat_at(dir_fd, parts[-1])
+            if st is None or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                return None
+            if stat.S_ISREG(st.st_mode):
+                return st.st_mtime
+            newest = st.st_mtime
+            fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                for sub_fd, _rel, entries in _walk_at(fd, ""):
+                    newest = max(newest, os.fstat(sub_fd).st_mtime)
+                    for entry in entries:
+                        try:
+                            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+                        except FileNotFoundError:
+                            continue  # deleted meanwhile
+            finally:
+                os.close(fd)
+            return newest
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # deleted or replaced meanwhile
+        except OSError as exc:
+            raise _os_error(exc, prefix, "stat of files under") from exc
+        finally:
+            os.close(dir_fd)
