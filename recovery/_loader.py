@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,8 +28,10 @@ from ckpt.errors import (
 from ckpt.format import (
     DIGEST_HEX,
     Box,
+    FileHeader,
     Manifest,
     StoredPiece,
+    check_safetensors_header,
     checksum,
     decompress_chunk,
     element_size,
@@ -116,6 +118,8 @@ class _Job:
     end: int
     segments: list[_Segment] = field(default_factory=list)
     direct: torch.Tensor | None = None  # read straight into this uint8 view of a target
+    header: FileHeader | None = None  # a safetensors header to check (bytes 0..length)
+    describe: bool = False  # and check that it describes the file's pieces (verify)
 
 
 def _bytes_view(tensor: torch.Tensor) -> memoryview:
@@ -139,6 +143,7 @@ class Loader:
         start = time.perf_counter()
         requests = self._plan(destinations)
         jobs = self._jobs(requests, destinations)
+        jobs += self._header_jobs(self._files_read_whole(requests), describe=False)
         needed = sum(
             r.region.numel * element_size(self._manifest.tensors[r.tensor].dtype) for r in requests
         )
@@ -180,11 +185,56 @@ class Loader:
                         )
                     )
         jobs = self._coalesce(segments)
+        jobs += self._header_jobs(self._manifest.headers, describe=True)
         with ThreadPoolExecutor(self._options.io_threads, thread_name_prefix="ckpt-verify") as pool:
             for future in [pool.submit(self._run, job, ()) for job in jobs]:
                 future.result()
         read = sum(j.end - j.start for j in jobs)
         return LoadStats(self._manifest.total_bytes, read, len(jobs), time.perf_counter() - start)
+
+    def _files_read_whole(self, requests: Sequence[ReadRequest]) -> list[str]:
+        """Files with a header record of which this load reads every stored piece whole."""
+        headers = self._manifest.headers
+        if not headers:
+            return []
+        whole: dict[str, set[int]] = defaultdict(set)
+        for req in requests:
+            entry = self._manifest.tensors[req.tensor]
+            if req.raw_start == 0 and req.raw_length == req.piece.box.numel * element_size(
+                entry.dtype
+            ):
+                whole[req.piece.file].add(id(req.piece))
+        stored: dict[str, int] = defaultdict(int)
+        for entry in self._manifest.tensors.values():
+            for piece in entry.pieces:
+                if piece.file in whole and piece.byte_length:
+                    stored[piece.file] += 1
+        return [f for f, pieces in whole.items() if f in headers and len(pieces) == stored[f]]
+
+    def _header_jobs(self, files: Iterable[str], *, describe: bool) -> list[_Job]:
+        headers = self._manifest.headers
+        return [_Job(f, 0, headers[f].length, header=headers[f], describe=describe) for f in files]
+
+    def _check_header(self, job: _Job, data: memoryview, where: str) -> None:
+        header = job.header
+        if header is None:
+            return
+        if checksum(data) != header.checksum:
+            raise ChecksumMismatchError(
+                f"checksum mismatch in {where} (safetensors header, bytes 0..{job.end - 1}): "
+                "the file is corrupt",
+                file=job.file,
+                tensor="",
+                byte_range=(0, job.end - 1),
+            )
+        if job.describe:
+            pieces = [
+                (name, entry.dtype, piece.lengths, piece.byte_offset, piece.byte_length)
+                for name, entry in self._manifest.tensors.items()
+                for piece in entry.pieces
+                if piece.file == job.file
+            ]
+            check_safetensors_header(bytes(data), self._manifest.files[job.file], pieces, where)
 
     def _plan(self, destinations: Sequence[Destination]) -> list[ReadRequest]:
         by_tensor: dict[str, list[tuple[int, Box]]] = defaultdict(list)
@@ -301,6 +351,7 @@ class Loader:
         with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
             self._backend.read_into(path, job.start, _bytes_view(buffer))
         host = _bytes_view(buffer)
+        self._check_header(job, host, where)
         for seg in job.segments:
             raw = self._verify(seg, host, job.start, where)
             if job.direct is None:

@@ -18,6 +18,7 @@ from ckpt.errors import (
 )
 from ckpt.format import (
     Box,
+    FileHeader,
     Manifest,
     ShardIndex,
     StoredPiece,
@@ -102,6 +103,7 @@ class ManifestBuilder:
         self.ranks: set[int] = set()
         self._tensors: dict[str, _TensorParts] = {}
         self._files: dict[str, int] = {}
+        self._headers: dict[str, FileHeader] = {}
         self._state: tuple[int, dict[str, Any]] | None = None
 
     @property
@@ -126,6 +128,7 @@ class ManifestBuilder:
                 )
         self.ranks.add(report.rank)
         self._files.update(report.files)
+        self._headers.update(report.headers)
         if report.state is not None and (self._state is None or report.rank < self._state[0]):
             self._state = (report.rank, report.state)
         for name, entry in report.tensors.items():
@@ -161,6 +164,7 @@ class ManifestBuilder:
             state=self._state_value(),
             layout=dict(layout or {}),
             user_metadata=dict(user_metadata or {}),
+            headers=dict(sorted(self._headers.items())),
         )
         return render_manifest(
             header,
@@ -197,6 +201,7 @@ class ManifestBuilder:
             created_unix=time.time() if created_unix is None else created_unix,
             user_metadata=dict(user_metadata or {}),
             layout=dict(layout or {}),
+            headers=dict(sorted(self._headers.items())),
         )
 
     def _state_value(self) -> dict[str, Any]:

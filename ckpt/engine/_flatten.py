@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ckpt.errors import InvalidStateError
-from ckpt.format import Box, dtype_name
+from ckpt.format import SAFETENSORS_METADATA, Box, dtype_name
 
 TENSOR_REF = "__tensor__"
 TUPLE_REF = "__tuple__"
@@ -265,6 +265,8 @@ class _TreeEncoder:
             raise InvalidStateError(
                 f"two tensors in the state share the name {_shown(path)}; rename one"
             )
+        if path == SAFETENSORS_METADATA:
+            raise InvalidStateError(f"{path!r} is reserved by safetensors; rename the tensor")
         local, global_shape, box, replicated = geometry
         check_storable(local, path)
         # A conjugate or negative view is a flag on shared memory; store the values it shows.

@@ -45,6 +45,7 @@ from ckpt.errors import CheckpointNotFoundError, storage_errors
 from ckpt.format import (
     DATA_DIR,
     Box,
+    FileHeader,
     Manifest,
     ShardIndex,
     StoredPiece,
@@ -109,11 +110,13 @@ class WrittenFile:
         path: relative to the step prefix.
         stored_bytes: its size on storage (header included).
         pieces: tensor name -> where that piece's bytes are, with their checksums.
+        header: a raw file's safetensors header, with its checksum (None when compressed).
     """
 
     path: str
     stored_bytes: int
     pieces: Mapping[str, StoredPiece]
+    header: FileHeader | None = None
 
 
 def part_of(t: FlatTensor, box: Box) -> FlatTensor:
@@ -334,7 +337,8 @@ def shard_index(job: SaveJob, written: Sequence[WrittenFile]) -> ShardIndex:
         for name, t in job.tensors.items()
     }
     files = {w.path: w.stored_bytes for w in written}
-    return ShardIndex(rank=job.rank, tensors=entries, files=files, state=job.tree)
+    headers = {w.path: w.header for w in written if w.header is not None}
+    return ShardIndex(rank=job.rank, tensors=entries, files=files, state=job.tree, headers=headers)
 
 
 # -- encoding and writing one data file (I/O threads) ---------------------------------
@@ -418,7 +422,7 @@ def _write_raw_file(job: SaveJob, f: DataFile) -> WrittenFile:
         except BaseException:
             stream.abort()
             raise
-    return WrittenFile(f.path, header + f.nbytes, pieces)
+    return WrittenFile(f.path, header + f.nbytes, pieces, FileHeader(header, checksum(f.header)))
 
 
 def _write_compressed_file(

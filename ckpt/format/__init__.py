@@ -3,13 +3,15 @@
 docs/FORMAT.md is the contract; this package is its one implementation. What it offers:
 
 * the schema: ``Manifest`` (the commit point of a step), ``TensorEntry`` (a global tensor),
-  ``StoredPiece`` (a region of it in a data file), ``ShardIndex`` (one rank's report), each
+  ``StoredPiece`` (a region of it in a data file), ``FileHeader`` (a raw data file's
+  safetensors header), ``ShardIndex`` (one rank's report), each
   with ``from_bytes`` (validated; ``CorruptCheckpointError`` / ``UnsupportedFormatError``
   naming the file and field) and ``to_bytes``;
 * the layout of a root: ``scan_steps``, ``read_manifest``, ``step_prefix``,
   ``parse_step_prefix``, ``manifest_path`` and the folder names;
-* geometry: ``Box`` (a region of a global tensor) and ``row_span``;
-* element types: ``dtype_name``, ``torch_dtype``, ``element_size``, ``safetensors_header``;
+* geometry: ``Box`` (a region of a global tensor), ``row_span`` and ``first_overlap``;
+* element types: ``dtype_name``, ``torch_dtype``, ``element_size``, ``safetensors_header``
+  and ``check_safetensors_header``;
 * stored chunks: ``checksum``, ``chunk_checksums``, ``split_digests``, ``stored_chunk_bounds``,
   ``compress_chunks``, ``decompress_chunk`` and the manifest's own seal.
 
@@ -28,6 +30,7 @@ from ckpt.format._codec import (
     CHECKSUM_ALGORITHM,
     CODECS,
     DIGEST_HEX,
+    ZSTD_MAX_RATIO,
     checksum,
     chunk_checksums,
     chunk_count,
@@ -36,8 +39,17 @@ from ckpt.format._codec import (
     split_digests,
     stored_chunk_bounds,
 )
-from ckpt.format._dtypes import DTYPES, dtype_name, element_size, safetensors_header, torch_dtype
-from ckpt.format._geometry import Box, row_span
+from ckpt.format._dtypes import (
+    DTYPES,
+    MAX_SAFETENSORS_HEADER,
+    SAFETENSORS_METADATA,
+    check_safetensors_header,
+    dtype_name,
+    element_size,
+    safetensors_header,
+    torch_dtype,
+)
+from ckpt.format._geometry import Box, first_overlap, row_span
 from ckpt.format._paths import (
     DATA_DIR,
     DEFAULT_CHUNK_BYTES,
@@ -52,6 +64,8 @@ from ckpt.format._reader import StepListing, read_manifest, scan_steps
 from ckpt.format._schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_TREE_DEPTH,
+    FileHeader,
     Manifest,
     ShardIndex,
     StoredPiece,
@@ -70,12 +84,18 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_DIR",
     "MANIFEST_NAME",
+    "MAX_SAFETENSORS_HEADER",
+    "MAX_TREE_DEPTH",
+    "SAFETENSORS_METADATA",
+    "ZSTD_MAX_RATIO",
     "Box",
+    "FileHeader",
     "Manifest",
     "ShardIndex",
     "StepListing",
     "StoredPiece",
     "TensorEntry",
+    "check_safetensors_header",
     "checksum",
     "chunk_checksums",
     "chunk_count",
@@ -83,6 +103,7 @@ __all__ = [
     "decompress_chunk",
     "dtype_name",
     "element_size",
+    "first_overlap",
     "manifest_path",
     "parse_step_prefix",
     "read_manifest",

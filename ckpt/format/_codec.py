@@ -14,9 +14,15 @@ from collections.abc import Sequence
 import xxhash
 import zstandard
 
+from ckpt.errors import CorruptCheckpointError
+
 CHECKSUM_ALGORITHM = "xxh3_64"
 DIGEST_HEX = 16
 CODECS = ("raw", "zstd")
+# The most raw bytes one stored zstd byte can stand for: a block holds at most 128 KiB
+# and takes at least 4 bytes (an RLE block). Readers bound every frame's raw size with
+# it before allocating anything.
+ZSTD_MAX_RATIO = 32768
 
 _local = threading.local()
 
@@ -65,10 +71,28 @@ def compress_chunks(data: memoryview, chunk_bytes: int, level: int) -> list[byte
 
 
 def decompress_chunk(frame: memoryview | bytes, raw_length: int) -> bytes:
+    """The ``raw_length`` bytes of one zstd frame.
+
+    Never allocates more than ``raw_length`` bytes: a frame that declares another size,
+    does not decompress or decompresses to another length raises ``CorruptCheckpointError``.
+    """
     decompressor = getattr(_local, "decompressor", None)
     if decompressor is None:
         decompressor = _local.decompressor = zstandard.ZstdDecompressor()
-    return decompressor.decompress(frame, max_output_size=raw_length)
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared not in (-1, raw_length):
+            raise CorruptCheckpointError(
+                f"the zstd frame declares {declared} bytes, the manifest {raw_length}"
+            )
+        raw = decompressor.decompress(frame, max_output_size=raw_length)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"the zstd frame does not decompress: {exc}") from exc
+    if len(raw) != raw_length:
+        raise CorruptCheckpointError(
+            f"the zstd frame decompresses to {len(raw)} bytes, the manifest says {raw_length}"
+        )
+    return raw
 
 
 def stored_chunk_bounds(

@@ -74,3 +74,29 @@ def row_span(piece: Box, region: Box) -> tuple[int, int]:
     row = math.prod(piece.lengths[1:])
     first_row = region.offsets[0] - piece.offsets[0]
     return first_row * row, region.lengths[0] * row
+
+
+def first_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:
+    """Two of ``boxes`` (of one tensor) that share an element, or None when all are disjoint.
+
+    A sweep along the dimension where the boxes' starts differ most: each box is compared
+    only with earlier ones still open there, which for sharded layouts are few (none for
+    1-D sharding, one row of the mesh for 2-D sharding). Empty boxes overlap nothing.
+    """
+    live = [b for b in boxes if b.numel]
+    if len(live) < 2:
+        return None
+    ndim = live[0].ndim
+    if ndim == 0:
+        return live[0], live[1]
+    dim = max(range(ndim), key=lambda d: (len({b.offsets[d] for b in live}), -d))
+    live.sort(key=lambda b: b.offsets[dim])
+    open_boxes: list[Box] = []
+    for box in live:
+        start = box.offsets[dim]
+        open_boxes = [b for b in open_boxes if b.offsets[dim] + b.lengths[dim] > start]
+        for other in open_boxes:
+            if other.intersect(box) is not None:
+                return other, box
+        open_boxes.append(box)
+    return None

@@ -21,18 +21,32 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
-from ckpt.format._codec import CHECKSUM_ALGORITHM, CODECS, DIGEST_HEX, chunk_count
-from ckpt.format._dtypes import DTYPES
-from ckpt.format._geometry import Box
+from ckpt.errors import CorruptCheckpointError, InvalidStateError, UnsupportedFormatError
+from ckpt.format._codec import (
+    CHECKSUM_ALGORITHM,
+    CODECS,
+    DIGEST_HEX,
+    ZSTD_MAX_RATIO,
+    chunk_count,
+)
+from ckpt.format._dtypes import DTYPES, MAX_SAFETENSORS_HEADER
+from ckpt.format._geometry import Box, first_overlap
 from ckpt.format._paths import safe_relative_path
 from ckpt.format._seal import seal_manifest, verify_manifest_seal
 
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 1
+# Bounds on what a reader accepts (docs/FORMAT.md, "Validation on read"): anything past
+# them is refused before it is walked or allocated.
+MAX_TREE_DEPTH = 100  # nesting of state, layout and user_metadata
+MAX_NDIM = 64
+MAX_ELEMENTS = 1 << 62  # of a tensor, counting its zero-length dimensions as one
 
 _Count = Annotated[int, msgspec.Meta(ge=0)]
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
+_Dims = Annotated[tuple[_Count, ...], msgspec.Meta(max_length=MAX_NDIM)]
+# Seconds since the epoch, finite: NaN or a date past year 5000 is no timestamp.
+_Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
 
 
 class StoredPiece(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
@@ -47,8 +61,8 @@ class StoredPiece(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
         chunk_sizes: the stored size of each zstd frame (None for ``raw``).
     """
 
-    offsets: tuple[_Count, ...]
-    lengths: tuple[_Count, ...]
+    offsets: _Dims
+    lengths: _Dims
     file: str
     byte_offset: _Count
     byte_length: _Count
@@ -81,12 +95,20 @@ class TensorEntry(msgspec.Struct, frozen=True, gc=False):
     """A global tensor: its dtype, global shape and the pieces that store it."""
 
     dtype: str
-    shape: tuple[_Count, ...]
+    shape: _Dims
     pieces: tuple[StoredPiece, ...]
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+class FileHeader(msgspec.Struct, frozen=True, gc=False):
+    """The safetensors header of a raw data file: its first ``length`` bytes (the 8-byte
+    length prefix, the JSON and its padding) and their checksum."""
+
+    length: _Count
+    checksum: str
 
 
 class ShardIndex(msgspec.Struct, frozen=True):
@@ -96,14 +118,19 @@ class ShardIndex(msgspec.Struct, frozen=True):
     tensors: dict[str, TensorEntry]
     files: dict[str, _Count]
     state: dict[str, Any] | None = None
+    headers: dict[str, FileHeader] = {}
 
     def to_bytes(self) -> bytes:
+        if self.state is not None:
+            check_tree_depth(self.state, "state")
         return b"".join(
             (
                 b'{"rank":%d,"tensors":' % self.rank,
                 _ENCODER.encode(self.tensors),
                 b',"files":',
                 _ENCODER.encode(self.files),
+                b',"headers":',
+                _ENCODER.encode(self.headers),
                 b',"state":',
                 _dumps(self.state).encode(),
                 b"}",
@@ -114,8 +141,11 @@ class ShardIndex(msgspec.Struct, frozen=True):
     def from_bytes(cls, data: bytes, where: str, chunk_bytes: int) -> ShardIndex:
         """Parse and validate a rank's report (``CorruptCheckpointError`` naming ``where``)."""
         index = _decode(data, cls, where)
-        _check_files(index.files, where)
-        _check_tensors(index.tensors, index.files, chunk_bytes, where, complete=False)
+        _check_trees(where, state=index.state)
+        _check_files(index.files, index.headers, where)
+        _check_tensors(
+            index.tensors, index.files, index.headers, chunk_bytes, where, complete=False
+        )
         return index
 
 
@@ -134,9 +164,10 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     tensors: dict[str, TensorEntry]
     files: dict[str, _Count]
     state: dict[str, Any]
-    created_unix: float = 0.0
+    created_unix: _Timestamp = 0.0
     user_metadata: dict[str, Any] = {}
     layout: dict[str, Any] = {}
+    headers: dict[str, FileHeader] = {}
 
     @property
     def total_bytes(self) -> int:
@@ -161,6 +192,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             state=self.state,
             layout=self.layout,
             user_metadata=self.user_metadata,
+            headers=self.headers,
         )
 
     @classmethod
@@ -187,8 +219,21 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
                 f"{where}: checksum algorithm {envelope.checksum_algorithm!r} is not supported"
             )
         manifest = _decode(data, cls, where)
-        _check_files(manifest.files, where)
-        _check_tensors(manifest.tensors, manifest.files, manifest.chunk_bytes, where, complete=True)
+        _check_trees(
+            where,
+            state=manifest.state,
+            layout=manifest.layout,
+            user_metadata=manifest.user_metadata,
+        )
+        _check_files(manifest.files, manifest.headers, where)
+        _check_tensors(
+            manifest.tensors,
+            manifest.files,
+            manifest.headers,
+            manifest.chunk_bytes,
+            where,
+            complete=True,
+        )
         return manifest
 
 
@@ -211,8 +256,15 @@ def manifest_header(
     state: Mapping[str, Any],
     layout: Mapping[str, Any],
     user_metadata: Mapping[str, Any],
+    headers: Mapping[str, FileHeader] | None = None,
 ) -> dict[str, Any]:
-    """Every field of a stored manifest but the tensors, in the order it is written."""
+    """Every field of a stored manifest but the tensors, in the order it is written.
+
+    Raises:
+        InvalidStateError: a tree nests deeper than readers accept (``MAX_TREE_DEPTH``).
+    """
+    for field, tree in (("state", state), ("layout", layout), ("user_metadata", user_metadata)):
+        check_tree_depth(tree, field)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -223,6 +275,7 @@ def manifest_header(
         "checksum_algorithm": CHECKSUM_ALGORITHM,
         "chunk_bytes": chunk_bytes,
         "files": files,
+        "headers": {path: msgspec.to_builtins(h) for path, h in (headers or {}).items()},
         "state": state,
         "layout": layout,
         "user_metadata": user_metadata,
@@ -271,9 +324,13 @@ def _decode(data: bytes, kind: type[_T], where: str) -> _T:
         raise CorruptCheckpointError(f"{where}: {exc}") from exc
     except msgspec.DecodeError:
         pass  # not strict JSON: NaN or Infinity in a state tree, or not JSON at all
+    except RecursionError as exc:
+        raise _too_deep(where) from exc
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise _too_deep(where) from exc
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of thousands of digits
         raise CorruptCheckpointError(
             f"{where}: not valid JSON ({exc}); the file is corrupt"
         ) from exc
@@ -281,24 +338,87 @@ def _decode(data: bytes, kind: type[_T], where: str) -> _T:
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}") from exc
+    except RecursionError as exc:
+        raise _too_deep(where) from exc
 
 
-def _check_files(files: Mapping[str, int], where: str) -> None:
+def _too_deep(where: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where}: the document nests too deep to read (readers accept {MAX_TREE_DEPTH} "
+        "levels); the file is corrupt or hostile"
+    )
+
+
+def tree_depth_exceeds(tree: Any, limit: int) -> bool:
+    """Whether a JSON tree nests more than ``limit`` containers deep (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def check_tree_depth(tree: Any, field: str) -> None:
+    """Refuse to write a tree that readers would refuse (``InvalidStateError``)."""
+    if tree_depth_exceeds(tree, MAX_TREE_DEPTH):
+        raise InvalidStateError(
+            f"the checkpoint's {field} nests deeper than {MAX_TREE_DEPTH} levels, which readers "
+            "refuse; flatten it"
+        )
+
+
+def _check_trees(where: str, **trees: Any) -> None:
+    for field, tree in trees.items():
+        if tree_depth_exceeds(tree, MAX_TREE_DEPTH):
+            raise CorruptCheckpointError(
+                f"{where}: {field!r} nests deeper than {MAX_TREE_DEPTH} levels; the file is "
+                "corrupt or hostile"
+            )
+
+
+def _check_files(files: Mapping[str, int], headers: Mapping[str, FileHeader], where: str) -> None:
     for path in files:
         safe_relative_path(path, where)
+    for path, header in headers.items():
+        size = files.get(path)
+        if size is None:
+            raise CorruptCheckpointError(
+                f"{where}: 'headers' names {path!r}, which the checkpoint does not list"
+            )
+        if not 8 <= header.length <= min(size, MAX_SAFETENSORS_HEADER):
+            raise CorruptCheckpointError(
+                f"{where}: the header of {path!r} is said to take {header.length} bytes of "
+                f"its {size}"
+            )
+        if len(header.checksum) != DIGEST_HEX:
+            raise CorruptCheckpointError(f"{where}: the header checksum of {path!r} is malformed")
 
 
 def _check_tensors(
     tensors: Mapping[str, TensorEntry],
     files: Mapping[str, int],
+    headers: Mapping[str, FileHeader],
     chunk_bytes: int,
     where: str,
     *,
     complete: bool,
 ) -> None:
-    """What a tensor's JSON types cannot say: known dtype, pieces inside the shape and
-    their file, checksums for every chunk, stored sizes that add up; with ``complete``,
-    pieces that cover the whole tensor (a report holds only its rank's pieces).
+    """What a tensor's JSON types cannot say: known dtype, a bounded size, pieces inside the
+    shape and their file (past its header), pairwise disjoint, checksums for every chunk,
+    stored sizes that account for every raw byte; with ``complete``, pieces that cover the
+    whole tensor (a report holds only its rank's pieces).
+
+    Every size a reader later allocates is bounded here, before anything is: raw pieces
+    store exactly their elements' bytes, zstd frames at most ``ZSTD_MAX_RATIO`` raw bytes
+    per stored byte, and stored bytes lie inside files of listed sizes.
 
     A committer runs this for every piece of every rank: texts are built only to raise.
     """
@@ -307,16 +427,32 @@ def _check_tensors(
         element = DTYPES.get(entry.dtype)
         if element is None:
             raise CorruptCheckpointError(f"{here}: unknown dtype {entry.dtype!r}")
+        numel = math.prod(entry.shape)
+        if math.prod(max(1, n) for n in entry.shape) > MAX_ELEMENTS:
+            raise CorruptCheckpointError(f"{here}: shape {list(entry.shape)} is too large")
         covered = 0
         for piece in entry.pieces:
             _check_piece(
-                piece, entry.shape, element[1] * math.prod(piece.lengths), files, chunk_bytes, here
+                piece,
+                entry.shape,
+                element[1] * math.prod(piece.lengths),
+                files,
+                headers,
+                chunk_bytes,
+                here,
             )
             covered += math.prod(piece.lengths)
-        if complete and covered != math.prod(entry.shape):
+        # A committer checks a report's pieces against every rank's (InvalidStateError).
+        if complete and len(entry.pieces) > 1:
+            clash = first_overlap([p.box for p in entry.pieces])
+            if clash is not None:
+                raise CorruptCheckpointError(
+                    f"{here}: stored pieces {clash[0]} and {clash[1]} overlap; the manifest is "
+                    "inconsistent"
+                )
+        if complete and covered != numel:
             raise CorruptCheckpointError(
-                f"{where}: tensor {name!r}: stored pieces cover {covered} of "
-                f"{math.prod(entry.shape)} elements"
+                f"{here}: stored pieces cover {covered} of {numel} elements"
             )
 
 
@@ -325,6 +461,7 @@ def _check_piece(
     shape: tuple[int, ...],
     raw_length: int,
     files: Mapping[str, int],
+    headers: Mapping[str, FileHeader],
     chunk_bytes: int,
     where: str,
 ) -> None:
@@ -348,6 +485,12 @@ def _check_piece(
             f"{where}: bytes {piece.byte_offset}..{piece.byte_offset + piece.byte_length} lie past "
             f"the end of {piece.file!r}"
         )
+    header = headers.get(piece.file)
+    if header is not None and (piece.codec != "raw" or piece.byte_offset < header.length):
+        raise CorruptCheckpointError(
+            f"{where}: a {piece.codec} piece at byte {piece.byte_offset} of {piece.file!r} lies "
+            f"in or after its {header.length}-byte safetensors header"
+        )
     chunks = chunk_count(raw_length, chunk_bytes)
     if len(piece.checksums) != chunks * DIGEST_HEX:
         raise CorruptCheckpointError(
@@ -360,9 +503,17 @@ def _check_piece(
             )
         if piece.chunk_sizes is not None:
             raise CorruptCheckpointError(f"{where}: a raw piece lists chunk_sizes")
-    elif (
-        piece.chunk_sizes is None
-        or len(piece.chunk_sizes) != chunks
-        or sum(piece.chunk_sizes) != piece.byte_length
-    ):
+        return
+    sizes = piece.chunk_sizes
+    if sizes is None or len(sizes) != chunks or sum(sizes) != piece.byte_length:
         raise CorruptCheckpointError(f"{where}: chunk_sizes do not add up to byte_length")
+    # Every chunk but the last holds chunk_bytes raw bytes: no frame may claim more than a
+    # zstd frame of its stored size can hold.
+    if chunks and (
+        (chunks > 1 and min(sizes[:-1]) * ZSTD_MAX_RATIO < chunk_bytes)
+        or sizes[-1] * ZSTD_MAX_RATIO < raw_length - (chunks - 1) * chunk_bytes
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: {piece.byte_length} stored zstd bytes in {piece.file!r} cannot hold the "
+            f"piece's {raw_length} raw bytes in chunks of {chunk_bytes}"
+        )
