@@ -18,15 +18,18 @@ import torch
 from torch import nn
 
 from ckpt.errors import InvalidStateError
-from ckpt.format import SAFETENSORS_METADATA, Box, dtype_name
-
-TENSOR_REF = "__tensor__"
-TUPLE_REF = "__tuple__"
-ITEMS_REF = "__items__"
-BYTES_REF = "__bytes__"
-DTYPE_REF = "__dtype__"
-NDARRAY_REF = "__ndarray__"
-_MARKERS = {TENSOR_REF, TUPLE_REF, ITEMS_REF, BYTES_REF, DTYPE_REF, NDARRAY_REF}
+from ckpt.format import (
+    BYTES_REF,
+    DTYPE_REF,
+    ITEMS_REF,
+    NDARRAY_REF,
+    SAFETENSORS_METADATA,
+    TENSOR_REF,
+    TUPLE_REF,
+    Box,
+    dtype_name,
+)
+from ckpt.format import STATE_MARKERS as _MARKERS
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ docs/FORMAT.md is the contract; this package is its one implementation. What it 
 * geometry: ``Box`` (a region of a global tensor), ``row_span`` and ``first_overlap``;
 * element types: ``dtype_name``, ``torch_dtype``, ``element_size``, ``safetensors_header``
   and ``check_safetensors_header``;
+* the state tree: its markers (``TENSOR_REF`` ...) and ``check_state_markers``;
 * stored chunks: ``checksum``, ``chunk_checksums``, ``split_digests``, ``stored_chunk_bounds``,
   ``compress_chunks``, ``decompress_chunk`` and the manifest's own seal.
 
@@ -72,8 +73,26 @@ from ckpt.format._schema import (
     TensorEntry,
 )
 from ckpt.format._seal import seal_manifest, verify_manifest_seal
+from ckpt.format._tree import (
+    BYTES_REF,
+    DTYPE_REF,
+    ITEMS_REF,
+    NDARRAY_REF,
+    STATE_MARKERS,
+    TENSOR_REF,
+    TUPLE_REF,
+    check_state_markers,
+)
 
 __all__ = [
+    "BYTES_REF",
+    "DTYPE_REF",
+    "ITEMS_REF",
+    "NDARRAY_REF",
+    "STATE_MARKERS",
+    "TENSOR_REF",
+    "TUPLE_REF",
+    "check_state_markers",
     "CHECKSUM_ALGORITHM",
     "CODECS",
     "DATA_DIR",

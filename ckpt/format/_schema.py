@@ -33,6 +33,7 @@ from ckpt.format._dtypes import DTYPES, MAX_SAFETENSORS_HEADER
 from ckpt.format._geometry import Box, first_overlap
 from ckpt.format._paths import safe_relative_path
 from ckpt.format._seal import seal_manifest, verify_manifest_seal
+from ckpt.format._tree import check_state_markers, tree_depth_exceeds
 
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 1
@@ -225,6 +226,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             layout=manifest.layout,
             user_metadata=manifest.user_metadata,
         )
+        check_state_markers(manifest.state, manifest.tensors, where)
         _check_files(manifest.files, manifest.headers, where)
         _check_tensors(
             manifest.tensors,
@@ -347,23 +349,6 @@ def _too_deep(where: str) -> CorruptCheckpointError:
         f"{where}: the document nests too deep to read (readers accept {MAX_TREE_DEPTH} "
         "levels); the file is corrupt or hostile"
     )
-
-
-def tree_depth_exceeds(tree: Any, limit: int) -> bool:
-    """Whether a JSON tree nests more than ``limit`` containers deep (walked without recursion)."""
-    stack: list[tuple[Any, int]] = [(tree, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Iterable[Any] = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        if depth >= limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
 
 
 def check_tree_depth(tree: Any, field: str) -> None:

@@ -367,8 +367,10 @@ HOSTILE_TREES: dict[str, tuple[str, Any, type[ckpt.CheckpointError]]] = {
     "bytes-not-text": ("meta", {"__bytes__": 5}, ckpt.CorruptCheckpointError),
     "dtype-not-text": ("meta", {"__dtype__": ["float32"]}, ckpt.CorruptCheckpointError),
     "dtype-unknown": ("meta", {"__dtype__": "float128"}, ckpt.CorruptCheckpointError),
-    "ref-unknown-tensor": ("meta", {"x": {"__tensor__": "nope"}}, ckpt.StateMismatchError),
-    "ref-not-text": ("meta", {"__tensor__": ["w"]}, ckpt.StateMismatchError),
+    # A manifest referring to a tensor it does not store is inconsistent: corrupt, so that
+    # restore falls back (and ckpt verify, which has no target state, catches it too).
+    "ref-unknown-tensor": ("meta", {"x": {"__tensor__": "nope"}}, ckpt.CorruptCheckpointError),
+    "ref-not-text": ("meta", {"__tensor__": ["w"]}, ckpt.CorruptCheckpointError),
     "tensor-became-value": ("w", 3, ckpt.StateMismatchError),
     "tensor-became-dict": ("w", {"a": 1}, ckpt.StateMismatchError),
 }
