@@ -18,18 +18,14 @@ import torch
 from torch import nn
 
 from ckpt.errors import InvalidStateError
-from ckpt.format import (
-    BYTES_REF,
-    DTYPE_REF,
-    ITEMS_REF,
-    NDARRAY_REF,
-    SAFETENSORS_METADATA,
-    TENSOR_REF,
-    TUPLE_REF,
-    Box,
-    dtype_name,
-)
+from ckpt.format import BYTES_REF as BYTES_REF
+from ckpt.format import DTYPE_REF as DTYPE_REF
+from ckpt.format import ITEMS_REF as ITEMS_REF
+from ckpt.format import NDARRAY_REF as NDARRAY_REF
+from ckpt.format import SAFETENSORS_METADATA, Box, dtype_name
 from ckpt.format import STATE_MARKERS as _MARKERS
+from ckpt.format import TENSOR_REF as TENSOR_REF
+from ckpt.format import TUPLE_REF as TUPLE_REF
 
 
 @dataclass(frozen=True)
