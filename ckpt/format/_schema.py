@@ -124,7 +124,8 @@ class ShardIndex(msgspec.Struct, frozen=True):
     def to_bytes(self) -> bytes:
         if self.state is not None:
             check_tree_depth(self.state, "state")
-        return b"".join(
+        # Sealed like a manifest: a report crosses storage or Redis before it is merged.
+        body = b"".join(
             (
                 b'{"rank":%d,"tensors":' % self.rank,
                 _ENCODER.encode(self.tensors),
@@ -137,10 +138,13 @@ class ShardIndex(msgspec.Struct, frozen=True):
                 b"}",
             )
         )
+        return seal_manifest(body)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, chunk_bytes: int) -> ShardIndex:
-        """Parse and validate a rank's report (``CorruptCheckpointError`` naming ``where``)."""
+        """Verify the seal, parse and validate a rank's report (``CorruptCheckpointError``
+        naming ``where``)."""
+        verify_manifest_seal(data, where)
         index = _decode(data, cls, where)
         _check_trees(where, state=index.state)
         _check_files(index.files, index.headers, where)

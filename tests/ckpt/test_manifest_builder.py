@@ -33,6 +33,7 @@ from ckpt.format import (
     chunk_checksums,
     compress_chunks,
     element_size,
+    seal_manifest,
 )
 
 CHUNK = 64  # small chunks, so that pieces carry several checksums
@@ -461,6 +462,13 @@ def valid_report() -> dict[str, Any]:
     return doc
 
 
+def sealed(doc: Mapping[str, Any]) -> bytes:
+    """A report document re-sealed (reports carry a checksum like manifests)."""
+    return seal_manifest(
+        json.dumps({k: v for k, v in doc.items() if k != "manifest_checksum"}).encode()
+    )
+
+
 def with_nan_state(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` with a NaN in its state, written first: msgspec stops at the NaN before it
     sees anything else, so the report takes the json fallback."""
@@ -594,9 +602,9 @@ def test_parse_report_rejects(case: str, fallback: bool, fallbacks: list[bytes])
     doc = valid_report()
     if fallback:
         doc = with_nan_state(doc)
-    ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)  # valid before the edit
+    ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)  # valid before the edit
     edit(doc)
-    data = json.dumps(doc).encode()
+    data = sealed(doc)
     with pytest.raises(CorruptCheckpointError) as info:
         ShardIndex.from_bytes(data, WHERE, CHUNK)
     assert not isinstance(info.value, UnsupportedFormatError)
@@ -622,7 +630,7 @@ def test_parse_report_state_must_be_an_object(fallback: bool, fallbacks: list[by
         # a NaN ahead of everything (an unknown field: ignored once parsed) forces the fallback
         doc = {"note": math.nan, **doc}
     with pytest.raises(CorruptCheckpointError, match="state") as info:
-        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)
     assert WHERE in str(info.value)
     assert len(fallbacks) == (1 if fallback else 0)
 
@@ -634,7 +642,7 @@ def test_parse_report_unknown_codec_is_unsupported(fallback: bool) -> None:
         doc = with_nan_state(doc)
     _piece(doc, "packed")["codec"] = "lz4"
     with pytest.raises(UnsupportedFormatError, match="unknown codec 'lz4'") as info:
-        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)
     assert WHERE in str(info.value)
 
 
@@ -654,7 +662,7 @@ def test_parse_report_rank_must_be_an_integer(fallback: bool, value: Any) -> Non
         doc = with_nan_state(doc)
     doc["rank"] = value
     with pytest.raises(CorruptCheckpointError, match="rank"):
-        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["msgspec", "json-fallback"])
@@ -665,16 +673,16 @@ def test_parse_report_file_size_must_be_an_integer(fallback: bool) -> None:
         doc = with_nan_state(doc)
     doc["files"]["data/tiny"] = True
     with pytest.raises(CorruptCheckpointError):
-        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)
 
 
 def test_parse_report_paths_agree(fallbacks: list[bytes]) -> None:
     """The msgspec path and the json fallback read a valid report to the same values."""
     doc = valid_report()
-    fast = ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
+    fast = ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)
     assert not fallbacks
     doc["state"] = {"step": 5, "loss": math.nan}
-    slow = ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
+    slow = ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)
     assert len(fallbacks) == 1
     assert (fast.rank, fast.tensors, fast.files) == (slow.rank, slow.tensors, slow.files)
     assert slow.state is not None and math.isnan(slow.state["loss"])
@@ -705,7 +713,7 @@ def test_parse_report_refuses_chunk_sizes_on_a_raw_piece() -> None:
     doc = valid_report()
     _piece(doc)["chunk_sizes"] = [1, 2]
     with pytest.raises(CorruptCheckpointError, match="raw piece lists chunk_sizes"):
-        ShardIndex.from_bytes(json.dumps(doc).encode(), WHERE, CHUNK)
+        ShardIndex.from_bytes(sealed(doc), WHERE, CHUNK)
 
 
 # --- property: row tilings over N ranks --------------------------------------------------------
