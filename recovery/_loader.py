@@ -119,7 +119,8 @@ class _Job:
     segments: list[_Segment] = field(default_factory=list)
     direct: torch.Tensor | None = None  # read straight into this uint8 view of a target
     header: FileHeader | None = None  # a safetensors header to check (bytes 0..length)
-    describe: bool = False  # and check that it describes the file's pieces (verify)
+    # and, when verifying, the file's pieces it must describe: (name, dtype, shape, at, length)
+    described: list[tuple[str, str, tuple[int, ...], int, int]] | None = None
 
 
 def _bytes_view(tensor: torch.Tensor) -> memoryview:
@@ -213,7 +214,24 @@ class Loader:
 
     def _header_jobs(self, files: Iterable[str], *, describe: bool) -> list[_Job]:
         headers = self._manifest.headers
-        return [_Job(f, 0, headers[f].length, header=headers[f], describe=describe) for f in files]
+        by_file: dict[str, list[tuple[str, str, tuple[int, ...], int, int]]] = defaultdict(list)
+        if describe:
+            for name, entry in self._manifest.tensors.items():
+                for p in entry.pieces:
+                    if p.file in headers:
+                        by_file[p.file].append(
+                            (name, entry.dtype, p.lengths, p.byte_offset, p.byte_length)
+                        )
+        return [
+            _Job(
+                f,
+                0,
+                headers[f].length,
+                header=headers[f],
+                described=by_file[f] if describe else None,
+            )
+            for f in files
+        ]
 
     def _check_header(self, job: _Job, data: memoryview, where: str) -> None:
         header = job.header
@@ -227,14 +245,10 @@ class Loader:
                 tensor="",
                 byte_range=(0, job.end - 1),
             )
-        if job.describe:
-            pieces = [
-                (name, entry.dtype, piece.lengths, piece.byte_offset, piece.byte_length)
-                for name, entry in self._manifest.tensors.items()
-                for piece in entry.pieces
-                if piece.file == job.file
-            ]
-            check_safetensors_header(bytes(data), self._manifest.files[job.file], pieces, where)
+        if job.described is not None:
+            check_safetensors_header(
+                bytes(data), self._manifest.files[job.file], job.described, where
+            )
 
     def _plan(self, destinations: Sequence[Destination]) -> list[ReadRequest]:
         by_tensor: dict[str, list[tuple[int, Box]]] = defaultdict(list)

@@ -639,3 +639,15 @@ def test_fuzz_worker_memory_cap_stops_a_large_allocation(tmp_path: Path) -> None
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert result.stdout.strip() == "refused", result.stderr[-2000:]
+
+
+def test_a_state_nested_deeper_than_readers_accept_is_refused_at_save(root: Path) -> None:
+    """Save refuses what every reader would refuse, so no step is committed that cannot load."""
+    deep: Any = 1
+    for _ in range(150):
+        deep = [deep]
+    with pytest.raises(ckpt.InvalidStateError, match="nests deeper"):
+        ckpt.save({"w": torch.zeros(2), "deep": deep}, root, step=1)
+    assert not manifest_path(root, 1).exists()
+    ckpt.save({"w": torch.zeros(2)}, root, step=2)
+    assert ckpt.load({"w": torch.ones(2)}, root) == 2
