@@ -39,7 +39,9 @@ FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 1
 # Bounds on what a reader accepts (docs/FORMAT.md, "Validation on read"): anything past
 # them is refused before it is walked or allocated.
-MAX_TREE_DEPTH = 100  # nesting of state, layout and user_metadata
+# JSON levels of state, layout and user_metadata: save refuses states nesting more than
+# 100 containers, and a tuple or a dict with non-string keys takes up to 3 JSON levels.
+MAX_TREE_DEPTH = 320
 MAX_NDIM = 64
 MAX_ELEMENTS = 1 << 62  # of a tensor, counting its zero-length dimensions as one
 

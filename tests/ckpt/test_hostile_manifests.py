@@ -207,7 +207,7 @@ HOSTILE: dict[str, Callable[[bytes], bytes]] = {
     "deep-state-with-nan": _text(
         b'"seed": 5', b'"seed": [NaN, ' + b"[" * DEEP + b"]" * DEEP + b"]"
     ),
-    "state-deeper-than-readers-walk": _text(b'"seed": 5', b'"seed": ' + b"[" * 150 + b"]" * 150),
+    "state-deeper-than-readers-walk": _text(b'"seed": 5', b'"seed": ' + b"[" * 400 + b"]" * 400),
     "created-unix-nan": _set("created_unix", value=float("nan")),
     "created-unix-infinity": _set("created_unix", value=float("inf")),
     "created-unix-negative": _set("created_unix", value=-1.0),
@@ -642,12 +642,24 @@ def test_fuzz_worker_memory_cap_stops_a_large_allocation(tmp_path: Path) -> None
 
 
 def test_a_state_nested_deeper_than_readers_accept_is_refused_at_save(root: Path) -> None:
-    """Save refuses what every reader would refuse, so no step is committed that cannot load."""
+    """Save refuses what readers would refuse, so no step is committed that cannot load."""
     deep: Any = 1
     for _ in range(150):
         deep = [deep]
-    with pytest.raises(ckpt.InvalidStateError, match="nests deeper"):
+    with pytest.raises(ckpt.InvalidStateError, match="deep"):
         ckpt.save({"w": torch.zeros(2), "deep": deep}, root, step=1)
     assert not manifest_path(root, 1).exists()
     ckpt.save({"w": torch.zeros(2)}, root, step=2)
     assert ckpt.load({"w": torch.ones(2)}, root) == 2
+
+
+def test_the_deepest_state_save_accepts_loads_back(root: Path) -> None:
+    """100 nested dicts with integer keys (3 JSON levels each) are within the readers' bound,
+    and the stored tree walks back without running out of stack."""
+    deep: Any = 1
+    for _ in range(99):
+        deep = {0: deep}
+    ckpt.save({"w": torch.zeros(2), "deep": deep}, root, step=1)
+    target: dict[str, Any] = {"w": torch.ones(2), "deep": {}}
+    assert ckpt.load(target, root) == 1
+    assert target["deep"] == deep
