@@ -58,6 +58,7 @@ import torch.distributed as dist
 import torch.distributed.tensor
 
 import ckpt
+from ckpt.cli import app
 from ckpt.coordination import LocalCoordinator
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.format import MANIFEST_NAME, parse_step_prefix, read_manifest, scan_steps
@@ -253,6 +254,17 @@ def run(fn: Callable[..., Any], *args: Any, timeout: float = CHILD_TIMEOUT_S) ->
     return wait(fork(fn, *args), timeout)
 
 
+def timed(fn: Callable[..., Any], *args: Any) -> float:
+    """(Child.) Run ``fn(*args)``; the monotonic clock (system-wide) when it ended."""
+    fn(*args)
+    return time.monotonic()
+
+
+def timed_rank(rank: int, fn: Callable[..., Any], *args: Any) -> float:
+    fn(rank, *args)
+    return time.monotonic()
+
+
 def kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -270,17 +282,19 @@ class Kill:
 
     at: int | None = None
     mode: str = "before"
-    rank: int = 0
+    rank: int | None = None  # None: a single process
     group: bool = False
     delay: float | None = None
 
     def describe(self) -> str:
         if self.delay is not None:
             return f"random kill after {self.delay * 1000:.1f} ms"
-        who = "the job" if self.group else f"rank {self.rank}"
-        return f"kill {who} {self.mode} storage call {self.at}"
+        who = "the job " if self.group else f"rank {self.rank} " if self.rank is not None else ""
+        return f"kill {who}{self.mode} storage call {self.at}"
 
-    def backend(self, root: Path, rank: int = 0, trace: int | None = None) -> StorageBackend:
+    def backend(
+        self, root: Path, rank: int | None = None, trace: int | None = None
+    ) -> StorageBackend:
         """The backend the operation under test uses on ``rank``."""
         inner = LocalBackend(root)
         if self.at is None or rank != self.rank:
@@ -304,7 +318,7 @@ def read_trace(path: Path) -> list[TraceLine]:
     return lines
 
 
-def kill_points(trace: list[TraceLine], rank: int = 0, group: bool = False) -> list[Kill]:
+def kill_points(trace: list[TraceLine], rank: int | None = None, group: bool = False) -> list[Kill]:
     """Every gap of a dry run's calls (and one past the end), and a half-way kill inside
     every call where half-way differs from before (writes, deletes of several paths)."""
     points = [Kill(n, "before", rank, group) for n in range(1, len(trace) + 2)]
@@ -523,21 +537,24 @@ class Campaign:
         self._traces += 1
         return self.scratch / f"trace-{self._traces}.txt"
 
-    def dry_run(self, op: Callable[..., Any]) -> tuple[list[TraceLine], float]:
-        """Run ``op`` once on a template copy without a kill: its calls and its duration."""
+    def dry_run(
+        self, op: Callable[..., Any], *, traced: bool = True
+    ) -> tuple[list[TraceLine], float]:
+        """Run ``op`` once on a template copy without a kill: its calls, and how long after
+        the fork it ended (random kills fall in that window)."""
         trial, path, root = self.new_trial()
         trace = self.trace_file()
         started = time.monotonic()
-        outcome = run(op, str(root), Kill(), str(trace))
-        seconds = time.monotonic() - started
+        outcome = run(timed, op, str(root), Kill(), str(trace) if traced else None)
+        seconds = outcome.value - started if outcome.error is None else 0.0
         if outcome.status != 0 or outcome.error is not None:
             raise RuntimeError(f"dry run of {trial} failed: {outcome}")
         shutil.rmtree(path)
-        return read_trace(trace), seconds
+        return (read_trace(trace) if traced else []), seconds
 
     def random_kills(self, seconds: float, group: bool = False) -> list[Kill]:
         return [
-            Kill(group=group, delay=self.rng.uniform(0.0, seconds * 1.2))
+            Kill(group=group, delay=self.rng.uniform(0.0, seconds))
             for _ in range(self.request.random)
         ]
 
@@ -633,7 +650,7 @@ def kill_and_resume(campaign: Campaign, op: Callable[..., Any], kill: Kill, api:
     """One trial of a 1-rank save of step 2 over a committed step 1."""
     trial = start_trial(campaign, kill)
     kill_process(campaign, trial, op, kill)
-    facts = inspect_after_kill(campaign, trial, "single", {1, 2})
+    facts = inspect_after_kill(campaign, trial, "single", {1, 2}, durable={1})
     if facts is not None:
         committed = 2 in facts["committed"]
         campaign.figures.new_committed += committed
@@ -862,9 +879,10 @@ def multi_campaign(campaign: Campaign) -> None:
         _, path, root = campaign.new_trial()
         trace = campaign.trace_file()
         started = time.monotonic()
-        if not job_ok(run_job(campaign, job_save, (str(root), 2, Kill(rank=rank), str(trace)))):
+        job = run_job(campaign, timed_rank, (job_save, str(root), 2, Kill(rank=rank), str(trace)))
+        if not job_ok(job):
             raise RuntimeError(f"the dry run tracing rank {rank} failed")
-        slowest = max(slowest, time.monotonic() - started)
+        slowest = max(slowest, *(o.value - started for o in job))
         shutil.rmtree(path)
         calls = read_trace(trace)
         kills += choose(kill_points(calls, rank), campaign.request.sample, campaign.rng)
@@ -884,7 +902,7 @@ def multi_campaign(campaign: Campaign) -> None:
                     f"rank {rank} raised {o.error['type']}: {o.error['message']}",
                 )
         f.killed += any(o.killed for o in job)
-        facts = inspect_after_kill(campaign, trial, "multi", {1, 2})
+        facts = inspect_after_kill(campaign, trial, "multi", {1, 2}, durable={1})
         if facts is not None:
             committed = 2 in facts["committed"]
             f.new_committed += committed
@@ -904,7 +922,12 @@ GC_KEEP = 2
 
 
 def op_gc(root: str, kill: Kill, trace: str | None) -> None:
-    """(Child.) ``ckpt gc --keep-last 2`` over 5 committed steps and 2 abandoned ones."""
+    """(Child.) ``ckpt gc --keep-last 2`` over 5 committed steps and 2 abandoned ones: the
+    command itself for random kills (and their untraced dry run), else what it runs,
+    ``apply_retention``, on a wrapped backend."""
+    if kill.delay is not None or (kill.at is None and trace is None):
+        app(["gc", root, "--keep-last", str(GC_KEEP)], standalone_mode=False)
+        return
     backend = kill.backend(Path(root), trace=_trace_fd(trace))
     apply_retention(backend, RetentionPolicy(keep_last=GC_KEEP))
 
@@ -923,8 +946,9 @@ def gc_campaign(campaign: Campaign) -> None:
         outcome = run(partial_save, str(campaign.template), step)
         if not outcome.killed:
             raise RuntimeError(f"the partial save of step {step} was not killed: {outcome}")
-    trace, seconds = campaign.dry_run(op_gc)
+    trace, _ = campaign.dry_run(op_gc)
     kills = choose(kill_points(trace), campaign.request.sample, campaign.rng)
+    _, seconds = campaign.dry_run(op_gc, traced=False)  # the command, for random kills
     newest = GC_COMMITTED[-1]
     kept = list(GC_COMMITTED[-GC_KEEP:])
     f = campaign.figures
