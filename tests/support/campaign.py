@@ -11,9 +11,10 @@ A campaign is a test marked ``@pytest.mark.campaign`` that runs many trials of o
         assert figures["torn"] == 0
 
 At the end of the run the terminal summary prints every recorded row in one table (its
-columns are the union of the figures' names, ``trials`` first). ``--campaign-report PATH``
+columns are the union of the figures' names, ``trials`` first). ``--campaign-report=PATH``
 (or the environment variable ``CKPT_CAMPAIGN_REPORT``) also writes the table to PATH:
-JSON when PATH ends in ``.json``, else Markdown. ``scripts/campaigns.sh`` runs every
+JSON when PATH ends in ``.json``, else Markdown. Write it as one word: pytest takes a
+separate PATH for a test path before this plugin (loaded by a conftest) is known. ``scripts/campaigns.sh`` runs every
 campaign at once. Loaded from ``tests/conftest.py`` through ``pytest_plugins``.
 """
 
