@@ -12,6 +12,9 @@ import torch
 
 from storage_backends import LocalBackend
 
+# The fault campaigns' figures table (``campaign`` marker, ``campaign_table`` fixture).
+pytest_plugins = ("tests.support.campaign",)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

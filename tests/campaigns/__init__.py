@@ -1,0 +1,1 @@
+"""Fault campaigns: tests marked ``campaign``, run all at once by scripts/campaigns.sh."""
