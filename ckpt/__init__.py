@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from ckpt.errors import (
+    AlreadyCommittedError,
     CheckpointError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -86,6 +87,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "Compression",
+    "AlreadyCommittedError",
     "CoordinationError",
     "CorruptCheckpointError",
     "FencedError",

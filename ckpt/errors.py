@@ -75,6 +75,11 @@ class CoordinationError(CheckpointError):
     """The ranks could not agree on a checkpoint (timeout, lost participant, coordinator down)."""
 
 
+class AlreadyCommittedError(CoordinationError):
+    """The step is already committed by another writer; this save was not committed and
+    its data files were discarded."""
+
+
 class FencedError(CoordinationError):
     """This writer belongs to an older generation of the job and may no longer commit."""
 

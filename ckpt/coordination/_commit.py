@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ckpt.errors import (
+    AlreadyCommittedError,
     CheckpointError,
     CheckpointNotFoundError,
     CoordinationError,
@@ -277,7 +278,7 @@ def publish_bytes(
 
     Raises:
         SaveAbortedError: data files are missing; the step is not committed.
-        CoordinationError: the step is already committed.
+        AlreadyCommittedError: the step is already committed.
     """
     path = manifest_path(step)
     check_data_files(backend, step, files)
@@ -287,10 +288,10 @@ def publish_bytes(
     except CheckpointNotFoundError as exc:  # the step's directory was deleted under it
         raise data_files_vanished(step, backend.url, str(exc)) from exc
     if not created:
-        raise CoordinationError(
+        raise AlreadyCommittedError(
             f"step {step} under {backend.url} is already committed by another writer; "
-            f"this save (generation {generation}) was not committed. Delete "
-            f"{step_prefix(step)}/ first if you mean to replace it"
+            f"this save (generation {generation}) was not committed. Save another step, or "
+            f"delete {step_prefix(step)}/ first if you mean to replace it"
         )
     try:
         check_data_files(backend, step, files, published=True)

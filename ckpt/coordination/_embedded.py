@@ -13,7 +13,7 @@ from typing import Any
 from ckpt.coordination._agreement import GroupAgreement
 from ckpt.coordination._commit import merge_indexes, publish
 from ckpt.coordination._protocol import CommittedStepIndex, Coordinator, new_generation
-from ckpt.errors import CheckpointError, CoordinationError, storage_errors
+from ckpt.errors import AlreadyCommittedError, CheckpointError, CoordinationError, storage_errors
 from ckpt.format import (
     INDEX_DIR,
     Manifest,
@@ -253,7 +253,7 @@ class ProcessGroupCoordinator:
         """The manifest that appeared is this save's, not an older one of the same step."""
         manifest = read_manifest(backend, step)
         if manifest.generation != self._generation:
-            raise CoordinationError(
+            raise AlreadyCommittedError(
                 f"step {step} under {backend.url} is already committed by another writer "
                 f"(generation {manifest.generation}); rank {self._rank}'s data is discarded"
             )

@@ -41,7 +41,7 @@ from ckpt.coordination import Coordinator, data_files_vanished
 from ckpt.engine._flatten import FlatTensor
 from ckpt.engine._options import SaveOptions
 from ckpt.engine._staging import StagingBuffer, StagingPool, align
-from ckpt.errors import CheckpointNotFoundError, storage_errors
+from ckpt.errors import AlreadyCommittedError, CheckpointNotFoundError, storage_errors
 from ckpt.format import (
     DATA_DIR,
     Box,
@@ -317,13 +317,17 @@ def commit(job: SaveJob, written: Sequence[WrittenFile]) -> Manifest | None:
     Returns:
         The manifest on the rank that published it, else None.
     """
-    manifest = job.coordinator.commit(
-        job.backend,
-        job.step,
-        shard_index(job, written),
-        chunk_bytes=job.options.chunk_bytes,
-        user_metadata=job.user_metadata,
-    )
+    try:
+        manifest = job.coordinator.commit(
+            job.backend,
+            job.step,
+            shard_index(job, written),
+            chunk_bytes=job.options.chunk_bytes,
+            user_metadata=job.user_metadata,
+        )
+    except AlreadyCommittedError:
+        _discard(job)  # no manifest will ever name them
+        raise
     if manifest is not None and job.on_committed is not None:
         job.on_committed(manifest)
     return manifest

@@ -18,7 +18,7 @@ sizes and checksums; restore gives the newest committed step, which is the previ
 or the new one, bit for bit (``torn`` and ``wrong_restore`` count failures); saving the
 killed step's number again and the next one works (``save_failed``); gc then leaves no
 garbage in older steps (``garbage``: abandoned prefixes; ``stale_files``: files no
-manifest names in committed steps, a known defect, see the xfail tests below); nothing
+manifest names in committed steps, after `ckpt gc --abandoned-after 0`); nothing
 outside the root changed (``outside``); nothing raised an exception that is not a
 ``CheckpointError`` (``escapes``) or hung (``hangs``).
 
@@ -72,8 +72,9 @@ PLANS = {
     "ranks4": Plan("sigkill: 4 ranks (rank 3 / rank 0 / whole job)", 14, 1, 1, 30),
     "gc": Plan("sigkill: ckpt gc --keep-last 2", 15, 6, 2, 40),
 }
-# Figures that must be 0. ``stale_files`` is left out while the xfail tests below fail.
+# Figures that must be 0.
 MUST_BE_ZERO = (
+    "stale_files",
     "torn",
     "wrong_restore",
     "escapes",
@@ -185,13 +186,6 @@ def _state(step: int) -> dict[str, Any]:
     return {"w": torch.full((64,), float(step)), "meta": {"step": step}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gc (ckpt gc / apply_retention) never removes files that no manifest names from "
-    "a committed step: a save killed after its data files were durable, then saved again "
-    "with ckpt.save, leaves the dead attempt's data (and temp) files in the committed step "
-    "forever (only CheckpointManager's own commit cleans its newest step)",
-)
 def test_gc_removes_a_dead_attempts_files_from_a_step_saved_again(root: Path) -> None:
     ckpt.save(_state(1), root, step=1)
     # A save whose data files are durable but whose manifest never came: the storage a
@@ -200,18 +194,15 @@ def test_gc_removes_a_dead_attempts_files_from_a_step_saved_again(root: Path) ->
         ckpt.save(_state(2), FaultyBackend(LocalBackend(root), fail_put_at=1), step=2)
     ckpt.save(_state(2), root, step=2)  # the job comes back and saves step 2 again
     ckpt.save(_state(3), root, step=3)
-    apply_retention(LocalBackend(root), RetentionPolicy(keep_last=None))
+    # What `ckpt gc --abandoned-after 0` does once no writer is alive.
+    apply_retention(
+        LocalBackend(root), RetentionPolicy(keep_last=None, abandoned_after=0), remove_stale=True
+    )
     assert unnamed_files(root, 2) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a save refused because its step is already committed (CoordinationError from "
-    "publish) does not delete the data files it wrote: they stay inside the committed "
-    "step, which no gc cleans (the save path deletes its files only when a write fails)",
-)
 def test_a_save_refused_as_already_committed_leaves_no_files(root: Path) -> None:
     ckpt.save(_state(2), root, step=2)
-    with pytest.raises(ckpt.CheckpointError, match="already committed"):
+    with pytest.raises(ckpt.AlreadyCommittedError, match="already committed"):
         ckpt.save(_state(2), root, step=2)
     assert unnamed_files(root, 2) == []

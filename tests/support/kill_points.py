@@ -181,5 +181,10 @@ class KillingBackend:
             self._die()
         return self.inner.abort_unfinished(prefix, older_than_seconds)
 
+    def last_modified(self, prefix: str) -> float | None:
+        if self._count("last_modified", prefix):
+            self._die()
+        return self.inner.last_modified(prefix)
+
     def close(self) -> None:
         self.inner.close()

@@ -406,7 +406,11 @@ def inspect_root(root: str, kind: str) -> Json:
 def gc_and_inspect(root: str, kind: str, keep_last: int | None) -> Json:
     """(In a fresh child.) ``ckpt gc`` (keep everything committed unless ``keep_last``),
     then what is left and a restore of the newest."""
-    apply_retention(LocalBackend(root), RetentionPolicy(keep_last=keep_last))
+    apply_retention(
+        LocalBackend(root),
+        RetentionPolicy(keep_last=keep_last, abandoned_after=0),
+        remove_stale=True,
+    )
     return {**leftovers(root), **inspect_root(root, kind)}
 
 
