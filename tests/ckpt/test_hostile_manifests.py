@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from ckpt.format import (
     checksum,
     seal_manifest,
 )
+from tests.support.campaign import CampaignTable
 from tests.support.checks import assert_bit_identical
 from tests.support.on_disk import manifest_path, read_manifest, save_with, step_dir
 
@@ -459,13 +461,17 @@ def flip_campaign(root: Path, trials: int, seed: int = 0) -> dict[str, tuple[int
     return {name: (t, d, e) for name, (t, d, e) in table.items()}
 
 
-def test_random_byte_flips_in_every_class_are_all_detected(root: Path, full: bool) -> None:
+@pytest.mark.campaign
+def test_random_byte_flips_in_every_class_are_all_detected(
+    root: Path, full: bool, campaign_table: CampaignTable
+) -> None:
     make_checkpoint(root)
     trials = 1000 if full else 60
     table = flip_campaign(root, trials)
-    lines = [f"{'class':20} {'trials':>6} {'detected':>8} {'escapes':>7}"]
-    lines += [f"{name:20} {t:6d} {d:8d} {e:7d}" for name, (t, d, e) in table.items()]
-    print("\n" + "\n".join(lines))
+    for name, (t, d, e) in table.items():
+        campaign_table.record(
+            f"byte flips: {name}", trials=t, detected=d, missed=t - d - e, escapes=e
+        )
     assert sum(t for t, _, _ in table.values()) == trials
     for name, (t, d, e) in table.items():
         assert e == 0 and d == t, (name, table)
@@ -530,16 +536,23 @@ def check_mutation(root: Path, doc: dict[str, Any], data: bytes) -> str:
     except ckpt.CheckpointError:
         refused = True
     with quiet_cli():
+        exported = root.parent / "exported"
         commands: list[Callable[[], None]] = [
             lambda: cli.verify(str(root), step=NEW, all_steps=False),
             lambda: cli.inspect(str(root), step=NEW),
             lambda: cli.list_steps(str(root)),
+            lambda: cli.convert(str(root), str(exported), step=NEW, to="safetensors"),
+            lambda: cli.gc(str(root), keep_last=2, dry_run=True),
+            lambda: cli.gc(str(root), keep_last=2),
         ]
+        outside = _outside_snapshot(root, exported)
         for command in commands:
             try:
                 command()
             except (ckpt.CheckpointError, typer.Exit):
                 pass
+        shutil.rmtree(exported, ignore_errors=True)
+        assert _outside_snapshot(root, exported) == outside, "something outside the root changed"
     target = blank()
     try:
         step = ckpt.restore(target, root).step
@@ -552,6 +565,19 @@ def check_mutation(root: Path, doc: dict[str, Any], data: bytes) -> str:
             if isinstance(value, torch.Tensor):
                 assert_bit_identical(target[key], value)
     return "refused" if refused else "accepted"
+
+
+def _outside_snapshot(root: Path, *ignored: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file beside ``root`` (the fuzz directory), for proving that
+    the commands touched nothing outside the checkpoint root."""
+    skip = {root, *ignored}
+    out: dict[str, tuple[int, int]] = {}
+    for path in root.parent.rglob("*"):
+        if any(path == s or s in path.parents for s in skip):
+            continue
+        st = path.lstat()
+        out[str(path)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def fuzz(root: Path, examples: int) -> dict[str, int]:
@@ -596,8 +622,9 @@ def fuzz_worker(root: str, examples: int, headroom: int) -> None:
     print(json.dumps({"counts": counts, "limit_bytes": vm + headroom}))
 
 
+@pytest.mark.campaign
 def test_fuzzed_sealed_manifests_raise_only_checkpoint_errors_within_a_memory_cap(
-    tmp_path: Path, full: bool
+    tmp_path: Path, full: bool, campaign_table: CampaignTable
 ) -> None:
     """Structural mutations of a sealed manifest (types, huge, negative and NaN numbers,
     deep nesting, removed and extra keys, paths): only CheckpointError escapes from the
@@ -620,7 +647,15 @@ def test_fuzzed_sealed_manifests_raise_only_checkpoint_errors_within_a_memory_ca
     )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    print(summary)
+    campaign_table.record(
+        "hostile manifests (hypothesis): load, restore, ls, inspect, verify, convert, gc",
+        trials=sum(summary["counts"].values()),
+        refused_fell_back=summary["counts"]["refused"],
+        still_valid=summary["counts"]["accepted"],
+        escapes=0,
+        outside=0,
+        hangs=0,
+    )
     assert sum(summary["counts"].values()) >= examples // 2
     assert summary["counts"]["refused"] > 0
 
