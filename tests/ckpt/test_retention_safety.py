@@ -32,6 +32,7 @@ from ckpt.format import manifest_path, read_manifest, scan_steps, step_prefix
 from ckpt.retention import GcPlan, RetentionPolicy, apply_retention, plan_gc
 from recovery import validate_files
 from storage_backends import BytesLike, LocalBackend, StorageBackend
+from tests.support.campaign import CampaignTable
 from tests.support.faulty import FaultyBackend
 from tests.support.on_disk import data_file, piece_of
 from tests.support.on_disk import manifest_path as manifest_file
@@ -354,23 +355,43 @@ def _campaign(root: Path, saves: int, lease: float) -> dict[str, int]:
     return counts
 
 
+def _record(table: CampaignTable, name: str, counts: dict[str, int], saves: int) -> None:
+    table.record(
+        name,
+        trials=saves,
+        committed=counts["committed"],
+        aborted_cleanly=counts["aborted"],
+        withdrawn=counts["withdrawn"],
+        gc_passes=counts["gc passes"],
+        torn=0,  # _campaign asserts it after every save
+        escapes=counts["other"],
+    )
+
+
+@pytest.mark.campaign
 def test_campaign_gc_with_the_default_lease_never_touches_saves_in_flight(
-    root: Path, full: bool
+    root: Path, full: bool, campaign_table: CampaignTable
 ) -> None:
     counts = _campaign(root, 200 if full else 20, HOUR)
+    _record(
+        campaign_table, "gc looping + saves of older steps (lease 1 h)", counts, 200 if full else 20
+    )
     assert counts["committed"] == (200 if full else 20), counts
     assert counts["gc passes"] > 0
 
 
+@pytest.mark.campaign
 def test_campaign_gc_with_no_lease_never_tears_a_step(
-    root: Path, full: bool, caplog: pytest.LogCaptureFixture
+    root: Path, full: bool, caplog: pytest.LogCaptureFixture, campaign_table: CampaignTable
 ) -> None:
     """The worst case: gc deletes every partial step at once. Saves fail cleanly or commit
     whole; no committed manifest ever names a missing file."""
     caplog.set_level(logging.CRITICAL, logger="ckpt")  # hundreds of expected failures
     counts = _campaign(root, 200 if full else 20, 0.0)
+    _record(
+        campaign_table, "gc looping + saves of older steps (no lease)", counts, 200 if full else 20
+    )
     assert counts["other"] == 0, counts
-    print(f"\ncampaign, gc without lease: {counts}")
 
 
 # -- defect 13: gc removes leftovers of other attempts; inspect cuts long metadata --------
