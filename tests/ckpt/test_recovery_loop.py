@@ -13,6 +13,7 @@ import torch
 
 import ckpt
 from storage_backends import LocalBackend, StorageBackendError
+from tests.support.campaign import CampaignTable
 from tests.support.checks import assert_bit_identical
 from tests.support.gloo import run_ranks
 from tests.support.on_disk import data_file, flip_byte, piece_of, read_manifest
@@ -182,3 +183,53 @@ def test_a_state_refused_on_one_rank_fails_every_rank_at_once(tmp_path: Path) ->
     assert "rank 1 refused the state" in results[0]
     assert "sparse" in results[1]
     assert not (tmp_path / "step-000000001").exists()
+
+
+@pytest.mark.campaign
+def test_campaign_damaged_newest_step_never_traps_the_loop(
+    tmp_path: Path, full: bool, campaign_table: CampaignTable
+) -> None:
+    """Random damage to the newest step (a flipped data byte, a flipped manifest byte, a
+    deleted or truncated data file), then two incarnations of the README loop: the first
+    restores an older step and saves the damaged step number again, the second restores it."""
+    import random
+
+    trials = 60 if full else 6
+    rng = random.Random(10)
+    trapped = wrong = 0
+    for trial in range(trials):
+        root = tmp_path / f"t{trial}"
+        _train(root, range(1, 11), every=5)
+        piece = piece_of(root, 10, "w")
+        data = data_file(root, 10, piece["file"])
+        damage = rng.choice(["data byte", "manifest byte", "data file deleted", "truncated"])
+        if damage == "data byte":
+            flip_byte(data, piece["byte_offset"] + rng.randrange(piece["byte_length"]))
+        elif damage == "manifest byte":
+            manifest = root / "step-000000010" / "manifest.json"
+            flip_byte(manifest, rng.randrange(manifest.stat().st_size))
+        elif damage == "data file deleted":
+            data.unlink()
+        else:
+            data.chmod(0o644)
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        try:
+            first = _train(root, range(1, 11), every=5)
+            second = _train(root, range(1, 11), every=5)
+        except ckpt.CheckpointError:
+            trapped += 1
+            continue
+        state = _state(-1.0)
+        if (
+            (first, second) != (5, 10)
+            or ckpt.load(state, root) != 10
+            or not torch.equal(state["w"], torch.full((256,), 10.0))
+        ):
+            wrong += 1
+    campaign_table.record(
+        "damaged newest step, README loop restarted twice",
+        trials=trials,
+        trapped=trapped,
+        wrong_restore=wrong,
+    )
+    assert trapped == 0 and wrong == 0
