@@ -380,8 +380,8 @@ def test_read_amplification(
     two: dict[str, Any], three: dict[str, Any], record_property: Any
 ) -> None:
     """A ~3 MiB float32 tensor saved Shard(0) with 16 KiB chunks: Shard(0) -> Shard(0) onto
-    another world size reads <= 1.05x the bytes each rank needs (4 -> 2 is exactly 1.0: whole
-    pieces read straight into the target). Shard(0) -> Shard(1) reads whole rows of every
+    another world size reads <= 1.05x the bytes each rank needs (4 -> 2 reads whole pieces
+    straight into the target, plus the files' headers). Shard(0) -> Shard(1) reads whole rows of every
     piece, i.e. up to the whole tensor per rank: reported, bounded by the world size."""
     figures: dict[str, list[float]] = {}
     for run in (two, three):
@@ -395,7 +395,9 @@ def test_read_amplification(
     for key, values in figures.items():
         if key.endswith(" S0"):
             assert max(values) <= 1.05, (key, values)
-    assert figures["4->2 S0"] == [1.0, 1.0]
+    # Whole pieces read straight into the target; the only extra bytes are the safetensors
+    # headers, which a load that reads a whole file verifies too (I2).
+    assert all(v <= 1.001 for v in figures["4->2 S0"]), figures["4->2 S0"]
     world = {"4->2 S0->S1": 2, "2->3 S0->S1": 3}
     for key, m in world.items():
         assert all(1.0 <= v <= m * 1.01 for v in figures[key]), (key, figures[key])
