@@ -9,9 +9,15 @@ Redis can also die between the commit point and the index update (I5: the step i
 committed all the same). CLAIM puts the step in ``claimed`` before the manifest is
 published and COMMIT moves it to ``committed``; a read that finds steps left in
 ``claimed`` asks storage whether their manifest exists, indexes those that have one, and
-forgets those that have none unless their save is still committing. Steps retention
-deleted while Redis was unreachable are dropped on this coordinator's next successful
-call to Redis; until then they are left out of what it reads.
+forgets those that have none unless a save of the current generation is still
+committing them. Steps retention
+deleted while Redis was unreachable are dropped on this coordinator's next index call;
+and since retention runs right after a commit, a read that settles a claim left behind
+replaces the index with storage's listing. Residual: should Redis die
+exactly between a successful commit and retention's index update, and the process end
+before its next index call, a Redis restarted with persistence still lists the deleted
+steps (restore reads storage, not this index; the fix needs retention to record its
+intent in Redis before it deletes).
 """
 
 from __future__ import annotations
@@ -59,8 +65,11 @@ class RedisStepIndex:
 
         raw, complete, claimed = self._link.call("reading the index", read)
         steps = {int(s) for s in raw}
-        if claimed:
-            steps |= self._settle_claims(backend, [int(s) for s in claimed])
+        if claimed and self._settle_claims(backend, [int(s) for s in claimed]):
+            # Redis (or the committer) died after a commit point: retention may have run
+            # then without telling the index. Storage is the truth: the index becomes its
+            # listing.
+            return self._replace_with_storage(backend, steps)
         if complete:
             return sorted(steps - self._unforgotten, reverse=True)
         # No marker: Redis never saw a storage scan, or lost its state (FLUSHALL, a restart
@@ -85,6 +94,37 @@ class RedisStepIndex:
                 len(merged),
             )
         return merged
+
+    def _replace_with_storage(self, backend: StorageBackend, before: set[int]) -> list[int]:
+        """The index rebuilt as storage's listing (plus steps committed while listing)."""
+        with storage_errors(f"listing checkpoints under {backend.url}"):
+            found = set(scan_steps(backend).committed)
+        key, marker = self._keys.committed, self._keys.indexed
+
+        def rebuild() -> list[Any]:
+            pipe = self._link.client.pipeline(transaction=True)
+            pipe.zrange(key, 0, -1)
+            pipe.delete(key)
+            return list(pipe.execute())
+
+        after, _ = self._link.call("rebuilding the index", rebuild)
+        steps = (found | ({int(s) for s in after} - before)) - self._unforgotten
+
+        def store() -> None:
+            pipe = self._link.client.pipeline(transaction=True)
+            if steps:
+                pipe.zadd(key, {str(s): s for s in steps})
+            pipe.set(marker, "1")
+            pipe.execute()
+
+        self._link.call("rebuilding the index", store)
+        log.info(
+            "job %s: rebuilt the committed-step index from storage (%d steps) after Redis "
+            "was unreachable at a commit",
+            self._keys.job,
+            len(steps),
+        )
+        return sorted(steps, reverse=True)
 
     def forget_steps(self, steps: Sequence[int]) -> None:
         """Drop deleted steps from the index (retention). With Redis unreachable, they are
@@ -111,30 +151,37 @@ class RedisStepIndex:
         )
         self._unforgotten.difference_update(gone)
 
-    def _settle_claims(self, backend: StorageBackend, claimed: list[int]) -> set[int]:
-        """Steps of ``claimed`` whose manifest storage holds (now indexed in Redis); the
-        claims without a manifest and without a save still committing are dropped."""
+    def _settle_claims(self, backend: StorageBackend, claimed: list[int]) -> bool:
+        """Index the steps of ``claimed`` whose manifest storage holds and drop the claims
+        no save of the current generation is still committing. Returns whether any claim
+        was settled (Redis or a committer died after a claim)."""
         with storage_errors(f"checking claimed steps under {backend.url}"):
             published = {s for s in claimed if backend.exists(manifest_path(s))}
         unpublished = [s for s in claimed if s not in published]
 
         def states() -> list[Any]:
             pipe = self._link.client.pipeline(transaction=False)
+            pipe.get(self._keys.gen)
             for s in unpublished:
-                pipe.hget(self._keys.step_hash(s), "state")
+                pipe.hmget(self._keys.step_hash(s), "state", "gen")
             return list(pipe.execute())
 
-        answers = self._link.call("reading claimed steps", states) if unpublished else []
-        stale = [s for s, st in zip(unpublished, answers) if st != b"committing"]
+        current, *answers = self._link.call("reading claimed steps", states)
+        in_flight = {
+            s
+            for s, (state, gen) in zip(unpublished, answers)
+            if state == b"committing" and gen is not None and gen == current
+        }
+        settled = [s for s in claimed if s not in in_flight]
 
         def settle() -> None:
             pipe = self._link.client.pipeline(transaction=True)
             if published:
                 pipe.zadd(self._keys.committed, {str(s): s for s in published})
-            pipe.zrem(self._keys.claimed, *[str(s) for s in (*published, *stale)])
+            pipe.zrem(self._keys.claimed, *[str(s) for s in settled])
             pipe.execute()
 
-        if published or stale:
+        if settled:
             self._link.call("indexing claimed steps", settle)
         if published:
             log.info(
@@ -142,4 +189,4 @@ class RedisStepIndex:
                 self._keys.job,
                 sorted(published),
             )
-        return published
+        return bool(settled)

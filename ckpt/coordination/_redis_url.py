@@ -73,11 +73,13 @@ class RedisURL:
             parts = urlsplit(url)
             scheme = parts.scheme
             host, port = parts.hostname, parts.port
-        except ValueError as exc:
+        except ValueError:
+            # Not chained: urllib's message quotes the text around the port, the password.
             raise CoordinationError(
-                f"coordinator URL {_redacted(url)} is not a valid URL ({exc}); percent-encode "
-                "any '/', '?', '#' or '@' in the password (urllib.parse.quote(password, safe=''))"
-            ) from exc
+                f"coordinator URL {_redacted(url)} is not a valid URL (host or port); "
+                "percent-encode any '/', '?', '#' or '@' in the password "
+                "(urllib.parse.quote(password, safe=''))"
+            ) from None
         if scheme not in SCHEMES:
             raise CoordinationError(
                 f"coordinator URL {_redacted(url)} must start with redis://, rediss:// or unix://"
