@@ -109,7 +109,8 @@ def test_credential_and_reachability_errors_are_coordination_errors(
             RedisCoordinator(url, retry_seconds=0.5, **{"job": job, **kw})
         assert secret not in str(err.value) and quote(secret, safe="") not in str(err.value)
     tricky_server.kill()
-    for kw in ({}, {"rank": 1, "world_size": 2, "generation": "g"}):
+    dead_cases: list[dict[str, Any]] = [{}, {"rank": 1, "world_size": 2, "generation": "g"}]
+    for kw in dead_cases:
         with pytest.raises(ckpt.CoordinationError, match="unreachable") as err:
             RedisCoordinator(tricky_server.url(), job=job, retry_seconds=0.5, **kw)
         assert where in str(err.value) and "redis-server is running" in str(err.value)
@@ -305,7 +306,7 @@ def test_redis_killed_at_each_protocol_step(tmp_path: Path, full: bool) -> None:
     its index equals storage's listing."""
     if redis_server_binary() is None:
         pytest.skip("redis-server is not installed")
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for i, (world, command, sender, when, aof) in enumerate(CAMPAIGN if full else CAMPAIGN_REDUCED):
         name = f"world {world}, {when} {command} (rank {sender}), {'AOF' if aof else 'no AOF'}"
         started = time.monotonic()
