@@ -34,7 +34,7 @@ from ckpt.coordination._agreement import GroupAgreement
 from ckpt.coordination._commit import ManifestBuilder, publish_bytes
 from ckpt.coordination._protocol import CommittedStepIndex, new_generation
 from ckpt.coordination._redis_committer import ReportCollector, ReportsJob
-from ckpt.coordination._redis_connection import ClientFactory, RedisLink, RedisUnreachable
+from ckpt.coordination._redis_connection import ClientFactory, RedisLink, RedisUnreachableError
 from ckpt.coordination._redis_heartbeat import Heartbeat
 from ckpt.coordination._redis_index import RedisStepIndex
 from ckpt.coordination._redis_keys import JobKeys, StepKeys
@@ -411,7 +411,7 @@ class RedisCoordinator:
             try:
                 self._wait_on_redis(step, backend, deadline)
                 return
-            except RedisUnreachable as exc:
+            except RedisUnreachableError as exc:
                 if backend is None:
                     raise
                 if self._outcome_from_storage(step, backend, exc):
@@ -458,7 +458,7 @@ class RedisCoordinator:
                 )
 
     def _outcome_from_storage(
-        self, step: int, backend: StorageBackend, lost: RedisUnreachable
+        self, step: int, backend: StorageBackend, lost: RedisUnreachableError
     ) -> bool:
         """Redis is unreachable while this rank waits for the commit: storage decides.
 
@@ -502,7 +502,7 @@ class RedisCoordinator:
                 self._link.call(
                     "checking that Redis is back", self._link.client.ping, retry_seconds=0
                 )
-            except RedisUnreachable:
+            except RedisUnreachableError:
                 continue
             return False
 

@@ -4,7 +4,7 @@ that retry through connection loss (a restarting server) and fail as ``Coordinat
 Every redis-py exception, at construction and at each call, becomes a ``CoordinationError``
 with one line: what was being done, on which rank, which server (never the password), and
 what to do. A server that stays unreachable through ``retry_seconds`` raises
-``RedisUnreachable`` (a ``CoordinationError``): the coordinator can then turn to storage,
+``RedisUnreachableError`` (a ``CoordinationError``): the coordinator can then turn to storage,
 the truth (I5). Once a call found the server unreachable, later calls retry only briefly
 until one succeeds, so that a failing save does not wait ``retry_seconds`` per call.
 """
@@ -43,7 +43,7 @@ CLIENT_OPTIONS: dict[str, Any] = dict(
 DOWN_RETRY_SECONDS = 1.0
 
 
-class RedisUnreachable(CoordinationError):
+class RedisUnreachableError(CoordinationError):
     """The Redis server did not answer through the whole retry budget (connection refused,
     reset or timed out): it is down, restarting, or cut off from this host."""
 
@@ -101,7 +101,7 @@ class RedisLink:
                 the server is known to be down).
 
         Raises:
-            RedisUnreachable: the server stayed unreachable through the retry budget.
+            RedisUnreachableError: the server stayed unreachable through the retry budget.
             CoordinationError: Redis refused the call (authentication, a certificate, an
                 error reply); the message names ``what``, the rank and the server.
         """
@@ -166,7 +166,7 @@ class RedisLink:
             )
         if _retryable(exc):
             self._down.set()
-            return RedisUnreachable(
+            return RedisUnreachableError(
                 f"{head}: unreachable for {budget:.0f} s ({detail}); check that redis-server is "
                 "running and reachable from this host (or raise retry_seconds to ride out "
                 "longer restarts); checkpoints already committed stay in storage"

@@ -256,6 +256,14 @@ EXPECTED = {
 }
 
 
+# Redis killed between a successful COMMIT and retention's index update (ZREM): the
+# documented residual of the index (restore reads storage, not the index).
+RESIDUAL = {("EVALSHA:COMMIT", "after"), ("ZREM", "before")}
+# Kills whose moment depends on timing (a waiting rank's pop, a heartbeat): when step 2
+# committed, they may land in that window too.
+TIMING_DEPENDENT = {"BLPOP", "EVALSHA:BEAT"}
+
+
 def killed_at_step(
     rank: int,
     world: int,
@@ -360,9 +368,11 @@ def _check_case(
     index = outcomes[0].value["index"]
     stale = sorted(set(index) - {3})
     fired = any(o.value["fired"] for o in outcomes)
-    if command == "ZREM" and when == "before" and fired:
+    timing = command in TIMING_DEPENDENT and committed  # the kill may land after COMMIT
+    if ((command, when) in RESIDUAL or timing) and fired:
         # Retention deleted step 1, then Redis died before the index dropped it: with AOF
-        # the index keeps listing it (the manager tells the index after deleting).
+        # the index keeps listing it (the manager tells the index after deleting; see
+        # ckpt/coordination/_redis_index.py). Shown in the table as "stale index".
         assert set(stale) <= {1}, index
     else:
         assert index == [3], index
