@@ -34,11 +34,11 @@ from ckpt.coordination._agreement import GroupAgreement
 from ckpt.coordination._commit import ManifestBuilder, publish_bytes
 from ckpt.coordination._protocol import CommittedStepIndex, new_generation
 from ckpt.coordination._redis_committer import ReportCollector, ReportsJob
-from ckpt.coordination._redis_connection import ClientFactory, RedisLink
+from ckpt.coordination._redis_connection import ClientFactory, RedisLink, RedisUnreachableError
 from ckpt.coordination._redis_heartbeat import Heartbeat
 from ckpt.coordination._redis_index import RedisStepIndex
 from ckpt.coordination._redis_keys import JobKeys, StepKeys
-from ckpt.coordination._redis_url import RedisURL
+from ckpt.coordination._redis_url import RedisURL, check_job
 from ckpt.errors import CoordinationError, FencedError, storage_errors
 from ckpt.format import Manifest, ShardIndex, manifest_path
 from storage_backends import StorageBackend
@@ -52,15 +52,25 @@ log = logging.getLogger(__name__)
 # reports, and 7 reads at 4096 ranks, one more per 4x ranks.
 _SMALLEST_BATCH = 16
 _ATTEMPTS_KEPT = 16  # steps whose save count a coordinator remembers
+# A failing path's own Redis calls (marking the step aborted) retry this long at most:
+# they must not hide, or delay much, the error that is already on its way.
+_FAILING_PATH_RETRY_S = 2.0
+# How often a rank that lost Redis while waiting for the commit looks for the manifest.
+_STORAGE_POLL_S = 0.2
+DEFAULT_JOB = "default"
 
 
 class RedisCoordinator:
     """Coordinates the ranks of one job through Redis (``redis://``, ``rediss://``, AUTH).
 
     Args:
-        url: ``redis://[:password@]host:port/db`` (or ``rediss://``); ``?job=NAME`` sets
-            the namespace.
+        url: ``redis://[[user]:password@]host:port/db`` (or ``rediss://``, ``unix://``;
+            percent-encode the password); ``?job=NAME`` sets the namespace.
         job: namespace of this job's keys (default: the URL's ``job``, else ``default``).
+            Jobs sharing one Redis must use different names: two jobs in one namespace
+            fence each other. ``CheckpointManager`` and ``ckpt.save`` given a URL without
+            ``job`` derive it from the checkpoint root (``job_from_url``); built directly
+            without one, the coordinator uses ``default`` and logs a warning.
         group: the torch.distributed process group that agrees on the generation and
             plan (default: the world when torch.distributed is initialised).
         rank / world_size / generation: for jobs without a process group; rank 0
@@ -69,7 +79,8 @@ class RedisCoordinator:
         heartbeat_interval / heartbeat_ttl: a rank whose last heartbeat is older than
             the TTL is lost, and the step in flight is aborted.
         retry_seconds: how long a Redis call retries through connection errors (a
-            restarting server) before failing.
+            restarting server) before failing; a rank that loses Redis while waiting for
+            the commit looks for the manifest in storage this long.
         key_ttl_seconds: how long Redis keeps a step's hash.
         client_factory: builds the redis-py client, called as ``client_factory(url,
             **options)`` with the URL less ``job`` and ckpt's connection options; default
@@ -77,6 +88,10 @@ class RedisCoordinator:
             the calls (the benchmark counts round trips this way).
         start_heartbeat: False leaves this rank without a heartbeat (its liveness is then
             judged by others as lost after a TTL); for simulated ranks.
+
+    Raises:
+        CoordinationError: a bad URL or job name, or Redis refused or could not be reached
+            (every redis-py error is turned into one, naming the server, never the password).
     """
 
     def __init__(
@@ -97,13 +112,21 @@ class RedisCoordinator:
         start_heartbeat: bool = True,
     ) -> None:
         target = RedisURL.parse(url)
-        self.job = job or target.job or "default"
+        self.job = check_job(job or target.job or DEFAULT_JOB)
+        if self.job == DEFAULT_JOB and not (job or target.job):
+            log.warning(
+                "Redis coordinator at %s: no job name given, using namespace %r; jobs sharing "
+                "this Redis must each pass job= (or ?job= in the URL), or they fence each other",
+                target.where,
+                DEFAULT_JOB,
+            )
         self._keys = JobKeys(self.job)
         self._timeout = timeout
         self._ttl = key_ttl_seconds
         # Keys of a step in flight are useless once every rank's timeout has passed.
         self._inflight_ttl = int(max(3600.0, 2 * timeout))
         self._hb_ttl = heartbeat_ttl
+        self._retry_seconds = retry_seconds
         self._agreement = (
             GroupAgreement(group) if (group is not None or GroupAgreement.available()) else None
         )
@@ -114,7 +137,7 @@ class RedisCoordinator:
             self._rank = rank if rank is not None else 0
             self._world = world_size if world_size is not None else 1
         self._link = RedisLink(
-            target.client_url,
+            target,
             rank=self._rank,
             retry_seconds=retry_seconds,
             client_factory=client_factory,
@@ -174,7 +197,7 @@ class RedisCoordinator:
         if current is not None and current.decode() != self._generation:
             return self._fenced(current.decode())
         reason = "the Redis coordinator lost its state (restarted without persistence)"
-        self.abort(step, reason)
+        self._abort_quietly(step, reason)
         return CoordinationError(
             f"step {step}: the Redis coordinator lost its state (restarted without persistence); "
             "the step is aborted, the previous committed checkpoint stays the newest"
@@ -273,7 +296,20 @@ class RedisCoordinator:
                 reason = f"the committer (rank {self._rank}) could not publish the manifest: {exc}"
                 self._abort_quietly(step, reason, committer=True)
             raise
-        self.mark_committed(step)
+        try:
+            self.mark_committed(step)
+        except FencedError:
+            raise
+        except CoordinationError as exc:
+            # The manifest is durable: storage is the truth (I5), the step is committed.
+            # The waiting ranks find the manifest in storage; the index learns of the step
+            # from storage at its next read (the step is in ``claimed``).
+            log.warning(
+                "step %d committed in storage, but the Redis index could not be updated (%s); "
+                "it will be rebuilt from storage",
+                step,
+                exc,
+            )
         return builder.build(**described)  # the same manifest as objects, made after the commit
 
     # -- the protocol's steps, one call per round trip -----------------------------------
@@ -313,8 +349,8 @@ class RedisCoordinator:
         keys = self._step_keys(step)
         status, detail = self._link.script(
             "CLAIM",
-            [keys.gen, keys.step],
-            [self._generation, self._world, self._ttl, self._attempt(step)],
+            [keys.gen, keys.step, self._keys.claimed],
+            [self._generation, self._world, self._ttl, self._attempt(step), step],
             f"claiming step {step}",
         )
         if status != "OK":
@@ -333,6 +369,7 @@ class RedisCoordinator:
                 self._keys.committed,
                 keys.done,
                 keys.wake,
+                self._keys.claimed,
             ],
             [
                 self._generation,
@@ -359,9 +396,31 @@ class RedisCoordinator:
             )
 
     def wait_outcome(self, step: int, backend: StorageBackend | None = None) -> None:
-        """Non-committer: wait until the step is committed; raise when it is aborted."""
-        keys = self._step_keys(step)
+        """Non-committer: wait until the step is committed; raise when it is aborted.
+
+        With ``backend``, storage has the last word (I5): a manifest there means the step
+        is committed even when Redis never says so (the committer died after publishing,
+        or Redis did), and a rank that loses Redis while waiting looks for the manifest.
+
+        Raises:
+            CoordinationError: the step was aborted, or its outcome could not be learnt
+                (Redis unreachable and no manifest in storage within ``retry_seconds``).
+            FencedError: a newer incarnation owns the job.
+        """
         deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                self._wait_on_redis(step, backend, deadline)
+                return
+            except RedisUnreachableError as exc:
+                if backend is None:
+                    raise
+                if self._outcome_from_storage(step, backend, exc):
+                    return
+                # Redis answers again: wait on it (the step may still commit there).
+
+    def _wait_on_redis(self, step: int, backend: StorageBackend | None, deadline: float) -> None:
+        keys = self._step_keys(step)
         # A long slice: an abort or the commit wakes this rank at once; the slice only
         # bounds how late a dead committer is noticed.
         slice_s = max(1.0, self._hb_ttl / 2)
@@ -384,6 +443,8 @@ class RedisCoordinator:
             status, *detail = self._watch(step, "0")
             if status == "COMMITTED":
                 return
+            if status == "LOST" and backend is not None and self._manifest_exists(backend, step):
+                return  # Redis restarted empty after the commit point
             if status != "OK":
                 raise self._refusal(step, status, detail[0] if detail else "")
             if detail[0] == "1":
@@ -397,10 +458,71 @@ class RedisCoordinator:
                     step, f"rank {self._rank} waited {self._timeout:.0f} s for the commit"
                 )
 
-    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
-        self.abort(step, f"rank {self._rank} failed: {reason}", committer=self._rank == 0)
+    def _outcome_from_storage(
+        self, step: int, backend: StorageBackend, lost: RedisUnreachableError
+    ) -> bool:
+        """Redis is unreachable while this rank waits for the commit: storage decides.
 
-    def abort(self, step: int, reason: str, *, committer: bool = False) -> None:
+        Looks for the manifest for ``retry_seconds`` (the committer, if it had claimed the
+        step, publishes it; if not, it fails within that time too), asking Redis again
+        between looks.
+
+        Returns:
+            True: the manifest is there, the step is committed. False: Redis answers again.
+
+        Raises:
+            CoordinationError: neither Redis nor storage answered within ``retry_seconds``.
+        """
+        log.warning(
+            "rank %d, step %d: Redis unreachable while waiting for the commit; looking for the "
+            "manifest in storage",
+            self._rank,
+            step,
+        )
+        grace = max(self._retry_seconds, 2 * _STORAGE_POLL_S)
+        give_up = time.monotonic() + grace
+        while True:
+            if self._manifest_exists(backend, step):
+                log.warning(
+                    "rank %d: step %d is committed (its manifest is in storage); the Redis "
+                    "index will be rebuilt from storage",
+                    self._rank,
+                    step,
+                )
+                return True
+            if time.monotonic() > give_up:
+                raise CoordinationError(
+                    f"step {step}: rank {self._rank} cannot learn whether the step committed: "
+                    f"the Redis coordinator at {self._link.where} is unreachable and no manifest "
+                    f"of step {step} appeared under {backend.url} within {grace:.0f} s; the step "
+                    "is not committed (the previous committed checkpoint stays the newest); "
+                    "check that redis-server is running, then save again"
+                ) from lost
+            time.sleep(_STORAGE_POLL_S)
+            try:
+                self._link.call(
+                    "checking that Redis is back", self._link.client.ping, retry_seconds=0
+                )
+            except RedisUnreachableError:
+                continue
+            return False
+
+    def report_failure(self, backend: StorageBackend, step: int, reason: str) -> None:
+        self.abort(
+            step,
+            f"rank {self._rank} failed: {reason}",
+            committer=self._rank == 0,
+            retry_seconds=_FAILING_PATH_RETRY_S,
+        )
+
+    def abort(
+        self,
+        step: int,
+        reason: str,
+        *,
+        committer: bool = False,
+        retry_seconds: float | None = None,
+    ) -> None:
         """Mark the step aborted and wake every waiting rank (and the committer's reader).
 
         Once the committer claimed the step only the committer can abort it: it may be
@@ -419,6 +541,7 @@ class RedisCoordinator:
                 self._attempt(step),
             ],
             f"aborting step {step}",
+            retry_seconds=retry_seconds,
         )
         if status == "OK":
             log.warning("step %d aborted: %s", step, reason)
@@ -483,7 +606,7 @@ class RedisCoordinator:
     def _abort_quietly(self, step: int, reason: str, *, committer: bool = False) -> None:
         """``abort`` on a path that is already failing: its own error must not hide the first."""
         try:
-            self.abort(step, reason, committer=committer)
+            self.abort(step, reason, committer=committer, retry_seconds=_FAILING_PATH_RETRY_S)
         except CoordinationError as exc:
             log.warning("step %d: could not mark the step aborted in Redis: %s", step, exc)
 

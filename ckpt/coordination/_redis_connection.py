@@ -1,10 +1,18 @@
 """One rank's connection to Redis: the redis-py client, the registered scripts, and calls
 that retry through connection loss (a restarting server) and fail as ``CoordinationError``.
+
+Every redis-py exception, at construction and at each call, becomes a ``CoordinationError``
+with one line: what was being done, on which rank, which server (never the password), and
+what to do. A server that stays unreachable through ``retry_seconds`` raises
+``RedisUnreachableError`` (a ``CoordinationError``): the coordinator can then turn to storage,
+the truth (I5). Once a call found the server unreachable, later calls retry only briefly
+until one succeeds, so that a failing save does not wait ``retry_seconds`` per call.
 """
 
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,6 +26,7 @@ from tenacity import (
 )
 
 from ckpt.coordination import _redis_scripts
+from ckpt.coordination._redis_url import RedisURL
 from ckpt.errors import CoordinationError
 
 T = TypeVar("T")
@@ -29,6 +38,14 @@ ClientFactory = Callable[..., "redis.Redis"]
 CLIENT_OPTIONS: dict[str, Any] = dict(
     socket_timeout=None, socket_connect_timeout=5, health_check_interval=0
 )
+# While the server is known to be down, a call retries this long at most (a restart
+# that comes back within it is still ridden through).
+DOWN_RETRY_SECONDS = 1.0
+
+
+class RedisUnreachableError(CoordinationError):
+    """The Redis server did not answer through the whole retry budget (connection refused,
+    reset or timed out): it is down, restarting, or cut off from this host."""
 
 
 class RedisLink:
@@ -36,63 +53,144 @@ class RedisLink:
     connection pool hands each thread its own connection).
 
     Args:
-        client_url: the URL for redis-py.
+        target: the parsed coordinator URL.
         rank: named in error messages.
         retry_seconds: how long a call retries through connection errors before failing.
         client_factory: builds the client (default: ``redis.Redis.from_url``).
+
+    Raises:
+        CoordinationError: the client cannot be built from the URL.
     """
 
     def __init__(
         self,
-        client_url: str,
+        target: RedisURL,
         *,
         rank: int,
         retry_seconds: float,
         client_factory: ClientFactory | None = None,
     ) -> None:
-        factory = client_factory or redis.Redis.from_url
-        # redis-py's return types are loose unions; the protocol knows what each call returns.
-        self.client: Any = factory(client_url, **CLIENT_OPTIONS)
-        self.scripts = _redis_scripts.register(self.client)
+        self.where = target.where
+        self._password = target.password
         self._rank = rank
         self._retry_seconds = retry_seconds
+        self._down = threading.Event()  # the last call found the server unreachable
+        factory = client_factory or redis.Redis.from_url
+        try:
+            # redis-py's return types are loose unions; the protocol knows what each returns.
+            self.client: Any = factory(target.client_url, **CLIENT_OPTIONS)
+            self.scripts = _redis_scripts.register(self.client)
+        except (redis.RedisError, ValueError, TypeError) as exc:
+            raise CoordinationError(
+                f"Redis coordinator at {self.where}: cannot use the coordinator URL "
+                f"({self._scrub(exc)}); check its scheme, host, port, db and options"
+            ) from exc
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
+    @property
+    def down(self) -> bool:
+        """Whether the last call found the server unreachable (no call succeeded since)."""
+        return self._down.is_set()
+
+    def call(self, what: str, fn: Callable[[], T], *, retry_seconds: float | None = None) -> T:
         """Run one Redis call, retrying through connection loss (e.g. a restarting server).
 
+        Args:
+            what: what the call does, for messages ("reporting step 3").
+            fn: the call.
+            retry_seconds: this call's retry budget (default: the link's; shorter while
+                the server is known to be down).
+
         Raises:
-            CoordinationError: Redis refused the call, or stayed unreachable for
-                ``retry_seconds``; the message names ``what`` and the rank.
+            RedisUnreachableError: the server stayed unreachable through the retry budget.
+            CoordinationError: Redis refused the call (authentication, a certificate, an
+                error reply); the message names ``what``, the rank and the server.
         """
+        budget = self._retry_seconds if retry_seconds is None else retry_seconds
+        if self._down.is_set():
+            budget = min(budget, DOWN_RETRY_SECONDS)
         retrying = Retrying(
             retry=retry_if_exception(_retryable),
-            stop=stop_after_delay(self._retry_seconds) | stop_after_attempt(1000),
+            stop=stop_after_delay(budget) | stop_after_attempt(1000),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
             reraise=True,
         )
         try:
             for attempt in retrying:
                 with attempt:
-                    return fn()
-        except redis.AuthenticationError as exc:
-            raise CoordinationError(
-                f"Redis coordinator ({what}, rank {self._rank}): authentication failed: {exc}; "
-                "check the password in the coordinator URL (redis://:PASSWORD@host:port/db)"
-            ) from exc
+                    result = fn()
+                    self._down.clear()
+                    return result
         except redis.RedisError as exc:
-            raise CoordinationError(
-                f"Redis coordinator ({what}, rank {self._rank}): {exc}"
-            ) from exc
+            raise self._error(what, exc, budget) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def script(self, name: str, keys: Sequence[str], args: Sequence[Any], what: str) -> list[str]:
+    def script(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        what: str,
+        *,
+        retry_seconds: float | None = None,
+    ) -> list[str]:
         """Run the script ``name`` through ``call``; its reply as strings."""
         script = self.scripts[name]
-        result = self.call(what, lambda: script(keys=list(keys), args=list(args)))
+        result = self.call(
+            what, lambda: script(keys=list(keys), args=list(args)), retry_seconds=retry_seconds
+        )
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
     def close(self) -> None:
-        self.client.close()
+        try:
+            self.client.close()
+        except redis.RedisError:  # closing a connection to a dead server: nothing to do
+            pass
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _error(self, what: str, exc: redis.RedisError, budget: float) -> CoordinationError:
+        """The one-line error for a redis-py exception that ended ``what``."""
+        head = f"Redis coordinator at {self.where} ({what}, rank {self._rank})"
+        detail = self._scrub(exc)
+        if _auth_failure(exc):
+            return CoordinationError(
+                f"{head}: authentication failed ({detail}); check the user and password in "
+                "the coordinator URL (redis://[user]:PASSWORD@host:port/db, percent-encoded)"
+            )
+        if isinstance(exc, redis.ConnectionError) and isinstance(
+            exc.__context__, ssl.SSLCertVerificationError
+        ):
+            return CoordinationError(
+                f"{head}: TLS failed ({detail}); check the server certificate and the "
+                "ssl_ca_certs / ssl_cert_reqs options of the coordinator URL"
+            )
+        if _retryable(exc):
+            self._down.set()
+            return RedisUnreachableError(
+                f"{head}: unreachable for {budget:.0f} s ({detail}); check that redis-server is "
+                "running and reachable from this host (or raise retry_seconds to ride out "
+                "longer restarts); checkpoints already committed stay in storage"
+            )
+        return CoordinationError(
+            f"{head}: Redis refused the call ({type(exc).__name__}: {detail}); check the "
+            "server's version (>= 6.2), memory (maxmemory) and ACLs"
+        )
+
+    def _scrub(self, exc: BaseException) -> str:
+        """``exc``'s text, without the password should redis-py have echoed it."""
+        text = str(exc) or type(exc).__name__
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+
+def _auth_failure(exc: redis.RedisError) -> bool:
+    if isinstance(exc, redis.AuthenticationError):
+        return True
+    if isinstance(exc, redis.ResponseError):
+        text = str(exc)
+        return text.startswith(("NOAUTH", "WRONGPASS")) or "Authentication required" in text
+    return False
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -42,8 +42,12 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Beat once now, then every ``interval`` seconds from a daemon thread."""
-        self._beat()
+        """Beat once now, then every ``interval`` seconds from a daemon thread.
+
+        Raises:
+            CoordinationError: the first heartbeat could not be sent.
+        """
+        self._link.call(f"sending rank {self._rank}'s first heartbeat", self._beat)
         self._thread = threading.Thread(target=self._loop, name="ckpt-heartbeat", daemon=True)
         self._thread.start()
 

@@ -14,6 +14,9 @@ Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each ot
 ``step:<s>:done:<save>``         list: one outcome token per non-committer when the step ends
 ``committed``                    sorted set of committed steps (the index; rebuilt from
                                  storage when Redis lost it)
+``claimed``                      sorted set of steps claimed (their manifest may be
+                                 published) and not yet marked committed; a reader of
+                                 the index asks storage about them (Redis died between)
 ``indexed``                      set once ``committed`` was merged with a storage scan; its
                                  absence means Redis may have lost part of the index
 ``hb:<gen>``                     sorted set: rank -> Redis server time of its last
@@ -59,8 +62,16 @@ class JobKeys:
         return self._key("committed")
 
     @property
+    def claimed(self) -> str:
+        return self._key("claimed")
+
+    @property
     def indexed(self) -> str:
         return self._key("indexed")
+
+    def step_hash(self, step: int) -> str:
+        """The hash of ``step`` (its state, whichever save wrote it last)."""
+        return self._key("step", step)
 
     def heartbeats(self, generation: str) -> str:
         return self._key("hb", generation)
@@ -71,7 +82,7 @@ class JobKeys:
         save = f"{generation}.{attempt}"
         return StepKeys(
             gen=self.gen,
-            step=self._key("step", step),
+            step=self.step_hash(step),
             ranks=self._key("step", step, "ranks", save),
             reports=self._key("step", step, "reports", save),
             wake=self._key("step", step, "wake", save),

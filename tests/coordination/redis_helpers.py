@@ -4,10 +4,15 @@ a ``client_factory`` that keeps the clients it built, and a listing of a job's k
 
 ``RedisCoordinator(url, client_factory=ClientLog())`` builds its client through the log;
 ``log.clients[i].round_trips`` is then what the i-th coordinator built spent.
+``KillSwitch`` is such a factory that SIGKILLs the redis-server just before, or just after,
+a chosen protocol step (Redis killed at each step of a save).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from typing import Any, cast
 
@@ -38,12 +43,14 @@ class LoggingPipeline(redis.client.Pipeline):
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         name = "+".join(self.owner.command_name(args) for args, _ in self.command_stack)
+        self.owner.before_send(name)
         start = now_ns()
         try:
             replies = list(super().execute(raise_on_error))
         finally:
             self.owner.commands.append((name, start, now_ns()))
         self.owner.on_replies(name, replies)
+        self.owner.after_reply(name)
         return replies
 
 
@@ -80,20 +87,29 @@ class LoggingRedis(redis.Redis):
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         name = self.command_name(args)
+        self.before_send(name)
         start = now_ns()
         try:
-            return super().execute_command(*args, **options)
+            reply = super().execute_command(*args, **options)
         except redis.exceptions.NoScriptError:
             name = "NOSCRIPT"  # redis-py loads the script and sends it again
             raise
         finally:
             self.commands.append((name, start, now_ns()))
+        self.after_reply(name)
+        return reply
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> LoggingPipeline:
         return LoggingPipeline(self, transaction)
 
     def on_replies(self, name: str, replies: list[Any]) -> None:
         """Called with every pipeline's replies (a subclass may look at them)."""
+
+    def before_send(self, name: str) -> None:
+        """Called before each command or pipeline is sent (a subclass may act on it)."""
+
+    def after_reply(self, name: str) -> None:
+        """Called once each command or pipeline was answered (a subclass may act on it)."""
 
     @property
     def round_trips(self) -> int:
@@ -118,3 +134,47 @@ class ClientLog:
 def describe_state(client: Any, job: str) -> dict[str, str]:
     """The job's keys and their types."""
     return {key.decode(): client.type(key).decode() for key in client.scan_iter(f"ckpt:{job}:*")}
+
+
+class KillSwitch(ClientLog):
+    """A ``client_factory`` whose clients SIGKILL the redis-server ``pid`` once, just before
+    (``when="before"``) or just after (``"after"``) the first command or pipeline that
+    includes ``command`` (``EVALSHA:CLAIM``, ``BLPOP``, ``ZREM`` ...) once ``arm()`` was
+    called. ``fired`` says whether it did. Build it in the process that runs the ranks.
+    """
+
+    def __init__(self, pid: int, command: str, when: str) -> None:
+        super().__init__()
+        self.pid = pid
+        self.command = command
+        self.when = when
+        self.armed = False
+        self.fired = threading.Event()
+        self._lock = threading.Lock()
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def __call__(self, url: str, **options: Any) -> LoggingRedis:
+        client = cast(_SwitchedRedis, _SwitchedRedis.from_url(url, **options))
+        client.switch = self
+        self.clients.append(client)
+        return client
+
+    def trip(self, name: str, when: str) -> None:
+        if not (self.armed and when == self.when and self.command in name.split("+")):
+            return
+        with self._lock:  # the heartbeat thread sends too
+            if not self.fired.is_set():
+                self.fired.set()
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class _SwitchedRedis(LoggingRedis):
+    switch: KillSwitch
+
+    def before_send(self, name: str) -> None:
+        self.switch.trip(name, "before")
+
+    def after_reply(self, name: str) -> None:
+        self.switch.trip(name, "after")
