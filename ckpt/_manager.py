@@ -270,11 +270,13 @@ class CheckpointManager:
             protect = {s for s in unreplicated if s is not None}
             for tier in fast:
                 retention.apply_retention(tier, self.local_retention, protect=protect)
-            plan = retention.apply_retention(durable, self.retention)
-            tiered.retry_failed()
             index = self.coordinator.step_index
-            if index is not None:
-                index.forget_steps(plan.committed)
+            retention.apply_retention(
+                durable,
+                self.retention,
+                before_delete=index.forget_steps if index is not None else None,
+            )
+            tiered.retry_failed()
         except CheckpointError as exc:  # the checkpoint is committed; GC can run again later
             log.warning("retention after step %d failed: %s", manifest.step, exc)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from ckpt.errors import (
@@ -211,11 +211,14 @@ def apply_retention(
     protect: Collection[int] = (),
     remove_stale: bool = False,
     dry_run: bool = False,
+    before_delete: Callable[[Sequence[int]], None] | None = None,
 ) -> GcPlan:
     """Delete what ``policy`` no longer keeps under ``backend``'s root.
 
     Args:
         protect: steps never deleted.
+        before_delete: told the committed steps about to be deleted, before any is (a
+            coordinator's index drops them first, so it never lists a deleted step).
         remove_stale: also remove files that no manifest names from the committed steps
             kept (what ``ckpt gc`` does; the manager does it after each commit).
         dry_run: delete nothing; return what would be deleted.
@@ -263,6 +266,8 @@ def apply_retention(
     if dry_run:
         stale = [p for m in kept for p in unreferenced_files(backend, m, older_than=lease)]
         return GcPlan(plan.committed, plan.abandoned, invalid, plan.in_use, tuple(stale))
+    if plan.committed and before_delete is not None:
+        before_delete(plan.committed)
     for step in plan.committed:
         with storage_errors(f"deleting step {step} under {backend.url}"):
             backend.delete([manifest_path(step)])

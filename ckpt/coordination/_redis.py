@@ -39,7 +39,7 @@ from ckpt.coordination._redis_heartbeat import Heartbeat
 from ckpt.coordination._redis_index import RedisStepIndex
 from ckpt.coordination._redis_keys import JobKeys, StepKeys
 from ckpt.coordination._redis_url import RedisURL, check_job
-from ckpt.errors import CoordinationError, FencedError, storage_errors
+from ckpt.errors import AlreadyCommittedError, CoordinationError, FencedError, storage_errors
 from ckpt.format import Manifest, ShardIndex, manifest_path
 from storage_backends import StorageBackend
 
@@ -210,7 +210,10 @@ class RedisCoordinator:
         if status == "LOST":
             return self._relost(step)
         if status == "COMMITTED":
-            return CoordinationError(f"step {step} is already committed by an earlier generation")
+            return AlreadyCommittedError(
+                f"step {step} is already committed (by an earlier save of it); this save's "
+                "files are discarded"
+            )
         if status == "ABORTED":
             return CoordinationError(f"step {step} was aborted: {detail}")
         return CoordinationError(f"step {step}: unexpected answer from Redis: {status} {detail}")
