@@ -34,7 +34,12 @@ from ckpt.coordination._agreement import GroupAgreement
 from ckpt.coordination._commit import ManifestBuilder, publish_bytes
 from ckpt.coordination._protocol import CommittedStepIndex, new_generation
 from ckpt.coordination._redis_committer import ReportCollector, ReportsJob
-from ckpt.coordination._redis_connection import ClientFactory, RedisLink, RedisUnreachableError
+from ckpt.coordination._redis_connection import (
+    BLOCKING_CALL_SECONDS,
+    ClientFactory,
+    RedisLink,
+    RedisUnreachableError,
+)
 from ckpt.coordination._redis_heartbeat import Heartbeat
 from ckpt.coordination._redis_index import RedisStepIndex
 from ckpt.coordination._redis_keys import JobKeys, StepKeys
@@ -426,7 +431,7 @@ class RedisCoordinator:
         keys = self._step_keys(step)
         # A long slice: an abort or the commit wakes this rank at once; the slice only
         # bounds how late a dead committer is noticed.
-        slice_s = max(1.0, self._hb_ttl / 2)
+        slice_s = min(BLOCKING_CALL_SECONDS, max(1.0, self._hb_ttl / 2))
         client = self._link.client
         while True:
             wait_s = max(0.01, min(slice_s, deadline - time.monotonic()))

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from ckpt.coordination._commit import ManifestBuilder
-from ckpt.coordination._redis_connection import RedisLink
+from ckpt.coordination._redis_connection import BLOCKING_CALL_SECONDS, RedisLink
 from ckpt.coordination._redis_keys import StepKeys
 from ckpt.errors import CoordinationError
 
@@ -93,7 +93,8 @@ class ReportCollector:
         while len(self.builder.ranks) < job.expected:
             if self._stopped.is_set():
                 raise CoordinationError(f"step {job.step}: reading the reports was stopped")
-            block_ms = max(1, int(1000 * (min(next_check, deadline) - time.monotonic())))
+            wake = min(next_check, deadline, time.monotonic() + BLOCKING_CALL_SECONDS)
+            block_ms = max(1, int(1000 * (wake - time.monotonic())))
             entries = job.link.call(
                 f"reading the reports of step {job.step}", partial(self._read, last_id, block_ms)
             )

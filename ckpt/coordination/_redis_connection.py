@@ -32,11 +32,16 @@ from ckpt.errors import CoordinationError
 T = TypeVar("T")
 
 # Builds the redis-py client: called as ``factory(url, **options)`` with the URL for
-# redis-py and ckpt's connection options (``socket_timeout=None``, ...).
+# redis-py and ckpt's connection options (``socket_timeout``, ...).
 ClientFactory = Callable[..., "redis.Redis"]
 
+# Every blocking command ckpt sends waits at most BLOCKING_CALL_SECONDS, so a server that
+# stops answering without closing the connection (stopped, hung, cut off by a firewall)
+# ends a call after SOCKET_TIMEOUT_SECONDS instead of never.
+BLOCKING_CALL_SECONDS = 30.0
+SOCKET_TIMEOUT_SECONDS = BLOCKING_CALL_SECONDS + 30.0
 CLIENT_OPTIONS: dict[str, Any] = dict(
-    socket_timeout=None, socket_connect_timeout=5, health_check_interval=0
+    socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=5, health_check_interval=0
 )
 # While the server is known to be down, a call retries this long at most (a restart
 # that comes back within it is still ridden through).

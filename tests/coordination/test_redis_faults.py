@@ -391,3 +391,37 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
     logging.getLogger(__name__).info("Redis killed at each protocol step:\n%s", "\n".join(lines))
     print("\n" + "\n".join(lines))
+
+
+def test_a_hung_server_ends_in_a_coordination_error_not_a_hang(tmp_path: Path) -> None:
+    """redis-server stopped (SIGSTOP: the connection stays open, nothing answers) during a
+    save: every call ends at the client's socket timeout (shortened here from its 60 s
+    default through the documented ``client_factory``) and the save fails with a
+    CoordinationError naming the server; it does not wait forever."""
+    import os
+    import signal
+
+    import redis
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+
+    def short_timeouts(url: str, **options: Any) -> Any:
+        return redis.Redis.from_url(url, **{**options, "socket_timeout": 1.0})
+
+    with RedisServer(tmp_path / "redis-hung") as server:
+        coordinator = RedisCoordinator(
+            f"{server.url()}?job=hung", retry_seconds=2.0, client_factory=short_timeouts
+        )
+        try:
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(ckpt.CoordinationError, match=r"127\.0\.0\.1"):
+                    ckpt.save(
+                        {"x": torch.ones(2)}, tmp_path / "root", step=1, coordinator=coordinator
+                    )
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+        finally:
+            coordinator.close()
