@@ -184,7 +184,9 @@ def restore(
         stats: LoadStats | None = None
         error: CheckpointError | None = None
         try:
-            stats = _load_step(state, backend, found, strict=strict, options=options)
+            stats = _load_step(
+                state, backend, found, strict=strict, options=options, skipped=skipped
+            )
         except _FALLBACK_ERRORS as exc:
             error = exc
         except CheckpointError as exc:  # the state does not fit: no older step would either
@@ -260,12 +262,16 @@ def _load_step(
     *,
     strict: bool,
     options: LoadOptions | None,
+    skipped: list[tuple[int, str]],
 ) -> LoadStats:
-    """Load ``step`` from the first tier that holds a good copy; a retryable storage error
-    is tried again before the step counts as unreadable."""
+    """Load ``step`` from the first tier that holds a good copy (a bad copy on one tier is
+    added to ``skipped``); a retryable storage error is tried again before the step counts
+    as unreadable."""
     for attempt in range(1, _READ_ATTEMPTS + 1):
         try:
-            return _load_from_any_tier(state, backend, step, strict=strict, options=options)
+            return _load_from_any_tier(
+                state, backend, step, strict=strict, options=options, skipped=skipped
+            )
         except StorageError as exc:
             if not exc.retryable or attempt == _READ_ATTEMPTS:
                 raise
@@ -289,17 +295,22 @@ def _load_from_any_tier(
     *,
     strict: bool,
     options: LoadOptions | None,
+    skipped: list[tuple[int, str]],
 ) -> LoadStats:
-    last: CheckpointError | None = None
+    tier_failures: list[tuple[int, str]] = []
     for candidate in candidates(backend, step):
         assert candidate.manifest is not None  # a step given: only usable copies are offered
         try:
-            return load_manifest(
+            stats = load_manifest(
                 state, candidate.backend, candidate.manifest, strict=strict, options=options
             )
         except (CorruptCheckpointError, StorageError) as exc:
             last = exc  # another tier may hold a good copy
-    assert last is not None
+            log.warning("step %d on %s: %s; trying the next copy", step, candidate.backend.url, exc)
+            tier_failures.append((step, f"{candidate.backend.url}: {exc}"))
+            continue
+        skipped += tier_failures
+        return stats
     raise last
 
 

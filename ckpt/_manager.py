@@ -161,7 +161,7 @@ class CheckpointManager:
         self.last_restore = report
         self.metrics.restores_fallbacks += len(report.skipped)
         # The job continues from an older step: the skipped ones it reaches again are replaced.
-        self._replaceable = {skipped for skipped, _ in report.skipped}
+        self._replaceable = {skipped for skipped, _ in report.skipped if skipped > report.step}
         self._last_saved_step = report.step
         self._last_save_time = time.monotonic()
         return report.step
