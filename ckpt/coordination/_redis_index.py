@@ -23,7 +23,7 @@ intent in Redis before it deletes).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from ckpt.coordination._redis_connection import RedisLink
@@ -78,15 +78,7 @@ class RedisStepIndex:
         with storage_errors(f"listing checkpoints under {backend.url}"):
             found = scan_steps(backend).committed
         merged = sorted({*found, *steps} - self._unforgotten, reverse=True)
-
-        def rebuild() -> None:
-            pipe = self._link.client.pipeline(transaction=True)
-            if merged:
-                pipe.zadd(key, {str(s): s for s in merged})
-            pipe.set(marker, "1")
-            pipe.execute()
-
-        self._link.call("rebuilding the index", rebuild)
+        self._store(merged)
         if len(merged) > len(steps):
             log.info(
                 "job %s: rebuilt the committed-step index from storage (%d steps)",
@@ -99,7 +91,7 @@ class RedisStepIndex:
         """The index rebuilt as storage's listing (plus steps committed while listing)."""
         with storage_errors(f"listing checkpoints under {backend.url}"):
             found = set(scan_steps(backend).committed)
-        key, marker = self._keys.committed, self._keys.indexed
+        key = self._keys.committed
 
         def rebuild() -> list[Any]:
             pipe = self._link.client.pipeline(transaction=True)
@@ -109,15 +101,7 @@ class RedisStepIndex:
 
         after, _ = self._link.call("rebuilding the index", rebuild)
         steps = (found | ({int(s) for s in after} - before)) - self._unforgotten
-
-        def store() -> None:
-            pipe = self._link.client.pipeline(transaction=True)
-            if steps:
-                pipe.zadd(key, {str(s): s for s in steps})
-            pipe.set(marker, "1")
-            pipe.execute()
-
-        self._link.call("rebuilding the index", store)
+        self._store(steps)
         log.info(
             "job %s: rebuilt the committed-step index from storage (%d steps) after Redis "
             "was unreachable at a commit",
@@ -125,6 +109,18 @@ class RedisStepIndex:
             len(steps),
         )
         return sorted(steps, reverse=True)
+
+    def _store(self, steps: Collection[int]) -> None:
+        """Add ``steps`` to the index and mark it as complete (a storage scan is in it)."""
+
+        def store() -> None:
+            pipe = self._link.client.pipeline(transaction=True)
+            if steps:
+                pipe.zadd(self._keys.committed, {str(s): s for s in steps})
+            pipe.set(self._keys.indexed, "1")
+            pipe.execute()
+
+        self._link.call("rebuilding the index", store)
 
     def forget_steps(self, steps: Sequence[int]) -> None:
         """Drop deleted steps from the index (retention). With Redis unreachable, they are

@@ -15,17 +15,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -35,6 +32,7 @@ from ckpt.convert import export_safetensors, export_torch, relayout, split_box
 from ckpt.format import element_size, read_manifest, scan_steps
 from storage_backends import LocalBackend
 from tests.support.checks import assert_bit_identical
+from tests.support.cli import run_cli
 from tests.support.on_disk import data_file, flip_byte, save_with
 
 STEP = 12
@@ -362,23 +360,12 @@ def test_cli_convert_usage_errors(source: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str]:
-    """Run the `ckpt` entry point in process; (exit code, what it printed, unwrapped)."""
-    out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=10_000, color_system=None))
-    monkeypatch.setattr(sys, "argv", ["ckpt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    code = exit_info.value.code
-    return (code if isinstance(code, int) else 1), out.getvalue()
-
-
 def test_cli_convert_checkpoint_errors(
     monkeypatch: pytest.MonkeyPatch, source: Path, tmp_path: Path
 ) -> None:
     """Through the `ckpt` entry point: a prefix selecting nothing, and a corrupt source whose
     message names the data file, both exit 2 with a one-line error (no traceback)."""
-    code, text = _main(
+    code, text = run_cli(
         monkeypatch,
         "convert",
         str(source),
@@ -390,7 +377,7 @@ def test_cli_convert_checkpoint_errors(
     )
     assert code == 2 and "no tensor names start with 'nothing.'" in text
     root, file = _corrupt_copy(source, tmp_path)
-    code, text = _main(
+    code, text = run_cli(
         monkeypatch, "convert", str(root), str(tmp_path / "y.safetensors"), "--to", "safetensors"
     )
     assert code == 2 and "error:" in text and "checksum mismatch" in text and file in text, text

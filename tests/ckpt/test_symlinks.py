@@ -9,23 +9,20 @@ instead of blocking the reader. Only the canonical spelling of a step prefix is 
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from rich.console import Console
 
 import ckpt
-import ckpt.cli as cli
 from ckpt import CheckpointManager
 from ckpt.format import StepListing, parse_step_prefix, scan_steps, step_prefix
 from ckpt.retention import RetentionPolicy, apply_retention
 from storage_backends import LocalBackend
+from tests.support.cli import run_cli
 from tests.support.on_disk import manifest_path, save_with, step_dir
 
 
@@ -50,17 +47,6 @@ def _victim(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 def _assert_intact(victim: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         assert (victim / name).read_bytes() == data, f"{name} outside the root was touched"
-
-
-def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str]:
-    """Run the ``ckpt`` entry point in process: (exit code, what it printed)."""
-    out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=10_000, color_system=None))
-    monkeypatch.setattr(sys, "argv", ["ckpt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    code = exit_info.value.code
-    return (code if isinstance(code, int) else 1), out.getvalue()
 
 
 # -- a symlinked step prefix ---------------------------------------------------------------
@@ -90,11 +76,11 @@ def test_cli_gc_never_deletes_through_a_symlinked_step(
     victim, files = _victim(tmp_path)
     _save(root, 5)
     os.symlink(victim, root / step_prefix(1))
-    code, out = _main(monkeypatch, "gc", str(root), "--keep-last", "1")
+    code, out = run_cli(monkeypatch, "gc", str(root), "--keep-last", "1")
     assert code == 0, out
     assert "partial steps []" in out
     _assert_intact(victim, files)
-    code, out = _main(monkeypatch, "ls", str(root))
+    code, out = run_cli(monkeypatch, "ls", str(root))
     assert code == 0 and "partial" not in out, out
 
 
@@ -145,7 +131,7 @@ def test_gc_of_a_step_with_symlinked_data_unlinks_the_link_only(
     _assert_intact(elsewhere, files)
 
     _save(root, 4)
-    code, out = _main(monkeypatch, "gc", str(root), "--keep-last", "1")
+    code, out = run_cli(monkeypatch, "gc", str(root), "--keep-last", "1")
     assert code == 0, out
     assert scan_steps(LocalBackend(root)) == StepListing(committed=(4,), uncommitted=())
 
@@ -214,10 +200,10 @@ def test_fifo_manifest_does_not_hang_load_or_the_cli(
         ckpt.load(_state(), root, step=2)
     assert ckpt.load(_state(), root) == 1
     for command in ("inspect", "verify"):
-        code, out = _main(monkeypatch, command, str(root), "--step", "2")
+        code, out = run_cli(monkeypatch, command, str(root), "--step", "2")
         assert code != 0 and "FIFO" in out, out
     out_root = str(root.parent / "out")
-    code, out = _main(
+    code, out = run_cli(
         monkeypatch, "convert", str(root), out_root, "--step", "2", "--world-size", "1"
     )
     assert code != 0 and "FIFO" in out, out
@@ -260,7 +246,7 @@ def test_a_second_spelling_of_a_step_is_not_ours(
     shutil.copytree(step_dir(root, 3), odd)
 
     assert scan_steps(LocalBackend(root)) == StepListing(committed=(3, 4), uncommitted=())
-    code, out = _main(monkeypatch, "gc", str(root), "--keep-last", "1")
+    code, out = run_cli(monkeypatch, "gc", str(root), "--keep-last", "1")
     assert code == 0, out
     assert sorted(os.listdir(root)) == [odd.name, step_prefix(4)]
     assert scan_steps(LocalBackend(root)) == StepListing(committed=(4,), uncommitted=())
