@@ -255,7 +255,8 @@ def gc(
         float,
         typer.Option(
             help="seconds without a write after which a partial step (or a file no manifest "
-            "names) is garbage; a save may still be writing a younger one"
+            "names) is garbage; a save may still be writing a younger one (0 only when no "
+            "job writes to this root)"
         ),
     ] = DEFAULT_ABANDONED_AFTER_S,
     dry_run: Annotated[
