@@ -243,15 +243,22 @@ def _agreed_steps(group: Coordinator, steps: list[int]) -> list[int]:
 def _agreed_error(
     group: Coordinator, step: int, error: CheckpointError | None
 ) -> CheckpointError | None:
-    """This rank's error, or one naming the ranks where ``step`` failed; None when it loaded
-    on every rank."""
-    outcomes = group.all_gather(None if error is None else (type(error).__name__, str(error)))
+    """The outcome every rank acts on: None when ``step`` loaded on every rank; else this
+    rank's error, or one naming the rank where it failed. When any rank's error is not one
+    to fall back from (the state does not fit), every rank gets such an error, so that all
+    of them stop together instead of some trying an older step alone."""
+    mine = None if error is None else (isinstance(error, _FALLBACK_ERRORS), str(error))
+    outcomes = group.all_gather(mine)
     failed = [(rank, why) for rank, why in enumerate(outcomes) if why is not None]
-    if not failed or error is not None:
-        return error
-    rank, (kind, why) = failed[0]
-    if kind == StateMismatchError.__name__:
+    if not failed:
+        return None
+    fatal = [(rank, why) for rank, (fallback, why) in failed if not fallback]
+    if fatal and (error is None or isinstance(error, _FALLBACK_ERRORS)):
+        rank, why = fatal[0]
         return StateMismatchError(f"step {step} does not fit the state on rank {rank}: {why}")
+    if error is not None:
+        return error
+    rank, (_, why) = failed[0]
     return CorruptCheckpointError(f"step {step} failed on rank {rank}: {why}")
 
 

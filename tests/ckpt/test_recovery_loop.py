@@ -233,3 +233,25 @@ def test_campaign_damaged_newest_step_never_traps_the_loop(
         wrong_restore=wrong,
     )
     assert trapped == 0 and wrong == 0
+
+
+def _restore_with_a_mismatch_on_one_rank(rank: int, world: int, root: str) -> str:
+    mgr = ckpt.CheckpointManager(root, every_steps=1, keep_last=10)
+    try:
+        mgr.save(1, {"w": torch.ones(4)}, blocking=True)
+        target = {"w": torch.zeros(4)}
+        if rank == 1:
+            target["not_saved"] = torch.zeros(2)  # strict: a key the checkpoint lacks
+        try:
+            mgr.restore(target)
+        except ckpt.StateMismatchError as exc:
+            return f"mismatch: {exc}"
+        return "restored"
+    finally:
+        mgr.close()
+
+
+def test_a_state_mismatch_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    results = run_ranks(_restore_with_a_mismatch_on_one_rank, 2, str(tmp_path), timeout_s=30)
+    assert results[0].startswith("mismatch: step 1 does not fit the state on rank 1"), results
+    assert results[1].startswith("mismatch:") and "not_saved" in results[1], results
