@@ -52,6 +52,10 @@ class CheckpointManager:
         every_seconds: save when this long has passed since the last save started.
         interval: ``"auto"`` derives the save period from the measured stall and
             ``mtbf_seconds`` (Young/Daly: sqrt(2 * stall * MTBF)).
+        manual: no automatic saves: the job saves by calling ``save`` itself (or only
+            restores); ``maybe_save`` then saves only after SIGTERM. A manager needs
+            one of ``every_steps``, ``every_seconds``, ``interval`` or ``manual=True``;
+            without any it would never save, so it refuses to start.
         mtbf_seconds: the job's mean time between failures, for ``interval="auto"``.
         keep_last: committed checkpoints to keep (the newest is always kept).
         keep_every: also keep steps that are multiples of this, forever.
@@ -76,6 +80,7 @@ class CheckpointManager:
         every_steps: int | None = None,
         every_seconds: float | None = None,
         interval: Literal["auto"] | None = None,
+        manual: bool = False,
         mtbf_seconds: float = 24 * 3600.0,
         keep_last: int | None = 3,
         keep_every: int | None = None,
@@ -96,6 +101,18 @@ class CheckpointManager:
             raise ValueError('interval must be None or "auto"')
         if if_busy not in ("skip", "wait"):
             raise ValueError('if_busy must be "skip" or "wait"')
+        has_policy = every_steps is not None or every_seconds is not None or interval is not None
+        if manual and has_policy:
+            raise ValueError(
+                "manual=True means no automatic saves: drop every_steps/every_seconds/interval, "
+                "or drop manual=True"
+            )
+        if not manual and not has_policy:
+            raise ValueError(
+                "CheckpointManager has no save policy, so maybe_save() would never save: pass "
+                'every_steps=N, every_seconds=T or interval="auto" for automatic saves, or '
+                "manual=True to save only where you call mgr.save(step, state) (or ckpt.save)"
+            )
         self.backend = open_url(url)
         self.retention = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
         self.local_retention = RetentionPolicy(

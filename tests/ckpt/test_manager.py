@@ -96,8 +96,8 @@ def test_every_steps_saves_exactly_the_multiples(root: Path) -> None:
     assert mgr.metrics.saves_failed == mgr.metrics.saves_skipped_busy == 0
 
 
-def test_no_policy_never_saves_but_save_always_does(root: Path) -> None:
-    with CheckpointManager(root, keep_last=None) as mgr:
+def test_manual_never_saves_by_itself_but_save_always_does(root: Path) -> None:
+    with CheckpointManager(root, keep_last=None, manual=True) as mgr:
         assert _run(mgr, range(1, 6)) == []
         assert mgr.save(7, _state(), blocking=True).done()
     assert _committed(root) == (7,)
@@ -157,8 +157,10 @@ def test_auto_interval_is_capped_by_every_seconds(root: Path, clock: FakeClock) 
         {"every_steps": 0},
         {"every_seconds": 0.0},
         {"interval": "often"},
-        {"if_busy": "drop"},
-        {"keep_last": 0},
+        {"every_steps": 1, "if_busy": "drop"},
+        {"every_steps": 1, "keep_last": 0},
+        {},  # no policy: maybe_save would never save
+        {"manual": True, "every_steps": 1},
     ],
 )
 def test_bad_configuration_is_refused(root: Path, kwargs: dict[str, Any]) -> None:
@@ -388,7 +390,7 @@ def _assert_jobs_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 def test_restore_on_an_empty_root_returns_none(root: Path) -> None:
-    with CheckpointManager(root, save_on_sigterm=False) as mgr:
+    with CheckpointManager(root, save_on_sigterm=False, manual=True) as mgr:
         assert mgr.restore(_job()) is None
         with pytest.raises(ckpt.CheckpointNotFoundError):
             mgr.restore(_job(), step=3)

@@ -307,7 +307,7 @@ def test_another_jobs_retention_spares_a_save_in_flight(root: Path) -> None:
     with FaultyBackend(LocalBackend(root), gate=threading.Event()) as faulty:
         pending = ckpt.async_save(_state(3.0), faulty, step=3)
         assert faulty.held.wait(10)
-        with ckpt.CheckpointManager(root, keep_last=1, save_on_sigterm=False) as job_a:
+        with ckpt.CheckpointManager(root, keep_last=1, save_on_sigterm=False, manual=True) as job_a:
             assert job_a.save(10, _state(10.0), blocking=True).result().committed
         faulty.release()
         assert pending.result().committed

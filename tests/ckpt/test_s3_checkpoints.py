@@ -302,7 +302,7 @@ def test_fault_campaign_through_proxy(s3_server: S3Server, s3_url: str, full: bo
             states = {step: make_state(step) for step in range(1, saves + 1)}
             options = SaveOptions(file_bytes=4 * MiB)  # several data files per save
             with CheckpointManager(
-                backend, keep_last=2, save_options=options, save_on_sigterm=False
+                backend, keep_last=2, save_options=options, save_on_sigterm=False, manual=True
             ) as mgr:
                 for step, state in states.items():
                     assert mgr.save(step, state, blocking=True).result().committed
@@ -337,7 +337,7 @@ def child_main(url: str) -> None:
     backend = open_backend(url, s3_config=S3Config(part_size=PART, addressing_style="path"))
     options = SaveOptions(file_bytes=1 * MiB)  # the small tensors land in their own files
     with CheckpointManager(
-        backend, keep_last=5, save_options=options, save_on_sigterm=False
+        backend, keep_last=5, save_options=options, save_on_sigterm=False, manual=True
     ) as mgr:
         mgr.save(1, make_state(1), blocking=True)
         print("committed 1", flush=True)
@@ -425,7 +425,7 @@ def test_sigkill_mid_upload_leaves_no_torn_step(seaweedfs_s3: S3Server, tmp_path
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "step 1: OK" in verify.stdout
         # The job restarts and saves step 2 again: it commits over the torn prefix.
-        with CheckpointManager(backend, keep_last=5, save_on_sigterm=False) as mgr:
+        with CheckpointManager(backend, keep_last=5, save_on_sigterm=False, manual=True) as mgr:
             assert mgr.save(2, make_state(2), blocking=True).result().committed
         assert scan_steps(backend).committed == (1, 2)
         assert server.unfinished_uploads(url) == []

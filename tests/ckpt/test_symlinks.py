@@ -109,7 +109,7 @@ def test_data_through_a_symlink_is_refused_and_restore_falls_back(
     target = _state()
     with pytest.raises(ckpt.CorruptCheckpointError, match="symlink"):
         ckpt.load(target, root, step=2)
-    with CheckpointManager(root, save_on_sigterm=False) as mgr:
+    with CheckpointManager(root, save_on_sigterm=False, manual=True) as mgr:
         assert mgr.restore(target) == 1
     assert torch.equal(target["w"], torch.full((64,), 1.0))
     _assert_intact(elsewhere, files)

@@ -397,14 +397,18 @@ def test_two_jobs_share_one_redis(
         close_all(a + b)
     url = redis_server.url()
     for root, step in ((tmp_path / "ckpts", 3), (tmp_path / "ckpts-other", 4)):
-        with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
+        with ckpt.CheckpointManager(
+            root, coordinator=url, save_on_sigterm=False, manual=True
+        ) as mgr:
             assert mgr.coordinator.job == job_from_url(mgr.backend.url)  # type: ignore[attr-defined]
             mgr.save(step, {"x": torch.full((2,), float(step))}, blocking=True)
     assert job_from_url(LocalBackend(tmp_path / "ckpts").url) != job_from_url(
         LocalBackend(tmp_path / "ckpts-other").url
     )
     for root, steps in ((tmp_path / "ckpts", [3, 1]), (tmp_path / "ckpts-other", [4, 2])):
-        with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
+        with ckpt.CheckpointManager(
+            root, coordinator=url, save_on_sigterm=False, manual=True
+        ) as mgr:
             assert mgr.coordinator.step_index.committed_steps(mgr.backend) == steps  # type: ignore[union-attr]
 
 
@@ -596,7 +600,9 @@ def test_tls_rediss(redis_tls_server: RedisServer, backend: StorageBackend, tmp_
     assert redis_tls_server.tls is not None
     ca = redis_tls_server.tls["ca"]
     url = f"{redis_tls_server.url()}?ssl_ca_certs={ca}&job=tls-job"
-    with ckpt.CheckpointManager(backend, coordinator=url, save_on_sigterm=False) as mgr:
+    with ckpt.CheckpointManager(
+        backend, coordinator=url, save_on_sigterm=False, manual=True
+    ) as mgr:
         assert mgr.coordinator.job == "tls-job"  # type: ignore[attr-defined]
         mgr.save(1, {"x": torch.ones(2)}, blocking=True)
         assert mgr.coordinator.step_index.committed_steps(backend) == [1]  # type: ignore[union-attr]

@@ -68,7 +68,9 @@ def test_a_password_never_names_the_job(
         coordinator.close()
     jobs = []
     for root in (tmp_path / "a", tmp_path / "b"):
-        with ckpt.CheckpointManager(root, coordinator=url, save_on_sigterm=False) as mgr:
+        with ckpt.CheckpointManager(
+            root, coordinator=url, save_on_sigterm=False, manual=True
+        ) as mgr:
             jobs.append(mgr.coordinator.job)  # type: ignore[attr-defined]
             assert mgr.coordinator.job == job_from_url(mgr.backend.url)  # type: ignore[attr-defined]
             mgr.save(1, {"x": torch.ones(2)}, blocking=True)
@@ -86,7 +88,9 @@ def test_an_unencoded_password_with_ampersand_and_job(tmp_path: Path) -> None:
             assert coordinator.job == "mine"
         finally:
             coordinator.close()
-        with ckpt.CheckpointManager(tmp_path / "r", coordinator=raw, save_on_sigterm=False) as m:
+        with ckpt.CheckpointManager(
+            tmp_path / "r", coordinator=raw, save_on_sigterm=False, manual=True
+        ) as m:
             assert m.coordinator.job == job_from_url(m.backend.url)  # type: ignore[attr-defined]
 
 
@@ -202,7 +206,7 @@ def test_manager_keeps_going_when_redis_dies_at_the_commit(
     switch = KillSwitch(redis_aof_server.proc.pid, "EVALSHA:COMMIT", "before")
     coordinator = redis_spec(redis_aof_server, job, retry_seconds=1.0).redis(client_factory=switch)
     with ckpt.CheckpointManager(
-        root, coordinator=coordinator, keep_last=1, save_on_sigterm=False
+        root, coordinator=coordinator, keep_last=1, save_on_sigterm=False, manual=True
     ) as mgr:
         mgr.save(1, make_state(1, 0, 1), blocking=True)
         switch.arm()
@@ -287,7 +291,11 @@ def killed_at_step(
         return "committed"
 
     mgr = ckpt.CheckpointManager(
-        backend, coordinator=spec.redis(client_factory=switch), keep_last=1, save_on_sigterm=False
+        backend,
+        coordinator=spec.redis(client_factory=switch),
+        keep_last=1,
+        save_on_sigterm=False,
+        manual=True,
     )
     steps = {1: save(mgr, 1)}
     if rank == sender:
@@ -299,7 +307,7 @@ def killed_at_step(
     mgr.close()
     incarnation = spec.redis()
     with ckpt.CheckpointManager(
-        backend, coordinator=incarnation, keep_last=1, save_on_sigterm=False
+        backend, coordinator=incarnation, keep_last=1, save_on_sigterm=False, manual=True
     ) as again:
         steps[3] = save(again, 3)
         index = incarnation.step_index.committed_steps(backend) if rank == 0 else None

@@ -350,7 +350,7 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
         "bias": torch.zeros(3),
         "meta": {},
     }
-    with ckpt.CheckpointManager(f"{base}/steps") as mgr:
+    with ckpt.CheckpointManager(f"{base}/steps", manual=True) as mgr:
         out["restored"] = mgr.restore(restored_state)
     want = global_value("mgr.w", (8, 4), torch.float32)
     for _ in range(8):
@@ -381,7 +381,7 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
     random.seed(200 + rank)
     np.random.seed(300 + rank)
     torch.randn(5)
-    with ckpt.CheckpointManager(f"{base}/rng", include_rng=True) as mgr:
+    with ckpt.CheckpointManager(f"{base}/rng", include_rng=True, manual=True) as mgr:
         mgr.save(1, state, blocking=True)
 
     def draw() -> list[float]:
@@ -391,7 +391,7 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
-    with ckpt.CheckpointManager(f"{base}/rng", include_rng=True) as mgr:
+    with ckpt.CheckpointManager(f"{base}/rng", include_rng=True, manual=True) as mgr:
         out["rng_restored_step"] = mgr.restore(state)
     out["rng_after_restore"] = draw()
 
@@ -430,7 +430,7 @@ def _coordination(rank: int, world: int, base: str) -> dict[str, Any]:
 
     # Saving the same step again after a failed attempt (one coordinator) commits on every rank.
     retry: list[str] = []
-    with ckpt.CheckpointManager(f"{base}/retry", keep_last=None) as mgr:
+    with ckpt.CheckpointManager(f"{base}/retry", keep_last=None, manual=True) as mgr:
         for value in (torch.ones(3 + rank), torch.full((3,), 5.0)):
             try:
                 retry.append(str(mgr.save(3, {"t": value}, blocking=True).result().committed))
