@@ -33,6 +33,12 @@ if TYPE_CHECKING:
     from ckpt._manager import CheckpointManager, ManagerMetrics
     from ckpt._rng import RNGState
     from ckpt._stateful import ModelOptimizerState
+    from ckpt.coordination import (
+        Coordinator,
+        LocalCoordinator,
+        ProcessGroupCoordinator,
+        RedisCoordinator,
+    )
     from ckpt.engine import (
         Compression,
         PendingSave,
@@ -51,6 +57,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _LAZY = {
     "CheckpointManager": "ckpt._manager",
     "Compression": "ckpt.engine",
+    "Coordinator": "ckpt.coordination",
+    "LocalCoordinator": "ckpt.coordination",
+    "ProcessGroupCoordinator": "ckpt.coordination",
+    "RedisCoordinator": "ckpt.coordination",  # imports redis-py on first use
     "LoadOptions": "recovery",
     "ManagerMetrics": "ckpt._manager",
     "ModelOptimizerState": "ckpt._stateful",
@@ -88,6 +98,10 @@ __all__ = [
     "ChecksumMismatchError",
     "Compression",
     "AlreadyCommittedError",
+    "Coordinator",
+    "LocalCoordinator",
+    "ProcessGroupCoordinator",
+    "RedisCoordinator",
     "CoordinationError",
     "CorruptCheckpointError",
     "FencedError",

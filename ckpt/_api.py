@@ -14,7 +14,7 @@ from torch import nn
 
 from ckpt._unflatten import plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
-from ckpt.engine import PendingSave, SaveResult, ShardedTensor, default_snapshotter
+from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
 from ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -47,6 +47,7 @@ def async_save(
     step: int,
     user_metadata: Mapping[str, Any] | None = None,
     coordinator: Coordinator | str | None = None,
+    options: SaveOptions | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` to host memory and write it in the background.
 
@@ -54,11 +55,18 @@ def async_save(
     save is in flight per process: a second call waits for the first one's staging
     buffer. Call ``result()`` on the handle to wait for the commit.
 
+    ``coordinator`` is None (embedded), a coordinator, or a ``redis://``/``rediss://``
+    URL (a coordinator made from a URL is closed once the save has ended). ``options``
+    sets this save's layout, e.g. ``SaveOptions(compression=Compression())``; every rank
+    passes the same.
+
     Raises:
         CheckpointError: an earlier background save failed and nobody looked at it, or
             the state cannot be checkpointed.
     """
-    return _start_save(state, open_url(url), step, user_metadata, coordinator, overlap_writes=False)
+    return _start_save(
+        state, open_url(url), step, user_metadata, coordinator, options, overlap_writes=False
+    )
 
 
 def _start_save(
@@ -67,6 +75,7 @@ def _start_save(
     step: int,
     user_metadata: Mapping[str, Any] | None,
     coordinator: Coordinator | str | None,
+    options: SaveOptions | None = None,
     *,
     overlap_writes: bool,
 ) -> PendingSave:
@@ -75,7 +84,13 @@ def _start_save(
     made = resolve_coordinator(coordinator, backend.url)
     try:
         pending = default_snapshotter().async_save(
-            state, backend, step, made, user_metadata=user_metadata, overlap_writes=overlap_writes
+            state,
+            backend,
+            step,
+            made,
+            user_metadata=user_metadata,
+            overlap_writes=overlap_writes,
+            options=options,
         )
     except BaseException:
         if made is not coordinator:
@@ -92,9 +107,10 @@ def _blocking_save(
     step: int,
     user_metadata: Mapping[str, Any] | None,
     coordinator: Coordinator | str | None,
+    options: SaveOptions | None = None,
 ) -> SaveResult:
     pending = _start_save(
-        state, open_url(url), step, user_metadata, coordinator, overlap_writes=True
+        state, open_url(url), step, user_metadata, coordinator, options, overlap_writes=True
     )
     return pending.result()
 
@@ -106,10 +122,14 @@ def save(
     step: int,
     user_metadata: Mapping[str, Any] | None = None,
     coordinator: Coordinator | str | None = None,
+    options: SaveOptions | None = None,
 ) -> SaveResult:
-    """Save ``state`` as ``step`` and return once the checkpoint is committed."""
+    """Save ``state`` as ``step`` and return once the checkpoint is committed.
+
+    ``coordinator`` and ``options`` are as for ``async_save``.
+    """
     # Nobody trains meanwhile: stream each file while the next one is staged.
-    return _blocking_save(state, url, step, user_metadata, coordinator)
+    return _blocking_save(state, url, step, user_metadata, coordinator, options)
 
 
 @dataclass(frozen=True)
@@ -134,6 +154,7 @@ def load(
     step: int | None = None,
     strict: bool = True,
     options: LoadOptions | None = None,
+    coordinator: Coordinator | str | None = None,
 ) -> int:
     """Load a committed checkpoint into ``state`` in place.
 
@@ -145,6 +166,8 @@ def load(
             falling back to older ones when the newest is corrupt.
         strict: whether keys present on one side only are errors.
         options: reader settings.
+        coordinator: None to load on this process alone; a coordinator of several ranks
+            (or a ``redis://``/``rediss://`` URL) so that every rank loads the same step.
 
     Returns:
         The step loaded.
@@ -155,10 +178,38 @@ def load(
             committed step does.
         StateMismatchError: the state does not match the checkpoint.
     """
-    return restore(state, url, step=step, strict=strict, options=options).step
+    return restore(
+        state, url, step=step, strict=strict, options=options, coordinator=coordinator
+    ).step
 
 
 def restore(
+    state: Mapping[str, Any],
+    url: str | os.PathLike[str] | StorageBackend,
+    *,
+    step: int | None = None,
+    strict: bool = True,
+    options: LoadOptions | None = None,
+    coordinator: Coordinator | str | None = None,
+) -> RestoreReport:
+    """``load`` that reports which steps it skipped and what it read.
+
+    ``coordinator`` is None (this process alone), a coordinator, or a ``redis://`` /
+    ``rediss://`` URL (the coordinator made from it is closed before returning).
+    """
+    backend = open_url(url)
+    if not isinstance(coordinator, str):
+        return _restore(
+            state, backend, step=step, strict=strict, options=options, coordinator=coordinator
+        )
+    made = resolve_coordinator(coordinator, backend.url)
+    try:
+        return _restore(state, backend, step=step, strict=strict, options=options, coordinator=made)
+    finally:
+        made.close()
+
+
+def _restore(
     state: Mapping[str, Any],
     url: str | os.PathLike[str] | StorageBackend,
     *,

@@ -218,8 +218,18 @@ class CheckpointManager:
             return None
         return self.save(step, state)
 
-    def save(self, step: int, state: Mapping[str, Any], *, blocking: bool = False) -> PendingSave:
-        """Save ``step`` now, regardless of the policy (waits for a save in flight first)."""
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        blocking: bool = False,
+        options: SaveOptions | None = None,
+    ) -> PendingSave:
+        """Save ``step`` now, regardless of the policy (waits for a save in flight first).
+
+        ``options`` replaces the manager's ``save_options`` for this save only.
+        """
         if self._closed:
             raise CheckpointError("this CheckpointManager is closed")
         # An earlier save's error is raised before this step counts as started, so that
@@ -238,6 +248,7 @@ class CheckpointManager:
                 user_metadata=self.user_metadata,
                 on_committed=self._after_commit,
                 overlap_writes=blocking,
+                options=options,
             )
         except BaseException:
             self.metrics.saves_failed += 1

@@ -245,8 +245,12 @@ class Snapshotter:
         user_metadata: Mapping[str, Any] | None = None,
         on_committed: Callable[[Manifest], None] | None = None,
         overlap_writes: bool = False,
+        options: SaveOptions | None = None,
     ) -> PendingSave:
         """Stage ``state`` for ``step`` and return; the write and the commit run in the background.
+
+        ``options`` replaces the engine's layout settings for this save only (its
+        ``io_threads`` is the engine's, fixed when the engine was made).
 
         With ``overlap_writes`` each data file starts streaming as soon as it is staged,
         while later files are still being copied: the save commits sooner, but the copy
@@ -269,7 +273,8 @@ class Snapshotter:
             _agree_on_refusal(coordinator, refused)
         if refused is not None:
             raise refused
-        coordinator.begin(step, self.options.chunk_bytes)
+        options = options or self.options
+        coordinator.begin(step, options.chunk_bytes)
         return self.save_flat(
             tensors,
             tree,
@@ -280,6 +285,7 @@ class Snapshotter:
             on_committed=on_committed,
             started=start,
             overlap_writes=overlap_writes,
+            options=options,
         )
 
     def save_flat(
@@ -294,19 +300,21 @@ class Snapshotter:
         on_committed: Callable[[Manifest], None] | None = None,
         started: float | None = None,
         overlap_writes: bool = False,
+        options: SaveOptions | None = None,
     ) -> PendingSave:
         """``async_save`` of a state that is already flattened (offline conversion uses it)."""
         start = time.perf_counter() if started is None else started
+        options = options or self.options
         plan = assign_writers(
             coordinator.all_gather(describe(tensors)),
-            min_split_bytes=max(MIN_SPLIT_BYTES, self.options.chunk_bytes),
+            min_split_bytes=max(MIN_SPLIT_BYTES, options.chunk_bytes),
         )
         mine = plan.boxes_for(coordinator.rank)
         to_write = [
             part_of(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine
         ]
         files, nbytes = plan_files(
-            to_write, self.options, generation=coordinator.generation, rank=coordinator.rank
+            to_write, options, generation=coordinator.generation, rank=coordinator.rank
         )
         metadata = dict(user_metadata or {})
         if self._pool.busy():
@@ -319,7 +327,7 @@ class Snapshotter:
             rank=coordinator.rank,
             backend=backend,
             coordinator=coordinator,
-            options=self.options,
+            options=options,
             tensors=tensors,
             tree=tree if coordinator.rank == 0 else None,
             files=tuple(files),
