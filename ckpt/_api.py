@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckpt._foreign import dcp_message, find_dcp
 from ckpt._unflatten import plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
@@ -266,6 +267,9 @@ def _restore(
             + f". Check them with `ckpt verify {backend.url}`; to start from scratch, move the "
             "root aside"
         )
+    dcp = find_dcp(backend)
+    if dcp:
+        raise CheckpointNotFoundError(dcp_message(backend, dcp))
     raise CheckpointNotFoundError(f"no committed checkpoint under {backend.url}")
 
 

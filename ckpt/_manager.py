@@ -15,6 +15,7 @@ from typing import Any, Literal, NoReturn
 
 from ckpt import retention
 from ckpt._api import RestoreReport, open_url, restore
+from ckpt._foreign import find_dcp
 from ckpt._rng import RNGState
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
@@ -156,6 +157,11 @@ class CheckpointManager:
 
         Returns:
             The restored step, or None when there is no checkpoint yet.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not there, or the root holds a
+                torch.distributed.checkpoint (DCP) checkpoint and no ckpt one (starting
+                from scratch would silently drop it; the message says how to import it).
         """
         full = self._with_rng(state)
         try:
@@ -168,8 +174,8 @@ class CheckpointManager:
                 coordinator=self.coordinator,
             )
         except CheckpointNotFoundError:
-            if step is not None:
-                raise
+            if step is not None or find_dcp(self.backend):
+                raise  # a DCP checkpoint is there: starting from scratch would lose it
             log.info("no checkpoint under %s yet; starting from scratch", self.backend.url)
             return None
         if full is not state and isinstance(state, dict):

@@ -3,6 +3,7 @@ coordinators, and a manager cannot be built so that it silently never saves."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 import ckpt
 from ckpt import CheckpointManager, Compression, SaveOptions
+from storage_backends import LocalBackend
 from tests.support.redis_server import RedisServer, redis_server_binary
 
 RAW_BYTES = 1 << 20
@@ -110,3 +112,65 @@ def test_a_bad_coordinator_url_is_a_coordination_error(tmp_path: Path, entry: st
     kwargs = {"step": 2} if entry in ("save", "async_save") else {}
     with pytest.raises(ckpt.CoordinationError):
         call(_state(), tmp_path, coordinator="http://not-redis:1/0", **kwargs)
+
+
+# -- a DCP checkpoint is not mistaken for an empty root ----------------------------------
+
+
+def _dcp_save(directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group": one process is all we need
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(directory))
+
+
+def test_a_manager_on_a_dcp_root_refuses_to_start_from_scratch(tmp_path: Path) -> None:
+    _dcp_save(tmp_path)
+    with (
+        CheckpointManager(tmp_path, every_steps=10, save_on_sigterm=False) as mgr,
+        pytest.raises(ckpt.CheckpointNotFoundError) as refused,
+    ):
+        mgr.restore(_state())
+    message = str(refused.value)
+    assert "DCP" in message and ".distcp" in message
+    assert f"ckpt convert {LocalBackend(tmp_path).url.rstrip('/')} DST" in message
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="ckpt convert"):
+        ckpt.load(_state(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["step-100/.metadata", "step-100/__0_0.distcp", "step-200/.metadata"],  # torchtitan
+        ["__0_0.distcp", "__1_0.distcp"],  # data files of a save that never finished
+    ],
+)
+def test_dcp_step_folders_are_recognised_by_their_names(tmp_path: Path, files: list[str]) -> None:
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not read")  # never unpickled: names are enough
+    with pytest.raises(ckpt.CheckpointNotFoundError, match=r"DCP.*ckpt convert"):
+        ckpt.load(_state(), tmp_path)
+    with (
+        CheckpointManager(tmp_path, manual=True, save_on_sigterm=False) as mgr,
+        pytest.raises(ckpt.CheckpointNotFoundError, match="DCP"),
+    ):
+        mgr.restore(_state())
+
+
+def test_unrelated_files_still_mean_an_empty_root(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / ".metadata").write_text("too deep to be a DCP step folder")
+    with CheckpointManager(tmp_path, manual=True, save_on_sigterm=False) as mgr:
+        assert mgr.restore(_state()) is None
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="no committed checkpoint"):
+        ckpt.load(_state(), tmp_path)
+
+
+def test_a_ckpt_checkpoint_next_to_a_dcp_one_is_restored(tmp_path: Path) -> None:
+    _dcp_save(tmp_path / "dcp")
+    ckpt.save(_state(), tmp_path, step=3)
+    with CheckpointManager(tmp_path, manual=True, save_on_sigterm=False) as mgr:
+        assert mgr.restore(_state()) == 3
