@@ -49,8 +49,12 @@ if TYPE_CHECKING:
     )
     from recovery import LoadOptions
 
+DISTRIBUTION = "torch-ckpt"
+"""The name to ``pip install`` (``ckpt`` on PyPI is an unrelated project); the import name is
+``ckpt``."""
+
 try:
-    __version__ = version("ckpt")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 

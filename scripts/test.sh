@@ -17,6 +17,9 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install -q --disable-pip-version-check "torch==${CKPT_TORCH_VERSION:-2.13.0}"
 fi
+# The distribution was named "ckpt" before it became torch-ckpt: an old editable install
+# in a reused .venv would shadow this checkout.
+"$VPY" -m pip uninstall -q -y ckpt >/dev/null 2>&1 || true
 "$VPY" -m pip install -q --disable-pip-version-check -e ".[test]"
 
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -3,6 +3,7 @@ coordinators, and a manager cannot be built so that it silently never saves."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +175,13 @@ def test_a_ckpt_checkpoint_next_to_a_dcp_one_is_restored(tmp_path: Path) -> None
     ckpt.save(_state(), tmp_path, step=3)
     with CheckpointManager(tmp_path, manual=True, save_on_sigterm=False) as mgr:
         assert mgr.restore(_state()) == 3
+
+
+# -- the distribution name ----------------------------------------------------------------
+
+
+def test_the_distribution_name_is_not_the_taken_one_and_matches_the_version_lookup() -> None:
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    names = re.findall(r'^name = "([^"]+)"$', pyproject, flags=re.MULTILINE)
+    assert names == [ckpt.DISTRIBUTION]
+    assert ckpt.DISTRIBUTION != "ckpt"  # an unrelated project on PyPI
