@@ -22,7 +22,7 @@ from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
 from ckpt.engine._options import SaveOptions
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.format import Manifest, parse_step_prefix
-from ckpt.retention import RetentionPolicy, remove_unreferenced
+from ckpt.retention import DEFAULT_ABANDONED_AFTER_S, RetentionPolicy, remove_unreferenced
 from recovery import LoadOptions
 from storage_backends import StorageBackend, as_tiered
 
@@ -63,6 +63,8 @@ class CheckpointManager:
         keep_last_local: with a tiered backend, committed steps kept on the local tier
             (default: keep_last); keep_last/keep_every then apply to the remote tier. Steps
             not yet replicated are never deleted locally.
+        abandoned_after: seconds without a write after which retention deletes a step that
+            has no manifest (a save that died); younger ones may still be written to.
         coordinator: None for the embedded coordinator, a Coordinator, or a Redis URL
             (``redis://host:6379/0``; see ``ckpt.coordination.resolve_coordinator``).
         include_rng: also checkpoint the RNG states (torch, CUDA, Python, NumPy).
@@ -86,6 +88,7 @@ class CheckpointManager:
         keep_last: int | None = 3,
         keep_every: int | None = None,
         keep_last_local: int | None = None,
+        abandoned_after: float = DEFAULT_ABANDONED_AFTER_S,
         coordinator: Coordinator | str | None = None,
         include_rng: bool = False,
         if_busy: Literal["skip", "wait"] = "skip",
@@ -115,10 +118,13 @@ class CheckpointManager:
                 "manual=True to save only where you call mgr.save(step, state) (or ckpt.save)"
             )
         self.backend = open_url(url)
-        self.retention = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
+        self.retention = RetentionPolicy(
+            keep_last=keep_last, keep_every=keep_every, abandoned_after=abandoned_after
+        )
         self.local_retention = RetentionPolicy(
             keep_last=keep_last_local if keep_last_local is not None else keep_last,
             keep_every=keep_every,
+            abandoned_after=abandoned_after,
         )
         self.coordinator = resolve_coordinator(coordinator, self.backend.url)
         self.every_steps = every_steps

