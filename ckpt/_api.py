@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ckpt._foreign import dcp_message, find_dcp
-from ckpt._unflatten import plan_load
+from ckpt._unflatten import LoadPlan, plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
 from ckpt.errors import (
@@ -141,11 +141,20 @@ class RestoreReport:
         step: the step loaded.
         skipped: newer committed steps that failed validation, with the reason.
         stats: bytes read, amplification and time of the tensor reads.
+        missing: names in the state that the checkpoint lacks (kept as they were); only
+            with ``strict=False``, which otherwise refuses them.
+        unexpected: names in the checkpoint that the state lacks (not loaded); only with
+            ``strict=False``.
+        loaded_nothing: True when no tensor and no value of the checkpoint reached the
+            state (logged at WARNING): the names do not match.
     """
 
     step: int
     skipped: tuple[tuple[int, str], ...] = field(default_factory=tuple)
     stats: LoadStats | None = None
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    loaded_nothing: bool = False
 
 
 def load(
@@ -233,10 +242,10 @@ def _restore(
         steps = _agreed_steps(group, steps)
     skipped: list[tuple[int, str]] = []
     for found in steps:
-        stats: LoadStats | None = None
+        loaded: _Loaded | None = None
         error: CheckpointError | None = None
         try:
-            stats = _load_step(
+            loaded = _load_step(
                 state, backend, found, strict=strict, options=options, skipped=skipped
             )
         except _FALLBACK_ERRORS as exc:
@@ -254,7 +263,15 @@ def _restore(
                     found,
                     ", ".join(str(s) for s, _ in skipped),
                 )
-            return RestoreReport(found, tuple(skipped), stats)
+            assert loaded is not None
+            return RestoreReport(
+                found,
+                tuple(skipped),
+                loaded.stats,
+                tuple(loaded.plan.missing),
+                tuple(loaded.plan.unexpected),
+                loaded.plan.loads_nothing,
+            )
         if step is not None or not isinstance(error, _FALLBACK_ERRORS):
             raise error
         log.warning("skipping checkpoint step %d: %s; trying an older one", found, error)
@@ -325,7 +342,7 @@ def _load_step(
     strict: bool,
     options: LoadOptions | None,
     skipped: list[tuple[int, str]],
-) -> LoadStats:
+) -> _Loaded:
     """Load ``step`` from the first tier that holds a good copy (a bad copy on one tier is
     added to ``skipped``); a retryable storage error is tried again before the step counts
     as unreadable."""
@@ -358,12 +375,12 @@ def _load_from_any_tier(
     strict: bool,
     options: LoadOptions | None,
     skipped: list[tuple[int, str]],
-) -> LoadStats:
+) -> _Loaded:
     tier_failures: list[tuple[int, str]] = []
     for candidate in candidates(backend, step):
         assert candidate.manifest is not None  # a step given: only usable copies are offered
         try:
-            stats = load_manifest(
+            loaded = load_manifest(
                 state, candidate.backend, candidate.manifest, strict=strict, options=options
             )
         except (CorruptCheckpointError, StorageError) as exc:
@@ -372,8 +389,16 @@ def _load_from_any_tier(
             tier_failures.append((step, f"{candidate.backend.url}: {exc}"))
             continue
         skipped += tier_failures
-        return stats
+        return loaded
     raise last
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What loading one manifest did: the reads, and the plan that matched the state."""
+
+    stats: LoadStats
+    plan: LoadPlan
 
 
 def load_manifest(
@@ -383,7 +408,7 @@ def load_manifest(
     *,
     strict: bool = True,
     options: LoadOptions | None = None,
-) -> LoadStats:
+) -> _Loaded:
     """Fill ``state`` from one validated manifest."""
     stored = {name: (entry.dtype, entry.shape) for name, entry in manifest.tensors.items()}
     for value in state.values():
@@ -410,7 +435,7 @@ def load_manifest(
             target[:] = tree
         elif isinstance(state, dict):
             state[key] = tree
-    return stats
+    return _Loaded(stats, plan)
 
 
 def _load_state_dict(key: str, target: Any, tree: Any, **kwargs: Any) -> None:

@@ -51,6 +51,8 @@ class LoadPlan:
         mismatched: tensors whose shape or dtype differ (always an error).
         conflicts: places where one side holds a tensor and the other a value of another
             kind (an error when strict; otherwise the state keeps its own value).
+        values: how many plain values (numbers, strings, bytes, dtypes) of the checkpoint
+            the load puts into the state.
     """
 
     destinations: list[Destination] = field(default_factory=list)
@@ -59,6 +61,12 @@ class LoadPlan:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    values: int = 0
+
+    @property
+    def loads_nothing(self) -> bool:
+        """Whether no tensor and no plain value of the checkpoint reaches the state."""
+        return not self.destinations and self.values == 0
 
 
 def plan_load(
@@ -119,7 +127,35 @@ def plan_load(
             "strict=False: kept the state's own value where the checkpoint holds another kind: %s",
             "; ".join(plan.conflicts),
         )
+    if plan.missing:
+        log.warning(
+            "strict=False: %d key(s) of the state are missing from the checkpoint and keep "
+            "their current values: %s",
+            len(plan.missing),
+            _listed(plan.missing),
+        )
+    if plan.unexpected:
+        log.warning(
+            "strict=False: %d key(s) of the checkpoint are not in the state and were not "
+            "loaded: %s",
+            len(plan.unexpected),
+            _listed(plan.unexpected),
+        )
+    if plan.loads_nothing and (plan.missing or plan.unexpected or plan.conflicts):
+        log.warning(
+            "strict=False: nothing was loaded — no tensor and no value of the checkpoint "
+            "matches the state (state keys: %s; checkpoint keys: %s); check the names "
+            "(e.g. a prefix such as 'module.')",
+            _listed(list(state)),
+            _listed(list(stored_tree)),
+        )
     return plan
+
+
+def _listed(names: list[str], limit: int = 20) -> str:
+    """``names`` for a log line: the first ``limit`` of them, and how many more."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 _ABSENT = object()
@@ -163,20 +199,25 @@ class _Merge:
             return self._mapping([(k, v) for k, v in pairs], target, path)
         if isinstance(stored, dict) and BYTES_REF in stored:
             try:
-                return base64.b64decode(stored[BYTES_REF], validate=True)
+                data = base64.b64decode(stored[BYTES_REF], validate=True)
             except (TypeError, binascii.Error) as exc:
                 raise _malformed(path, stored) from exc
+            self.plan.values += 1
+            return data
         if isinstance(stored, dict) and DTYPE_REF in stored:
             if not isinstance(stored[DTYPE_REF], str):
                 raise _malformed(path, stored)
             try:
-                return torch_dtype(stored[DTYPE_REF])
+                dtype = torch_dtype(stored[DTYPE_REF])
             except CorruptCheckpointError as exc:
                 raise _malformed(path, stored) from exc
+            self.plan.values += 1
+            return dtype
         if isinstance(stored, dict):
             return self._mapping(list(stored.items()), target, path)
         if isinstance(stored, list):
             return self._sequence(stored, target, path)
+        self.plan.values += 1
         return stored
 
     def _tensor(self, stored: dict[str, Any], target: Any, path: str) -> Any:
