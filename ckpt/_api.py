@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ckpt._foreign import dcp_message, find_dcp
-from ckpt._unflatten import LoadPlan, plan_load
+from ckpt._unflatten import LoadPlan, module_names, plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
 from ckpt.errors import (
@@ -423,7 +423,7 @@ def load_manifest(
     for key, tree in plan.trees.items():
         target = state[key]
         if isinstance(target, nn.Module):
-            _load_state_dict(key, target, tree, strict=strict)
+            _load_state_dict(key, target, module_names(target, tree), strict=strict)
         elif isinstance(target, (torch.Tensor, ShardedTensor)):
             continue  # filled in place
         elif hasattr(target, "load_state_dict") and hasattr(target, "state_dict"):

@@ -30,6 +30,7 @@ from ckpt.engine._flatten import (
     ShardedTensor,
     join_path,
     local_geometry,
+    plain_name,
     state_tree,
 )
 from ckpt.errors import CorruptCheckpointError, StateMismatchError
@@ -101,7 +102,10 @@ def plan_load(
         # Modules define their full state; other objects may lack state they had when saved.
         allow_new = not isinstance(value, (nn.Module, torch.Tensor, ShardedTensor))
         target = state_tree(value)
-        merged = _Merge(stored_tensors, plan, allow_new).merge(stored_tree[key], target, key)
+        stored = stored_tree[key]
+        if isinstance(value, nn.Module):
+            stored = _plain_names(stored)  # written before compiled names were left out
+        merged = _Merge(stored_tensors, plan, allow_new).merge(stored, target, key)
         if isinstance(value, torch.optim.Optimizer):
             _check_param_groups(key, merged, target, plan)
         plan.trees[key] = merged
@@ -156,6 +160,24 @@ def _listed(names: list[str], limit: int = 20) -> str:
     """``names`` for a log line: the first ``limit`` of them, and how many more."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _plain_names(stored: Any) -> Any:
+    """A module's stored tree under names without torch.compile's ``_orig_mod``."""
+    if not isinstance(stored, dict) or stored.keys() & _VALUE_MARKERS:
+        return stored
+    return {plain_name(k): v for k, v in stored.items()}
+
+
+def module_names(module: nn.Module, tree: Any) -> Any:
+    """``tree`` (a module's state under plain names) under the names ``module.state_dict()``
+    uses: a compiled module (or compiled submodule) gets its ``_orig_mod`` components back."""
+    if not isinstance(tree, dict):
+        return tree
+    names = {plain_name(n): n for n in module.state_dict(keep_vars=True)}
+    if all(plain == name for plain, name in names.items()):
+        return tree
+    return {names.get(k, k): v for k, v in tree.items()}
 
 
 _ABSENT = object()

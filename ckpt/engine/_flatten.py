@@ -111,9 +111,42 @@ def _dtensor_geometry(
     return value.to_local(), tuple(value.shape), box, replicated
 
 
+COMPILED_PREFIX = "_orig_mod"
+"""The attribute under which ``torch.compile`` keeps the module it wraps: a component of
+the compiled module's state_dict names that is not part of the stored names."""
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` components that ``torch.compile`` adds."""
+    if COMPILED_PREFIX not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != COMPILED_PREFIX)
+
+
+def module_state(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` under the names of the uncompiled module: a compiled module
+    (or one holding compiled submodules) stores what its plain self would, so that either
+    loads into the other."""
+    state = module.state_dict()
+    if not any(COMPILED_PREFIX in name for name in state):
+        return state
+    plain: dict[str, Any] = {}
+    for name, value in state.items():
+        key = plain_name(name)
+        if key in plain:
+            raise InvalidStateError(
+                f"{name!r} and another entry of the module's state_dict both stand for "
+                f"{key!r} once torch.compile's {COMPILED_PREFIX!r} is left out; rename one"
+            )
+        plain[key] = value
+    return plain
+
+
 def state_tree(value: Any) -> Any:
     """The checkpointable tree of one top-level state entry."""
-    if isinstance(value, nn.Module) or (
+    if isinstance(value, nn.Module):
+        return module_state(value)
+    if (
         hasattr(value, "state_dict")
         and hasattr(value, "load_state_dict")
         and not isinstance(value, torch.Tensor)

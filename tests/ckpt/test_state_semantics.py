@@ -13,6 +13,7 @@ from torch import nn
 
 import ckpt
 from tests.support.checks import assert_bit_identical
+from tests.support.on_disk import read_manifest
 
 # --- strict=False -------------------------------------------------------------------
 
@@ -71,3 +72,91 @@ def test_strict_false_with_a_matching_state_reports_nothing_missing(
     assert report.missing == () and report.unexpected == () and not report.loaded_nothing
     assert target["step"] == 7
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --- torch.compile ------------------------------------------------------------------
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)``: the ``_orig_mod`` wrapper exists before any forward pass."""
+    compiled = torch.compile(module)
+    assert isinstance(compiled, nn.Module)
+    return compiled
+
+
+def _assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    plain_a = {k.replace("_orig_mod.", ""): v for k, v in a.state_dict().items()}
+    plain_b = {k.replace("_orig_mod.", ""): v for k, v in b.state_dict().items()}
+    assert plain_a.keys() == plain_b.keys()
+    for k in plain_a:
+        assert_bit_identical(plain_b[k], plain_a[k])
+
+
+@pytest.mark.parametrize("direction", ["compiled->plain", "plain->compiled"])
+def test_compiled_module_loads_into_plain_one_and_back(root: Path, direction: str) -> None:
+    """``_orig_mod`` is not part of the stored names: either side loads the other's checkpoint."""
+    source, target = _net(0), _net(1)
+    saved = _compiled(source) if direction == "compiled->plain" else source
+    loaded = _compiled(target) if direction == "plain->compiled" else target
+    ckpt.save({"model": saved}, root, step=1)
+    assert set(read_manifest(root, 1)["tensors"]) == {
+        "model.0.weight",
+        "model.0.bias",
+        "model.2.weight",
+        "model.2.bias",
+    }
+
+    report = ckpt.restore({"model": loaded}, root)
+
+    assert report.missing == () and report.unexpected == ()
+    _assert_same_params(source, target)
+
+
+def test_compiled_submodule_names_are_plain_too(root: Path) -> None:
+    """A compiled submodule (``model.encoder = _compiled(...)``) stores plain names."""
+    source = nn.Module()
+    source.encoder = _compiled(_net(0))
+    ckpt.save({"model": source}, root, step=1)
+    target = nn.Module()
+    target.encoder = _net(1)
+
+    ckpt.load({"model": target}, root)
+
+    _assert_same_params(source, target)
+
+
+@pytest.mark.parametrize("compiled_target", [False, True])
+def test_names_stored_with_orig_mod_still_load(root: Path, compiled_target: bool) -> None:
+    """A checkpoint holding ``_orig_mod.`` names (a compiled module's state_dict saved as a
+    dict, or a checkpoint written before the names were made plain) loads into a module."""
+    source = _compiled(_net(0))
+    ckpt.save({"model": source.state_dict()}, root, step=1)
+    assert "model._orig_mod.0.weight" in read_manifest(root, 1)["tensors"]
+    target = _net(1)
+
+    ckpt.load({"model": _compiled(target) if compiled_target else target}, root)
+
+    _assert_same_params(source, target)
+
+
+@pytest.mark.parametrize("direction", ["compiled->plain", "plain->compiled"])
+def test_compiled_module_through_model_optimizer_state(root: Path, direction: str) -> None:
+    source, target = _net(0), _net(1)
+    saved = _compiled(source) if direction == "compiled->plain" else source
+    loaded = _compiled(target) if direction == "plain->compiled" else target
+    src_opt = torch.optim.AdamW(saved.parameters(), lr=0.1)
+    source(torch.randn(3, 4)).sum().backward()
+    src_opt.step()
+    dst_opt = torch.optim.AdamW(loaded.parameters(), lr=0.1)
+    ckpt.save({"train": ckpt.ModelOptimizerState(saved, src_opt)}, root, step=1)
+
+    ckpt.load({"train": ckpt.ModelOptimizerState(loaded, dst_opt)}, root)
+
+    _assert_same_params(source, target)
+    for p_src, p_dst in zip(source.parameters(), target.parameters()):
+        assert_bit_identical(dst_opt.state[p_dst]["exp_avg"], src_opt.state[p_src]["exp_avg"])
