@@ -37,14 +37,24 @@ class ModelOptimizerState:
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
-        if not self.optimizers:
-            set_model_state_dict(self.model, state["model"])
-            return
-        set_state_dict(
-            self.model,
-            self.optimizers,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
         )
+
+        if self.optimizers:
+            # A parameter that had no optimizer state when saved (it never got a gradient)
+            # has none after the load: the optimizer holds exactly what was saved. torch's
+            # strict mode would refuse that; the checkpoint's keys were matched already.
+            set_optimizer_state_dict(
+                self.model,
+                self.optimizers,
+                state["optim"],
+                options=StateDictOptions(strict=False),
+            )
+        set_model_state_dict(self.model, state["model"])
+
+    checkpoint_saved_maps = (("optim", "state"),)
+    """Where the saved state is the whole truth: per-parameter optimizer state that only
+    the live optimizer holds is dropped on load, not reported missing."""

@@ -105,7 +105,8 @@ def plan_load(
         stored = stored_tree[key]
         if isinstance(value, nn.Module):
             stored = _plain_names(stored)  # written before compiled names were left out
-        merged = _Merge(stored_tensors, plan, allow_new).merge(stored, target, key)
+        whole = {join_path(key, ".".join(p)) for p in _saved_maps(value)}
+        merged = _Merge(stored_tensors, plan, allow_new, whole).merge(stored, target, key)
         if isinstance(value, torch.optim.Optimizer):
             _check_param_groups(key, merged, target, plan)
         plan.trees[key] = merged
@@ -162,6 +163,20 @@ def _listed(names: list[str], limit: int = 20) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _saved_maps(value: Any) -> tuple[tuple[str, ...], ...]:
+    """The paths inside ``value``'s state whose saved keys replace the live ones: an
+    optimizer's per-parameter ``state`` (a parameter without saved state has none after
+    ``load_state_dict``); an object may name its own in ``checkpoint_saved_maps``."""
+    if isinstance(value, torch.optim.Optimizer):
+        return (("state",),)
+    named = getattr(value, "checkpoint_saved_maps", ())
+    if isinstance(named, tuple) and all(
+        isinstance(p, tuple) and all(isinstance(c, str) for c in p) for p in named
+    ):
+        return named
+    return ()
+
+
 def _plain_names(stored: Any) -> Any:
     """A module's stored tree under names without torch.compile's ``_orig_mod``."""
     if not isinstance(stored, dict) or stored.keys() & _VALUE_MARKERS:
@@ -191,11 +206,14 @@ class _Merge:
     Attributes:
         allow_new: whether the target may lack stored tensors (fresh ones are allocated,
             e.g. the moments of an optimizer that never stepped); modules may not.
+        saved_maps: paths of mappings whose keys the checkpoint defines: keys only the
+            target holds there are dropped, not missing (an optimizer's per-parameter state).
     """
 
     stored_tensors: Mapping[str, tuple[str, tuple[int, ...]]]
     plan: LoadPlan
     allow_new: bool
+    saved_maps: set[str] = field(default_factory=set)
 
     def merge(self, stored: Any, target: Any, path: str) -> Any:
         clash = _kind_clash(stored, target, self.allow_new)
@@ -288,6 +306,8 @@ class _Merge:
             merged = self.merge(v, target_map.get(k, _ABSENT), join_path(path, k))
             if merged is not _DROP:
                 out[k] = merged
+        if path in self.saved_maps:
+            return out
         known = {k for k, _ in stored}
         for k, v in target_map.items():
             if k in known:

@@ -160,3 +160,77 @@ def test_compiled_module_through_model_optimizer_state(root: Path, direction: st
     _assert_same_params(source, target)
     for p_src, p_dst in zip(source.parameters(), target.parameters()):
         assert_bit_identical(dst_opt.state[p_dst]["exp_avg"], src_opt.state[p_src]["exp_avg"])
+
+
+# --- parameters without optimizer state ---------------------------------------------
+
+
+def _encoder(seed: int) -> tuple[nn.ModuleDict, torch.optim.Optimizer]:
+    """An encoder whose pooler never gets a gradient (a CLS-token fine-tune): after a step,
+    AdamW holds state for the encoder only."""
+    torch.manual_seed(seed)
+    model = nn.ModuleDict({"enc": nn.Linear(4, 4), "pooler": nn.Linear(4, 2)})
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+
+
+def _step_encoder_only(model: nn.ModuleDict, opt: torch.optim.Optimizer, seed: int) -> None:
+    torch.manual_seed(seed)
+    opt.zero_grad(set_to_none=True)
+    model["enc"](torch.randn(3, 4)).pow(2).sum().backward()
+    opt.step()
+
+
+def _params_with_state(model: nn.Module, opt: torch.optim.Optimizer) -> set[str]:
+    return {name for name, p in model.named_parameters() if p in opt.state}
+
+
+def _assert_same_optimizer_state(
+    a: nn.Module, a_opt: torch.optim.Optimizer, b: nn.Module, b_opt: torch.optim.Optimizer
+) -> None:
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert_bit_identical(pb.detach(), pa.detach())
+        assert (pa in a_opt.state) == (pb in b_opt.state), name
+        for k, v in a_opt.state.get(pa, {}).items():
+            assert_bit_identical(b_opt.state[pb][k], v)
+
+
+def test_parameter_without_optimizer_state_round_trips_through_model_optimizer_state(
+    root: Path,
+) -> None:
+    model, opt = _encoder(0)
+    _step_encoder_only(model, opt, 10)
+    assert _params_with_state(model, opt) == {"enc.weight", "enc.bias"}
+    ckpt.save({"train": ckpt.ModelOptimizerState(model, opt)}, root, step=1)
+    other, other_opt = _encoder(1)
+
+    ckpt.load({"train": ckpt.ModelOptimizerState(other, other_opt)}, root)
+
+    assert _params_with_state(other, other_opt) == {"enc.weight", "enc.bias"}
+    _assert_same_optimizer_state(model, opt, other, other_opt)
+    _step_encoder_only(model, opt, 11)  # and training goes on identically
+    _step_encoder_only(other, other_opt, 11)
+    _assert_same_optimizer_state(model, opt, other, other_opt)
+
+
+def test_state_only_the_live_optimizer_holds_is_dropped_on_load(root: Path) -> None:
+    """The optimizer holds exactly what was saved, also for a plain optimizer entry whose
+    live state covers a parameter the checkpoint has no state for."""
+    model, opt = _encoder(0)
+    _step_encoder_only(model, opt, 10)
+    ckpt.save({"model": model, "opt": opt}, root, step=1)
+    ckpt.save({"train": ckpt.ModelOptimizerState(model, opt)}, root / "mos", step=1)
+    for entry in ("plain", "mos"):
+        other, other_opt = _encoder(1)
+        torch.manual_seed(3)
+        other_opt.zero_grad()
+        x = torch.randn(3, 4)
+        other["pooler"](other["enc"](x)).pow(2).sum().backward()
+        other_opt.step()  # now every parameter has state
+        assert _params_with_state(other, other_opt) == {n for n, _ in other.named_parameters()}
+
+        if entry == "plain":
+            ckpt.load({"model": other, "opt": other_opt}, root)
+        else:
+            ckpt.load({"train": ckpt.ModelOptimizerState(other, other_opt)}, root / "mos")
+
+        _assert_same_optimizer_state(model, opt, other, other_opt)
