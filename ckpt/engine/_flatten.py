@@ -182,6 +182,7 @@ def flatten(state: Mapping[str, Any]) -> tuple[dict[str, FlatTensor], dict[str, 
     for key, value in state.items():
         if not isinstance(key, str):
             raise InvalidStateError(f"top-level state keys must be strings, got {key!r}")
+        encoder.aliases.clear()  # tied tensors are found within one entry
         tree[key] = encoder.encode(state_tree(value), key, 0)
     return encoder.tensors, tree
 
@@ -253,6 +254,9 @@ class _TreeEncoder:
     def __init__(self) -> None:
         self.tensors: dict[str, FlatTensor] = {}
         self._open: dict[int, str] = {}  # id of a container being encoded -> its path
+        # The memory and geometry of each tensor stored so far -> its name: a tensor met
+        # again under another name (tied weights) is stored once, both names refer to it.
+        self.aliases: dict[tuple[Any, ...], str] = {}
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         if isinstance(value, torch.Tensor):
@@ -301,6 +305,11 @@ class _TreeEncoder:
             raise InvalidStateError(f"{path!r} is reserved by safetensors; rename the tensor")
         local, global_shape, box, replicated = geometry
         check_storable(local, path)
+        alias = _alias_key(local, global_shape, box, replicated)
+        if alias is not None:
+            first = self.aliases.setdefault(alias, path)
+            if first != path:
+                return {TENSOR_REF: first}
         # A conjugate or negative view is a flag on shared memory; store the values it shows.
         local = local.detach().resolve_conj().resolve_neg()
         name = dtype_name(local.dtype)
@@ -359,6 +368,29 @@ class _TreeEncoder:
                 _checked_int(k, path, "a dict key")
             items.append([k, self.encode(v, join_path(path, k), depth)])
         return {ITEMS_REF: items}
+
+
+def _alias_key(
+    local: torch.Tensor, global_shape: tuple[int, ...], box: Box, replicated: bool
+) -> tuple[Any, ...] | None:
+    """What makes two tensors the same stored tensor: the same elements of the same memory,
+    seen the same way, at the same place of the same global tensor. None for a tensor
+    without elements (its memory address means nothing)."""
+    if local.numel() == 0:
+        return None
+    return (
+        local.device,
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        tuple(local.shape),
+        tuple(local.stride()),
+        local.dtype,
+        local.is_conj(),
+        local.is_neg(),
+        tuple(global_shape),
+        box,
+        replicated,
+    )
 
 
 def _checked_int(value: int, path: str, what: str = "an integer") -> int:

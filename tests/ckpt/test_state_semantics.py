@@ -234,3 +234,75 @@ def test_state_only_the_live_optimizer_holds_is_dropped_on_load(root: Path) -> N
             ckpt.load({"train": ckpt.ModelOptimizerState(other, other_opt)}, root / "mos")
 
         _assert_same_optimizer_state(model, opt, other, other_opt)
+
+
+# --- tied weights -------------------------------------------------------------------
+
+
+class _TiedLM(nn.Module):
+    """An embedding and an output head that share one weight (``lm_head.weight is embed.weight``)."""
+
+    def __init__(self, seed: int, tied: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(root: Path) -> None:
+    source = _TiedLM(0)
+    ckpt.save({"model": source}, root, step=1)
+    manifest = read_manifest(root, 1)
+    assert set(manifest["tensors"]) == {
+        "model.embed.weight",
+        "model.body.weight",
+        "model.body.bias",
+    }
+    state = manifest["state"]["model"]
+    assert state["lm_head.weight"] == state["embed.weight"] == {"__tensor__": "model.embed.weight"}
+    target = _TiedLM(1)
+
+    ckpt.load({"model": target}, root)
+
+    assert target.lm_head.weight is target.embed.weight
+    _assert_same_params(source, target)
+    with torch.no_grad():
+        target.embed.weight.add_(1.0)  # still one parameter
+    assert_bit_identical(target.lm_head.weight.detach(), target.embed.weight.detach())
+
+
+def test_tied_checkpoint_loads_into_untied_model(root: Path) -> None:
+    """Both names get the stored tensor when the target does not tie them."""
+    source = _TiedLM(0)
+    ckpt.save({"model": source}, root, step=1)
+    untied = _TiedLM(1, tied=False)
+
+    ckpt.load({"model": untied}, root)
+
+    assert untied.lm_head.weight is not untied.embed.weight
+    _assert_same_params(source, untied)
+
+
+def test_tensors_sharing_memory_differently_are_stored_apart(root: Path) -> None:
+    """Only the same elements seen the same way are one tensor: views, transposes and
+    separate top-level entries of shared memory are stored on their own."""
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = {
+        "a": {"full": base, "t": base.t(), "row": base[1], "neg": base._neg_view()},
+        "b": base,
+    }
+    ckpt.save(state, root, step=1)
+    assert set(read_manifest(root, 1)["tensors"]) == {"a.full", "a.t", "a.row", "a.neg", "b"}
+    parts = {
+        "full": torch.zeros(3, 4),
+        "t": torch.zeros(4, 3),
+        "row": torch.zeros(4),
+        "neg": torch.zeros(3, 4),
+    }
+    target = {"a": parts, "b": torch.zeros(3, 4)}
+    ckpt.load(target, root)
+    assert_bit_identical(parts["neg"], -base)
+    assert_bit_identical(parts["t"], base.t().contiguous())
