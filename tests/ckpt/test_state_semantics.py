@@ -306,3 +306,24 @@ def test_tensors_sharing_memory_differently_are_stored_apart(root: Path) -> None
     ckpt.load(target, root)
     assert_bit_identical(parts["neg"], -base)
     assert_bit_identical(parts["t"], base.t().contiguous())
+
+
+def test_tied_weights_through_model_optimizer_state(root: Path) -> None:
+    class TiedLM(_TiedLM):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lm_head(self.body(self.embed(x)))
+            return out
+
+    source = TiedLM(0)
+    opt = torch.optim.AdamW(source.parameters(), lr=0.1)
+    source(torch.tensor([1, 2, 3])).sum().backward()
+    opt.step()
+    ckpt.save({"train": ckpt.ModelOptimizerState(source, opt)}, root, step=1)
+    assert not any("lm_head" in name for name in read_manifest(root, 1)["tensors"])
+    target = TiedLM(1)
+    target_opt = torch.optim.AdamW(target.parameters(), lr=0.1)
+
+    ckpt.load({"train": ckpt.ModelOptimizerState(target, target_opt)}, root)
+
+    assert target.lm_head.weight is target.embed.weight
+    _assert_same_optimizer_state(source, opt, target, target_opt)
