@@ -305,11 +305,9 @@ class _TreeEncoder:
             raise InvalidStateError(f"{path!r} is reserved by safetensors; rename the tensor")
         local, global_shape, box, replicated = geometry
         check_storable(local, path)
-        alias = _alias_key(local, global_shape, box, replicated)
-        if alias is not None:
-            first = self.aliases.setdefault(alias, path)
-            if first != path:
-                return {TENSOR_REF: first}
+        first = self.aliases.setdefault(_alias_key(local, global_shape, box, replicated), path)
+        if first != path:
+            return {TENSOR_REF: first}
         # A conjugate or negative view is a flag on shared memory; store the values it shows.
         local = local.detach().resolve_conj().resolve_neg()
         name = dtype_name(local.dtype)
@@ -372,15 +370,20 @@ class _TreeEncoder:
 
 def _alias_key(
     local: torch.Tensor, global_shape: tuple[int, ...], box: Box, replicated: bool
-) -> tuple[Any, ...] | None:
+) -> tuple[Any, ...]:
     """What makes two tensors the same stored tensor: the same elements of the same memory,
-    seen the same way, at the same place of the same global tensor. None for a tensor
-    without elements (its memory address means nothing)."""
-    if local.numel() == 0:
-        return None
+    seen the same way, at the same place of the same global tensor.
+
+    A tensor without elements (an empty shard of a tied weight on some rank) has no
+    meaningful address: its storage object stands for it, so that every rank decides the
+    same for the same two names.
+    """
+    storage = local.untyped_storage()
+    memory = storage._cdata if local.numel() == 0 else storage.data_ptr()
     return (
         local.device,
-        local.untyped_storage().data_ptr(),
+        local.numel() == 0,
+        memory,
         local.storage_offset(),
         tuple(local.shape),
         tuple(local.stride()),

@@ -290,19 +290,32 @@ def test_tensors_sharing_memory_differently_are_stored_apart(root: Path) -> None
     """Only the same elements seen the same way are one tensor: views, transposes and
     separate top-level entries of shared memory are stored on their own."""
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    empty = nn.Parameter(torch.empty(0, 4))
     state = {
         "a": {"full": base, "t": base.t(), "row": base[1], "neg": base._neg_view()},
         "b": base,
+        "empty": {"x": torch.empty(0, 4), "y": torch.empty(0, 4), "p": empty, "q": empty},
     }
     ckpt.save(state, root, step=1)
-    assert set(read_manifest(root, 1)["tensors"]) == {"a.full", "a.t", "a.row", "a.neg", "b"}
+    stored = read_manifest(root, 1)
+    assert set(stored["tensors"]) == {
+        "a.full",
+        "a.t",
+        "a.row",
+        "a.neg",
+        "b",
+        "empty.x",
+        "empty.y",
+        "empty.p",
+    }
+    assert stored["state"]["empty"]["q"] == {"__tensor__": "empty.p"}  # one tensor, tied
     parts = {
         "full": torch.zeros(3, 4),
         "t": torch.zeros(4, 3),
         "row": torch.zeros(4),
         "neg": torch.zeros(3, 4),
     }
-    target = {"a": parts, "b": torch.zeros(3, 4)}
+    target = {"a": parts, "b": torch.zeros(3, 4), "empty": state["empty"]}
     ckpt.load(target, root)
     assert_bit_identical(parts["neg"], -base)
     assert_bit_identical(parts["t"], base.t().contiguous())
