@@ -1,6 +1,7 @@
-"""Parameters without optimizer state round-trip on any world size (issue 11): an FSDP2
-model whose pooler never got a gradient, saved by 2 gloo ranks behind
-``ckpt.ModelOptimizerState``, loads onto one process with exactly the state it had."""
+"""State semantics on several ranks (issue 11), saved by gloo ranks and loaded onto one
+process: an FSDP2 model whose pooler never got a gradient restores exactly the optimizer
+state it had; an FSDP2 model's tied weights are stored once, even where a rank's shard is
+empty, and stay tied."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 import ckpt
 from tests.support.gloo import run_ranks
+from tests.support.on_disk import read_manifest
 
 
 class _Encoder(nn.Module):
@@ -67,3 +69,36 @@ def test_partial_optimizer_state_loads_onto_another_world_size(root: Path) -> No
         want: dict[str, Any] = expected_opt.state.get(q, {})
         for key, value in want.items():
             torch.testing.assert_close(opt.state[p][key], value, msg=f"{name}.{key}")
+
+
+class _TiedLM(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(2, 4)  # 2 rows on 3 ranks: one rank holds an empty shard
+        self.lm_head = nn.Linear(4, 2, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lm_head(self.embed(x))
+        return out
+
+
+def _save_tied(rank: int, world: int, root: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _TiedLM(0)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    ckpt.save({"model": model}, root, step=1)
+
+
+def test_tied_weights_of_an_fsdp2_model_are_stored_once(root: Path) -> None:
+    run_ranks(_save_tied, 3, str(root), timeout_s=60.0)
+    assert set(read_manifest(root, 1)["tensors"]) == {"model.embed.weight"}
+    model = _TiedLM(1)
+
+    ckpt.load({"model": model}, root)
+
+    assert model.lm_head.weight is model.embed.weight
+    torch.testing.assert_close(model.embed.weight.detach(), _TiedLM(0).embed.weight.detach())
