@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 from torch import nn
 
 from ckpt._foreign import dcp_message, find_dcp
@@ -245,7 +251,7 @@ def _restore(
         loaded: _Loaded | None = None
         error: CheckpointError | None = None
         try:
-            loaded = _load_step(
+            loaded = _load_from_any_tier(
                 state, backend, found, strict=strict, options=options, skipped=skipped
             )
         except _FALLBACK_ERRORS as exc:
@@ -334,39 +340,34 @@ def _agreed_error(
     return CorruptCheckpointError(f"step {step} failed on rank {rank}: {why}")
 
 
-def _load_step(
-    state: Mapping[str, Any],
-    backend: StorageBackend,
-    step: int,
-    *,
-    strict: bool,
-    options: LoadOptions | None,
-    skipped: list[tuple[int, str]],
-) -> _Loaded:
-    """Load ``step`` from the first tier that holds a good copy (a bad copy on one tier is
-    added to ``skipped``); a retryable storage error is tried again before the step counts
-    as unreadable."""
-    for attempt in range(1, _READ_ATTEMPTS + 1):
-        try:
-            return _load_from_any_tier(
-                state, backend, step, strict=strict, options=options, skipped=skipped
-            )
-        except StorageError as exc:
-            if not exc.retryable or attempt == _READ_ATTEMPTS:
-                raise
-            delay = 0.2 * 2 ** (attempt - 1)
-            log.warning(
-                "step %d: %s; retrying in %.1f s (attempt %d of %d)",
-                step,
-                exc,
-                delay,
-                attempt + 1,
-                _READ_ATTEMPTS,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, StorageError) and exc.retryable
 
 
+def _log_retry(state: RetryCallState) -> None:
+    step = state.args[2]
+    log.warning(
+        "step %d: %s; retrying in %.1f s (attempt %d of %d)",
+        step,
+        state.outcome.exception() if state.outcome else "",
+        state.upcoming_sleep,
+        state.attempt_number + 1,
+        _READ_ATTEMPTS,
+    )
+
+
+# A retryable storage error is tried again (0.2 s, 0.4 s) before the step counts as
+# unreadable and restore moves on to an older one.
+_retry_transient = retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(_READ_ATTEMPTS),
+    wait=wait_exponential(multiplier=0.2),
+    before_sleep=_log_retry,
+    reraise=True,
+)
+
+
+@_retry_transient
 def _load_from_any_tier(
     state: Mapping[str, Any],
     backend: StorageBackend,
@@ -376,6 +377,8 @@ def _load_from_any_tier(
     options: LoadOptions | None,
     skipped: list[tuple[int, str]],
 ) -> _Loaded:
+    """Load ``step`` from the first tier that holds a good copy (a bad copy on one tier is
+    added to ``skipped``)."""
     tier_failures: list[tuple[int, str]] = []
     for candidate in candidates(backend, step):
         assert candidate.manifest is not None  # a step given: only usable copies are offered
