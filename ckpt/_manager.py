@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal, NoReturn
@@ -140,6 +141,8 @@ class CheckpointManager:
         self._snapshotter = Snapshotter(save_options)
         self._last_save_time: float | None = None
         self._last_saved_step: int | None = None
+        self._restored_step: int | None = None
+        self._last_pending: PendingSave | None = None
         self._preempted: int | None = None
         self._replaceable: set[int] = set()
         self._previous_handler: Any = None
@@ -192,6 +195,7 @@ class CheckpointManager:
         # The job continues from an older step: the skipped ones it reaches again are replaced.
         self._replaceable = {skipped for skipped, _ in report.skipped if skipped > report.step}
         self._last_saved_step = report.step
+        self._restored_step = report.step
         self._last_save_time = time.monotonic()
         return report.step
 
@@ -240,13 +244,21 @@ class CheckpointManager:
     ) -> PendingSave:
         """Save ``step`` now, regardless of the policy (waits for a save in flight first).
 
-        ``options`` replaces the manager's ``save_options`` for this save only.
+        ``options`` replaces the manager's ``save_options`` for this save only. A step this
+        manager saved already (e.g. a final ``save`` after ``maybe_save`` saved the same
+        step), or the step it restored and has not trained past, is not saved twice: the
+        call returns the earlier save's handle (or a finished one) and logs it.
         """
         if self._closed:
             raise CheckpointError("this CheckpointManager is closed")
         # An earlier save's error is raised before this step counts as started, so that
         # calling again with the same step saves it.
         self._snapshotter.raise_unobserved()
+        earlier = self._saved_already(step)
+        if earlier is not None:
+            if blocking:
+                earlier.result()
+            return earlier
         if step in self._replaceable:
             self._retire(step)
         started = time.monotonic()
@@ -267,12 +279,28 @@ class CheckpointManager:
             raise
         self._last_save_time = started
         self._last_saved_step = step
+        self._last_pending = pending
         with self._metrics_lock:
             self.metrics.stall_seconds_total += pending.stall_seconds
         pending.add_done_callback(self._record)
         if blocking:
             pending.result()
         return pending
+
+    def _saved_already(self, step: int) -> PendingSave | None:
+        """The handle standing for ``step`` when this manager saved or restored it already."""
+        earlier = self._last_pending
+        if earlier is not None and earlier.step == step and not earlier.failed:
+            log.info("step %d was saved already by this manager; not saving it twice", step)
+            return earlier
+        if step == self._restored_step and earlier is None and step not in self._replaceable:
+            log.info(
+                "step %d is the step restored from %s; not saving it again", step, self.backend.url
+            )
+            done: Future[SaveResult] = Future()
+            done.set_result(SaveResult(step, self.backend.url, True, 0, 0, 0.0, 0.0, 0.0))
+            return PendingSave(step, self.backend.url, 0.0, done)
+        return None
 
     def _retire(self, step: int) -> None:
         """Un-commit ``step``, which restore skipped as corrupt or unreadable, so that it can be

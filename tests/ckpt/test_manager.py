@@ -103,6 +103,41 @@ def test_manual_never_saves_by_itself_but_save_always_does(root: Path) -> None:
     assert _committed(root) == (7,)
 
 
+def test_a_final_save_of_the_step_just_saved_is_not_a_second_commit(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The common loop ending ``mgr.save(last_step)`` after ``maybe_save`` saved it."""
+    caplog.set_level("INFO", logger="ckpt._manager")
+    with CheckpointManager(root, every_steps=5, keep_last=None) as mgr:
+        saved = mgr.maybe_save(10, _state(10.0))
+        assert saved is not None
+        assert mgr.save(10, _state(10.0), blocking=True) is saved
+        assert saved.result().committed
+    assert _committed(root) == (10,)
+    assert mgr.metrics.saves_started == mgr.metrics.saves_committed == 1
+    assert "step 10 was saved already by this manager" in caplog.text
+
+
+def test_a_job_restarted_after_its_last_save_does_not_save_that_step_again(root: Path) -> None:
+    ckpt.save(_state(3.0), root, step=20)
+    with CheckpointManager(root, every_steps=5, keep_last=None) as mgr:
+        state = _state()
+        assert mgr.restore(state) == 20
+        result = mgr.save(20, state, blocking=True).result()  # the loop had nothing left to run
+        assert result.committed and result.bytes_written == 0
+        assert mgr.save(21, state, blocking=True).result().bytes_written > 0
+    assert _committed(root) == (20, 21)
+
+
+def test_a_failed_save_of_a_step_can_be_saved_again_by_name(root: Path) -> None:
+    backend = FaultyBackend(LocalBackend(root), fail_write_at=1)
+    with CheckpointManager(backend, manual=True, keep_last=None) as mgr:
+        with pytest.raises(ckpt.CheckpointError):
+            mgr.save(4, _state(), blocking=True)
+        assert mgr.save(4, _state(), blocking=True).result().committed
+    assert _committed(root) == (4,)
+
+
 def test_every_seconds_follows_the_clock(root: Path, clock: FakeClock) -> None:
     with CheckpointManager(root, every_seconds=10.0, keep_last=None, if_busy="wait") as mgr:
         saved = []
