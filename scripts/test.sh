@@ -31,10 +31,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 echo "== ruff"
-"$VPY" -m ruff check ckpt recovery storage_backends tests benchmarks
-"$VPY" -m ruff format --check ckpt recovery storage_backends tests benchmarks
+"$VPY" -m ruff check ckpt recovery storage_backends tests benchmarks examples
+"$VPY" -m ruff format --check ckpt recovery storage_backends tests benchmarks examples
 echo "== mypy"
 "$VPY" -m mypy
+"$VPY" -m mypy examples
 echo "== pytest"
 set +e
 "$VPY" -m pytest "$@"
