@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from storage_backends import StorageBackend, as_tiered
 log = logging.getLogger(__name__)
 
 RNG_KEY = "_ckpt_rng"
+_RECENT_STALLS = 16
 
 
 @dataclass
@@ -118,6 +120,7 @@ class CheckpointManager:
                 'every_steps=N, every_seconds=T or interval="auto" for automatic saves, or '
                 "manual=True to save only where you call mgr.save(step, state) (or ckpt.save)"
             )
+        self._automatic = not manual
         self.backend = open_url(url)
         self.retention = RetentionPolicy(
             keep_last=keep_last, keep_every=keep_every, abandoned_after=abandoned_after
@@ -143,6 +146,7 @@ class CheckpointManager:
         self._last_saved_step: int | None = None
         self._restored_step: int | None = None
         self._last_pending: PendingSave | None = None
+        self._stalls: list[float] = []  # the first save's, then the most recent ones
         self._preempted: int | None = None
         self._replaceable: set[int] = set()
         self._previous_handler: Any = None
@@ -186,6 +190,7 @@ class CheckpointManager:
             if step is not None or find_dcp(self.backend):
                 raise  # a DCP checkpoint is there: starting from scratch would lose it
             log.info("no checkpoint under %s yet; starting from scratch", self.backend.url)
+            self._prepare_for_policy(state)
             return None
         if full is not state and isinstance(state, dict):
             # Plain values were replaced in the copy that carries the RNG entry.
@@ -197,7 +202,12 @@ class CheckpointManager:
         self._last_saved_step = report.step
         self._restored_step = report.step
         self._last_save_time = time.monotonic()
+        self._prepare_for_policy(state)
         return report.step
+
+    def _prepare_for_policy(self, state: Mapping[str, Any]) -> None:
+        if self._automatic and self._snapshotter.staging_bytes == 0:
+            self.prepare(state)
 
     # -- save --------------------------------------------------------------------------
 
@@ -282,6 +292,9 @@ class CheckpointManager:
         self._last_pending = pending
         with self._metrics_lock:
             self.metrics.stall_seconds_total += pending.stall_seconds
+        self._stalls.append(pending.stall_seconds)
+        if len(self._stalls) > _RECENT_STALLS:
+            del self._stalls[1]  # the first save's and the most recent ones are kept
         pending.add_done_callback(self._record)
         if blocking:
             pending.result()
@@ -362,10 +375,32 @@ class CheckpointManager:
         if self.interval == "auto":
             if not self.metrics.saves_started:
                 return 0.0  # save once to measure the cost
-            stall = max(self.metrics.stall_seconds_total / self.metrics.saves_started, 1e-3)
-            period = math.sqrt(2.0 * stall * self.mtbf_seconds)
+            period = math.sqrt(2.0 * max(self.stall_estimate, 1e-3) * self.mtbf_seconds)
             return period if self.every_seconds is None else min(period, self.every_seconds)
         return self.every_seconds
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held for staging saves (kept and reused across saves)."""
+        return self._snapshotter.staging_bytes
+
+    @property
+    def stall_estimate(self) -> float:
+        """The steady-state stall of a save, in seconds, that ``interval="auto"`` plans with: the
+        median of the recent saves' stalls, leaving out the first one (which may include
+        allocating the staging buffers) once there are others. 0.0 before any save."""
+        stalls = self._stalls[1:] if len(self._stalls) > 1 else self._stalls
+        return statistics.median(stalls) if stalls else 0.0
+
+    def prepare(self, state: Mapping[str, Any]) -> int:
+        """Allocate and touch the host staging buffers for saves of ``state`` now, so that the
+        first save stalls no longer than later ones. ``restore`` does it for managers with an
+        automatic policy.
+
+        Returns:
+            The host bytes held for staging.
+        """
+        return self._snapshotter.prepare(self._with_rng(state), self.coordinator.world_size)
 
     def _with_rng(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
         if not self.include_rng:

@@ -38,7 +38,7 @@ from ckpt.engine._job import (
 )
 from ckpt.engine._options import SaveOptions
 from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
-from ckpt.engine._staging import StagingPool
+from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
 from ckpt.format import (
     Manifest,
@@ -206,6 +206,22 @@ class Snapshotter:
     @property
     def staging_bytes(self) -> int:
         """Host memory held for staging (reused across saves)."""
+        return self._pool.reserved_bytes
+
+    def prepare(self, state: Mapping[str, Any], world_size: int = 1) -> int:
+        """Allocate and touch the staging buffers a save of ``state`` will need, now.
+
+        The first save's stall then holds only the copy, like every later one. Replicated
+        tensors are shared among ``world_size`` ranks by the write plan, so each rank
+        reserves its share; a first save that needs more grows the buffer then.
+
+        Returns:
+            The bytes reserved (the buffers only grow; see ``staging_bytes``).
+        """
+        tensors, _ = flatten(state)
+        sharded = sum(align(t.nbytes) for t in tensors.values() if not t.replicated)
+        replicated = sum(align(t.nbytes) for t in tensors.values() if t.replicated)
+        self._pool.reserve(sharded + align(-(-replicated // max(world_size, 1))))
         return self._pool.reserved_bytes
 
     def busy(self) -> bool:

@@ -9,6 +9,7 @@ and collected under fully-qualified names; everything else must be JSON-represen
 from __future__ import annotations
 
 import base64
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -90,11 +91,10 @@ def local_geometry(value: Any) -> tuple[torch.Tensor, tuple[int, ...], Box, bool
 def _dtensor_geometry(
     value: torch.Tensor,
 ) -> tuple[torch.Tensor, tuple[int, ...], Box, bool] | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    if not isinstance(value, DTensor):
+    # No DTensor exists before its module is imported; importing it here would cost the
+    # first save of a job without DTensors half a second.
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None or not isinstance(value, dtensor_module.DTensor):
         return None
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

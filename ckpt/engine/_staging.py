@@ -77,6 +77,28 @@ class StagingPool:
             self._buffers[slot] = buffer
         return StagingBuffer(buffer, slot)
 
+    def reserve(self, nbytes: int) -> int:
+        """Allocate and touch every free slot's buffer up to ``nbytes`` ahead of the first save,
+        whose stall would otherwise include the allocation and the page faults.
+
+        Returns:
+            The bytes newly allocated (0 when the buffers were large enough already).
+        """
+        with self._cond:
+            slots = list(self._free)
+        grown = 0
+        for slot in slots:
+            buffer = self._buffers[slot]
+            if buffer is not None and buffer.numel() >= nbytes:
+                continue
+            self._buffers[slot] = None
+            del buffer
+            fresh = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+            fresh.zero_()  # the page faults happen now, not during the first copy
+            self._buffers[slot] = fresh
+            grown += fresh.numel()
+        return grown
+
     def release(self, buffer: StagingBuffer) -> None:
         self.release_slot(buffer.slot)
 

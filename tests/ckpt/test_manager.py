@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -159,14 +160,54 @@ def test_auto_interval_saves_first_then_every_young_daly_period(
         assert _run(mgr, range(1, 2)) == [1]  # saved at once, to measure the stall
         step = 2
         for _ in range(2):
-            m = mgr.metrics
-            period = math.sqrt(2.0 * max(m.stall_seconds_total / m.saves_started, 1e-3) * mtbf)
+            period = math.sqrt(2.0 * max(mgr.stall_estimate, 1e-3) * mtbf)
             clock.advance(period * 0.95)
             assert _run(mgr, range(step, step + 1)) == []
             clock.advance(period * 0.1)
             assert _run(mgr, range(step + 1, step + 2)) == [step + 1]
             step += 2
     assert _committed(root) == (1, 3, 5)
+
+
+def test_auto_interval_plans_with_steady_stalls_not_the_first_save(root: Path) -> None:
+    with CheckpointManager(root, every_steps=1, keep_last=2) as mgr:
+        stalls = [
+            mgr.save(step, _state(float(step)), blocking=True).stall_seconds for step in range(1, 5)
+        ]
+        assert mgr.stall_estimate == statistics.median(stalls[1:])
+
+
+def test_restore_prepares_staging_so_the_first_save_allocates_nothing(root: Path) -> None:
+    state = {"w": torch.randn(1 << 16), "b": torch.randn(300)}
+    with CheckpointManager(root, every_steps=1) as mgr:
+        assert mgr.restore(state) is None  # a fresh start still prepares
+        reserved = mgr.staging_bytes
+        assert reserved >= 4 * ((1 << 16) + 300)
+        mgr.maybe_save(1, state).result()  # type: ignore[union-attr]
+        assert mgr.staging_bytes == reserved  # the save used what was prepared
+    with CheckpointManager(root, manual=True) as mgr:
+        mgr.restore(state)
+        assert mgr.staging_bytes == 0  # a manual manager may only restore
+        assert mgr.prepare(state) == reserved
+
+
+def test_the_first_save_imports_nothing(root: Path) -> None:
+    """A lazy import on the first save is stall training pays once, and it fed interval="auto"
+    a cost ten times the steady one; after restore, the save path is loaded."""
+    script = f"""
+import sys, torch, ckpt
+state = {{"m": torch.nn.Linear(2, 2), "step": 1}}
+with ckpt.CheckpointManager({str(root)!r}, every_steps=1) as mgr:
+    mgr.restore(state)
+    before = set(sys.modules)
+    mgr.maybe_save(1, state).result()
+    print(sorted(set(sys.modules) - before))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_auto_interval_is_capped_by_every_seconds(root: Path, clock: FakeClock) -> None:
