@@ -208,6 +208,11 @@ class Snapshotter:
         """Host memory held for staging (reused across saves)."""
         return self._pool.reserved_bytes
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Of ``staging_bytes``, the page-locked part (exactly the buffers' sizes)."""
+        return self._pool.pinned_bytes
+
     def prepare(self, state: Mapping[str, Any], world_size: int = 1) -> int:
         """Allocate and touch the staging buffers a save of ``state`` will need, now.
 
@@ -337,7 +342,11 @@ class Snapshotter:
             log.info(
                 "step %d: waiting for the checkpoint in flight to free its staging buffer", step
             )
-        buffer = self._pool.acquire(nbytes)
+        try:
+            buffer = self._pool.acquire(nbytes)
+        except BaseException as exc:  # e.g. out of host memory: the step has begun everywhere
+            tell_the_others(coordinator, backend, step, exc)
+            raise
         job = SaveJob(
             step=step,
             rank=coordinator.rank,
@@ -370,7 +379,7 @@ class Snapshotter:
             try:
                 written = persist(job, self._io, started)
             except BaseException as exc:
-                tell_the_others(job, exc)
+                tell_the_others(job.coordinator, job.backend, job.step, exc)
                 raise
             finally:
                 self._pool.release(job.buffer)

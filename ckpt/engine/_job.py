@@ -258,7 +258,7 @@ def stage(
             write.exception()
         _discard(job)
         pool.release(job.buffer)
-        tell_the_others(job, exc)
+        tell_the_others(job.coordinator, job.backend, job.step, exc)
         raise
     return started
 
@@ -471,9 +471,11 @@ def _discard(job: SaveJob) -> None:
         )
 
 
-def tell_the_others(job: SaveJob, exc: BaseException) -> None:
-    """This rank cannot save the step: abort it now, so the other ranks fail fast."""
+def tell_the_others(
+    coordinator: Coordinator, backend: StorageBackend, step: int, exc: BaseException
+) -> None:
+    """This rank cannot save ``step``: abort it now, so the other ranks fail fast."""
     try:
-        job.coordinator.report_failure(job.backend, job.step, repr(exc))
+        coordinator.report_failure(backend, step, repr(exc))
     except Exception as report_exc:  # the step fails either way
-        log.warning("step %d: could not tell the other ranks: %s", job.step, report_exc)
+        log.warning("step %d: could not tell the other ranks: %s", step, report_exc)
