@@ -3,6 +3,11 @@
 Every rank has its own RNG states, so they are stored as one row per rank of a
 ``[world_size, n]`` byte tensor: rank r writes row r only. A job restored onto a
 different number of ranks gives rank r the row of rank ``r % saved_world_size``.
+
+A row has the same width everywhere: the CUDA part is the generator of the rank's own
+device (``torch.cuda.current_device()``) in a fixed-size slot, empty when CUDA is not in
+use, so neither the number of visible devices nor whether CUDA was initialised changes
+the shape a restore expects.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import numpy as np
 import torch
 
 from ckpt.engine._flatten import ShardedTensor
+from ckpt.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 _TORCH_BYTES = torch.get_rng_state().numel()
 _PY_WORDS = 625  # Mersenne Twister state words plus the position
 _NP_WORDS = 624
-# py version, has py gauss, py gauss, np pos, np has gauss, np gauss, CUDA devices
+_CUDA_SLOT = 64  # bytes kept for the CUDA generator's state (Philox: 16)
+# py version, has py gauss, py gauss, np pos, np has gauss, np gauss, CUDA state bytes
 _HEAD = struct.Struct("<iidiidi")
 
 
@@ -34,10 +41,17 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _cuda_states() -> list[torch.Tensor]:
+def _cuda_state() -> torch.Tensor:
+    """The RNG state of this rank's CUDA device, or an empty tensor when CUDA is not in use."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return []
+        state = torch.cuda.get_rng_state(torch.cuda.current_device()).cpu()
+        if state.numel() > _CUDA_SLOT:
+            raise CheckpointError(
+                f"the CUDA generator state has {state.numel()} bytes, more than the "
+                f"{_CUDA_SLOT} an RNG row holds: this torch build is not supported by RNGState"
+            )
+        return state
+    return torch.empty(0, dtype=torch.uint8)
 
 
 def _pack() -> torch.Tensor:
@@ -45,7 +59,7 @@ def _pack() -> torch.Tensor:
     py_version, py_internal, py_gauss = random.getstate()
     np_state: Any = np.random.get_state(legacy=True)
     _, np_keys, np_pos, np_has_gauss, np_gauss = np_state
-    cuda = _cuda_states()
+    cuda = _cuda_state()
     head = _HEAD.pack(
         py_version,
         py_gauss is not None,
@@ -53,21 +67,22 @@ def _pack() -> torch.Tensor:
         int(np_pos),
         int(np_has_gauss),
         float(np_gauss),
-        len(cuda),
+        cuda.numel(),
     )
     parts = [
         torch.frombuffer(bytearray(head), dtype=torch.uint8),
         torch.get_rng_state(),
         torch.from_numpy(np.asarray(py_internal, dtype=np.uint32).view(np.uint8).copy()),
         torch.from_numpy(np.asarray(np_keys, dtype=np.uint32).view(np.uint8).copy()),
-        *cuda,
+        cuda,
+        torch.zeros(_CUDA_SLOT - cuda.numel(), dtype=torch.uint8),
     ]
     return torch.cat(parts)
 
 
 def _unpack(blob: torch.Tensor) -> None:
     data = blob.numpy().tobytes()
-    py_version, py_has_gauss, py_gauss, np_pos, np_has_gauss, np_gauss, cuda_count = (
+    py_version, py_has_gauss, py_gauss, np_pos, np_has_gauss, np_gauss, cuda_bytes = (
         _HEAD.unpack_from(data)
     )
     at = _HEAD.size
@@ -81,11 +96,14 @@ def _unpack(blob: torch.Tensor) -> None:
     np_keys = np.frombuffer(data, dtype=np.uint32, count=_NP_WORDS, offset=at).copy()
     at += _NP_WORDS * 4
     np.random.set_state(("MT19937", np_keys, np_pos, np_has_gauss, np_gauss))
-    if cuda_count and torch.cuda.is_available():
-        per_device = (len(data) - at) // cuda_count
-        for device in range(min(cuda_count, torch.cuda.device_count())):
-            start = at + device * per_device
-            torch.cuda.set_rng_state(blob[start : start + per_device].clone(), device)
+    if cuda_bytes and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        torch.cuda.set_rng_state(blob[at : at + cuda_bytes].clone(), device)
+    elif cuda_bytes:
+        log.warning(
+            "the checkpoint holds a CUDA RNG state but CUDA is not available here; "
+            "only the CPU, Python and NumPy generators were restored"
+        )
 
 
 class RNGState:

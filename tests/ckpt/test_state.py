@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +280,46 @@ def test_rng_state_round_trips(root: Path) -> None:
     assert torch.equal(got[0], expected[0])
     assert got[1] == expected[1]
     np.testing.assert_array_equal(got[2], expected[2])
+
+
+def _rng_row_width(env: dict[str, str]) -> int:
+    script = (
+        "import torch, ckpt\n"
+        "if torch.cuda.is_available():\n"
+        "    torch.zeros(1, device='cuda')\n"
+        "print(ckpt.RNGState().state_dict()['per_rank'].global_shape[1])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        check=True,
+    )
+    return int(done.stdout)
+
+
+def test_an_rng_row_has_one_width_whatever_cuda_shows() -> None:
+    """A rank restored in a process that sees other devices (or none) reads the same row shape:
+    the width may depend neither on the visible device count nor on CUDA being initialised."""
+    widths = {_rng_row_width({"CUDA_VISIBLE_DEVICES": ""})}
+    if torch.cuda.is_available():
+        widths.add(_rng_row_width({}))
+        widths.add(_rng_row_width({"CUDA_VISIBLE_DEVICES": "0"}))
+    assert len(widths) == 1
+    assert widths == {ckpt.RNGState().state_dict()["per_rank"].global_shape[1]}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_rank_s_own_cuda_generator_round_trips(root: Path) -> None:
+    torch.cuda.manual_seed(5)
+    ckpt.save({"rng": ckpt.RNGState()}, root, step=1)
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(77)
+    ckpt.load({"rng": ckpt.RNGState()}, root)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
 
 
 # --- ShardedTensor and names --------------------------------------------------------
