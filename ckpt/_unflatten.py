@@ -440,13 +440,19 @@ def _check_param_groups(key: str, merged: Any, target: Any, plan: LoadPlan) -> N
         )
         return
     for i, (saved, mine) in enumerate(zip(stored_groups, target_groups)):
-        n_saved = len(saved.get("params", ())) if isinstance(saved, dict) else -1
-        n_mine = len(mine.get("params", ())) if isinstance(mine, Mapping) else -1
+        n_saved = _param_count(saved)
+        n_mine = _param_count(mine)
         if n_saved != n_mine:
             plan.mismatched.append(
                 f"{key!r}: parameter group {i} holds {n_saved} parameters in the checkpoint "
                 f"vs {n_mine} in the optimizer"
             )
+
+
+def _param_count(group: Any) -> int:
+    """How many parameters a parameter group lists; -1 when it is not one."""
+    params = group.get("params", ()) if isinstance(group, Mapping) else None
+    return len(params) if isinstance(params, (list, tuple)) else -1
 
 
 def _malformed(path: str, stored: Any) -> CorruptCheckpointError:
