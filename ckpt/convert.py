@@ -444,9 +444,11 @@ def import_dcp(
     source = os.fspath(src_dir)
     metadata = read_dcp_metadata(source)
     paths = _dcp_paths(metadata)
-    entries = metadata.state_dict_metadata
-    tensor_md = {fqn: md for fqn, md in entries.items() if isinstance(md, TensorStorageMetadata)}
-    pickled = [fqn for fqn in entries if fqn not in tensor_md]
+    pickled = [
+        fqn
+        for fqn, md in metadata.state_dict_metadata.items()
+        if not isinstance(md, TensorStorageMetadata)
+    ]
 
     values: dict[str, Any] = {}
     skipped: dict[str, str] = {}
@@ -468,39 +470,18 @@ def import_dcp(
     if step is None:
         step = _imported_step(values, paths)
 
-    # Placeholders of the right shape and dtype that own one element: flatten() checks and
-    # encodes the tree around them; their names are found again by their memory.
-    placeholders = {
-        fqn: torch.zeros((), dtype=md.properties.dtype).expand(tuple(md.size))
-        for fqn, md in tensor_md.items()
-    }
-    kept = {**placeholders, **values}
-    tree = _nested(paths, {fqn: kept[fqn] for fqn in entries if fqn in kept}, source)
-    _keep_list_lengths(tree, [paths[fqn] for fqn in skipped])
-    _optimizer_keys(tree, paths)
-    flat, json_tree = flatten(tree)
-    fqn_of = {t.data_ptr(): fqn for fqn, t in placeholders.items()}
-    names = {fqn_of[t.local.data_ptr()]: t for t in flat.values()}
-    fqn_by_name = {t.name: fqn for fqn, t in names.items()}
-    total = sum(t.local.numel() * t.local.element_size() for t in names.values())
-
+    tensors, fqns, json_tree = _dcp_tree(metadata, paths, values, list(skipped), source)
+    total = sum(t.local.numel() * t.local.element_size() for t in tensors.values())
     ranks = world_size or 1
-    batches = _batches(list(names.values()), batch_bytes)
-    boxes = [
-        [
-            {t.name: b for t in batch if (b := _box_of(t.global_shape, ranks, r)) is not None}
-            for r in range(ranks)
-        ]
-        for batch in batches
-    ] or [[{}]]  # values only: one writer carries the tree
+    batches = _import_batches(list(tensors.values()), fqns, ranks, batch_bytes)
     descriptions = [
         [
-            PieceInfo(n, b.offsets, b.lengths, b.numel * element_size(flat[n].dtype))
+            PieceInfo(n, b.offsets, b.lengths, b.numel * element_size(tensors[n].dtype))
             for n, b in per_rank.items()
             if b.numel
         ]
-        for per_batch in boxes
-        for per_rank in per_batch
+        for batch in batches
+        for per_rank in batch.boxes
     ]
     dst = open_url(dst)
     if step in committed_steps(dst):
@@ -511,39 +492,106 @@ def import_dcp(
     writers = _OfflineRanks(ranks, descriptions)
     engine = Snapshotter(options)
     done = 0
-    metadata_note = {"converted_from": f"DCP checkpoint {source}"}
+    note = {"converted_from": f"DCP checkpoint {source}"}
     try:
-        for index, per_batch in enumerate(boxes):
+        for index, batch in enumerate(batches):
+            # Read by DCP name; written under the ckpt name the tree refers to.
             wanted = {
-                fqn_by_name[t.name]: torch.empty(t.global_shape, dtype=torch_dtype(t.dtype))
-                for t in (batches[index] if batches else [])
+                fqn: torch.empty(tensors[n].global_shape, dtype=torch_dtype(tensors[n].dtype))
+                for n, fqn in batch.names.items()
             }
             if wanted:
                 _dcp_read(source, wanted, DefaultLoadPlanner(flatten_state_dict=False))
-            by_name = {names[fqn].name: tensor for fqn, tensor in wanted.items()}
-            for rank, per_rank in enumerate(per_batch):
+            for rank, per_rank in enumerate(batch.boxes):
                 writers.rank = index * ranks + rank
-                tensors = {
+                flat = {
                     n: FlatTensor(
-                        n, _region(by_name[n], box), flat[n].global_shape, box, False, flat[n].dtype
+                        n,
+                        _region(wanted[batch.names[n]], box),
+                        tensors[n].global_shape,
+                        box,
+                        False,
+                        tensors[n].dtype,
                     )
                     for n, box in per_rank.items()
                 }
-                engine.save_flat(
-                    tensors, json_tree, dst, step, writers, user_metadata=metadata_note
-                ).result()
+                engine.save_flat(flat, json_tree, dst, step, writers, user_metadata=note).result()
             done += sum(t.numel() * t.element_size() for t in wanted.values())
-            progress(done, total, f"batch {index + 1}/{len(boxes)}")
+            progress(done, total, f"batch {index + 1}/{len(batches)}")
     finally:
         engine.close()
     return DcpImportResult(
         step,
-        len(names),
+        len(tensors),
         total,
         sorted(writers.files),
         values=tuple(values),
         skipped=tuple(skipped.items()),
     )
+
+
+def _dcp_tree(
+    metadata: Metadata,
+    paths: Mapping[str, tuple[str | int, ...]],
+    values: Mapping[str, Any],
+    left_out: list[str],
+    source: str,
+) -> tuple[dict[str, FlatTensor], dict[str, str], dict[str, Any]]:
+    """The ckpt state tree of a DCP checkpoint: (its tensors by ckpt name, the DCP name of
+    each, the JSON tree).
+
+    The tensors hold placeholders of the right shape and dtype that own one element: the
+    engine's ``flatten`` checks and encodes the tree around them, and each is found again
+    by its memory.
+    """
+    entries = metadata.state_dict_metadata
+    placeholders = {
+        fqn: torch.zeros((), dtype=md.properties.dtype).expand(tuple(md.size))
+        for fqn, md in entries.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+    kept = {**placeholders, **values}
+    tree = _nested(paths, {fqn: kept[fqn] for fqn in entries if fqn in kept}, source)
+    _keep_list_lengths(tree, [paths[fqn] for fqn in left_out])
+    _optimizer_keys(tree, paths)
+    flat, json_tree = flatten(tree)
+    fqn_of = {t.data_ptr(): fqn for fqn, t in placeholders.items()}
+    return flat, {n: fqn_of[t.local.data_ptr()] for n, t in flat.items()}, json_tree
+
+
+@dataclass(frozen=True)
+class _ImportBatch:
+    """Tensors read from DCP together: ckpt name -> DCP name, and each rank's regions."""
+
+    names: dict[str, str]
+    boxes: list[dict[str, Box]]
+
+
+def _import_batches(
+    tensors: list[FlatTensor], fqns: Mapping[str, str], ranks: int, limit: int
+) -> list[_ImportBatch]:
+    """Consecutive groups of about ``limit`` bytes (a larger tensor alone), each split into
+    ``ranks`` regions along dim 0; one empty batch when there are no tensors, so that a
+    writer still carries the tree."""
+    groups: list[list[FlatTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = t.local.numel() * t.local.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes
+    return [
+        _ImportBatch(
+            {t.name: fqns[t.name] for t in group},
+            [
+                {t.name: b for t in group if (b := _box_of(t.global_shape, ranks, r)) is not None}
+                for r in range(ranks)
+            ],
+        )
+        for group in groups
+    ]
 
 
 def read_dcp_metadata(src_dir: str) -> Metadata:
@@ -760,20 +808,6 @@ def _optimizer_keys(tree: dict[str, Any], paths: Mapping[str, tuple[str | int, .
 def _listed_names(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _batches(tensors: list[FlatTensor], limit: int) -> list[list[FlatTensor]]:
-    """Consecutive groups of about ``limit`` bytes (a larger tensor alone)."""
-    out: list[list[FlatTensor]] = []
-    size = 0
-    for t in tensors:
-        nbytes = t.local.numel() * t.local.element_size()
-        if not out or (out[-1] and size + nbytes > limit):
-            out.append([])
-            size = 0
-        out[-1].append(t)
-        size += nbytes
-    return out
 
 
 def _box_of(shape: tuple[int, ...], ranks: int, rank: int) -> Box | None:
