@@ -301,7 +301,7 @@ def first_loadable(
         if error is None:
             if skipped:
                 log.warning(
-                    "restored step %d after skipping %s",
+                    "using step %d after skipping %s",
                     found,
                     ", ".join(str(s) for s, _ in skipped),
                 )

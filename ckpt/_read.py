@@ -32,7 +32,7 @@ def read(
     checksum-verified; nothing is written, and a missing local root is not created.
 
     All of the selected tensors are held in memory at once: select with ``keys``, or use
-    ``ckpt load`` into a sharded state, for checkpoints larger than this host's memory.
+    ``ckpt.load`` into a sharded state, for checkpoints larger than this host's memory.
 
     Args:
         url: the checkpoint root.
