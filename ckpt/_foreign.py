@@ -46,6 +46,8 @@ def dcp_message(backend: StorageBackend, folders: list[str]) -> str:
     return (
         f"no committed ckpt checkpoint under {root}, but it holds a torch.distributed.checkpoint "
         f"(DCP) checkpoint ({where}: .metadata / *.distcp files), which ckpt does not read in "
-        f"place: import it with `ckpt convert {source} DST` (DCP import) and point the job at "
-        "DST, or load it with torch.distributed.checkpoint.load; refusing to start from scratch"
+        f"place: import it with `ckpt convert {source} DST` (add --trust-pickled-values to "
+        "bring DCP's pickled non-tensor values too, such as an optimizer's param_groups) and "
+        "point the job at DST, or load it with torch.distributed.checkpoint.load; refusing to "
+        "start from scratch"
     )

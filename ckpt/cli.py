@@ -1,4 +1,4 @@
-"""The ``ckpt`` command line: demo, ls, inspect, verify, gc."""
+"""The ``ckpt`` command line: demo, ls, inspect, verify, gc, convert."""
 
 from __future__ import annotations
 
@@ -9,18 +9,23 @@ import re
 import statistics
 import sys
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ckpt._api import open_url
-from ckpt.errors import CheckpointError
+from ckpt._foreign import find_dcp
+from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.format import read_manifest, scan_steps
 from ckpt.retention import DEFAULT_ABANDONED_AFTER_S, RetentionPolicy, apply_retention
 from recovery import validate_files, verify_checkpoint
-from storage_backends import StorageBackend
+from storage_backends import LocalBackend, StorageBackend
+
+if TYPE_CHECKING:
+    from ckpt.convert import ConvertResult
 
 __all__ = ["app", "main"]
 
@@ -292,14 +297,23 @@ def gc(
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="checkpoint root to read")],
+    src: Annotated[str, typer.Argument(help="checkpoint root, or a DCP checkpoint directory")],
     dst: Annotated[
-        str, typer.Argument(help="checkpoint root (--to ckpt), file or directory to write")
+        str,
+        typer.Argument(help="checkpoint root (--to ckpt), file or directory to write"),
     ],
-    step: StepOption = None,
-    to: Annotated[str, typer.Option(help="ckpt | safetensors | torch")] = "ckpt",
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step",
+            help="a committed step of SRC (default: the newest); for a DCP import, the step "
+            "to write (default: its 'step' or 'global_step' value, else 0)",
+        ),
+    ] = None,
+    to: Annotated[str, typer.Option(help="ckpt | safetensors | torch | dcp")] = "ckpt",
     world_size: Annotated[
-        int | None, typer.Option(help="--to ckpt: ranks of the new layout")
+        int | None,
+        typer.Option(help="--to ckpt: ranks of the new layout (a DCP import: default 1)"),
     ] = None,
     dim: Annotated[int, typer.Option(help="--to ckpt: dimension the tensors are split along")] = 0,
     prefix: Annotated[
@@ -309,10 +323,20 @@ def convert(
     max_shard_size: Annotated[
         str | None, typer.Option(help="--to safetensors: e.g. 5GB; writes shards + index.json")
     ] = None,
+    trust_pickled_values: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickled-values",
+            help="DCP import: load DCP's pickled non-tensor values (step, param_groups, ...) "
+            "with torch.load(weights_only=True); without it they are left out and listed",
+        ),
+    ] = False,
 ) -> None:
-    """Re-lay a checkpoint for another world size, or export it consolidated.
+    """Re-lay a checkpoint for another world size, export it consolidated, or convert
+    from and to torch.distributed.checkpoint (DCP).
 
-    Exports are safetensors or torch files.
+    A DCP checkpoint as SRC is recognised and imported; --to dcp exports one that plain
+    dcp.load reads. Exports are safetensors, torch or DCP files.
     """
     from rich.progress import (
         BarColumn,
@@ -323,9 +347,25 @@ def convert(
         TransferSpeedColumn,
     )
 
-    from ckpt.convert import export_safetensors, export_torch, relayout
+    from ckpt.convert import (
+        export_dcp,
+        export_safetensors,
+        export_torch,
+        import_dcp,
+        relayout,
+    )
 
-    source = open_url(src)
+    if to not in ("ckpt", "safetensors", "torch", "dcp"):
+        raise typer.BadParameter("--to must be ckpt, safetensors, torch or dcp")
+    source = open_url(src, create=False)
+    dcp_dir = _dcp_source(source)
+    if dcp_dir is None and not scan_steps(source).committed:
+        raise CheckpointNotFoundError(
+            f"nothing to convert under {source.url}: no committed ckpt checkpoint and no DCP "
+            "checkpoint (.metadata and __R_N.distcp files)"
+        )
+    if dcp_dir is not None and to != "ckpt":
+        raise typer.BadParameter(f"{src} holds a DCP checkpoint: it converts to ckpt only")
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -339,7 +379,17 @@ def convert(
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what[-40:])
 
-        if to == "ckpt":
+        if dcp_dir is not None:
+            imported = import_dcp(
+                dcp_dir,
+                dst,
+                step=step,
+                world_size=world_size,
+                trust_pickled_values=trust_pickled_values,
+                progress=progress,
+            )
+            result: ConvertResult = imported
+        elif to == "ckpt":
             if world_size is None:
                 raise typer.BadParameter("--to ckpt needs --world-size")
             result = relayout(
@@ -353,11 +403,48 @@ def convert(
         elif to == "torch":
             result = export_torch(source, dst, step=step, prefix=prefix, progress=progress)
         else:
-            raise typer.BadParameter("--to must be ckpt, safetensors or torch")
+            result = export_dcp(source, dst, step=step, progress=progress)
     console.print(
         f"step {result.step}: {result.tensors} tensors, {_human(result.bytes)} -> {dst} "
         f"({len(result.files)} files)"
     )
+    if dcp_dir is not None and imported.skipped:
+        names = [name for name, _ in imported.skipped]
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        console.print(
+            f"[yellow]{len(names)} non-tensor values of the DCP checkpoint were not imported"
+            f"[/yellow]: {escape(shown)}"
+            + (
+                " (DCP pickles them; --trust-pickled-values loads them with "
+                "torch.load(weights_only=True))"
+                if not trust_pickled_values
+                else f" ({escape(imported.skipped[0][1])})"
+            ),
+            markup=True,
+            highlight=False,
+        )
+
+
+def _dcp_source(source: StorageBackend) -> str | None:
+    """The local DCP checkpoint directory to import when ``source`` holds one and no
+    committed ckpt checkpoint; else None."""
+    folders = find_dcp(source)
+    if not folders or scan_steps(source).committed:
+        return None
+    where = source.url.rstrip("/")
+    if len(folders) > 1:
+        listed = ", ".join(f"{where}/{f}" if f else where for f in folders[:5])
+        raise CheckpointError(
+            f"{where} holds {len(folders)} DCP checkpoints ({listed}"
+            f"{' ...' if len(folders) > 5 else ''}): convert one at a time, giving its "
+            "directory as SRC and its step with --step"
+        )
+    if not isinstance(source, LocalBackend):
+        raise CheckpointError(
+            f"{where} holds a DCP checkpoint: ckpt imports DCP from a local directory; copy it "
+            "to local disk first"
+        )
+    return str(source.root / folders[0]) if folders[0] else str(source.root)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)

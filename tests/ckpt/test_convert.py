@@ -350,7 +350,7 @@ def test_cli_convert_usage_errors(source: Path, tmp_path: Path) -> None:
     """Unknown --to and a missing --world-size are usage errors (exit 2) that say what to do;
     a bad --max-shard-size too. Nothing is written."""
     res = _invoke(str(source), str(tmp_path / "x"), "--to", "onnx")
-    assert res.exit_code == 2 and "--to must be ckpt, safetensors or torch" in res.output
+    assert res.exit_code == 2 and "--to must be ckpt, safetensors, torch or dcp" in res.output
     res = _invoke(str(source), str(tmp_path / "x"))
     assert res.exit_code == 2 and "--world-size" in res.output
     res = _invoke(
