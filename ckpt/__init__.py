@@ -31,6 +31,7 @@ from ckpt.errors import (
 if TYPE_CHECKING:
     from ckpt._api import RestoreReport, async_save, load, restore, save
     from ckpt._manager import CheckpointManager, ManagerMetrics
+    from ckpt._read import read
     from ckpt._rng import RNGState
     from ckpt._stateful import ModelOptimizerState
     from ckpt.coordination import (
@@ -77,6 +78,7 @@ _LAZY = {
     "Snapshotter": "ckpt.engine",
     "async_save": "ckpt._api",
     "load": "ckpt._api",
+    "read": "ckpt._read",
     "restore": "ckpt._api",
     "save": "ckpt._api",
 }
@@ -128,6 +130,7 @@ __all__ = [
     "UnsupportedFormatError",
     "async_save",
     "load",
+    "read",
     "restore",
     "save",
 ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from tenacity import (
@@ -37,12 +37,15 @@ from storage_backends import StorageBackend, StorageBackendError, as_tiered, ope
 log = logging.getLogger(__name__)
 
 
-def open_url(url: str | os.PathLike[str] | StorageBackend) -> StorageBackend:
-    """A storage backend for ``url`` (a backend object is passed through)."""
+def open_url(
+    url: str | os.PathLike[str] | StorageBackend, *, create: bool = True
+) -> StorageBackend:
+    """A storage backend for ``url`` (a backend object is passed through); ``create=False``
+    for readers, which must not make a missing local root."""
     if not isinstance(url, (str, os.PathLike)):
         return url
     try:
-        return open_backend(url)
+        return open_backend(url, create=create)
     except StorageBackendError as exc:
         raise StorageError(str(exc), retryable=exc.retryable) from exc
 
@@ -234,26 +237,59 @@ def _restore(
     options: LoadOptions | None = None,
     coordinator: Coordinator | None = None,
 ) -> RestoreReport:
-    """``load`` that reports which steps it skipped and what it read.
+    """``load`` that reports which steps it skipped and what it read."""
+
+    def fill(tier: StorageBackend, manifest: Manifest) -> _Loaded:
+        return load_manifest(state, tier, manifest, strict=strict, options=options)
+
+    found, skipped, loaded = first_loadable(open_url(url), step, fill, coordinator=coordinator)
+    return RestoreReport(
+        found,
+        skipped,
+        loaded.stats,
+        tuple(loaded.plan.missing),
+        tuple(loaded.plan.unexpected),
+        loaded.plan.loads_nothing,
+    )
+
+
+T = TypeVar("T")
+
+
+def first_loadable(
+    backend: StorageBackend,
+    step: int | None,
+    load_one: Callable[[StorageBackend, Manifest], T],
+    *,
+    coordinator: Coordinator | None = None,
+) -> tuple[int, tuple[tuple[int, str], ...], T]:
+    """Run ``load_one`` on ``step``, or on the newest committed step it succeeds on.
 
     A step that fails verification or cannot be read (after the retries a transient
-    storage error deserves) is skipped, logged, and the next older one is tried. With a
-    ``coordinator`` of several ranks, every rank restores the same step: a step that
-    fails on any rank is skipped on all of them.
+    storage error deserves) is skipped, logged, and the next older one is tried; any
+    other ``CheckpointError`` of ``load_one`` (the state does not fit) is raised, since
+    no older step would do better. With a ``coordinator`` of several ranks, every rank
+    settles on the same step: a step that fails on any rank is skipped on all of them.
+
+    Returns:
+        (the step, the newer steps skipped with the reason, what ``load_one`` returned).
+
+    Raises:
+        CheckpointNotFoundError: nothing committed (naming a DCP checkpoint found there
+            and the command that imports it), or ``step`` is not committed.
+        CorruptCheckpointError: ``step`` was given and fails verification, or every
+            committed step does.
     """
-    backend = open_url(url)
     group = coordinator if coordinator is not None and coordinator.world_size > 1 else None
     steps = [step] if step is not None else _committed_newest_first(backend)
     if group is not None and step is None:
         steps = _agreed_steps(group, steps)
     skipped: list[tuple[int, str]] = []
     for found in steps:
-        loaded: _Loaded | None = None
+        loaded: T | None = None
         error: CheckpointError | None = None
         try:
-            loaded = _load_from_any_tier(
-                state, backend, found, strict=strict, options=options, skipped=skipped
-            )
+            loaded = _load_from_any_tier(backend, found, load_one, skipped)
         except _FALLBACK_ERRORS as exc:
             error = exc
         except CheckpointError as exc:  # the state does not fit: no older step would either
@@ -269,15 +305,7 @@ def _restore(
                     found,
                     ", ".join(str(s) for s, _ in skipped),
                 )
-            assert loaded is not None
-            return RestoreReport(
-                found,
-                tuple(skipped),
-                loaded.stats,
-                tuple(loaded.plan.missing),
-                tuple(loaded.plan.unexpected),
-                loaded.plan.loads_nothing,
-            )
+            return found, tuple(skipped), cast(T, loaded)
         if step is not None or not isinstance(error, _FALLBACK_ERRORS):
             raise error
         log.warning("skipping checkpoint step %d: %s; trying an older one", found, error)
@@ -345,7 +373,7 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _log_retry(state: RetryCallState) -> None:
-    step = state.args[2]
+    step = state.args[1]
     log.warning(
         "step %d: %s; retrying in %.1f s (attempt %d of %d)",
         step,
@@ -369,23 +397,18 @@ _retry_transient = retry(
 
 @_retry_transient
 def _load_from_any_tier(
-    state: Mapping[str, Any],
     backend: StorageBackend,
     step: int,
-    *,
-    strict: bool,
-    options: LoadOptions | None,
+    load_one: Callable[[StorageBackend, Manifest], T],
     skipped: list[tuple[int, str]],
-) -> _Loaded:
-    """Load ``step`` from the first tier that holds a good copy (a bad copy on one tier is
-    added to ``skipped``)."""
+) -> T:
+    """``load_one`` on ``step`` from the first tier that holds a good copy (a bad copy on
+    one tier is added to ``skipped``)."""
     tier_failures: list[tuple[int, str]] = []
     for candidate in candidates(backend, step):
         assert candidate.manifest is not None  # a step given: only usable copies are offered
         try:
-            loaded = load_manifest(
-                state, candidate.backend, candidate.manifest, strict=strict, options=options
-            )
+            loaded = load_one(candidate.backend, candidate.manifest)
         except (CorruptCheckpointError, StorageError) as exc:
             last = exc  # another tier may hold a good copy
             log.warning("step %d on %s: %s; trying the next copy", step, candidate.backend.url, exc)

@@ -157,6 +157,33 @@ def plan_load(
     return plan
 
 
+def decode_tree(
+    stored_tree: Mapping[str, Any],
+    stored_tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+) -> tuple[dict[str, Any], list[Destination]]:
+    """The stored tree as the values that were saved, without a target to load into.
+
+    Markers are decoded (tuples, bytes, dtypes, numpy arrays, mappings with keys that are
+    not strings); every tensor reference becomes a freshly allocated CPU tensor of the
+    stored global shape and dtype, one per stored tensor however many names refer to it
+    (tied weights stay tied).
+
+    Returns:
+        (the tree, the destinations that fill its tensors: read them before use).
+
+    Raises:
+        CorruptCheckpointError: the tree refers to a tensor that is not stored, or is malformed.
+    """
+    plan = LoadPlan()
+    tree: dict[str, Any] = {}
+    fresh: dict[str, torch.Tensor] = {}
+    for key, stored in stored_tree.items():
+        tree[key] = _Merge(stored_tensors, plan, True, fresh=fresh).merge(stored, _ABSENT, key)
+    if plan.mismatched:
+        raise CorruptCheckpointError("the checkpoint's state tree " + "; ".join(plan.mismatched))
+    return tree, plan.destinations
+
+
 def _listed(names: list[str], limit: int = 20) -> str:
     """``names`` for a log line: the first ``limit`` of them, and how many more."""
     shown = ", ".join(names[:limit])
@@ -208,12 +235,14 @@ class _Merge:
             e.g. the moments of an optimizer that never stepped); modules may not.
         saved_maps: paths of mappings whose keys the checkpoint defines: keys only the
             target holds there are dropped, not missing (an optimizer's per-parameter state).
+        fresh: the tensors allocated where the target has none, by stored name.
     """
 
     stored_tensors: Mapping[str, tuple[str, tuple[int, ...]]]
     plan: LoadPlan
     allow_new: bool
     saved_maps: set[str] = field(default_factory=set)
+    fresh: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def merge(self, stored: Any, target: Any, path: str) -> Any:
         clash = _kind_clash(stored, target, self.allow_new)
@@ -273,8 +302,10 @@ class _Merge:
             if not self.allow_new:
                 self.plan.unexpected.append(path)
                 return _DROP
-            tensor = torch.empty(shape, dtype=torch_dtype(dtype))
-            self.plan.destinations.append(Destination(name, tensor, Box.full(shape)))
+            tensor = self.fresh.get(name)
+            if tensor is None:  # one tensor for every name tied to it
+                tensor = self.fresh[name] = torch.empty(shape, dtype=torch_dtype(dtype))
+                self.plan.destinations.append(Destination(name, tensor, Box.full(shape)))
             return tensor.numpy() if NDARRAY_REF in stored else tensor
         local, global_shape, box, _ = geometry
         problems = []

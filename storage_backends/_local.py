@@ -244,10 +244,13 @@ class LocalBackend:
     may be one.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        """``create=False`` leaves a missing root missing (a reader must not make one): it
+        then lists as empty, and reads raise ``BlobNotFoundError``."""
         self._root = Path(root).expanduser().absolute()
         try:
-            self._root.mkdir(parents=True, exist_ok=True)
+            if create:
+                self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, str(self._root), "creating the checkpoint root") from exc
         # Resolved once: the root may be a symlink; nothing below it is ever followed.
