@@ -231,13 +231,13 @@ class CkptCheckpointIO(CheckpointIO):
         self._settle(lambda save: save.url == url or save.pending.done())
         local = _local_path(url)
         if local is not None and not local.is_dir():
-            what = "is a file" if local.exists() else "does not exist"
+            found = "is a file" if local.exists() else "does not exist"
+            hint = " (a torch.save file loads with TorchCheckpointIO)" if local.exists() else ""
             raise CheckpointNotFoundError(
-                f"{url} {what}, so it is no checkpoint CkptCheckpointIO wrote (each is a "
-                "directory); pass a path ModelCheckpoint wrote with this plugin"
-                + ("; a torch.save file needs Lightning's default TorchCheckpointIO" if what == "is a file" else "")
+                f"{url} {found}: no checkpoint CkptCheckpointIO wrote (each is a directory)"
+                f"{hint}; pass a path that ModelCheckpoint wrote with this plugin"
             )
-        loaded = ckpt.read(self._backend(url))
+        loaded = ckpt.read(self._backends.get(url) or self._open(url, create=False))
         if not isinstance(loaded, dict):
             raise InvalidStateError(
                 f"{url} holds a {type(loaded).__name__}, not a Lightning checkpoint dict"
@@ -261,7 +261,7 @@ class CkptCheckpointIO(CheckpointIO):
             if local.exists():
                 log.warning("not removing %s: a file, not a checkpoint this plugin wrote", url)
             return
-        backend = self._backends.pop(url, None) or self._open(url)
+        backend = self._backends.pop(url, None) or self._open(url, create=False)
         try:
             _delete_root(backend, local)
         finally:
@@ -279,11 +279,11 @@ class CkptCheckpointIO(CheckpointIO):
     def _url(self, path: str | os.PathLike[str]) -> str:
         return os.fspath(path)
 
-    def _open(self, url: str) -> StorageBackend:
+    def _open(self, url: str, *, create: bool = True) -> StorageBackend:
         if self.open_root is not None:
             return self.open_root(url)
         try:
-            return open_backend(url, s3_config=self.s3_config)
+            return open_backend(url, s3_config=self.s3_config, create=create)
         except StorageBackendError as exc:
             raise StorageError(
                 f"cannot open the checkpoint root {url}: {exc}", retryable=exc.retryable
