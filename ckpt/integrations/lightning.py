@@ -18,13 +18,14 @@ How Lightning's paths map onto ckpt:
   it as on any root. ModelCheckpoint's bookkeeping (names, version suffixes, ``"last"``,
   top-k) keeps working, because it only asks whether a path exists and when it changed.
 * **Saving to a path again replaces what it held**, as with ``torch.save``: the new step is
-  committed first, then the root's other steps are deleted (at the next call to this plugin
-  once the new one has committed in the background). Saving the same step to the same path
+  committed first, then the root's other steps are deleted (once a later call of this plugin
+  has waited for the new one to commit). Saving the same step to the same path
   again (``last.ckpt`` after resuming from it) un-commits the old copy first, so that path
   briefly holds no checkpoint, as a file being overwritten briefly holds half of one.
 * **remove_checkpoint(path)** waits for a save to that path still in flight, then deletes the
   step prefixes and index of that root and the root directory once empty; files ckpt did not
-  write are left where they are (logged), and nothing outside the root is touched.
+  write are left where they are (logged), and nothing outside the root is touched. A symbolic
+  link (``ModelCheckpoint(save_last="link")``) is removed itself, never what it points to.
 * **load_checkpoint(path)** reads the root's newest committed step that verifies, without a
   template (``ckpt.read``), and returns the dict Lightning saved, tensors on the CPU unless
   ``map_location`` says otherwise.
@@ -44,12 +45,20 @@ waits for the previous save: ckpt stages one at a time anyway), or at ``teardown
 waits for every save in flight; ``remove_checkpoint`` and ``load_checkpoint`` wait for a
 save to their own path and raise its failure. No failure is dropped.
 
-Strategies: Lightning calls ``save_checkpoint`` on global rank 0 only (single device, DDP,
-DeepSpeed's non-sharded mode), so each checkpoint is written by that one process with ckpt's
-single-process coordinator; every rank may load. FSDP's ``state_dict_type="sharded"`` writes
+Strategies: with a single device and with DDP, Lightning calls ``save_checkpoint`` and
+``remove_checkpoint`` on global rank 0 only, so each checkpoint is written by that one
+process with ckpt's single-process coordinator; every rank loads. FSDP's ``state_dict_type="sharded"`` writes
 through torch.distributed.checkpoint and never calls a ``CheckpointIO``; FSDP with
 ``state_dict_type="full"`` refuses directory paths, so ckpt roots cannot be used there; use
 ``CheckpointManager`` inside the ``LightningModule`` for sharded saves instead.
+
+Limits: ``LightningModule.load_from_checkpoint`` reads files with ``torch.load`` and never
+asks a ``CheckpointIO``; load weights with
+``model.load_state_dict(ckpt.read(path, keys=["state_dict"])["state_dict"])``, or use
+``trainer.validate/test/predict(ckpt_path=path)``, which do. With an ``s3://`` dirpath,
+ModelCheckpoint needs s3fs for its own bookkeeping, and ``ckpt_path="last"`` asks fsspec
+for the modification time of a prefix, which S3 does not keep: pass the path itself there.
+Do not wrap this plugin in Lightning's ``AsyncCheckpointIO``: it is asynchronous already.
 
 Lightning is imported only when this module is; ``import ckpt`` and ``import
 ckpt.integrations`` never import it.
@@ -257,6 +266,9 @@ class CkptCheckpointIO(CheckpointIO):
         url = self._url(path)
         self._settle(lambda save: save.url == url or save.pending.done())
         local = _local_path(url)
+        if local is not None and local.is_symlink():
+            local.unlink()  # ModelCheckpoint(save_last="link"): the link, never its target
+            return
         if local is not None and not local.is_dir():
             if local.exists():
                 log.warning("not removing %s: a file, not a checkpoint this plugin wrote", url)
@@ -297,8 +309,11 @@ class CkptCheckpointIO(CheckpointIO):
     def _settle(self, wait_for: Callable[[_InFlight], bool]) -> None:
         """Wait for the saves ``wait_for`` picks, tidy the roots of those that committed,
         and raise the first failure among them once all have ended."""
-        chosen = [save for save in self._in_flight if wait_for(save)]
-        self._in_flight = [save for save in self._in_flight if not wait_for(save)]
+        chosen: list[_InFlight] = []
+        others: list[_InFlight] = []
+        for save in self._in_flight:  # one pass: a save may finish while this runs
+            (chosen if wait_for(save) else others).append(save)
+        self._in_flight = others
         failure: BaseException | None = None
         for save in chosen:
             try:

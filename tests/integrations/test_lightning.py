@@ -207,6 +207,11 @@ def test_remove_deletes_that_checkpoint_and_nothing_else(tmp_path: Path) -> None
     (a / "README").write_text("mine")
     plugin.remove_checkpoint(a)
     assert sorted(p.name for p in a.iterdir()) == ["README"]
+    (tmp_path / "link.ckpt").symlink_to(b)  # ModelCheckpoint(save_last="link")
+    assert plugin.load_checkpoint(tmp_path / "link.ckpt")["global_step"] == 2
+    plugin.remove_checkpoint(tmp_path / "link.ckpt")
+    assert not (tmp_path / "link.ckpt").exists()
+    assert plugin.load_checkpoint(b)["global_step"] == 2
     plugin.remove_checkpoint(tmp_path / "never-written.ckpt")  # nothing there: no error
     assert not (tmp_path / "never-written.ckpt").exists()
 
