@@ -47,10 +47,11 @@ save to their own path and raise its failure. No failure is dropped.
 
 Strategies: with a single device and with DDP, Lightning calls ``save_checkpoint`` and
 ``remove_checkpoint`` on global rank 0 only, so each checkpoint is written by that one
-process with ckpt's single-process coordinator; every rank loads. FSDP's ``state_dict_type="sharded"`` writes
-through torch.distributed.checkpoint and never calls a ``CheckpointIO``; FSDP with
-``state_dict_type="full"`` refuses directory paths, so ckpt roots cannot be used there; use
-``CheckpointManager`` inside the ``LightningModule`` for sharded saves instead.
+process with ckpt's single-process coordinator; every rank loads. FSDP's
+``state_dict_type="sharded"`` writes through torch.distributed.checkpoint and never calls a
+``CheckpointIO``; FSDP with ``state_dict_type="full"`` refuses directory paths, so ckpt
+roots cannot be used there; use ``CheckpointManager`` inside the ``LightningModule`` for
+sharded saves instead.
 
 Limits: ``LightningModule.load_from_checkpoint`` reads files with ``torch.load`` and never
 asks a ``CheckpointIO``; load weights with
