@@ -71,9 +71,9 @@ def loader() -> DataLoader[Any]:
 def trainer(tmp: Path, plugin: CkptCheckpointIO, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("enable_checkpointing", bool(kwargs.get("callbacks")))
     kwargs.setdefault("max_steps", MAX_STEPS)
+    kwargs.setdefault("devices", 1)
     return pl.Trainer(
         accelerator="cpu",
-        devices=1,
         plugins=[plugin],
         default_root_dir=tmp,
         enable_progress_bar=False,
@@ -346,3 +346,35 @@ def test_remove_waits_for_the_save_of_that_path(tmp_path: Path, gate: threading.
     assert not remover.is_alive()
     assert not path.exists()
     plugin.teardown()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_saves_once_and_resumes(fitted: Fitted, tmp_path: Path) -> None:
+    """DDP over gloo on 2 CPU processes: rank 0 writes each checkpoint, both ranks resume.
+
+    Both ranks draw the same batch, so DDP's averaged gradient is the single-process one and
+    the run must match the uninterrupted single-process run bit for bit.
+    """
+    dirpath = tmp_path / "ddp"
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=dirpath, every_n_train_steps=EVERY, save_top_k=-1
+    )
+    ddp = {"strategy": "ddp_spawn", "devices": 2}
+    first = trainer(tmp_path, CkptCheckpointIO(), callbacks=[checkpoints], **ddp)
+    first.fit(new_model(), loader())
+    # DistributedSampler gives each rank 2 of the 3 samples: epochs of 2 steps here.
+    names = sorted(p.name for p in dirpath.iterdir())
+    assert names == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "epoch=2-step=6.ckpt"]
+    saved = CkptCheckpointIO().load_checkpoint(dirpath / "epoch=2-step=6.ckpt")
+    torch.testing.assert_close(saved["state_dict"], fitted.final.weights, rtol=0, atol=0)
+    torch.testing.assert_close(saved["optimizer_states"][0], fitted.final.optimizer, rtol=0, atol=0)
+    # The spawn launcher hands rank 0's final weights to this process through the plugin.
+    torch.testing.assert_close(first.lightning_module.state_dict(), fitted.final.weights)
+
+    resumed_dir = tmp_path / "resumed"
+    again = pl.callbacks.ModelCheckpoint(dirpath=resumed_dir, every_n_train_steps=EVERY)
+    resumed = trainer(tmp_path, CkptCheckpointIO(), callbacks=[again], **ddp)
+    resumed.fit(new_model(), loader(), ckpt_path=dirpath / "epoch=1-step=4.ckpt")
+    final = CkptCheckpointIO().load_checkpoint(resumed_dir / "epoch=2-step=6.ckpt")
+    torch.testing.assert_close(final["state_dict"], fitted.final.weights, rtol=0, atol=0)
+    torch.testing.assert_close(final["optimizer_states"][0], fitted.final.optimizer, rtol=0, atol=0)
