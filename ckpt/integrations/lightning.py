@@ -248,11 +248,7 @@ class CkptCheckpointIO(CheckpointIO):
                 f"{hint}; pass a path that ModelCheckpoint wrote with this plugin"
             )
         loaded = ckpt.read(self._backends.get(url) or self._open(url, create=False))
-        if not isinstance(loaded, dict):
-            raise InvalidStateError(
-                f"{url} holds a {type(loaded).__name__}, not a Lightning checkpoint dict"
-            )
-        return _mapped(loaded, map_location)  # type: ignore[no-any-return]
+        return {key: _mapped(value, map_location) for key, value in loaded.items()}
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Delete the checkpoint root ``path`` (after its save in flight, if any, ends).
@@ -319,11 +315,10 @@ class CkptCheckpointIO(CheckpointIO):
         for save in chosen:
             try:
                 save.pending.result()
+                self._keep_only(save.url, save.step)
             except BaseException as exc:  # every save is waited for before raising
                 if failure is None:
                     failure = exc
-                continue
-            self._keep_only(save.url, save.step)
         if failure is not None:
             raise failure
 
