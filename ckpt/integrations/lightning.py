@@ -26,8 +26,9 @@ How Lightning's paths map onto ckpt:
   step prefixes and index of that root and the root directory once empty; files ckpt did not
   write are left where they are (logged), and nothing outside the root is touched. A symbolic
   link (``ModelCheckpoint(save_last="link")``) is removed itself, never what it points to.
-* **load_checkpoint(path)** reads the root's newest committed step that verifies, without a
-  template (``ckpt.read``), and returns the dict Lightning saved, tensors on the CPU unless
+* **load_checkpoint(path)** reads the root's checkpoint without a template (``ckpt.read``):
+  its newest committed step that verifies or, while a replaced one is still there, the step
+  committed last, and returns the dict Lightning saved, tensors on the CPU unless
   ``map_location`` says otherwise.
 
 What a Lightning checkpoint may hold: tensors, numbers, strings, bytes, ``None``, dtypes,
@@ -88,12 +89,14 @@ import ckpt
 from ckpt.coordination import LocalCoordinator
 from ckpt.engine import PendingSave, SaveOptions, flatten
 from ckpt.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidStateError,
     StorageError,
     storage_errors,
 )
-from ckpt.format import INDEX_DIR, parse_step_prefix, scan_steps, step_prefix
+from ckpt.format import INDEX_DIR, parse_step_prefix, read_manifest, scan_steps, step_prefix
 from ckpt.retention import retire_step
 from storage_backends import S3Config, StorageBackend, StorageBackendError, open_backend
 
@@ -247,7 +250,15 @@ class CkptCheckpointIO(CheckpointIO):
                 f"{url} {found}: no checkpoint CkptCheckpointIO wrote (each is a directory)"
                 f"{hint}; pass a path that ModelCheckpoint wrote with this plugin"
             )
-        loaded = ckpt.read(self._backends.get(url) or self._open(url, create=False))
+        backend = self._backends.get(url) or self._open(url, create=False)
+        newest = _newest_written(backend)
+        try:
+            loaded = ckpt.read(backend, step=newest)
+        except CorruptCheckpointError:
+            if newest is None:
+                raise
+            log.warning("%s: step %d fails verification; reading an older one", url, newest)
+            loaded = ckpt.read(backend)
         return {key: _mapped(value, map_location) for key, value in loaded.items()}
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
@@ -401,6 +412,24 @@ def _walk(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(tree, tuple):
         return tuple(_walk(v, fn) for v in tree)
     return tree
+
+
+def _newest_written(backend: StorageBackend) -> int | None:
+    """The step committed last under a root that holds several (a save replaced the path's
+    checkpoint and the older one is not deleted yet), whatever its number: after resuming
+    from an earlier checkpoint, ``last.ckpt`` gets a smaller step than the one it held.
+    None, for ``ckpt.read``'s newest-that-verifies, when there is one step or the
+    manifests cannot tell."""
+    with storage_errors(f"listing {backend.url}"):
+        committed = scan_steps(backend).committed
+    if len(committed) < 2:
+        return None
+    try:
+        written = {step: read_manifest(backend, step).created_unix for step in committed}
+    except CheckpointError as exc:
+        log.warning("%s holds steps %s; reading the newest: %s", backend.url, committed, exc)
+        return None
+    return max(committed, key=lambda step: (written[step], step))
 
 
 def _local_path(url: str) -> Path | None:

@@ -224,6 +224,11 @@ def test_saving_a_path_again_replaces_its_checkpoint(tmp_path: Path) -> None:
     plugin.teardown()
     assert scan_steps(LocalBackend(path)).committed == (2,)
     assert plugin.load_checkpoint(path)["global_step"] == 2
+    # Until the replaced step is deleted, the one committed last is the path's checkpoint.
+    other = tmp_path / "other.ckpt"
+    ckpt.save(lightning_dict(4), other, step=4)
+    ckpt.save(lightning_dict(3), other, step=3)
+    assert CkptCheckpointIO().load_checkpoint(other)["global_step"] == 3
 
 
 def failing_roots(fail_write_at: int = 1) -> Any:
