@@ -17,6 +17,12 @@ from storage_backends._errors import (
 )
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import BlobStream, BytesLike, StorageBackend, Tiered, as_tiered
+from storage_backends._retries import (
+    RetryObserver,
+    add_retry_observer,
+    remove_retry_observer,
+    report_retry,
+)
 from storage_backends._s3_config import RetryPolicy, S3Config
 from storage_backends._tiered import TieredBackend
 from storage_backends._url import open_backend
@@ -30,6 +36,7 @@ __all__ = [
     "BytesLike",
     "InvalidPathError",
     "LocalBackend",
+    "RetryObserver",
     "RetryPolicy",
     "S3Backend",
     "S3Config",
@@ -38,8 +45,11 @@ __all__ = [
     "StorageFullError",
     "Tiered",
     "TieredBackend",
+    "add_retry_observer",
     "as_tiered",
     "open_backend",
+    "remove_retry_observer",
+    "report_retry",
 ]
 
 
