@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry, Counter
 
 import ckpt
 import ckpt.metrics
-from storage_backends import RetryPolicy, S3Backend, report_retry
+from storage_backends import RetryPolicy, S3Backend
 from tests.support.faulty import FaultyBackend
 from tests.support.on_disk import data_file, flip_byte, piece_of, read_manifest
+from tests.support.ports import free_port
 from tests.support.s3_servers import S3Server, aws_test_env, moto_s3, no_wait
 from tests.support.workers import REPO_ROOT
 
@@ -224,13 +225,16 @@ def test_restore_retries_of_a_transient_read_are_counted(
         backend.close()
 
 
-def test_retries_reported_by_any_client_are_counted(registry: CollectorRegistry) -> None:
-    """The hook the Redis coordinator reports through (its retries need a server that
-    drops connections; the S3 tests above cover the path end to end)."""
+def test_redis_retries_are_counted(registry: CollectorRegistry) -> None:
+    """A coordinator whose server is down retries its calls for ``retry_seconds``, then
+    fails; every retry is counted (how many depends on the backoff's timing)."""
     r = Readings(registry)
-    report_retry("redis", "reporting step 3")
-    report_retry("redis", "reporting step 3")
-    assert r.delta("ckpt_retries_total", service="redis") == 2
+    with pytest.raises(ckpt.CoordinationError, match="unreachable"):
+        ckpt.RedisCoordinator(
+            f"redis://127.0.0.1:{free_port()}/0", job="metrics", retry_seconds=0.5
+        )
+    assert r.delta("ckpt_retries_total", service="redis") >= 1
+    assert r.delta("ckpt_retries_total", service="s3") == 0
 
 
 # -- registration -----------------------------------------------------------------------
