@@ -1,10 +1,11 @@
 """Prometheus metrics of saves, restores and retries (``ckpt.metrics`` is the public face).
 
-One process-wide set of metrics, made on first use when ``prometheus_client`` can be
-imported: the first save or restore through ``ckpt.save``/``async_save``/``load``/
-``restore`` or a ``CheckpointManager``, or the first ``register`` call. Without
-``prometheus_client`` nothing is made, nothing is recorded, and saves and restores run
-as they always did.
+One process-wide set of metrics, made when the public face loads (so that importing
+``prometheus_client`` is no part of the first save's stall) when ``prometheus_client``
+can be imported, and exported on the default registry at the first save or restore
+through ``ckpt.save``/``async_save``/``load``/``restore`` or a ``CheckpointManager``,
+unless ``register`` chose a registry before. Without ``prometheus_client`` nothing is
+made, nothing is recorded, and saves and restores run as they always did.
 
 Where the values come from: the public face wraps each save it starts
 (``record_save``: the stall when staging returns, the time to commit and the bytes
@@ -132,7 +133,7 @@ _metrics: _Metrics | None = None
 
 
 def _get() -> _Metrics | None:
-    """The metrics, made on first call; None without ``prometheus_client``."""
+    """The metrics, made on the first call (at import); None without ``prometheus_client``."""
     global _made, _metrics
     if _made:
         return _metrics
@@ -303,3 +304,7 @@ def record_retry(service: str) -> None:
 
 def _on_retry(service: str, what: str) -> None:
     record_retry(service)
+
+
+# prometheus_client is imported with the public face, not in the first save's stall.
+_get()
