@@ -3,6 +3,9 @@
 Client libraries load only when used: ``S3Backend`` (botocore) is imported on first
 access, and ``open_backend`` imports it only for an ``s3://`` URL, so a job on local
 storage never loads botocore (nor does any of its spawned ranks).
+
+Clients that retry calls report each retry to the observers added with
+``add_retry_observer`` (ckpt counts them in its Prometheus metrics).
 """
 
 from __future__ import annotations
