@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -19,9 +20,11 @@ from tenacity import (
 from torch import nn
 
 from ckpt._foreign import dcp_message, find_dcp
+from ckpt._metrics import record_restore, record_retry, record_save
 from ckpt._unflatten import LoadPlan, module_names, plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
+from ckpt.engine._spans import span
 from ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -91,16 +94,22 @@ def _start_save(
 ) -> PendingSave:
     """Start a save with the default engine; a coordinator made here from ``coordinator``
     (a Redis URL) is closed once the save has ended."""
+    engine = default_snapshotter()
+    engine.raise_unobserved()  # an earlier save's failure (counted when that save ended)
     made = resolve_coordinator(coordinator, backend.url)
     try:
-        pending = default_snapshotter().async_save(
-            state,
+        pending = record_save(
             backend,
-            step,
-            made,
-            user_metadata=user_metadata,
-            overlap_writes=overlap_writes,
-            options=options,
+            blocking=overlap_writes,
+            start=lambda: engine.async_save(
+                state,
+                backend,
+                step,
+                made,
+                user_metadata=user_metadata,
+                overlap_writes=overlap_writes,
+                options=options,
+            ),
         )
     except BaseException:
         if made is not coordinator:
@@ -217,15 +226,22 @@ def restore(
     ``rediss://`` URL (the coordinator made from it is closed before returning).
     """
     backend = open_url(url)
-    if not isinstance(coordinator, str):
-        return _restore(
-            state, backend, step=step, strict=strict, options=options, coordinator=coordinator
-        )
-    made = resolve_coordinator(coordinator, backend.url)
-    try:
-        return _restore(state, backend, step=step, strict=strict, options=options, coordinator=made)
-    finally:
-        made.close()
+    began = time.perf_counter()
+    with span("ckpt.restore"):
+        if not isinstance(coordinator, str):
+            report = _restore(
+                state, backend, step=step, strict=strict, options=options, coordinator=coordinator
+            )
+        else:
+            made = resolve_coordinator(coordinator, backend.url)
+            try:
+                report = _restore(
+                    state, backend, step=step, strict=strict, options=options, coordinator=made
+                )
+            finally:
+                made.close()
+    record_restore(backend, time.perf_counter() - began, len(report.skipped))
+    return report
 
 
 def _restore(
@@ -372,7 +388,8 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, StorageError) and exc.retryable
 
 
-def _log_retry(state: RetryCallState) -> None:
+def _before_retry(state: RetryCallState) -> None:
+    record_retry("restore")
     step = state.args[1]
     log.warning(
         "step %d: %s; retrying in %.1f s (attempt %d of %d)",
@@ -390,7 +407,7 @@ _retry_transient = retry(
     retry=retry_if_exception(_transient),
     stop=stop_after_attempt(_READ_ATTEMPTS),
     wait=wait_exponential(multiplier=0.2),
-    before_sleep=_log_retry,
+    before_sleep=_before_retry,
     reraise=True,
 )
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, NoReturn
 from ckpt import retention
 from ckpt._api import RestoreReport, open_url, restore
 from ckpt._foreign import find_dcp
+from ckpt._metrics import record_save
 from ckpt._rng import RNGState
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
@@ -274,15 +275,19 @@ class CheckpointManager:
         started = time.monotonic()
         self.metrics.saves_started += 1
         try:
-            pending = self._snapshotter.async_save(
-                self._with_rng(state),
+            pending = record_save(
                 self.backend,
-                step,
-                self.coordinator,
-                user_metadata=self.user_metadata,
-                on_committed=self._after_commit,
-                overlap_writes=blocking,
-                options=options,
+                blocking=blocking,
+                start=lambda: self._snapshotter.async_save(
+                    self._with_rng(state),
+                    self.backend,
+                    step,
+                    self.coordinator,
+                    user_metadata=self.user_metadata,
+                    on_committed=self._after_commit,
+                    overlap_writes=blocking,
+                    options=options,
+                ),
             )
         except BaseException:
             self.metrics.saves_failed += 1

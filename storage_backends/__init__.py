@@ -3,6 +3,9 @@
 Client libraries load only when used: ``S3Backend`` (botocore) is imported on first
 access, and ``open_backend`` imports it only for an ``s3://`` URL, so a job on local
 storage never loads botocore (nor does any of its spawned ranks).
+
+Clients that retry calls report each retry to the observers added with
+``add_retry_observer`` (ckpt counts them in its Prometheus metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from storage_backends._errors import (
 )
 from storage_backends._local import LocalBackend
 from storage_backends._protocol import BlobStream, BytesLike, StorageBackend, Tiered, as_tiered
+from storage_backends._retries import (
+    RetryObserver,
+    add_retry_observer,
+    remove_retry_observer,
+    report_retry,
+)
 from storage_backends._s3_config import RetryPolicy, S3Config
 from storage_backends._tiered import TieredBackend
 from storage_backends._url import open_backend
@@ -30,6 +39,7 @@ __all__ = [
     "BytesLike",
     "InvalidPathError",
     "LocalBackend",
+    "RetryObserver",
     "RetryPolicy",
     "S3Backend",
     "S3Config",
@@ -38,8 +48,11 @@ __all__ = [
     "StorageFullError",
     "Tiered",
     "TieredBackend",
+    "add_retry_observer",
     "as_tiered",
     "open_backend",
+    "remove_retry_observer",
+    "report_retry",
 ]
 
 

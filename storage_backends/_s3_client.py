@@ -30,6 +30,7 @@ from tenacity import (
 )
 
 from storage_backends._errors import InvalidPathError, StorageBackendError
+from storage_backends._retries import report_retry
 from storage_backends._s3_config import S3Config
 from storage_backends._s3_errors import TRANSIENT, UploadGoneError, is_retryable, maps_to, to_error
 
@@ -221,6 +222,8 @@ class S3Client:
         )
         try:
             for attempt in retrying:
+                if attempt.retry_state.attempt_number > 1:
+                    report_retry("s3", what)
                 with attempt:
                     return fn()
         except StorageBackendError:

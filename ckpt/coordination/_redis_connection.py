@@ -28,6 +28,7 @@ from tenacity import (
 from ckpt.coordination import _redis_scripts
 from ckpt.coordination._redis_url import RedisURL
 from ckpt.errors import CoordinationError
+from storage_backends import report_retry
 
 T = TypeVar("T")
 
@@ -121,6 +122,8 @@ class RedisLink:
         )
         try:
             for attempt in retrying:
+                if attempt.retry_state.attempt_number > 1:
+                    report_retry("redis", what)
                 with attempt:
                     result = fn()
                     self._down.clear()

@@ -38,6 +38,7 @@ from ckpt.engine._job import (
 )
 from ckpt.engine._options import SaveOptions
 from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
+from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
 from ckpt.format import (
@@ -283,31 +284,32 @@ class Snapshotter:
         user_metadata = checked_metadata(user_metadata)
         self.raise_unobserved()
         start = time.perf_counter()
-        # Every value is checked here, before the step begins and anything is written.
-        try:
-            tensors, tree = flatten(state)
-            refused: CheckpointError | None = None
-        except CheckpointError as exc:
-            refused = exc
-        if coordinator.world_size > 1:
-            # A refusal on one rank must not leave the others waiting in the plan exchange.
-            _agree_on_refusal(coordinator, refused)
-        if refused is not None:
-            raise refused
-        options = options or self.options
-        coordinator.begin(step, options.chunk_bytes)
-        return self.save_flat(
-            tensors,
-            tree,
-            backend,
-            step,
-            coordinator,
-            user_metadata=user_metadata,
-            on_committed=on_committed,
-            started=start,
-            overlap_writes=overlap_writes,
-            options=options,
-        )
+        with span("ckpt.save"):
+            # Every value is checked here, before the step begins and anything is written.
+            try:
+                tensors, tree = flatten(state)
+                refused: CheckpointError | None = None
+            except CheckpointError as exc:
+                refused = exc
+            if coordinator.world_size > 1:
+                # A refusal on one rank must not leave the others waiting in the plan exchange.
+                _agree_on_refusal(coordinator, refused)
+            if refused is not None:
+                raise refused
+            options = options or self.options
+            coordinator.begin(step, options.chunk_bytes)
+            return self.save_flat(
+                tensors,
+                tree,
+                backend,
+                step,
+                coordinator,
+                user_metadata=user_metadata,
+                on_committed=on_committed,
+                started=start,
+                overlap_writes=overlap_writes,
+                options=options,
+            )
 
     def save_flat(
         self,
@@ -361,7 +363,8 @@ class Snapshotter:
             user_metadata=metadata,
             on_committed=on_committed,
         )
-        writes = stage(job, self._pool, self._io, overlap_writes=overlap_writes)
+        with span("ckpt.stage"):
+            writes = stage(job, self._pool, self._io, overlap_writes=overlap_writes)
         stall = time.perf_counter() - start
         future = self._persist.submit(self._persist_and_commit, job, writes, stall)
         pending = PendingSave(step, backend.url, stall, future)
@@ -377,14 +380,16 @@ class Snapshotter:
         t0 = time.perf_counter()
         try:
             try:
-                written = persist(job, self._io, started)
+                with span("ckpt.persist"):
+                    written = persist(job, self._io, started)
             except BaseException as exc:
                 tell_the_others(job.coordinator, job.backend, job.step, exc)
                 raise
             finally:
                 self._pool.release(job.buffer)
             t1 = time.perf_counter()
-            commit(job, written)
+            with span("ckpt.commit"):
+                commit(job, written)
             t2 = time.perf_counter()
         except BaseException as exc:
             log.error("step %d (rank %d): save failed: %s", job.step, job.rank, exc)
