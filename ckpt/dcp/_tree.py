@@ -49,8 +49,7 @@ def encode_value(fqn: str, value: Any) -> Any:
         tensors, tree = flatten({fqn: value})
     except InvalidStateError as exc:
         raise InvalidStateError(
-            f"dcp.save with ckpt.dcp.Writer: {fqn!r} cannot be stored, as ckpt stores no "
-            f"pickle: {exc}"
+            f"dcp.save with ckpt.dcp.Writer (ckpt stores no pickle, values go to JSON): {exc}"
         ) from exc
     if tensors:
         raise InvalidStateError(
