@@ -116,6 +116,36 @@ def test_ckpt_save_then_dcp_load_is_bit_exact(root: Path) -> None:
     assert target["extra"] == EXTRA
 
 
+class _App:
+    """A DCP ``Stateful`` object (and a ckpt one): a tensor, a number, nested containers."""
+
+    def __init__(self, scale: float) -> None:
+        self.t = torch.arange(4.0) * scale
+        self.n = int(scale)
+        self.groups: list[Any] = [{"a": scale}, {"b": (1, 2)}]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "n": self.n, "groups": self.groups}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t, self.n, self.groups = state["t"], state["n"], state["groups"]
+
+
+def test_modules_and_stateful_objects_given_to_dcp_directly(root: Path) -> None:
+    model, _ = _trained(12)
+    dcp.save({"model": model, "app": _App(3.0)}, storage_writer=Writer(root))
+    for load in ("ckpt", "dcp"):
+        again, app = _fresh(13)[0], _App(0.0)
+        if load == "ckpt":
+            ckpt.load({"model": again, "app": app}, root)
+        else:
+            dcp.load({"model": again, "app": app}, storage_reader=Reader(root))
+        assert torch.equal(app.t, torch.arange(4.0) * 3.0) and app.n == 3, load
+        assert app.groups == [{"a": 3.0}, {"b": (1, 2)}], load
+        for name, value in model.state_dict().items():
+            assert torch.equal(again.state_dict()[name], value), (load, name)
+
+
 def test_second_writer_of_a_committed_step_is_refused(root: Path) -> None:
     model, _ = _trained(4)
     dcp.save({"model": model.state_dict()}, storage_writer=Writer(root, step=5))
