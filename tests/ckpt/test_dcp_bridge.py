@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def test_second_writer_of_a_committed_step_is_refused(root: Path) -> None:
     dcp.save({"model": model.state_dict()}, storage_writer=Writer(root, step=5))
     before = (root / "step-000000005" / "manifest.json").read_bytes()
     with torch.no_grad():
-        model[0].weight.add_(1.0)
+        next(model.parameters()).add_(1.0)
     with pytest.raises(CheckpointException) as caught:
         dcp.save({"model": model.state_dict()}, storage_writer=Writer(root, step=5))
     error = caught.value.failures[0][0]
@@ -188,10 +189,12 @@ def test_failing_write_commits_nothing_and_keeps_the_previous_step(root: Path) -
     state = {"model": model.state_dict(), "optim": opt.state_dict()}
     dcp.save(state, storage_writer=Writer(root, step=1))
     backend = LocalBackend(root)
-    for fault in ({"fail_write_at": 2}, {"fail_put_at": 1}):  # a data file; the manifest
+    faults = (FaultyBackend(backend, fail_write_at=2), FaultyBackend(backend, fail_put_at=1))
+    for fault in faults:  # a data file; the manifest
         with pytest.raises(CheckpointException) as caught:
-            dcp.save(state, storage_writer=Writer(FaultyBackend(backend, **fault)))
-        assert isinstance(caught.value.failures[0][0], ckpt.CheckpointError), fault
+            dcp.save(state, storage_writer=Writer(fault))
+        assert isinstance(caught.value.failures[0][0], ckpt.CheckpointError)
+        assert fault.failures  # the fault did happen
         assert committed_steps(backend) == [1]
         assert not (root / "step-000000002" / "manifest.json").exists()
     verify_checkpoint(backend, read_manifest(backend, 1))
@@ -299,7 +302,9 @@ def _save_on_ranks(
     dcp.save(state, storage_writer=Writer(dcp_root), process_group=group)
     coordinator = ProcessGroupCoordinator(group) if world > 1 else None
     ckpt.save(state, ckpt_root, step=3, coordinator=coordinator)
-    dcp.async_save(state, storage_writer=Writer(dcp_root), process_group=group).result()
+    pending = dcp.async_save(state, storage_writer=Writer(dcp_root), process_group=group)
+    assert isinstance(pending, Future)
+    pending.result()
     return committed_steps(LocalBackend(dcp_root))
 
 
@@ -334,7 +339,9 @@ def _load_on_ranks(rank: int, world: int, dcp_root: str, ckpt_root: str) -> dict
     return found
 
 
-CLEAN = {k: [] for k in ("Reader<-dcp0", "Reader<-dcp1", "Reader<-ckpt", "ckpt.load<-dcp0")}
+CLEAN: dict[str, list[str]] = {
+    k: [] for k in ("Reader<-dcp0", "Reader<-dcp1", "Reader<-ckpt", "ckpt.load<-dcp0")
+}
 
 
 def _load_here(dcp_root: Path, ckpt_root: Path) -> dict[str, Any]:
