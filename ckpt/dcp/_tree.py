@@ -55,8 +55,9 @@ def encode_value(fqn: str, value: Any) -> Any:
         raise InvalidStateError(
             f"dcp.save with ckpt.dcp.Writer: {fqn!r} is a {type(value).__name__} holding "
             f"tensors or arrays ({', '.join(sorted(tensors)[:3])}), which DCP saves whole as "
-            "pickled bytes and ckpt stores no pickle; put the tensors in a dict or a list "
-            "instead of a tuple or an object"
+            "pickled bytes (a tuple, or any container when the planner does not flatten the "
+            "state dict) and ckpt stores no pickle; hold the tensors in dicts or lists, and "
+            "keep DCP's flatten_state_dict=True"
         )
     return tree[fqn]
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 import torch
 from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     Metadata,
     MetadataIndex,
@@ -390,13 +391,12 @@ def _lookup(planner: SavePlanner, item: WriteItem) -> Any:
 
 
 def _check_all_values(planner: SavePlanner) -> None:
-    """Refuse a value that cannot be stored on every rank that holds it, before any rank
-    writes: DCP's default planner gives every rank the whole (flattened) state dict, so
-    with replicated plain values every rank refuses, not just the one assigned to it."""
-    state = getattr(planner, "state_dict", None)
-    if not isinstance(state, Mapping):
+    """Refuse a value that cannot be stored on every rank that holds it, before this rank
+    writes: DCP's default planner keeps every rank's whole (flattened) state dict, so with
+    replicated plain values every rank refuses, not just the one DCP assigned it to."""
+    if not isinstance(planner, DefaultSavePlanner):
         return
-    for fqn, value in state.items():
+    for fqn, value in planner.state_dict.items():
         if not isinstance(value, (torch.Tensor, ShardedTensor)) and isinstance(fqn, str):
             encode_value(fqn, value)
 

@@ -147,6 +147,22 @@ def test_modules_and_stateful_objects_given_to_dcp_directly(root: Path) -> None:
             assert torch.equal(again.state_dict()[name], value), (load, name)
 
 
+def test_reader_casts_to_the_target_dtype_and_reads_a_subset(root: Path) -> None:
+    model, _ = _trained(14)
+    ckpt.save({"model": model}, root, step=2)
+    weight, bias = model.state_dict()["0.weight"], model.state_dict()["0.bias"]
+    target = {
+        "model": {
+            "0.weight": torch.zeros(weight.shape, dtype=torch.bfloat16),
+            "0.bias": torch.zeros(bias.shape, dtype=torch.float64)[None, :].t()[:, 0],
+        }
+    }  # the bias target is a non-contiguous view
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+    dcp.load(target, storage_reader=Reader(root), planner=planner)
+    assert torch.equal(target["model"]["0.weight"], weight.to(torch.bfloat16))
+    assert torch.equal(target["model"]["0.bias"], bias.double())
+
+
 def test_second_writer_of_a_committed_step_is_refused(root: Path) -> None:
     model, _ = _trained(4)
     dcp.save({"model": model.state_dict()}, storage_writer=Writer(root, step=5))
