@@ -29,6 +29,7 @@ from ckpt.dcp import Reader, Writer
 from ckpt.format import read_manifest, scan_steps
 from recovery import committed_steps, validate_files, verify_checkpoint
 from storage_backends import LocalBackend, StorageBackend
+from tests.support.cli import run_cli
 from tests.support.faulty import FaultyBackend
 from tests.support.gloo import run_ranks
 from tests.support.s3_servers import S3Server, aws_test_env, moto_s3
@@ -75,7 +76,9 @@ def _assert_same_training_state(
 EXTRA = {"epoch": 3, "tag": "run-a", "betas": (0.5, 0.25), "lrs": [0.1, 0.01], "none": None}
 
 
-def test_dcp_save_then_ckpt_load_is_bit_exact_and_verifies(root: Path) -> None:
+def test_dcp_save_then_ckpt_load_is_bit_exact_and_verifies(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     saved = _trained(0)
     state = {"model": saved[0].state_dict(), "optim": saved[1].state_dict(), "extra": EXTRA}
     dcp.save(state, storage_writer=Writer(root, user_metadata={"who": "dcp"}))
@@ -87,6 +90,8 @@ def test_dcp_save_then_ckpt_load_is_bit_exact_and_verifies(root: Path) -> None:
     verify_checkpoint(backend, manifest)  # every chunk's checksum, every header
     assert manifest.user_metadata == {"who": "dcp"}
     assert all(p.checksums for e in manifest.tensors.values() for p in e.pieces)
+    code, out = run_cli(monkeypatch, "verify", str(root))
+    assert code == 0, out
     # The names ckpt.save gives the same state: modules, optimizer state, plain values.
     ckpt.save({"model": saved[0], "optim": saved[1], "extra": EXTRA}, root, step=1)
     assert read_manifest(backend, 1).state == manifest.state
