@@ -168,6 +168,27 @@ def test_reader_casts_to_the_target_dtype_and_reads_a_subset(root: Path) -> None
     assert torch.equal(target["model"]["0.bias"], bias.double())
 
 
+def test_reader_passes_over_a_damaged_newest_step_and_detects_rotten_bytes(root: Path) -> None:
+    for step in (1, 2):
+        ckpt.save({"t": torch.full((1000,), float(step))}, root, step=step)
+    (data,) = (root / "step-000000002" / "data").iterdir()
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 8)  # the manifest's file size no longer holds
+    target = {"t": torch.zeros(1000)}
+    reader = Reader(root)
+    dcp.load(target, storage_reader=reader)
+    assert reader.step == 1 and torch.equal(target["t"], torch.full((1000,), 1.0))
+
+    ckpt.save({"t": torch.full((1000,), 3.0)}, root, step=3)
+    (data,) = (root / "step-000000003" / "data").iterdir()
+    raw = bytearray(data.read_bytes())
+    raw[-5] ^= 0xFF  # same size, one bit pattern changed: only the checksum sees it
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointException) as caught:
+        dcp.load(target, storage_reader=Reader(root, step=3))
+    assert isinstance(caught.value.failures[0][0], ckpt.ChecksumMismatchError)
+
+
 def test_second_writer_of_a_committed_step_is_refused(root: Path) -> None:
     model, _ = _trained(4)
     dcp.save({"model": model.state_dict()}, storage_writer=Writer(root, step=5))
