@@ -429,3 +429,34 @@ def test_reader_refuses_a_missing_step(root: Path) -> None:
         dcp.load(target, storage_reader=Reader(root, step=2))
     assert "step 2 is not a committed checkpoint" in str(caught.value)
     assert torch.equal(target["t"], torch.zeros(2))
+
+
+def _save_2d(rank: int, world: int, root: str) -> None:
+    """HSDP-style on a 2x2 mesh: rows sharded over one dimension, replicated over the other."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = {
+        name: distribute_tensor(_value(name, shape, dtype), mesh, [Replicate(), Shard(0)])
+        for name, (shape, dtype, _) in SHARDED.items()
+    }
+    dcp.save({"model": model, "meta": dict(META)}, storage_writer=Writer(root))
+
+
+@pytest.mark.slow
+def test_2d_mesh_replicas_are_written_once(tmp_path: Path) -> None:
+    run_ranks(_save_2d, 4, str(tmp_path))
+    manifest = read_manifest(LocalBackend(tmp_path), 0)
+    assert manifest.world_size == 4
+    for name, (shape, _, _) in SHARDED.items():
+        pieces = manifest.tensors[f"model.{name}"].pieces
+        assert sum(p.box.numel for p in pieces) == torch.Size(shape).numel(), name
+    target = {
+        "model": {n: torch.zeros(s, dtype=d) for n, (s, d, _) in SHARDED.items()},
+        "meta": {},
+    }
+    ckpt.load(target, tmp_path)
+    for name, (shape, dtype, _) in SHARDED.items():
+        assert torch.equal(target["model"][name], _value(name, shape, dtype)), name
+    assert target["meta"] == META
