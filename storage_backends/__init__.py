@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from storage_backends._errors import (
     BlobNotFoundError,
     InvalidPathError,
+    RootNotFoundError,
     StorageBackendError,
     StorageFullError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidPathError",
     "LocalBackend",
     "RetryPolicy",
+    "RootNotFoundError",
     "S3Backend",
     "S3Config",
     "StorageBackend",

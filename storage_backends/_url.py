@@ -12,7 +12,7 @@ from storage_backends._s3_config import S3Config
 
 
 def open_backend(
-    url: str | os.PathLike[str], *, s3_config: S3Config | None = None
+    url: str | os.PathLike[str], *, s3_config: S3Config | None = None, create: bool = True
 ) -> StorageBackend:
     """Open the backend for ``url``: a plain path, ``file://`` URL or ``s3://bucket/prefix``.
 
@@ -20,6 +20,8 @@ def open_backend(
         url: where the checkpoints live.
         s3_config: settings of the S3 backend (default: boto3's environment: credentials
             chain, ``AWS_ENDPOINT_URL``, region).
+        create: make a local root now; False for readers, which must never create one
+            (see ``LocalBackend``). S3 never creates a bucket.
 
     Raises:
         StorageBackendError: the URL is empty or malformed, or its scheme is not supported.
@@ -38,8 +40,8 @@ def open_backend(
                     f"file URL {text!r} has no path, or a '?' or '#' that would be dropped: "
                     "use file:///absolute/path with those characters percent-encoded"
                 )
-            return LocalBackend(unquote(parsed.path))
-        return LocalBackend(text)
+            return LocalBackend(unquote(parsed.path), create=create)
+        return LocalBackend(text, create=create)
     if parsed.scheme == "s3":
         from storage_backends._s3 import S3Backend  # botocore loads only for S3 URLs
 
