@@ -19,6 +19,7 @@ from tenacity import (
 from torch import nn
 
 from ckpt._foreign import dcp_message, find_dcp
+from ckpt._open import open_url
 from ckpt._unflatten import LoadPlan, module_names, plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
@@ -32,19 +33,9 @@ from ckpt.errors import (
 )
 from ckpt.format import Manifest
 from recovery import Loader, LoadOptions, LoadStats, candidates, committed_steps
-from storage_backends import StorageBackend, StorageBackendError, as_tiered, open_backend
+from storage_backends import StorageBackend, as_tiered
 
 log = logging.getLogger(__name__)
-
-
-def open_url(url: str | os.PathLike[str] | StorageBackend) -> StorageBackend:
-    """A storage backend for ``url`` (a backend object is passed through)."""
-    if not isinstance(url, (str, os.PathLike)):
-        return url
-    try:
-        return open_backend(url)
-    except StorageBackendError as exc:
-        raise StorageError(str(exc), retryable=exc.retryable) from exc
 
 
 def async_save(
@@ -212,8 +203,9 @@ def restore(
 
     ``coordinator`` is None (this process alone), a coordinator, or a ``redis://`` /
     ``rediss://`` URL (the coordinator made from it is closed before returning).
+    Nothing is created: a root that does not exist is ``CheckpointNotFoundError``.
     """
-    backend = open_url(url)
+    backend = open_url(url, create=False)
     if not isinstance(coordinator, str):
         return _restore(
             state, backend, step=step, strict=strict, options=options, coordinator=coordinator
@@ -241,7 +233,7 @@ def _restore(
     ``coordinator`` of several ranks, every rank restores the same step: a step that
     fails on any rank is skipped on all of them.
     """
-    backend = open_url(url)
+    backend = open_url(url, create=False)
     group = coordinator if coordinator is not None and coordinator.world_size > 1 else None
     steps = [step] if step is not None else _committed_newest_first(backend)
     if group is not None and step is None:
