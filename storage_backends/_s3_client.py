@@ -234,10 +234,10 @@ class S3Client:
         except bce.ClientError as exc:
             raise to_error(exc, what, self.where(path), path) from exc
         except TRANSIENT as exc:
+            tries = retrying.statistics.get("attempt_number", 1)
             raise StorageBackendError(
-                f"{what} {self.where(path)} failed after {policy.attempts} tries within "
-                f"{policy.total_seconds:.0f} s: {exc}: check that the S3 endpoint "
-                f"{self._endpoint_name()} is right and reachable from this host",
+                f"{what} {self.where(path)} failed after {tries} tries: {exc}: check that the "
+                f"S3 endpoint {self._endpoint_name()} is right and reachable from this host",
                 path=path,
                 retryable=True,
             ) from exc
