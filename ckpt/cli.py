@@ -35,7 +35,7 @@ from ckpt.errors import (
     CorruptCheckpointError,
     StorageError,
 )
-from ckpt.format import TENSOR_REF, Manifest, read_manifest, scan_steps
+from ckpt.format import ITEMS_REF, TENSOR_REF, Manifest, read_manifest, scan_steps
 from storage_backends import (
     BlobNotFoundError,
     RetryPolicy,
@@ -352,17 +352,29 @@ def list_steps(url: UrlArgument, as_json: JsonOption = False) -> None:
 
 
 def _values(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The plain values of a manifest's state tree by dotted name (tensors left out)."""
+    """The plain values of a manifest's state tree by dotted name; tensors, and containers
+    holding only tensors, are left out (``inspect`` lists them as tensors)."""
     out: dict[str, Any] = {}
     for key, node in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(node, dict) and TENSOR_REF in node:
-            continue
-        if isinstance(node, dict) and node and not any(k.startswith("__") for k in node):
+        pairs = node.get(ITEMS_REF) if isinstance(node, dict) and len(node) == 1 else None
+        if isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            out.update(_values({str(k): v for k, v in pairs}, f"{name}."))
+        elif isinstance(node, dict) and node and not any(k.startswith("__") for k in node):
             out.update(_values(node, f"{name}."))
-        else:
+        elif not _only_tensors(node):
             out[name] = node
     return out
+
+
+def _only_tensors(node: Any) -> bool:
+    if isinstance(node, dict):
+        if TENSOR_REF in node:
+            return True
+        return bool(node) and all(_only_tensors(v) for v in node.values())
+    if isinstance(node, list):
+        return bool(node) and all(_only_tensors(v) for v in node)
+    return False
 
 
 @app.command()

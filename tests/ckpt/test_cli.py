@@ -232,9 +232,18 @@ def test_json_documents(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     assert "checksum mismatch" in doc["steps"][0]["error"]
 
 
-def test_inspect_shows_plain_values(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    code, out = run_cli(monkeypatch, "inspect", str(root), "--step", "1")
-    assert code == EXIT_OK and "next_step: 2" in out
+def test_inspect_shows_plain_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Plain values by dotted name; an optimizer's per-parameter state (all tensors) is not
+    repeated among them."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model(torch.ones(2)).sum().backward()
+    optimizer.step()
+    state = {"model": model, "optimizer": optimizer, "next_step": 7}
+    ckpt.save(state, tmp_path, step=6)
+    code, out = run_cli(monkeypatch, "inspect", str(tmp_path))
+    assert code == EXIT_OK and "  next_step: 7" in out and "optimizer.param_groups: " in out
+    assert "optimizer.state" not in out.split("values:")[1]
 
 
 def test_ls_fits_80_columns(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
