@@ -455,10 +455,12 @@ def _metadata_lines(metadata: Mapping[str, Any]) -> list[str]:
         text = json.dumps(metadata[key], ensure_ascii=False, default=str)
         if len(text) > _METADATA_VALUE_CHARS:
             size = len(text.encode())
-            text = f"{text[:_METADATA_VALUE_CHARS]}... ({size} bytes; see --json)"
+            text = f"{text[:_METADATA_VALUE_CHARS]}... ({size} bytes; use ckpt.format to read it)"
         lines.append(f"  {key}: {text}")
     if len(metadata) > _METADATA_KEYS:
-        lines.append(f"  ... and {len(metadata) - _METADATA_KEYS} more keys (see --json)")
+        lines.append(
+            f"  ... and {len(metadata) - _METADATA_KEYS} more keys (use ckpt.format to read them)"
+        )
     return lines
 
 
