@@ -33,7 +33,7 @@ from ckpt.errors import (
 )
 from ckpt.format import Manifest
 from recovery import Loader, LoadOptions, LoadStats, candidates, committed_steps
-from storage_backends import StorageBackend, as_tiered
+from storage_backends import RootNotFoundError, StorageBackend, as_tiered
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,11 @@ def _restore(
     """
     backend = open_url(url, create=False)
     group = coordinator if coordinator is not None and coordinator.world_size > 1 else None
-    steps = [step] if step is not None else _committed_newest_first(backend)
+    root_missing: RootNotFoundError | None = None
+    if step is None:
+        steps, root_missing = _committed_newest_first(backend)
+    else:
+        steps = [step]
     if group is not None and step is None:
         steps = _agreed_steps(group, steps)
     skipped: list[tuple[int, str]] = []
@@ -285,6 +289,10 @@ def _restore(
     dcp = find_dcp(backend)
     if dcp:
         raise CheckpointNotFoundError(dcp_message(backend, dcp))
+    if root_missing is not None:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint under {backend.url}: {root_missing}"
+        ) from root_missing
     raise CheckpointNotFoundError(f"no committed checkpoint under {backend.url}")
 
 
@@ -294,10 +302,19 @@ _FALLBACK_ERRORS = (CorruptCheckpointError, StorageError, CheckpointNotFoundErro
 _READ_ATTEMPTS = 3
 
 
-def _committed_newest_first(backend: StorageBackend) -> list[int]:
-    return sorted(
-        {s for tier in as_tiered(backend).tiers for s in committed_steps(tier)}, reverse=True
-    )
+def _committed_newest_first(backend: StorageBackend) -> tuple[list[int], RootNotFoundError | None]:
+    """Committed steps of every tier, newest first, and the error of a root that does not
+    exist (a rank whose root is missing still takes part in agreeing on a step)."""
+    found: set[int] = set()
+    missing: RootNotFoundError | None = None
+    for tier in as_tiered(backend).tiers:
+        try:
+            found.update(committed_steps(tier))
+        except CheckpointNotFoundError as exc:
+            if not isinstance(exc.__cause__, RootNotFoundError):
+                raise
+            missing = exc.__cause__
+    return sorted(found, reverse=True), missing
 
 
 def _agreed_steps(group: Coordinator, steps: list[int]) -> list[int]:
