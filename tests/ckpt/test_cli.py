@@ -29,6 +29,12 @@ from ckpt.cli import (
     EXIT_STORAGE,
     EXIT_USAGE,
 )
+from storage_backends import (
+    BlobNotFoundError,
+    LocalBackend,
+    RootNotFoundError,
+    StorageBackendError,
+)
 from tests.support.cli import run_cli
 from tests.support.on_disk import data_file, flip_byte, piece_of
 from tests.support.ports import free_port
@@ -329,3 +335,24 @@ def test_redis_retries_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert retries and all(re.search(r"retry \d+ in \d+\.\d+ s", m) for m in retries), retries
     assert "127.0.0.1" in retries[0]
+
+
+def test_a_reader_backend_never_creates_its_root(tmp_path: Path) -> None:
+    """``LocalBackend(create=False)``: a missing root lists as ``RootNotFoundError`` (below
+    it, as nothing), reads find nothing, and the first write creates the root."""
+    root = tmp_path / "a" / "b"
+    backend = LocalBackend(root, create=False)
+    with pytest.raises(RootNotFoundError, match="no such checkpoint root"):
+        backend.list_prefixes("")
+    with pytest.raises(RootNotFoundError):
+        backend.list_objects()
+    assert backend.list_objects("step-1") == [] and not backend.exists("step-1/x")
+    with pytest.raises(BlobNotFoundError):
+        backend.read("step-1/x")
+    assert backend.abort_unfinished("") == 0 and backend.last_modified("step-1") is None
+    assert not (tmp_path / "a").exists()
+    backend.write("step-1/x", b"data")
+    assert (root / "step-1" / "x").read_bytes() == b"data"
+    assert backend.list_prefixes("") == ["step-1"]
+    with pytest.raises(StorageBackendError, match="is a file, not a directory"):
+        LocalBackend(root / "step-1" / "x", create=False)
