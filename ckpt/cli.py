@@ -45,6 +45,7 @@ from storage_backends import (
 )
 
 __all__ = [
+    "DEBUG_ENV",
     "EXIT_CORRUPT",
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
@@ -54,6 +55,7 @@ __all__ = [
     "EXIT_USAGE",
     "app",
     "main",
+    "run",
 ]
 
 EXIT_OK = 0
@@ -93,7 +95,7 @@ UrlArgument = Annotated[str, typer.Argument(help="checkpoint root: a path, file:
 
 @dataclass
 class _Run:
-    """What the root options asked for, read by ``main`` once the command has ended."""
+    """What the root options asked for, read by ``run`` once the command has ended."""
 
     debug: bool = False
 
@@ -123,7 +125,7 @@ def _human(n: float) -> str:
 
 
 def _list(backend: StorageBackend) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(committed, partial) steps; a root that does not exist is ``BlobNotFoundError``."""
+    """(committed, partial) steps; a root that does not exist is ``RootNotFoundError``."""
     listing = scan_steps(backend)
     return listing.committed, listing.uncommitted
 
