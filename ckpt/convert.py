@@ -35,7 +35,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from ckpt._api import first_loadable, open_url
+from ckpt._api import first_loadable
+from ckpt._open import open_url
 from ckpt._read import read_manifest_tree
 from ckpt.coordination import merge_indexes, new_generation, publish
 from ckpt.engine._engine import Snapshotter

@@ -11,6 +11,7 @@ until one succeeds, so that a failing save does not wait ``retry_seconds`` per c
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import redis
 from tenacity import (
+    RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_attempt,
@@ -29,6 +31,8 @@ from ckpt.coordination import _redis_scripts
 from ckpt.coordination._redis_url import RedisURL
 from ckpt.errors import CoordinationError
 from storage_backends import report_retry
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -118,6 +122,7 @@ class RedisLink:
             retry=retry_if_exception(_retryable),
             stop=stop_after_delay(budget) | stop_after_attempt(1000),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            before_sleep=lambda state: self._log_retry(what, state),
             reraise=True,
         )
         try:
@@ -182,6 +187,18 @@ class RedisLink:
         return CoordinationError(
             f"{head}: Redis refused the call ({type(exc).__name__}: {detail}); check the "
             "server's version (>= 6.2), memory (maxmemory) and ACLs"
+        )
+
+    def _log_retry(self, what: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "rank %d: %s: Redis coordinator at %s: %s; retry %d in %.2f s",
+            self._rank,
+            what,
+            self.where,
+            self._scrub(exc) if exc is not None else "failed",
+            state.attempt_number,
+            state.upcoming_sleep,
         )
 
     def _scrub(self, exc: BaseException) -> str:
