@@ -96,7 +96,9 @@ def redis_client(url: str, *, redis_class: type[redis.Redis] = redis.Redis, **op
     tls = kwargs.pop("connection_class", None) is redis.connection.SSLConnection
     kwargs.update(options)
     asked: dict[str, Any] = dict(
-        socket_timeout=SENTINEL_TIMEOUT_SECONDS, socket_connect_timeout=SENTINEL_TIMEOUT_SECONDS
+        socket_timeout=SENTINEL_TIMEOUT_SECONDS,
+        socket_connect_timeout=SENTINEL_TIMEOUT_SECONDS,
+        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),  # the next sentinel is asked
     )
     if tls:
         asked.update(ssl=True, **{k: v for k, v in kwargs.items() if k.startswith("ssl_")})
@@ -261,6 +263,12 @@ class RedisLink:
 
     def _scrub(self, exc: BaseException) -> str:
         """``exc``'s text, without the password should redis-py have echoed it."""
+        if isinstance(exc, redis.sentinel.MasterNotFoundError):
+            # redis-py's text is the repr of every sentinel client: say what it means.
+            return (
+                "no sentinel named a live master: the sentinels are unreachable, or the "
+                "master is down and not replaced yet"
+            )
         text = str(exc) or type(exc).__name__
         if self._password:
             text = text.replace(self._password, "***")
