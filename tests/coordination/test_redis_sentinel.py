@@ -243,7 +243,7 @@ def test_failover_longer_than_the_retry_budget_is_one_clear_error(
             server.kill()
         with pytest.raises(ckpt.CoordinationError) as err:
             ckpt.save({"x": torch.ones(2)}, tmp_path / "root", step=1, coordinator=coordinator)
-        assert "redis+sentinel://127.0.0.1:" in str(err.value)
+        assert "unreachable" in str(err.value) and "redis+sentinel://127.0.0.1:" in str(err.value)
         assert "/mymaster/0" in str(err.value)
     finally:
         coordinator.close()
@@ -262,18 +262,13 @@ def _save_two_ranks(rank: int, world: int, spec: CoordSpec, root: str) -> str:
         coordinator.close()
 
 
-def test_every_key_of_a_job_shares_one_hash_slot(
-    redis_server: RedisServer, job: str, root: Path
-) -> None:
-    """After a 2-rank save through gloo ranks (and an index read), every key in Redis
-    starts with ``ckpt:{<job>}:`` and hashes to one Cluster slot; another job's keys carry
-    their own tag."""
+def assert_one_slot_per_job(redis_server: RedisServer, job: str, root: Path) -> None:
+    """Another job reads its index; then every key in Redis carries ``ckpt:{<job>}:`` or
+    the other job's tag, and each job's keys share one Cluster slot."""
     from redis.crc import key_slot
 
-    spec = CoordSpec("redis", url=redis_server.url(), job=job, timeout=10.0)
-    outcomes = spawn_ranks(_save_two_ranks, 2, spec, str(root))
-    assert [o.value for o in outcomes] == ["committed", "committed"], describe(outcomes)
-    other = spec.redis(job=f"{job}-other")
+    spec = CoordSpec("redis", url=redis_server.url(), job=f"{job}-other")
+    other = spec.redis()
     try:
         other.step_index.committed_steps(LocalBackend(root))
     finally:
@@ -288,3 +283,29 @@ def test_every_key_of_a_job_shares_one_hash_slot(
     assert len(mine) >= 4 and theirs and len(mine) + len(theirs) == len(keys), keys
     assert {key_slot(k.encode()) for k in mine} == {key_slot(f"{{{job}}}".encode())}
     assert {key_slot(k.encode()) for k in theirs} == {key_slot(f"{{{job}-other}}".encode())}
+
+
+def test_every_key_of_a_job_shares_one_hash_slot(
+    redis_server: RedisServer, job: str, backend: StorageBackend, root: Path
+) -> None:
+    """Two ranks (coordinators in this process) save two steps and one of them reads the
+    index: every key carries the job's tag and hashes to its slot."""
+    ranks = rank_coordinators(CoordSpec("redis", url=redis_server.url(), job=job), 2)
+    try:
+        for step in (1, 2):
+            assert not any(isinstance(r, BaseException) for r in _save_step(ranks, backend, step))
+        assert ranks[0].step_index.committed_steps(backend) == [2, 1]
+    finally:
+        close_all(ranks)
+    assert_one_slot_per_job(redis_server, job, root)
+
+
+@pytest.mark.slow
+def test_every_key_of_a_gloo_job_shares_one_hash_slot(
+    redis_server: RedisServer, job: str, root: Path
+) -> None:
+    """The same after a 2-rank save through gloo ranks and the save engine."""
+    spec = CoordSpec("redis", url=redis_server.url(), job=job, timeout=10.0)
+    outcomes = spawn_ranks(_save_two_ranks, 2, spec, str(root))
+    assert [o.value for o in outcomes] == ["committed", "committed"], describe(outcomes)
+    assert_one_slot_per_job(redis_server, job, root)
