@@ -11,6 +11,7 @@ the next step commits through the new master.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,13 @@ from tests.coordination.harness import CoordSpec, describe, spawn_ranks
 from tests.coordination.redis_helpers import KillSwitch, job_key
 from tests.coordination.test_redis import close_all, commit_rank0, rank_coordinators, report
 from tests.support.ports import free_port
-from tests.support.redis_server import RedisServer, SentinelGroup, redis_server_binary
+from tests.support.redis_server import (
+    RedisServer,
+    SentinelGroup,
+    make_tls_files,
+    redis_server_binary,
+    tls_supported,
+)
 
 log = logging.getLogger(__name__)
 
@@ -309,3 +316,28 @@ def test_every_key_of_a_gloo_job_shares_one_hash_slot(
     outcomes = spawn_ranks(_save_two_ranks, 2, spec, str(root))
     assert [o.value for o in outcomes] == ["committed", "committed"], describe(outcomes)
     assert_one_slot_per_job(redis_server, job, root)
+
+
+def test_tls_sentinel_url(tmp_path: Path, root: Path) -> None:
+    """``rediss+sentinel://``: TLS to the sentinels and to the master (a throw-away CA);
+    a save commits through it, and again after a failover."""
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    if shutil.which("openssl") is None or not tls_supported():
+        pytest.skip("no openssl, or this redis-server was built without TLS")
+    files = make_tls_files(tmp_path / "tls")
+    with SentinelGroup(tmp_path / "sentinel-tls", tls=files) as group:
+        url = group.url(query="job=tls")
+        assert url.startswith("rediss+sentinel://")
+        coordinator = RedisCoordinator(url, retry_seconds=15.0)
+        try:
+            ckpt.save({"x": torch.ones(2)}, root, step=1, coordinator=coordinator)
+            first = group.master()
+            admin = first.client()
+            admin.wait(1, 5000)
+            admin.close()
+            group.kill_master()
+            ckpt.save({"x": torch.ones(2)}, root, step=2, coordinator=coordinator)
+            assert group.master().port != first.port
+        finally:
+            coordinator.close()

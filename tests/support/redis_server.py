@@ -186,25 +186,6 @@ class RedisServer:
     # -- life cycle --------------------------------------------------------------------
 
     def _argv(self) -> list[str]:
-        if self.sentinel:
-            return [
-                self.binary,
-                str(self.config_file),
-                "--sentinel",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--logfile",
-                str(self._log),
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "no",
-                *self.extra_args,
-            ]
         port_args = ["--port", str(self.port)]
         if self.tls:
             port_args = [
@@ -220,6 +201,26 @@ class RedisServer:
                 str(self.tls["ca"]),
                 "--tls-auth-clients",
                 "no",
+                "--tls-replication",  # replicas and sentinels reach their master over TLS
+                "yes",
+            ]
+        if self.sentinel:
+            return [
+                self.binary,
+                str(self.config_file),
+                "--sentinel",
+                *port_args,
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self._log),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                *self.extra_args,
             ]
         argv = [
             self.binary,
@@ -335,6 +336,8 @@ class SentinelGroup:
         sentinels: how many sentinels watch it (quorum: a majority of them).
         down_after_ms: a master silent this long is down.
         failover_timeout_ms: sentinel's ``failover-timeout``.
+        tls: ``make_tls_files`` output: every process then speaks TLS only (clients,
+            replication and the sentinels' own connections).
     """
 
     def __init__(
@@ -346,20 +349,23 @@ class SentinelGroup:
         sentinels: int = 1,
         down_after_ms: int = 500,
         failover_timeout_ms: int = 2000,
+        tls: dict[str, Path] | None = None,
     ) -> None:
         self.service = service
+        self.tls = tls
         self.directory = directory
         self.servers: list[RedisServer] = []
         self.sentinels: list[RedisServer] = []
         try:
             # A replica's first sync starts at once, not after the default 5 s delay.
             quick = ["--repl-diskless-sync-delay", "0"]
-            master = RedisServer(directory / "master", extra_args=quick)
+            master = RedisServer(directory / "master", extra_args=quick, tls=tls)
             self.servers.append(master)
             for i in range(replicas):
                 replica = RedisServer(
                     directory / f"replica-{i}",
                     extra_args=[*quick, "--replicaof", "127.0.0.1", str(master.port)],
+                    tls=tls,
                 )
                 self.servers.append(replica)
             quorum = sentinels // 2 + 1
@@ -373,7 +379,7 @@ class SentinelGroup:
                     f"sentinel parallel-syncs {service} 1\n"
                 )
                 self.sentinels.append(
-                    RedisServer(conf.parent, extra_args=[], config_file=conf, sentinel=True)
+                    RedisServer(conf.parent, config_file=conf, sentinel=True, tls=tls)
                 )
             self.wait_replicated()
         except BaseException:
@@ -383,9 +389,15 @@ class SentinelGroup:
     # -- addresses ---------------------------------------------------------------------
 
     def url(self, *, db: int = 0, query: str = "") -> str:
-        """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2/SERVICE/db[?query]``."""
+        """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2/SERVICE/db[?query]``
+        (``rediss+sentinel://...?ssl_ca_certs=CA`` with TLS)."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service}/{db}" + (f"?{query}" if query else "")
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        options = [f"ssl_ca_certs={quote(str(self.tls['ca']), safe='/')}"] if self.tls else []
+        options += [query] if query else []
+        return f"{scheme}://{hosts}/{self.service}/{db}" + (
+            f"?{'&'.join(options)}" if options else ""
+        )
 
     def master_port(self) -> int:
         """The master's port as the first sentinel that answers sees it."""
