@@ -224,7 +224,7 @@ class RedisLink:
     def close(self) -> None:
         try:
             self.client.close()
-            pool = self.client.connection_pool
+            pool = self.client.connection_pool if isinstance(self.client, redis.Redis) else None
             if isinstance(pool, redis.sentinel.SentinelConnectionPool):
                 for sentinel in pool.sentinel_manager.sentinels:
                     sentinel.close()

@@ -29,6 +29,7 @@ from tests.coordination.redis_helpers import KillSwitch, job_key
 from tests.coordination.test_redis import close_all, commit_rank0, rank_coordinators, report
 from tests.support.ports import free_port
 from tests.support.redis_server import (
+    ClusterGroup,
     RedisServer,
     SentinelGroup,
     make_tls_files,
@@ -341,3 +342,38 @@ def test_tls_sentinel_url(tmp_path: Path, root: Path) -> None:
             assert group.master().port != first.port
         finally:
             coordinator.close()
+
+
+def test_two_ranks_commit_on_a_redis_cluster(
+    tmp_path: Path, job: str, backend: StorageBackend
+) -> None:
+    """A real 3-master Redis Cluster, reached through redis-py's ``RedisCluster`` (given as
+    ``client_factory``): two ranks commit two steps (every script runs with keys of one
+    slot) and the index reads back; every key sits in the job's slot."""
+    from redis.cluster import RedisCluster
+    from redis.crc import key_slot
+
+    if redis_server_binary() is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server or redis-cli is not installed")
+
+    def cluster_client(url: str, **options: Any) -> Any:
+        return RedisCluster.from_url(url, **options)
+
+    with ClusterGroup(tmp_path / "cluster") as cluster:
+        spec = CoordSpec("redis", url=cluster.url(), job=job, timeout=10.0)
+        ranks = rank_coordinators(spec, 2, client_factory=cluster_client)
+        try:
+            for step in (1, 2):
+                outcome = _save_step(ranks, backend, step)
+                assert not any(isinstance(r, BaseException) for r in outcome), outcome
+            assert ranks[0].step_index.committed_steps(backend) == [2, 1]
+        finally:
+            close_all(ranks)
+        keys: list[bytes] = []
+        for server in cluster.servers:
+            client = server.client()
+            try:
+                keys += list(client.scan_iter("*"))
+            finally:
+                client.close()
+        assert keys and {key_slot(k) for k in keys} == {key_slot(f"{{{job}}}".encode())}

@@ -1,7 +1,8 @@
 """Real ``redis-server`` processes for tests, each on a free loopback port.
 
 ``SentinelGroup`` adds a master with replicas and ``redis-server --sentinel`` processes
-watching it, whose master can be SIGKILLed to make them fail over.
+watching it, whose master can be SIGKILLed to make them fail over; ``ClusterGroup`` a
+Redis Cluster of a few masters (made with ``redis-cli --cluster create``).
 
 ``RedisServer`` starts ``redis-server --port P --save "" --appendonly yes|no --dir D
 --bind 127.0.0.1`` (optionally with ``requirepass`` or TLS), waits until it answers PING,
@@ -475,6 +476,71 @@ class SentinelGroup:
             server.stop()
 
     def __enter__(self) -> SentinelGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ClusterGroup:
+    """``nodes`` cluster-enabled ``redis-server`` masters on free ports sharing the 16384
+    slots (no replicas), joined with ``redis-cli --cluster create``.
+
+    Args:
+        directory: one folder per node is made under it.
+        nodes: how many masters (3 at least).
+    """
+
+    def __init__(self, directory: Path, *, nodes: int = 3) -> None:
+        self.servers: list[RedisServer] = []
+        try:
+            for i in range(nodes):
+                folder = directory / f"node-{i}"
+                self.servers.append(
+                    RedisServer(
+                        folder,
+                        extra_args=[
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            str(folder / "nodes.conf"),
+                            # The bus port defaults to port + 10000: a free port may be too high.
+                            "--cluster-port",
+                            str(free_port()),
+                        ],
+                    )
+                )
+            addresses = [f"127.0.0.1:{s.port}" for s in self.servers]
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=START_TIMEOUT_S,
+            )
+            self._wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def url(self, query: str = "") -> str:
+        """``redis://127.0.0.1:P/0`` of the first node (a cluster client finds the rest)."""
+        return f"redis://127.0.0.1:{self.servers[0].port}/0" + (f"?{query}" if query else "")
+
+    def _wait_ok(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(
+            _ask(s, lambda c: c.execute_command("CLUSTER INFO").get("cluster_state") == "ok")
+            for s in self.servers
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> ClusterGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
