@@ -12,14 +12,15 @@ How the resume works. The Trainer skips the batches a run has already seen only 
 own ``resume_from_checkpoint`` path, and computes how many before any callback runs; so
 ``resume_checkpoint`` restores the newest committed step that verifies (model, optimizer
 and TrainerState; falling back to older steps as ``CheckpointManager.restore`` does) and
-returns a small local directory for that argument, holding the restored ``TrainerState``
-as ``trainer_state.json`` and the restored weights as ``model.safetensors`` (the Trainer
-loads weights from that directory before it wraps the model; it holds no optimizer, so
-the Trainer's own optimizer loading is a no-op). The Trainer then fast-forwards the data
-exactly as for its own checkpoints. The callback loads the scheduler in
-``on_train_begin`` (the Trainer makes the scheduler only then) and the RNG states where
-the Trainer would load its own: before the epoch's data order is drawn when the step
-closed an epoch, else once the skipped batches are behind.
+returns a local directory for that argument, holding the restored ``TrainerState`` as
+``trainer_state.json`` and the restored weights as ``model.safetensors`` (the Trainer
+insists on loading weights from that directory before it wraps the model, so the weights
+pass once through local disk and host memory; the directory holds no optimizer, so the
+Trainer's own optimizer loading is a no-op, and it is removed once training begins).
+The Trainer then fast-forwards the data exactly as for its own checkpoints. The callback
+loads the scheduler in ``on_train_begin`` (the Trainer makes the scheduler only then) and
+the RNG states where the Trainer would load its own: before the epoch's data order is
+drawn when the step closed an epoch, else once the skipped batches are behind.
 
 ``resume_checkpoint`` creates the optimizer early with ``trainer.create_optimizer()``,
 the Trainer's own method, as when an optimizer is passed to ``Trainer(optimizers=...)``.
@@ -235,6 +236,13 @@ class CkptCallback(TrainerCallback):
         if self._resume_dir is not None:
             shutil.rmtree(self._resume_dir, ignore_errors=True)
             self._resume_dir = None
+        if self._rng is not None and state.global_step != self.resumed_step:
+            self.close()
+            raise CheckpointError(
+                f"train() began at step {state.global_step}, not at the restored step "
+                f"{self.resumed_step}: pass resume_from_checkpoint="
+                "callback.resume_checkpoint(trainer) to train()"
+            )
         if self._scheduler is not None:
             scheduler = kwargs.get("lr_scheduler")
             if self._scheduler.saved is not None and scheduler is not None:
@@ -245,17 +253,11 @@ class CkptCallback(TrainerCallback):
                     group.update(saved)
             self._scheduler = self._groups = None
         if self._rng is not None:
-            if state.global_step != self.resumed_step:
-                raise CheckpointError(
-                    f"train() began at step {state.global_step}, not at the restored step "
-                    f"{self.resumed_step}: pass resume_from_checkpoint="
-                    "callback.resume_checkpoint(trainer) to train()"
-                )
             per_epoch = _update_steps_per_epoch(args, state, kwargs.get("train_dataloader"))
             # The Trainer applies its own RNG states before drawing an epoch's data order
             # when it resumes at an epoch boundary (or skips no data), else after skipping.
             self._rng_at_epoch_begin = args.ignore_data_skip or state.global_step % per_epoch == 0
-        elif state.global_step == 0:
+        elif state.global_step == 0 and state.is_world_process_zero:
             self._warn_if_checkpoints_exist()
 
     def on_epoch_begin(

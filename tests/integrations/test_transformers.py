@@ -9,6 +9,8 @@ with dropout on (so the RNG states matter) and shuffled data (so the data positi
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,15 +113,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def train(
-    tmp: Path,
-    kind: str = "bert",
-    *,
-    callback: CkptCallback | None = None,
-    stop_at: int | None = None,
-    resume: bool = False,
-    **overrides: Any,
-) -> Trainer:
+def training_arguments(tmp: Path, **overrides: Any) -> TrainingArguments:
     settings: dict[str, Any] = {
         "per_device_train_batch_size": BATCH,
         "num_train_epochs": EPOCHS,
@@ -130,13 +124,25 @@ def train(
         "seed": 3,
         **overrides,
     }
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(tmp / "hf-output"),
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
         **settings,
     )
+
+
+def train(
+    tmp: Path,
+    kind: str = "bert",
+    *,
+    callback: CkptCallback | None = None,
+    stop_at: int | None = None,
+    resume: bool = False,
+    **overrides: Any,
+) -> Trainer:
+    args = training_arguments(tmp, **overrides)
     callbacks: list[TrainerCallback] = [c for c in (callback,) if c is not None]
     if stop_at is not None:
         callbacks.append(StopAt(stop_at))
@@ -323,3 +329,101 @@ def test_without_transformers_the_integration_says_what_to_install() -> None:
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "pip install transformers" in run.stdout
+
+
+def _data_parallel_runs(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """On each gloo rank: an uninterrupted run, a run stopped after step 4, its resume."""
+    import hashlib
+    import os
+
+    os.environ["LOCAL_RANK"] = str(rank)  # as torchrun sets it; accelerate reads it
+
+    def digest(trainer: Trainer) -> str:
+        tensors = model_of(trainer).state_dict().values()
+        return hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+
+    base = Path(tmp)
+    reference = train(base / "reference")
+    root = str(base / "ckpt")
+    stopped = train(base / "run", callback=CkptCallback(root, every_steps=2), stop_at=4)
+    callback = CkptCallback(root, every_steps=2)
+    resumed = train(base / "run", callback=callback, resume=True)
+    return {
+        "world_size": resumed.args.world_size,
+        "stopped": stopped.state.global_step,
+        "resumed_from": callback.resumed_step,
+        "steps": [reference.state.global_step, resumed.state.global_step],
+        "weights": [digest(reference), digest(resumed)],
+        "losses": [losses(reference), losses(resumed)],
+    }
+
+
+@pytest.mark.slow
+def test_data_parallel_on_two_gloo_ranks_resumes_exactly(tmp_path: Path) -> None:
+    """DDP through accelerate on CPU (gloo): 3 steps per epoch, stopped mid-epoch."""
+    from tests.support.gloo import run_ranks
+
+    results = run_ranks(_data_parallel_runs, 2, str(tmp_path), timeout_s=240.0)
+
+    for result in results:
+        assert result["world_size"] == 2
+        assert result["stopped"] == 4 and result["resumed_from"] == 4
+        assert result["steps"] == [6, 6]
+        assert result["weights"][0] == result["weights"][1]
+        assert result["losses"][0] == result["losses"][1]
+    assert results[0]["weights"] == results[1]["weights"]
+    assert read_manifest(LocalBackend(tmp_path / "ckpt"), 6).world_size == 2
+
+
+def test_a_restore_not_passed_to_train_is_refused(tmp_path: Path) -> None:
+    """Resuming the weights without the Trainer's data position would silently train on
+    the wrong batches; train() must be given the directory resume_checkpoint returned."""
+    root = str(tmp_path / "ckpt")
+    train(tmp_path, callback=CkptCallback(root, every_steps=3), stop_at=3)
+    callback = CkptCallback(root, every_steps=3)
+    trainer = Trainer(
+        model=make_model("bert"),
+        args=training_arguments(tmp_path),
+        train_dataset=Tokens(),
+        callbacks=[callback],
+    )
+    assert callback.resume_checkpoint(trainer) is not None
+    with pytest.raises(ckpt.CheckpointError, match="not at the restored step 3"):
+        trainer.train()
+
+
+class SigtermAt(TrainerCallback):
+    """Sends this process SIGTERM at the end of ``step``, as a preempting scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_the_current_step_exits_and_resumes_exactly(
+    tmp_path: Path, reference: dict[str, Trainer]
+) -> None:
+    root = str(tmp_path / "ckpt")
+    callback = CkptCallback(root, every_steps=4)
+    previous = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(
+        model=make_model("bert"),
+        args=training_arguments(tmp_path),
+        train_dataset=Tokens(),
+        callbacks=[callback, SigtermAt(5)],
+    )
+    with pytest.raises(SystemExit) as exited:
+        trainer.train()
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert scan_steps(LocalBackend(root)).committed == (4, 5)
+
+    callback = CkptCallback(root, every_steps=4)
+    resumed = train(tmp_path, callback=callback, resume=True)
+    assert callback.resumed_step == 5
+    assert_same_run(resumed, reference["bert"])
