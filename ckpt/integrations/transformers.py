@@ -26,8 +26,9 @@ drawn when the step closed an epoch, else once the skipped batches are behind.
 the Trainer's own method, as when an optimizer is passed to ``Trainer(optimizers=...)``.
 
 Saves are asynchronous: training waits only while the tensors are copied to host
-memory. A save that fails in the background raises at the next save, or at the end of
-training, where ``on_train_end`` waits for the save in flight. On SIGTERM the callback
+memory. A save that fails in the background raises (ending ``train``) at the first save
+that starts after the failure, or at the end of training, where ``on_train_end`` waits
+for the save in flight; a failed step is never left looking committed. On SIGTERM the callback
 saves the current step, waits for its commit and exits with status 143.
 
 Supported: one process, and data-parallel runs (``torchrun`` or ``accelerate launch``;

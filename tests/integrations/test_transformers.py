@@ -238,12 +238,17 @@ def test_a_cls_head_whose_pooler_gets_no_gradient_saves_and_resumes(
 
 def test_the_saves_are_ckpt_checkpoints_with_retention(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
-    trainer = train(tmp_path, callback=CkptCallback(str(root), every_steps=3, keep_last=2))
+    options = ckpt.SaveOptions(compression=ckpt.Compression(min_bytes=0), chunk_bytes=4096)
+    callback = CkptCallback(str(root), every_steps=3, keep_last=2, options=options)
+    trainer = train(tmp_path, callback=callback)
 
     backend = LocalBackend(root)
     assert scan_steps(backend).committed == (9, 12)
     for step in (9, 12):
-        verify_checkpoint(backend, read_manifest(backend, step))
+        manifest = read_manifest(backend, step)
+        verify_checkpoint(backend, manifest)
+        codecs = {p.codec for entry in manifest.tensors.values() for p in entry.pieces}
+        assert codecs == {"zstd"}
     model = make_model("bert")
     state: dict[str, Any] = {"model": model, "trainer_state": {}}
     assert ckpt.load(state, str(root), strict=False) == 12
@@ -295,16 +300,17 @@ def test_training_from_scratch_over_existing_checkpoints_warns(
     assert any("resume_from_checkpoint=callback.resume_checkpoint" in m for m in warned)
 
 
-@pytest.mark.parametrize("last", [False, True], ids=["at-the-next-save", "at-train-end"])
+@pytest.mark.parametrize("last", [False, True], ids=["at-a-later-save", "at-train-end"])
 def test_a_failed_background_save_stops_training(tmp_path: Path, last: bool) -> None:
     """The manifest commit of the first save fails in the background: the error is raised
-    at the next save, or by on_train_end when no save follows."""
+    at a later save (the next one, or the one after when the next one began before the
+    failure), or by on_train_end when no save follows."""
     faulty = FaultyBackend(LocalBackend(tmp_path / "ckpt"), fail_put_at=1)
     callback = CkptCallback(faulty, every_steps=6 if last else 2)
     with pytest.raises(ckpt.CheckpointError, match="injected fault"):
         train(tmp_path, callback=callback, num_train_epochs=1)
     assert faulty.failures
-    assert scan_steps(faulty.inner).committed == ()
+    assert 2 not in scan_steps(faulty.inner).committed
 
 
 def test_importing_ckpt_does_not_import_transformers() -> None:
@@ -427,3 +433,37 @@ def test_sigterm_saves_the_current_step_exits_and_resumes_exactly(
     resumed = train(tmp_path, callback=callback, resume=True)
     assert callback.resumed_step == 5
     assert_same_run(resumed, reference["bert"])
+
+
+class WhileHeld(TrainerCallback):
+    """At the end of ``step``, records whether the save of an earlier step is still held in
+    the background (its writes wait on the gate), then lets it finish."""
+
+    def __init__(self, faulty: FaultyBackend, step: int) -> None:
+        self.faulty, self.step = faulty, step
+        self.seen: tuple[bool, tuple[int, ...]] | None = None
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if state.global_step == self.step:
+            held = self.faulty.held.wait(30)
+            self.seen = (held, scan_steps(self.faulty.inner).committed)
+            self.faulty.release()
+
+
+def test_training_goes_on_while_a_save_is_written(tmp_path: Path) -> None:
+    """The save of step 2 is held in the background; steps 3 and 4 train meanwhile."""
+    import threading
+
+    with FaultyBackend(LocalBackend(tmp_path / "ckpt"), gate=threading.Event()) as faulty:
+        probe = WhileHeld(faulty, 4)
+        trainer = Trainer(
+            model=make_model("bert"),
+            args=training_arguments(tmp_path, max_steps=5),
+            train_dataset=Tokens(),
+            callbacks=[CkptCallback(faulty, every_steps=2), probe],
+        )
+        trainer.train()
+    assert probe.seen == (True, ())
+    assert scan_steps(faulty.inner).committed == (2, 4)
