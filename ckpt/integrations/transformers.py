@@ -31,11 +31,15 @@ that starts after the failure, or at the end of training, where ``on_train_end``
 for the save in flight; a failed step is never left looking committed. On SIGTERM the callback
 saves the current step, waits for its commit and exits with status 143.
 
-Supported: one process, and data-parallel runs (``torchrun`` or ``accelerate launch``;
-the model and optimizer are replicated, written once; RNG states are stored per rank).
-Not supported: FSDP and DeepSpeed (they shard the model and own its loading), ``model_init``
-(the model is re-created inside ``train``), and fp16 loss scaling state (bf16 or fp32
-needs none). ``transformers`` is imported only by this module.
+Supported (and tested): one process, and data-parallel runs (DDP through accelerate,
+e.g. ``torchrun`` or ``accelerate launch``; the replicated model and optimizer are written
+once, the RNG states per rank, and every rank resumes the same step). Not supported:
+FSDP and DeepSpeed (they shard the model and own its loading), ``model_init`` (the model
+is re-created inside ``train``) and fp16 loss-scaling state (bf16 and fp32 need none).
+Untested: datasets without a length (the data is fast-forwarded as the Trainer does). With
+``every_steps`` the saved ``TrainerState.stateful_callbacks`` (e.g. early stopping's
+patience counter) are those of the Trainer's last own save: a callback sees no other
+callbacks. ``transformers`` is imported only by this module.
 """
 
 from __future__ import annotations
@@ -246,7 +250,7 @@ class CkptCallback(TrainerCallback):
             )
         if self._scheduler is not None:
             scheduler = kwargs.get("lr_scheduler")
-            if self._scheduler.saved is not None and scheduler is not None:
+            if self._scheduler.saved and scheduler is not None:
                 scheduler.load_state_dict(self._scheduler.saved)
             optimizer = kwargs.get("optimizer")
             if optimizer is not None and self._groups is not None:
