@@ -467,3 +467,48 @@ def test_training_goes_on_while_a_save_is_written(tmp_path: Path) -> None:
         trainer.train()
     assert probe.seen == (True, ())
     assert scan_steps(faulty.inner).committed == (2, 4)
+
+
+def test_a_gpt2_with_tied_weights_resumes_tied_and_exact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The weights handed to the Trainer hold every name of a tied pair, so it reports no
+    missing key, and the resumed model keeps the tie."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    class Text(Tokens):
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    def run(tmp: Path, *callbacks: TrainerCallback, resume: CkptCallback | None = None) -> Trainer:
+        torch.manual_seed(1)
+        config = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+        config.bos_token_id = config.eos_token_id = 0
+        trainer = Trainer(
+            model=GPT2LMHeadModel(config),
+            args=training_arguments(tmp, max_steps=6),
+            train_dataset=Text(),
+            callbacks=list(callbacks),
+        )
+        trainer.train(resume_from_checkpoint=resume.resume_checkpoint(trainer) if resume else None)
+        return trainer
+
+    reference = run(tmp_path / "reference")
+    root = str(tmp_path / "ckpt")
+    run(tmp_path, CkptCallback(root, every_steps=3), StopAt(3))
+    callback = CkptCallback(root, every_steps=3)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            resumed = run(tmp_path, callback, resume=callback)
+    finally:
+        hf_logging.disable_propagation()
+
+    assert callback.resumed_step == 3
+    model = model_of(resumed)
+    assert isinstance(model, GPT2LMHeadModel)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
+    assert resumed.state.global_step == 6
+    assert_all_bit_identical(model.state_dict(), model_of(reference).state_dict())
