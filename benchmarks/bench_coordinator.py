@@ -114,7 +114,15 @@ from typing import Any
 import redis
 
 from ckpt.coordination import ManifestBuilder, RedisCoordinator
-from ckpt.format import DEFAULT_CHUNK_BYTES, Box, ShardIndex, StoredPiece, TensorEntry
+from ckpt.format import (
+    DATA_DIR,
+    DEFAULT_CHUNK_BYTES,
+    Box,
+    ShardIndex,
+    StoredPiece,
+    TensorEntry,
+    step_prefix,
+)
 from storage_backends import LocalBackend
 from tests.coordination import redis_helpers
 from tests.coordination.redis_helpers import Sent, now_ns
@@ -858,6 +866,7 @@ class World:
     ) -> None:
         self.server = server
         self.world = world
+        self.manifest_dir = manifest_dir
         self.job = f"bench-{world}-{os.getpid()}"
         ctx = mp.get_context("spawn")
         base = Spec(
@@ -900,7 +909,16 @@ class World:
             conn.send(msg)
         return [conn.recv() for conn in self.conns]
 
+    def _place_data_files(self, step: int) -> None:
+        """Empty stand-ins for the data files the reports name: the committer checks that
+        they exist (a listing) right before and after it publishes the manifest."""
+        data = self.manifest_dir / step_prefix(step) / DATA_DIR
+        data.mkdir(parents=True, exist_ok=True)
+        for rank in range(self.world):
+            (data / f"{self.generation}-r{rank:05d}-000.safetensors").touch()
+
     def step(self, step: int, delays: dict[int, float]) -> StepResult:
+        self._place_data_files(step)
         srv = self.server
         self.committer_conn.send(("arm", step))
         self.committer_conn.recv()
