@@ -41,9 +41,7 @@ from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_k
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
-from ckpt.format import (
-    Manifest,
-)
+from ckpt.format import Manifest, RankTiming
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -362,6 +360,7 @@ class Snapshotter:
             imbalance=plan.imbalance,
             user_metadata=metadata,
             on_committed=on_committed,
+            started_unix=time.time() - (time.perf_counter() - start),
         )
         with span("ckpt.stage"):
             writes = stage(job, self._pool, self._io, overlap_writes=overlap_writes)
@@ -388,8 +387,10 @@ class Snapshotter:
             finally:
                 self._pool.release(job.buffer)
             t1 = time.perf_counter()
+            # Retries are not counted yet (None): the storage backends have no hook for it.
+            timing = RankTiming(started_unix=job.started_unix, stall_s=stall, persist_s=t1 - t0)
             with span("ckpt.commit"):
-                commit(job, written)
+                commit(job, written, timing)
             t2 = time.perf_counter()
         except BaseException as exc:
             log.error("step %d (rank %d): save failed: %s", job.step, job.rank, exc)
