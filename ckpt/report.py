@@ -37,7 +37,7 @@ from ckpt._api import open_url
 from ckpt.errors import CheckpointError
 from ckpt.format import INDEX_DIR, SaveTimings, read_manifest, scan_steps, step_prefix
 from recovery import validate_files
-from storage_backends import StorageBackend
+from storage_backends import StorageBackend, StorageBackendError
 
 __all__ = ["StepRecord", "collect", "render_html", "render_png", "report_command", "write_report"]
 
@@ -125,7 +125,7 @@ def collect(
     backend = open_url(url)
     try:
         listing = scan_steps(backend)
-    except Exception as exc:  # the backend's own error type: name what was being done
+    except StorageBackendError as exc:
         raise CheckpointError(f"cannot list the steps under {backend.url}: {exc}") from exc
     steps = sorted(
         [(s, True) for s in listing.committed] + [(s, False) for s in listing.uncommitted]
@@ -168,12 +168,11 @@ def _unfinished(backend: StorageBackend, step: int) -> StepRecord:
         markers = [
             p for p in backend.list_objects(f"{prefix}/{INDEX_DIR}") if p.endswith("-ABORTED")
         ]
-        reason = (
-            backend.read(markers[-1], 0, _REASON_CHARS).decode(errors="replace")
-            if markers
-            else None
-        )
-    except Exception as exc:  # a report shows what it can: the step stays listed
+        reason = None
+        if markers:
+            size = min(backend.size(markers[-1]), _REASON_CHARS)
+            reason = backend.read(markers[-1], 0, size).decode(errors="replace")
+    except StorageBackendError as exc:  # a report shows what it can: the step stays listed
         return StepRecord(step, UNFINISHED, problem=f"cannot be inspected: {exc}")
     if reason is not None:
         return StepRecord(step, ABORTED, problem=reason.strip(), created_unix=when)
