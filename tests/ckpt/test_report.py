@@ -1,7 +1,8 @@
 """Save timings in the manifest, and ``ckpt report``'s timeline of a root.
 
-* 2 real gloo ranks save several steps: every manifest records both ranks' stall,
-  persist and bytes (exactly the bytes each rank reported), and the committer's time;
+* 2 real gloo ranks save several steps, with the embedded coordinator and with Redis:
+  every manifest records both ranks' stall, persist and bytes (exactly the bytes each
+  rank reported), and the committer's time;
 * a manifest without timings (as written before they existed) still loads, restores
   and is reported; a manifest with a field this reader does not know still loads (how a
   reader of before the timings sees them); timings of the wrong length are refused;
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +37,40 @@ from ckpt.format import (
 )
 from ckpt.report import ABORTED, COMMITTED, INVALID, UNFINISHED, collect, main, write_report
 from storage_backends import open_backend
-from tests.support.gloo import run_ranks
+from tests.coordination.harness import CoordSpec, describe, spawn_ranks
+from tests.support.redis_server import RedisServer, redis_server_binary
 
 ROWS = 64
 STEPS = (1, 2, 3, 4)
 OLD_STEP, BROKEN_STEP, ABORTED_STEP = 2, 3, 5
 
 
-def _save_sharded(rank: int, world: int, root: str) -> list[dict[str, Any]]:
-    """Each rank saves its half of ``w`` (and a replicated bias) for every step in STEPS."""
-    results = []
+def _sharded_state(rank: int, world: int, step: int) -> dict[str, Any]:
+    local = torch.full((ROWS // world, 8), float(step * 10 + rank))
+    return {
+        "w": ckpt.ShardedTensor(local, (ROWS, 8), (rank * ROWS // world, 0)),
+        "b": torch.arange(5.0),
+        "step": step,
+    }
+
+
+def _save_sharded(rank: int, world: int, root: str, redis: CoordSpec | None) -> dict[str, Any]:
+    """Each rank saves its half of ``w`` (and a replicated bias) for every step in STEPS
+    under ``root`` (embedded coordinator), then, with ``redis``, steps 1 and 2 under
+    ``root/redis`` through a Redis coordinator."""
+    results: dict[str, Any] = {"embedded": {}, "redis": {}}
     for step in STEPS:
-        local = torch.full((ROWS // world, 8), float(step * 10 + rank))
-        state = {
-            "w": ckpt.ShardedTensor(local, (ROWS, 8), (rank * ROWS // world, 0)),
-            "b": torch.arange(5.0),
-            "step": step,
-        }
-        result = ckpt.save(state, root, step=step)
-        results.append({"step": step, "bytes": result.bytes_written})
+        result = ckpt.save(_sharded_state(rank, world, step), root, step=step)
+        results["embedded"][step] = result.bytes_written
+    if redis is not None:
+        coordinator = redis.make()
+        try:
+            for step in (1, 2):
+                state = _sharded_state(rank, world, step)
+                result = ckpt.save(state, f"{root}/redis", step=step, coordinator=coordinator)
+                results["redis"][step] = result.bytes_written
+        finally:
+            coordinator.close()
     return results
 
 
@@ -63,11 +80,32 @@ def _without_timings(manifest: Manifest) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[dict[str, Any]]]]:
-    """A root saved by 2 ranks; step 2 rewritten without timings, step 3 missing a data
-    file, step 5 an aborted save."""
+def redis_spec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordSpec | None]:
+    """A Redis coordinator's description, on a real ``redis-server`` (None without one)."""
+    if redis_server_binary() is None:
+        yield None
+        return
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield CoordSpec("redis", url=server.url(), job="timeline", timeout=30.0)
+
+
+@pytest.fixture(scope="module")
+def saved(
+    tmp_path_factory: pytest.TempPathFactory, redis_spec: CoordSpec | None
+) -> tuple[Path, list[dict[str, Any]]]:
+    """2 gloo ranks' saves (and what each rank wrote): STEPS under the root, 2 steps under
+    ``root/redis``."""
     path = tmp_path_factory.mktemp("timeline")
-    per_rank = run_ranks(_save_sharded, 2, str(path))
+    outcomes = spawn_ranks(_save_sharded, 2, str(path), redis_spec, timeout_s=120.0)
+    assert all(o.ok for o in outcomes), describe(outcomes)
+    return path, [o.value for o in outcomes]
+
+
+@pytest.fixture(scope="module")
+def root(saved: tuple[Path, list[dict[str, Any]]]) -> Path:
+    """The embedded root, with step 2 rewritten without timings, step 3 missing a data
+    file and step 5 an aborted save."""
+    path, _ = saved
     backend = open_backend(str(path))
     old = read_manifest(backend, OLD_STEP)
     (path / manifest_path(OLD_STEP)).write_bytes(_without_timings(old))
@@ -76,7 +114,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[dict
     marker = path / step_prefix(ABORTED_STEP) / INDEX_DIR / "g-ABORTED"
     marker.parent.mkdir(parents=True)
     marker.write_text("rank 1 failed: StorageFullError('disk full')")
-    return path, per_rank
+    return path
 
 
 def _tree(path: Path) -> dict[str, tuple[int, int, str]]:
@@ -92,38 +130,52 @@ def _tree(path: Path) -> dict[str, tuple[int, int, str]]:
     } | {str(p.relative_to(path)) + "/": (0, 0, "") for p in path.rglob("*") if p.is_dir()}
 
 
+def _check_timings(path: Path, step: int, per_rank: list[int]) -> SaveTimings:
+    """The manifest of ``step`` records both ranks' timings; their bytes are ``per_rank``."""
+    m = read_manifest(open_backend(str(path)), step)
+    t = m.timings
+    assert t is not None, f"step {step} under {path} records no timings"
+    assert m.world_size == 2
+    for column in (t.start_s, t.stall_s, t.persist_s, t.stored_bytes):
+        assert len(column) == 2
+        assert all(v >= 0 for v in column)
+    assert t.commit_s >= 0
+    assert min(t.start_s) == 0.0  # started_unix is the first rank's start
+    assert t.started_unix <= m.created_unix
+    assert list(t.stored_bytes) == per_rank
+    assert sum(t.stored_bytes) == m.total_bytes
+    for rank in range(2):  # each rank's bytes are its own data files
+        mine = sum(size for f, size in m.files.items() if f"-r{rank:05d}-" in f)
+        assert t.stored_bytes[rank] == mine
+    assert t.retries is None  # not counted: no storage hook yet
+    return t
+
+
 def test_two_ranks_record_their_timings_in_the_manifest(
-    root: tuple[Path, list[list[dict[str, Any]]]],
+    saved: tuple[Path, list[dict[str, Any]]], root: Path
 ) -> None:
-    path, per_rank = root
-    backend = open_backend(str(path))
-    for step in (1, 4):
-        m = read_manifest(backend, step)
-        t = m.timings
-        assert t is not None, f"step {step} records no timings"
-        assert m.world_size == 2
-        for column in (t.start_s, t.stall_s, t.persist_s, t.stored_bytes):
-            assert len(column) == 2
-            assert all(v >= 0 for v in column)
-        assert t.commit_s >= 0
-        assert min(t.start_s) == 0.0  # started_unix is the first rank's start
-        assert t.started_unix <= m.created_unix
-        reported = [next(r["bytes"] for r in rank if r["step"] == step) for rank in per_rank]
-        assert list(t.stored_bytes) == reported
-        assert sum(t.stored_bytes) == m.total_bytes
-        for rank in range(2):  # each rank's bytes are its own data files
-            mine = sum(size for f, size in m.files.items() if f"-r{rank:05d}-" in f)
-            assert t.stored_bytes[rank] == mine
-        assert t.retries is None  # not counted: no storage hook yet
-    first, last = (read_manifest(backend, s).timings for s in (1, 4))
-    assert first is not None and last is not None
+    _, per_rank = saved
+    first, last = (
+        _check_timings(root, step, [rank["embedded"][str(step)] for rank in per_rank])
+        for step in (1, 4)
+    )
     assert first.started_unix < last.started_unix
 
 
-def test_a_manifest_without_timings_loads_restores_and_is_reported(
-    root: tuple[Path, list[list[dict[str, Any]]]],
+def test_redis_coordinated_saves_record_timings_too(
+    saved: tuple[Path, list[dict[str, Any]]], redis_spec: CoordSpec | None
 ) -> None:
-    path, _ = root
+    if redis_spec is None:
+        pytest.skip("redis-server is not installed")
+    path, per_rank = saved
+    for step in (1, 2):
+        _check_timings(path / "redis", step, [rank["redis"][str(step)] for rank in per_rank])
+
+
+def test_a_manifest_without_timings_loads_restores_and_is_reported(
+    root: Path,
+) -> None:
+    path = root
     raw = (path / manifest_path(OLD_STEP)).read_bytes()
     assert b"timings" not in raw
     m = read_manifest(open_backend(str(path)), OLD_STEP)
@@ -164,10 +216,8 @@ def test_timings_with_a_column_per_rank_missing_are_refused(tmp_path: Path) -> N
         Manifest.from_bytes(negative.to_bytes(), "manifest.json")
 
 
-def test_html_report_shows_every_step_and_fetches_nothing(
-    root: tuple[Path, list[list[dict[str, Any]]]], tmp_path: Path
-) -> None:
-    path, _ = root
+def test_html_report_shows_every_step_and_fetches_nothing(root: Path, tmp_path: Path) -> None:
+    path = root
     before = _tree(path)
     out = tmp_path / "timeline.html"
     assert main([str(path), "-o", str(out)]) == 0
@@ -188,11 +238,9 @@ def test_html_report_shows_every_step_and_fetches_nothing(
     assert [r.step for r in collect(path, last=2)] == [4, 5]
 
 
-def test_png_report_is_a_png_and_leaves_the_root_alone(
-    root: tuple[Path, list[list[dict[str, Any]]]], tmp_path: Path
-) -> None:
+def test_png_report_is_a_png_and_leaves_the_root_alone(root: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    path, _ = root
+    path = root
     before = _tree(path)
     out = tmp_path / "timeline.png"
     assert main([str(path), "-o", str(out), "--last", "3"]) == 0
