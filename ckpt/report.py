@@ -233,10 +233,13 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
 def _human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    for unit in _UNITS:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
@@ -702,8 +705,13 @@ def render_png(records: Sequence[StepRecord], out: str | os.PathLike[str], *, ti
     phases.set_title("per step: median rank (bar) and slowest rank (tick); shaded: not usable")
     phases.legend(loc="upper left", fontsize=8)
 
-    sizes.bar(xs, [(row.record.total_bytes or 0) / 2**20 for row in rows], color=_COLORS["bytes"])
-    sizes.set_ylabel("MiB")
+    largest = max((row.record.total_bytes or 0 for row in rows), default=0)
+    unit, scale = next(
+        ((u, 1024**k) for k, u in reversed(list(enumerate(_UNITS))) if largest >= 1024**k),
+        ("B", 1),
+    )
+    sizes.bar(xs, [(row.record.total_bytes or 0) / scale for row in rows], color=_COLORS["bytes"])
+    sizes.set_ylabel(unit)
     ratio_axis = sizes.twinx()
     ratio_axis.plot(
         xs,
