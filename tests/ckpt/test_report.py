@@ -2,7 +2,8 @@
 
 * 2 real gloo ranks save several steps, with the embedded coordinator and with Redis:
   every manifest records both ranks' stall, persist and bytes (exactly the bytes each
-  rank reported), and the committer's time;
+  rank reported), and the committer's time; a save through S3 that meets throttling
+  records the real client's retries;
 * a manifest without timings (as written before they existed) still loads, restores
   and is reported; a manifest with a field this reader does not know still loads (how a
   reader of before the timings sees them); timings of the wrong length are refused;
@@ -39,6 +40,10 @@ from ckpt.report import ABORTED, COMMITTED, INVALID, UNFINISHED, collect, main, 
 from storage_backends import open_backend
 from tests.coordination.harness import CoordSpec, describe, spawn_ranks
 from tests.support.redis_server import RedisServer, redis_server_binary
+from tests.support.s3_proxy import S3FaultProxy
+from tests.support.s3_servers import S3Server, aws_test_env, moto_s3
+
+__all__ = ["aws_test_env", "moto_s3"]  # fixtures used here
 
 ROWS = 64
 STEPS = (1, 2, 3, 4)
@@ -147,7 +152,7 @@ def _check_timings(path: Path, step: int, per_rank: list[int]) -> SaveTimings:
     for rank in range(2):  # each rank's bytes are its own data files
         mine = sum(size for f, size in m.files.items() if f"-r{rank:05d}-" in f)
         assert t.stored_bytes[rank] == mine
-    assert t.retries is None  # not counted: no storage hook yet
+    assert t.retries == (0, 0)  # local storage never retries
     return t
 
 
@@ -170,6 +175,21 @@ def test_redis_coordinated_saves_record_timings_too(
     path, per_rank = saved
     for step in (1, 2):
         _check_timings(path / "redis", step, [rank["redis"][str(step)] for rank in per_rank])
+
+
+def test_storage_retries_during_a_save_are_counted(moto_s3: S3Server) -> None:
+    """Two PUTs of the data file answered 503 SlowDown: the real S3 client retries them,
+    and the manifest says this rank retried twice."""
+    with S3FaultProxy(moto_s3.endpoint) as proxy:
+        backend = open_backend(moto_s3.url(), s3_config=moto_s3.config(proxy.endpoint))
+        try:
+            proxy.fail_next("slowdown", count=2, method="PUT", target="/data/")
+            ckpt.save({"w": torch.ones(1000)}, backend, step=1)
+            assert len(proxy.faults()) == 2
+            timings = read_manifest(backend, 1).timings
+            assert timings is not None and timings.retries == (2,)
+        finally:
+            backend.close()
 
 
 def test_a_manifest_without_timings_loads_restores_and_is_reported(
