@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from ckpt._api import open_url
@@ -739,7 +738,9 @@ def report_command(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="FILE.html (self-contained) or FILE.png")
     ],
-    last: Annotated[int | None, typer.Option("--last", help="only the newest N steps")] = None,
+    last: Annotated[
+        int | None, typer.Option("--last", min=1, help="only the newest N steps")
+    ] = None,
     check_files: Annotated[
         bool,
         typer.Option(
@@ -761,13 +762,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = typer.Typer(add_completion=False)
     app.command()(report_command)
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+        app(args=list(argv) if argv is not None else None, prog_name="ckpt report")
     except CheckpointError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
+    except SystemExit as exc:  # the command line's own exit: usage errors, --help
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     return 0
 
 
