@@ -32,8 +32,8 @@ from typing import Annotated
 
 import typer
 
-from ckpt._api import open_url
-from ckpt.errors import CheckpointError
+from ckpt._open import open_url
+from ckpt.errors import CheckpointError, CheckpointNotFoundError, storage_errors
 from ckpt.format import INDEX_DIR, SaveTimings, read_manifest, scan_steps, step_prefix
 from recovery import validate_files
 from storage_backends import StorageBackend, StorageBackendError
@@ -119,13 +119,12 @@ def collect(
             are marked.
 
     Raises:
+        CheckpointNotFoundError: there is no root at ``url``.
         StorageError: the root cannot be listed.
     """
-    backend = open_url(url)
-    try:
+    backend = open_url(url, create=False)
+    with storage_errors(f"listing the steps under {backend.url}", missing=CheckpointNotFoundError):
         listing = scan_steps(backend)
-    except StorageBackendError as exc:
-        raise CheckpointError(f"cannot list the steps under {backend.url}: {exc}") from exc
     steps = sorted(
         [(s, True) for s in listing.committed] + [(s, False) for s in listing.uncommitted]
     )
@@ -751,7 +750,11 @@ def report_command(
 ) -> None:
     """Draw a timeline of the saves under URL: stall, persist and commit per step, bytes,
     imbalance across ranks, gaps, and the steps a restore would skip. Reads manifests only."""
-    backend = open_url(url)
+    # Opened as every command opens a root (nothing created, S3 retries a person waits
+    # for); imported here because ckpt.cli imports this module.
+    from ckpt.cli import open_url as open_root
+
+    backend = open_root(url)
     records = collect(backend, last=last, check_files=check_files)
     path = write_report(records, output, title=backend.url)
     typer.echo(f"{len(records)} steps drawn into {path}")

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.errors import CheckpointError, CorruptCheckpointError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import (
     DIGEST_HEX,
     INDEX_DIR,
@@ -269,7 +269,7 @@ def test_png_report_is_a_png_and_leaves_the_root_alone(root: Path, tmp_path: Pat
     assert _tree(path) == before
 
 
-def test_report_of_an_unfinished_save_and_an_unknown_suffix(tmp_path: Path) -> None:
+def test_report_of_an_unfinished_save_an_unknown_suffix_and_no_root(tmp_path: Path) -> None:
     root = tmp_path / "root"
     ckpt.save({"w": torch.ones(3)}, root, step=1)
     (root / step_prefix(2) / "data").mkdir(parents=True)
@@ -279,6 +279,11 @@ def test_report_of_an_unfinished_save_and_an_unknown_suffix(tmp_path: Path) -> N
         write_report(records, tmp_path / "timeline.txt", title="root")
     assert main([str(root), "-o", str(tmp_path / "timeline.txt")]) == 2
     assert scan_steps(open_backend(str(root))).committed == (1,)
+    missing = tmp_path / "no-such-root"
+    with pytest.raises(CheckpointNotFoundError):
+        collect(missing)
+    assert main([str(missing), "-o", str(tmp_path / "timeline.html")]) == 2
+    assert not missing.exists() and not (tmp_path / "timeline.html").exists()
 
 
 def test_timings_columns_stay_small_at_4096_ranks() -> None:
