@@ -310,8 +310,11 @@ class RedisCoordinator:
         }
         try:
             builder = self.collect(step, chunk_bytes)
+            reports_in = time.perf_counter()
             builder.add(index)
             self.claim(step)
+            # Measured once: the manifest built after the commit is the one published.
+            described["commit_seconds"] = time.perf_counter() - reports_in
             rendered = builder.render(**described)
             publish_bytes(backend, step, self._generation, rendered, files=builder.files)
         except BaseException as exc:
