@@ -38,6 +38,7 @@ from ckpt.errors import (
     StorageError,
 )
 from ckpt.format import ITEMS_REF, TENSOR_REF, Manifest, read_manifest, scan_steps
+from ckpt.report import report_command
 from storage_backends import (
     BlobNotFoundError,
     LocalBackend,
@@ -773,6 +774,9 @@ def _dcp_source(source: StorageBackend) -> str | None:
             "to local disk first"
         )
     return str(source.root / folders[0]) if folders[0] else str(source.root)
+
+
+app.command("report")(report_command)
 
 
 def _exit_code(exc: BaseException) -> int:

@@ -35,7 +35,6 @@ import typer
 from ckpt._open import open_url
 from ckpt.errors import CheckpointError, CheckpointNotFoundError, storage_errors
 from ckpt.format import INDEX_DIR, SaveTimings, read_manifest, scan_steps, step_prefix
-from recovery import validate_files
 from storage_backends import StorageBackend, StorageBackendError
 
 __all__ = ["StepRecord", "collect", "render_html", "render_png", "report_command", "write_report"]
@@ -143,6 +142,8 @@ def _committed(backend: StorageBackend, step: int, check_files: bool) -> StepRec
         return StepRecord(step, INVALID, problem=str(exc))
     problem = None
     if check_files:
+        from recovery import validate_files  # loads torch: only when files are checked
+
         try:
             validate_files(backend, m)
         except CheckpointError as exc:
