@@ -75,7 +75,7 @@ from torch import nn
 
 from ckpt import CheckpointManager, RNGState, SaveOptions
 from ckpt.coordination import Coordinator
-from ckpt.errors import CheckpointError, StateMismatchError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,10 @@ class CkptCallback(TrainerCallback):
     def _warn_if_checkpoints_exist(self) -> None:
         from recovery import committed_steps
 
-        steps = committed_steps(self._get_manager().backend)
+        try:
+            steps = committed_steps(self._get_manager().backend)
+        except CheckpointNotFoundError:  # the root does not exist yet: nothing to warn about
+            return
         if steps:
             log.warning(
                 "train() starts from scratch although %s holds committed step(s) up to %d: "

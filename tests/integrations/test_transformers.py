@@ -286,7 +286,7 @@ def test_a_start_with_nothing_to_resume_is_logged(
         trainer = train(tmp_path, callback=callback, resume=True, num_train_epochs=1)
     assert callback.resumed_step is None
     assert trainer.state.global_step == 6
-    assert any("no checkpoint under" in r.getMessage() for r in caplog.records)
+    assert any("starting from scratch" in r.getMessage() for r in caplog.records)
 
 
 def test_training_from_scratch_over_existing_checkpoints_warns(

@@ -1,0 +1,5 @@
+"""``python -m ckpt``: the ``ckpt`` command line."""
+
+from ckpt.cli import main
+
+main()
