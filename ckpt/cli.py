@@ -9,6 +9,7 @@ need only the format reader and the storage backends.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import json
@@ -18,7 +19,7 @@ import re
 import statistics
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -495,7 +496,8 @@ def verify(
         try:
             m = read_manifest(backend, s)
             validate_files(backend, m)
-            stats = verify_checkpoint(backend, m)
+            with _progress(f"verifying step {s}", quiet=as_json) as progress:
+                stats = verify_checkpoint(backend, m, progress=progress)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             results.append(
                 {"step": s, "ok": False, "bytes": None, "seconds": None, "error": str(exc)}
@@ -523,6 +525,21 @@ def verify(
         _emit_json({"schema": "ckpt.verify/v1", "root": backend.url, "ok": ok, "steps": results})
     if not ok:
         raise typer.Exit(EXIT_CORRUPT)
+
+
+@contextlib.contextmanager
+def _progress(what: str, *, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar on a terminal (stderr); nothing when piped or ``quiet``. Yields the
+    ``progress(done, total)`` callback to hand to the long operation."""
+    if quiet or not err_console.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 # ckpt.retention.DEFAULT_ABANDONED_AFTER_S; not imported here, so that ``ls`` and

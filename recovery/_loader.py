@@ -12,8 +12,8 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,8 +163,11 @@ class Loader:
             raise errors[0]
         return LoadStats(needed, read, len(jobs), time.perf_counter() - start)
 
-    def verify(self) -> LoadStats:
-        """Read and verify every chunk of every stored piece without keeping the data."""
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> LoadStats:
+        """Read and verify every chunk of every stored piece without keeping the data.
+
+        ``progress(bytes verified, bytes in all)`` is called as reads finish (in this thread).
+        """
         start = time.perf_counter()
         chunk = self._manifest.chunk_bytes
         limit = max(chunk, self._options.max_request_bytes // chunk * chunk)
@@ -187,10 +190,16 @@ class Loader:
                     )
         jobs = self._coalesce(segments)
         jobs += self._header_jobs(self._manifest.headers, describe=True)
-        with ThreadPoolExecutor(self._options.io_threads, thread_name_prefix="ckpt-verify") as pool:
-            for future in [pool.submit(self._run, job, ()) for job in jobs]:
-                future.result()
         read = sum(j.end - j.start for j in jobs)
+        done = 0
+        with ThreadPoolExecutor(self._options.io_threads, thread_name_prefix="ckpt-verify") as pool:
+            futures = {pool.submit(self._run, job, ()): job for job in jobs}
+            for future in as_completed(futures):
+                future.result()
+                if progress is not None:
+                    job = futures[future]
+                    done += job.end - job.start
+                    progress(done, read)
         return LoadStats(self._manifest.total_bytes, read, len(jobs), time.perf_counter() - start)
 
     def _files_read_whole(self, requests: Sequence[ReadRequest]) -> list[str]:
@@ -440,13 +449,17 @@ class Loader:
 
 
 def verify_checkpoint(
-    backend: StorageBackend, manifest: Manifest, options: LoadOptions | None = None
+    backend: StorageBackend,
+    manifest: Manifest,
+    options: LoadOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoadStats:
     """Read every stored chunk of a checkpoint and check its checksum (and that it decompresses).
 
-    Memory stays bounded by the request size times the reader threads.
+    Memory stays bounded by the request size times the reader threads. ``progress(bytes
+    verified, bytes in all)`` is called as reads finish.
 
     Raises:
         CorruptCheckpointError: the first bad chunk found, naming tensor, file and bytes.
     """
-    return Loader(backend, manifest, options).verify()
+    return Loader(backend, manifest, options).verify(progress)
