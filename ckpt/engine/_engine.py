@@ -57,7 +57,8 @@ class SaveResult:
         committed: True when this process saw the step committed.
         bytes_written: data bytes this rank wrote (headers included).
         files: data files this rank wrote.
-        stall_seconds: time training was blocked (flatten + plan + staging copy).
+        stall_seconds: time training was blocked (flatten + plan + staging copy; under a
+            staging budget, also writing every bucket but the last).
         persist_seconds: background time to write this rank's data durably.
         commit_seconds: background time from durable data to the committed manifest.
         write_imbalance: the busiest rank's planned bytes over the mean (1.0 = balanced).

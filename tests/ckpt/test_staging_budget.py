@@ -137,12 +137,14 @@ def test_a_budget_below_the_minimum_is_refused_before_anything_is_written(
     assert not any(tmp_path.iterdir())
 
 
-def test_a_manager_with_a_staging_budget_saves_and_restores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocking", [False, True], ids=["async", "blocking"])
+def test_a_manager_with_a_staging_budget_saves_and_restores(tmp_path: Path, blocking: bool) -> None:
+    """A blocking save streams each file as soon as it is staged, bucket by bucket."""
     state = _state()
     options = ckpt.SaveOptions(staging_budget_bytes=BUDGET)
     with ckpt.CheckpointManager(tmp_path, manual=True, save_options=options) as mgr:
         assert 0 < mgr.prepare(state) <= BUDGET
-        mgr.save(7, state).result()
+        mgr.save(7, state, blocking=blocking).result()
     restored = _zeros_like(state)
     with ckpt.CheckpointManager(tmp_path, manual=True) as mgr:
         assert mgr.restore(restored) == 7
