@@ -161,8 +161,9 @@ def plan_files(
     Returns:
         The files, bucket by bucket, and the staging bytes they need (the largest bucket).
     """
-    nonce = uuid.uuid4().hex[:8]  # unique per save: an earlier, failed attempt at the
-    # same step can never replace a file of this one
+    # Unique per save: a writer of an earlier, failed attempt at the same step can never
+    # replace a file of this one.
+    nonce = uuid.uuid4().hex[:8]
     groups = _by_codec(tensors, options)
     members = [
         (is_compressed, group)
