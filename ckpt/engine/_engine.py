@@ -57,7 +57,8 @@ class SaveResult:
         committed: True when this process saw the step committed.
         bytes_written: data bytes this rank wrote (headers included).
         files: data files this rank wrote.
-        stall_seconds: time training was blocked (flatten + plan + staging copy).
+        stall_seconds: time training was blocked (flatten + plan + staging copy; under a
+            staging budget, also writing every bucket but the last).
         persist_seconds: background time to write this rank's data durably.
         commit_seconds: background time from durable data to the committed manifest.
         write_imbalance: the busiest rank's planned bytes over the mean (1.0 = balanced).
@@ -207,11 +208,16 @@ class Snapshotter:
     Args:
         options: layout and I/O settings.
         max_in_flight: checkpoints allowed in the background at once; a further save
-            waits for a staging buffer to free up.
+            waits for a staging buffer to free up. Each has an equal share of
+            ``options.staging_budget_bytes``.
+
+    Raises:
+        ValueError: the staging budget leaves a checkpoint in flight too little.
     """
 
     def __init__(self, options: SaveOptions | None = None, *, max_in_flight: int = 1) -> None:
         self.options = options or SaveOptions()
+        self.options.slot_budget(max_in_flight)
         self._pool = StagingPool(max_in_flight)
         self._io = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="ckpt-io")
         self._persist = ThreadPoolExecutor(max_in_flight, thread_name_prefix="ckpt-persist")
@@ -238,13 +244,17 @@ class Snapshotter:
         tensors are shared among ``world_size`` ranks by the write plan, so each rank
         reserves its share; a first save that needs more grows the buffer then.
 
+        Under a staging budget, each buffer is at most its share of it.
+
         Returns:
             The bytes reserved (the buffers only grow; see ``staging_bytes``).
         """
         tensors, _ = flatten(state)
         sharded = sum(align(t.nbytes) for t in tensors.values() if not t.replicated)
         replicated = sum(align(t.nbytes) for t in tensors.values() if t.replicated)
-        self._pool.reserve(sharded + align(-(-replicated // max(world_size, 1))))
+        need = sharded + align(-(-replicated // max(world_size, 1)))
+        budget = self.options.slot_budget(self._pool.slots)
+        self._pool.reserve(need if budget is None else min(need, budget))
         return self._pool.reserved_bytes
 
     def busy(self) -> bool:
@@ -314,6 +324,7 @@ class Snapshotter:
             if refused is not None:
                 raise refused
             options = options or self.options
+            options.slot_budget(self._pool.slots)  # refused before the step begins
             coordinator.begin(step, options.chunk_bytes)
             return self.save_flat(
                 tensors,
@@ -353,16 +364,35 @@ class Snapshotter:
         to_write = [
             part_of(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine
         ]
+        budget = options.slot_budget(self._pool.slots)
         files, nbytes = plan_files(
-            to_write, options, generation=coordinator.generation, rank=coordinator.rank
+            to_write,
+            options,
+            generation=coordinator.generation,
+            rank=coordinator.rank,
+            budget=budget,
         )
+        buckets = 1 + max((f.bucket for f in files), default=0)
+        if buckets > 1:
+            log.info(
+                "step %d (rank %d): staging %d bytes in %d buckets of at most %d bytes, each "
+                "written before the next is staged, because they exceed the staging budget "
+                "(staging_budget_bytes=%d over %d checkpoint(s) in flight)",
+                step,
+                coordinator.rank,
+                sum(f.nbytes for f in files),
+                buckets,
+                nbytes,
+                options.staging_budget_bytes,
+                self._pool.slots,
+            )
         metadata = dict(user_metadata or {})
         if self._pool.busy():
             log.info(
                 "step %d: waiting for the checkpoint in flight to free its staging buffer", step
             )
         try:
-            buffer = self._pool.acquire(nbytes)
+            buffer = self._pool.acquire(nbytes, at_most=budget)
         except BaseException as exc:  # e.g. out of host memory: the step has begun everywhere
             tell_the_others(coordinator, backend, step, exc)
             raise
@@ -393,7 +423,11 @@ class Snapshotter:
         return pending
 
     def _persist_and_commit(
-        self, job: SaveJob, started: list[Future[WrittenFile]], stall: float, retries: int
+        self,
+        job: SaveJob,
+        started: Mapping[str, Future[WrittenFile]],
+        stall: float,
+        retries: int,
     ) -> SaveResult:
         """The background part of a save (the persist thread); ``retries`` is the count of
         storage retries before its first write."""

@@ -8,7 +8,9 @@ a staging buffer and builds the job. Then:
 1. ``stage`` (training thread, the only part training waits for): copy every piece
    from its device into the host buffer (``ckpt.engine._staging``: pinned memory and a CUDA
    side stream + event where CUDA exists). With ``overlap_writes`` each raw data file
-   starts streaming as soon as it is staged.
+   starts streaming as soon as it is staged. Under a staging budget smaller than the
+   rank's data, the files come in buckets that take turns in the one buffer: every
+   bucket but the last is staged and written here, the last one only staged.
 2. ``persist`` (the persist thread, fanning out to the I/O pool): encode (safetensors
    layout or chunked zstd), checksum and write every data file. Each I/O task returns
    a ``WrittenFile``: where each piece's bytes went, and their checksums.
@@ -27,6 +29,8 @@ fails removes its partial files and aborts the step for every rank
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import uuid
@@ -90,9 +94,11 @@ class DataFile:
         path: relative to the step prefix.
         compressed: chunked zstd (``.zst``) rather than a safetensors file.
         pieces: in file order.
-        buffer_offset: where the first piece is staged.
+        buffer_offset: where the first piece is staged, from the start of the buffer.
         nbytes: raw bytes of all pieces.
         header: the safetensors header (empty when compressed).
+        bucket: the files of one bucket are in the staging buffer together; buckets are
+            staged one after another (always 0 without a staging budget).
     """
 
     path: str
@@ -101,6 +107,7 @@ class DataFile:
     buffer_offset: int
     nbytes: int
     header: bytes
+    bucket: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,47 +139,181 @@ def _storage_view(local: torch.Tensor) -> torch.Tensor:
 
 
 def plan_files(
-    tensors: list[FlatTensor], options: SaveOptions, *, generation: str, rank: int
+    tensors: list[FlatTensor],
+    options: SaveOptions,
+    *,
+    generation: str,
+    rank: int,
+    budget: int | None = None,
 ) -> tuple[list[DataFile], int]:
     """Group this rank's pieces into data files balanced by bytes; place them in the buffer.
 
+    Args:
+        tensors: the pieces this rank writes.
+        options: the layout settings (``file_bytes``, ``io_threads``, compression).
+        generation: the writer's generation, part of every file name.
+        rank: this rank, part of every file name.
+        budget: the most bytes the staging buffer may hold (None: no limit). When the
+            pieces need more, each is cut into regions of at most ``budget /
+            io_threads`` bytes (``cut_to_fit``), files are kept to that size and grouped
+            into buckets of at most ``budget`` bytes, staged one after another.
+
     Returns:
-        The files and the staging bytes they need.
+        The files, bucket by bucket, and the staging bytes they need (the largest bucket).
     """
+    # Unique per save: a writer of an earlier, failed attempt at the same step can never
+    # replace a file of this one.
+    nonce = uuid.uuid4().hex[:8]
+    groups = _by_codec(tensors, options)
+    members = [
+        (is_compressed, group)
+        for is_compressed, pieces in groups
+        for group in _balanced(pieces, options.file_bytes)
+    ]
+    if budget is not None and _staged_bytes([m for _, m in members]) > budget:
+        most = max(64, min(options.file_bytes, budget // options.io_threads))
+        members = [
+            (is_compressed, group)
+            for is_compressed, pieces in groups
+            for group in _packed([c for t in pieces for c in cut_to_fit(t, most)], most)
+        ]
+        buckets = _packed_files(members, budget)
+    else:
+        buckets = [members]
+    files: list[DataFile] = []
+    largest = 0
+    for bucket, contents in enumerate(buckets):
+        offset = 0
+        for is_compressed, group in contents:
+            suffix = "zst" if is_compressed else "safetensors"
+            path = f"{DATA_DIR}/{generation}-r{rank:05d}-{nonce}-{len(files):03d}.{suffix}"
+            # Widest elements first keeps every tensor aligned to its element size.
+            group.sort(key=lambda t: (-t.local.element_size(), t.name, t.box.offsets))
+            pieces, cursor = [], 0
+            for t in group:
+                pieces.append(PlannedPiece(t, offset + cursor, t.nbytes, cursor))
+                cursor += t.nbytes
+            header = b"" if is_compressed else _safetensors_header(group)
+            files.append(
+                DataFile(path, is_compressed, tuple(pieces), offset, cursor, header, bucket)
+            )
+            offset = align(offset + cursor)
+        largest = max(largest, offset)
+    return files, largest
+
+
+def _by_codec(
+    tensors: list[FlatTensor], options: SaveOptions
+) -> list[tuple[bool, list[FlatTensor]]]:
+    """(compressed, pieces): the raw pieces, then the compressed ones (groups not empty)."""
     raw, compressed = [], []
     for t in tensors:
         if options.compression is not None and options.compression.applies_to(t.name, t.nbytes):
             compressed.append(t)
         else:
             raw.append(t)
-    files: list[DataFile] = []
-    # Unique per save: a writer of an earlier, failed attempt at the same step can never
-    # replace a file of this one.
-    nonce = uuid.uuid4().hex[:8]
-    offset = 0
-    for group, is_compressed, suffix in ((raw, False, "safetensors"), (compressed, True, "zst")):
-        if not group:
-            continue
-        total = sum(t.nbytes for t in group)
-        count = max(1, min(len(group), math.ceil(total / options.file_bytes)))
-        bins: list[list[FlatTensor]] = [[] for _ in range(count)]
-        loads = [0] * count
-        for t in sorted(group, key=lambda t: (-t.nbytes, t.name)):
-            k = loads.index(min(loads))
-            bins[k].append(t)
-            loads[k] += t.nbytes
-        for members in bins:
-            path = f"{DATA_DIR}/{generation}-r{rank:05d}-{nonce}-{len(files):03d}.{suffix}"
-            # Widest elements first keeps every tensor aligned to its element size.
-            members.sort(key=lambda t: (-t.local.element_size(), t.name))
-            pieces, cursor = [], 0
-            for t in members:
-                pieces.append(PlannedPiece(t, offset + cursor, t.nbytes, cursor))
-                cursor += t.nbytes
-            header = b"" if is_compressed else _safetensors_header(members)
-            files.append(DataFile(path, is_compressed, tuple(pieces), offset, cursor, header))
-            offset = align(offset + cursor)
-    return files, offset
+    return [(flag, group) for flag, group in ((False, raw), (True, compressed)) if group]
+
+
+def _balanced(group: list[FlatTensor], file_bytes: int) -> list[list[FlatTensor]]:
+    """``group`` in about ``total / file_bytes`` files of even sizes (largest piece first to
+    the least loaded file), so that several are written in parallel."""
+    total = sum(t.nbytes for t in group)
+    count = max(1, min(len(group), math.ceil(total / file_bytes)))
+    bins: list[list[FlatTensor]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for t in sorted(group, key=lambda t: (-t.nbytes, t.name)):
+        k = loads.index(min(loads))
+        bins[k].append(t)
+        loads[k] += t.nbytes
+    return bins
+
+
+def _staged_bytes(groups: list[list[FlatTensor]]) -> int:
+    return sum(align(sum(t.nbytes for t in group)) for group in groups)
+
+
+def _packed(pieces: list[FlatTensor], most: int) -> list[list[FlatTensor]]:
+    """Files of at most ``most`` bytes each (every piece fits), as even as the pieces allow:
+    largest first into the least loaded file it fits, a new file when none does. Two regions
+    of one tensor never share a file (a file names each tensor once)."""
+    total = sum(t.nbytes for t in pieces)
+    bins: list[list[FlatTensor]] = [[] for _ in range(max(1, math.ceil(total / most)))]
+    names: list[set[str]] = [set() for _ in bins]
+    heap = [(0, k) for k in range(len(bins))]
+    for t in sorted(pieces, key=lambda t: (-t.nbytes, t.name, t.box.offsets)):
+        passed, chosen = [], None
+        while heap and heap[0][0] + t.nbytes <= most:
+            entry = heapq.heappop(heap)
+            if t.name not in names[entry[1]]:
+                chosen = entry
+                break
+            passed.append(entry)
+        if chosen is None:
+            chosen = (0, len(bins))
+            bins.append([])
+            names.append(set())
+        load, k = chosen
+        bins[k].append(t)
+        names[k].add(t.name)
+        heapq.heappush(heap, (load + t.nbytes, k))
+        for entry in passed:
+            heapq.heappush(heap, entry)
+    return [b for b in bins if b]
+
+
+def _packed_files(
+    files: list[tuple[bool, list[FlatTensor]]], budget: int
+) -> list[list[tuple[bool, list[FlatTensor]]]]:
+    """Buckets of files whose staged (aligned) sizes add up to at most ``budget`` each:
+    largest first into the least loaded bucket it fits, a new bucket when none does."""
+    sizes = [align(sum(t.nbytes for t in group)) for _, group in files]
+    buckets: list[list[tuple[bool, list[FlatTensor]]]] = [
+        [] for _ in range(max(1, math.ceil(sum(sizes) / budget)))
+    ]
+    heap = [(0, k) for k in range(len(buckets))]
+    for size, entry in sorted(zip(sizes, files), key=lambda x: -x[0]):
+        if heap[0][0] + size <= budget:
+            load, k = heapq.heappop(heap)
+        else:
+            load, k = 0, len(buckets)
+            buckets.append([])
+        buckets[k].append(entry)
+        heapq.heappush(heap, (load + size, k))
+    return [b for b in buckets if b]
+
+
+def cut_to_fit(t: FlatTensor, most: int) -> list[FlatTensor]:
+    """``t`` whole when it has at most ``most`` bytes, else rectangular regions of it that
+    each do, tiling it: even ranges of rows (dimension 0) or, when a single row is larger,
+    ranges along the first dimension whose slices fit, for each index of the dimensions
+    before it. ``most`` must hold one element.
+    """
+    if t.nbytes <= most:
+        return [t]
+    offsets, lengths = t.box.offsets, t.box.lengths
+    dim = len(lengths) - 1
+    slice_bytes = t.local.element_size()  # bytes of one index along ``dim``
+    while dim > 0 and slice_bytes * lengths[dim] <= most:
+        slice_bytes *= lengths[dim]
+        dim -= 1
+    count = math.ceil(lengths[dim] / (most // slice_bytes))
+    size, longer = divmod(lengths[dim], count)
+    ranges, start = [], 0
+    for k in range(count):
+        n = size + (k < longer)
+        ranges.append((start, n))
+        start += n
+    regions = []
+    for index in itertools.product(*(range(n) for n in lengths[:dim])):
+        head = tuple(o + i for o, i in zip(offsets, index))
+        for start, n in ranges:
+            box = Box(
+                (*head, offsets[dim] + start, *offsets[dim + 1 :]),
+                ((1,) * dim) + (n, *lengths[dim + 1 :]),
+            )
+            regions.append(part_of(t, box))
+    return regions
 
 
 def _safetensors_header(members: list[FlatTensor]) -> bytes:
@@ -231,33 +372,57 @@ class SaveJob:
     def prefix(self) -> str:
         return step_prefix(self.step)
 
+    @property
+    def buckets(self) -> list[tuple[DataFile, ...]]:
+        """The files in staging order, bucket by bucket (one bucket without a budget)."""
+        return [tuple(fs) for _, fs in itertools.groupby(self.files, key=lambda f: f.bucket)]
+
 
 def stage(
     job: SaveJob, pool: StagingPool, io: ThreadPoolExecutor, *, overlap_writes: bool
-) -> list[Future[WrittenFile]]:
+) -> dict[str, Future[WrittenFile]]:
     """Copy every piece of ``job`` from its device into the staging buffer.
 
     The only phase training waits for. With ``overlap_writes`` each raw data file
     starts streaming on ``io`` as soon as it is staged, while later files are still
-    being copied.
+    being copied. Under a staging budget every bucket but the last is written (and
+    waited for) before the next one is copied over it, so once this returns the state
+    may change: all of it is on the host or durable.
 
     Returns:
-        The writes already started (none without ``overlap_writes``).
+        The writes already started or finished, by file path.
 
     Raises:
-        BaseException: whatever the copy raised, after waiting for the writes already
-            started (the buffer may only be reused once nobody reads it), removing this
-            save's files, freeing the buffer and aborting the step for every rank.
+        BaseException: whatever the copy or a write raised, after waiting for the writes
+            already started (the buffer may only be reused once nobody reads it),
+            removing this save's files, freeing the buffer and aborting the step for
+            every rank.
     """
-    started: list[Future[WrittenFile]] = []
-    groups = [(f,) for f in job.files] if overlap_writes else [job.files]
+    started: dict[str, Future[WrittenFile]] = {}
+    buckets = job.buckets
     try:
-        for group in groups:
-            pool.copy_in([_copy_pair(job.buffer, p) for f in group for p in f.pieces])
-            if overlap_writes:
-                started += [io.submit(_write_raw_file, job, f) for f in group if not f.compressed]
+        for n, bucket in enumerate(buckets, start=1):
+            groups = [(f,) for f in bucket] if overlap_writes else [bucket]
+            for group in groups:
+                pool.copy_in([_copy_pair(job.buffer, p) for f in group for p in f.pieces])
+                if overlap_writes:
+                    started.update(
+                        (f.path, io.submit(_write_raw_file, job, f))
+                        for f in group
+                        if not f.compressed
+                    )
+            if n < len(buckets):
+                # The next bucket is copied over this one: it must be durable first.
+                started.update(_write(job, io, bucket, started))
+                log.debug(
+                    "step %d (rank %d): bucket %d of %d written",
+                    job.step,
+                    job.rank,
+                    n,
+                    len(buckets),
+                )
     except BaseException as exc:
-        for write in started:
+        for write in started.values():
             write.exception()
         _discard(job)
         pool.release(job.buffer)
@@ -274,12 +439,12 @@ def _copy_pair(buffer: StagingBuffer, piece: PlannedPiece) -> tuple[torch.Tensor
 
 
 def persist(
-    job: SaveJob, io: ThreadPoolExecutor, started: Sequence[Future[WrittenFile]]
+    job: SaveJob, io: ThreadPoolExecutor, started: Mapping[str, Future[WrittenFile]]
 ) -> list[WrittenFile]:
     """Encode, checksum and write every data file of ``job`` durably.
 
     Raw files: one I/O task each, hashing every block just before writing it (``started``
-    holds them when ``stage`` began them). Compressed pieces: compressed in blocks on
+    holds those ``stage`` began or finished). Compressed pieces: compressed in blocks on
     ``io``, hashed here, then their files written.
 
     Returns:
@@ -289,29 +454,50 @@ def persist(
         BaseException: the first failure, after every task ended and this save's files
             were removed.
     """
-    writes: list[Future[WrittenFile]] = list(started) or [
-        io.submit(_write_raw_file, job, f) for f in job.files if not f.compressed
-    ]
-    encoded, errors = _compress(job, io)
-    if not errors:
-        writes += [
-            io.submit(_write_compressed_file, job, f, encoded) for f in job.files if f.compressed
-        ]
-    written: dict[str, WrittenFile] = {}
-    for w in writes:
-        try:
-            result = w.result()
-        except BaseException as exc:
-            errors.append(exc)
-        else:
-            written[result.path] = result
-    if errors:
+    try:
+        writes = _write(job, io, job.files, started)
+    except BaseException:
         _discard(job)
+        raise
+    return [writes[f.path].result() for f in job.files]
+
+
+def _write(
+    job: SaveJob,
+    io: ThreadPoolExecutor,
+    files: Sequence[DataFile],
+    started: Mapping[str, Future[WrittenFile]],
+) -> dict[str, Future[WrittenFile]]:
+    """Write each of ``files`` that ``started`` does not hold, and wait for all of them.
+
+    Returns:
+        Every file's finished write, by path.
+
+    Raises:
+        BaseException: the first failure, after every task ended.
+    """
+    writes = {f.path: started[f.path] for f in files if f.path in started}
+    writes.update(
+        (f.path, io.submit(_write_raw_file, job, f))
+        for f in files
+        if not f.compressed and f.path not in writes
+    )
+    compressed = [f for f in files if f.compressed and f.path not in writes]
+    encoded, errors = _compress(job, io, compressed)
+    if not errors:
+        writes.update(
+            (f.path, io.submit(_write_compressed_file, job, f, encoded)) for f in compressed
+        )
+    for w in writes.values():
+        error = w.exception()
+        if error is not None:
+            errors.append(error)
+    if errors:
         if isinstance(errors[0], CheckpointNotFoundError):
             # Only a deleted prefix makes a write "not found" (local: the temporary file).
             raise data_files_vanished(job.step, job.backend.url, str(errors[0])) from errors[0]
         raise errors[0]
-    return [written[f.path] for f in job.files]
+    return writes
 
 
 def commit(
@@ -343,9 +529,12 @@ def shard_index(
     job: SaveJob, written: Sequence[WrittenFile], timing: RankTiming | None = None
 ) -> ShardIndex:
     """This rank's report: every piece it holds, with where it stored those it wrote."""
-    stored = {name: piece for w in written for name, piece in w.pieces.items()}
+    stored: dict[str, list[StoredPiece]] = {}
+    for w in written:
+        for name, piece in w.pieces.items():
+            stored.setdefault(name, []).append(piece)
     entries = {
-        name: TensorEntry(t.dtype, t.global_shape, (stored[name],) if name in stored else ())
+        name: TensorEntry(t.dtype, t.global_shape, tuple(stored.get(name, ())))
         for name, t in job.tensors.items()
     }
     files = {w.path: w.stored_bytes for w in written}
@@ -372,35 +561,34 @@ class _Encoded:
 
 
 def _compress(
-    job: SaveJob, io: ThreadPoolExecutor
-) -> tuple[dict[str, _Encoded], list[BaseException]]:
-    """Compress every compressed piece of ``job`` in blocks on ``io``; wait for all blocks.
+    job: SaveJob, io: ThreadPoolExecutor, files: Sequence[DataFile]
+) -> tuple[dict[tuple[str, str], _Encoded], list[BaseException]]:
+    """Compress every piece of the compressed ``files`` in blocks on ``io``; wait for all.
 
     Returns:
-        The pieces by tensor name, and the errors of those that failed (left out).
+        The pieces by (file path, tensor name), and the errors of those that failed
+        (left out).
     """
     opts = job.options
     block = opts.write_block_bytes
     level = opts.compression.level if opts.compression else 3
-    blocks_of: list[tuple[PlannedPiece, list[Future[list[bytes]]]]] = []
-    for f in job.files:
-        if not f.compressed:
-            continue
+    blocks_of: list[tuple[str, PlannedPiece, list[Future[list[bytes]]]]] = []
+    for f in files:
         for p in f.pieces:
             view = job.host[p.buffer_offset : p.buffer_offset + p.nbytes]
             blocks = [view[i : i + block] for i in range(0, p.nbytes, block)]
             futures = [io.submit(compress_chunks, b, opts.chunk_bytes, level) for b in blocks]
-            blocks_of.append((p, futures))
-    encoded: dict[str, _Encoded] = {}
+            blocks_of.append((f.path, p, futures))
+    encoded: dict[tuple[str, str], _Encoded] = {}
     errors: list[BaseException] = []
-    for p, futures in blocks_of:
+    for path, p, futures in blocks_of:
         try:
             results = [part.result() for part in futures]
         except BaseException as exc:
             errors.append(exc)
             continue
         frames = [frame for result in results for frame in result]
-        encoded[p.tensor.name] = _Encoded(frames, "".join(checksum(fr) for fr in frames))
+        encoded[path, p.tensor.name] = _Encoded(frames, "".join(checksum(fr) for fr in frames))
     return encoded, errors
 
 
@@ -445,7 +633,7 @@ def _write_raw_file(job: SaveJob, f: DataFile) -> WrittenFile:
 
 
 def _write_compressed_file(
-    job: SaveJob, f: DataFile, encoded: Mapping[str, _Encoded]
+    job: SaveJob, f: DataFile, encoded: Mapping[tuple[str, str], _Encoded]
 ) -> WrittenFile:
     """Write one file of zstd frames, its pieces back to back."""
     path = f"{job.prefix}/{f.path}"
@@ -455,7 +643,7 @@ def _write_compressed_file(
         stream = job.backend.open_stream(path)
         try:
             for p in f.pieces:
-                piece = encoded[p.tensor.name]
+                piece = encoded[f.path, p.tensor.name]
                 start = offset
                 for frame in piece.frames:
                     stream.write(frame)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from ckpt.format import DEFAULT_CHUNK_BYTES
 
+MIN_STAGING_BUDGET = 64 << 10
+"""The smallest staging budget a save takes, per checkpoint in flight."""
+
 
 @dataclass(frozen=True)
 class Compression:
@@ -41,6 +44,13 @@ class SaveOptions:
             are written in parallel.
         io_threads: threads that write, hash and compress in the background.
         write_block_bytes: size of each write call / multipart part.
+        staging_budget_bytes: the most host memory staging may hold, in total over the
+            engine's checkpoints in flight (each gets an equal share); None = as much as
+            the state (all of it is staged at once). When a rank's share of the state is
+            larger, its data is staged and written in buckets that reuse one buffer: pieces
+            are cut into regions that fit, and the save returns once the last bucket is
+            staged, after writing the ones before it, so the stall grows but the memory
+            does not. Compressed saves also hold one bucket's compressed frames.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -48,6 +58,7 @@ class SaveOptions:
     file_bytes: int = 512 << 20
     io_threads: int = 4
     write_block_bytes: int = 64 << 20
+    staging_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
@@ -56,3 +67,28 @@ class SaveOptions:
             raise ValueError("write_block_bytes must be a multiple of chunk_bytes")
         if self.io_threads < 1 or self.file_bytes < 1:
             raise ValueError("io_threads and file_bytes must be positive")
+        if self.staging_budget_bytes is not None and (
+            self.staging_budget_bytes < MIN_STAGING_BUDGET
+        ):
+            raise ValueError(
+                f"staging_budget_bytes={self.staging_budget_bytes} is below the minimum of "
+                f"{MIN_STAGING_BUDGET} bytes per checkpoint in flight; raise it, or pass None "
+                "to stage the whole state at once"
+            )
+
+    def slot_budget(self, slots: int) -> int | None:
+        """Each of ``slots`` staging buffers' share of ``staging_budget_bytes`` (None: no limit).
+
+        Raises:
+            ValueError: the share is below ``MIN_STAGING_BUDGET``.
+        """
+        if self.staging_budget_bytes is None:
+            return None
+        share = self.staging_budget_bytes // slots // 64 * 64
+        if share < MIN_STAGING_BUDGET:
+            raise ValueError(
+                f"staging_budget_bytes={self.staging_budget_bytes} shared by {slots} checkpoints "
+                f"in flight leaves {share} bytes each, below the minimum of {MIN_STAGING_BUDGET}; "
+                f"raise it to at least {slots * MIN_STAGING_BUDGET} or lower max_in_flight"
+            )
+        return share

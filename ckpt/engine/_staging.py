@@ -79,13 +79,29 @@ class StagingPool:
         with self._cond:
             return not self._free
 
-    def acquire(self, nbytes: int, timeout: float | None = None) -> StagingBuffer:
+    @property
+    def slots(self) -> int:
+        """Checkpoints in flight this pool stages for (one buffer each)."""
+        return len(self._buffers)
+
+    def acquire(
+        self, nbytes: int, timeout: float | None = None, *, at_most: int | None = None
+    ) -> StagingBuffer:
+        """A free slot's buffer of at least ``nbytes``, grown if needed (waits for a free slot).
+
+        Args:
+            nbytes: the bytes needed.
+            timeout: seconds to wait for a free slot (None: no limit).
+            at_most: a buffer larger than this (kept from an earlier, larger save) is
+                replaced by one of ``nbytes``.
+        """
         with self._cond:
             if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
                 raise TimeoutError("no staging buffer became free in time")
             slot = self._free.pop()
         buffer = self._buffers[slot]
-        if buffer is None or buffer.numel() < nbytes:
+        too_large = at_most is not None and buffer is not None and buffer.numel() > at_most
+        if buffer is None or buffer.numel() < nbytes or too_large:
             try:
                 buffer = self._grow(slot, nbytes)
             except BaseException:

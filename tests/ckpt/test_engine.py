@@ -158,9 +158,11 @@ def test_at_most_one_save_in_flight_the_second_waits_for_the_staging_buffer(
     second_waiting = threading.Event()
     real_acquire = snap._pool.acquire
 
-    def acquire(nbytes: int, timeout: float | None = None) -> StagingBuffer:
+    def acquire(
+        nbytes: int, timeout: float | None = None, *, at_most: int | None = None
+    ) -> StagingBuffer:
         second_waiting.set()
-        return real_acquire(nbytes, timeout)
+        return real_acquire(nbytes, timeout, at_most=at_most)
 
     first = snap.async_save(_state(1), faulty, 1, LocalCoordinator())
     assert faulty.held.wait(10)
