@@ -198,22 +198,22 @@ def _optimizer_keys(node: dict[str, Any]) -> None:
     non-negative integer in canonical decimal and, where the groups' ``params`` are kept,
     those are lists of integers that include every key.
     """
-    groups = node.get("param_groups", LEFT_OUT)
-    ids: set[int] | None = set()  # None: some group's params were left out
-    if groups is not LEFT_OUT:
+    ids: set[int] | None = None  # None: the groups' params were left out
+    if "param_groups" in node:
+        groups = node["param_groups"]
         if not isinstance(groups, list) or not groups:
             return
+        known: set[int] = set()
+        complete = True
         for group in groups:
             if group is None or (isinstance(group, dict) and "params" not in group):
-                ids = None
+                complete = False  # that group, or its params, left out
                 continue
             params = group.get("params") if isinstance(group, dict) else None
             if not isinstance(params, list) or not all(type(p) is int for p in params):
                 return
-            if ids is not None:
-                ids.update(params)
-    else:
-        ids = None
+            known.update(params)
+        ids = known if complete else None
     if ids is not None:
         node.setdefault("state", {})
     state = node.get("state")
