@@ -114,7 +114,15 @@ from typing import Any
 import redis
 
 from ckpt.coordination import ManifestBuilder, RedisCoordinator
-from ckpt.format import DEFAULT_CHUNK_BYTES, Box, ShardIndex, StoredPiece, TensorEntry
+from ckpt.format import (
+    DATA_DIR,
+    DEFAULT_CHUNK_BYTES,
+    Box,
+    ShardIndex,
+    StoredPiece,
+    TensorEntry,
+    step_prefix,
+)
 from storage_backends import LocalBackend
 from tests.coordination import redis_helpers
 from tests.coordination.redis_helpers import Sent, now_ns
@@ -300,7 +308,7 @@ class MemoryPoller:
 
 def job_key_bytes(client: Any, job: str) -> tuple[int, int]:
     """(number of keys, MEMORY USAGE summed) of one job's keys."""
-    keys = list(client.scan_iter(f"ckpt:{job}:*", count=1000))
+    keys = list(client.scan_iter(f"ckpt:{{{job}}}:*", count=1000))
     return len(keys), sum(int(client.memory_usage(k) or 0) for k in keys)
 
 
@@ -858,6 +866,7 @@ class World:
     ) -> None:
         self.server = server
         self.world = world
+        self.manifest_dir = manifest_dir
         self.job = f"bench-{world}-{os.getpid()}"
         ctx = mp.get_context("spawn")
         base = Spec(
@@ -900,7 +909,16 @@ class World:
             conn.send(msg)
         return [conn.recv() for conn in self.conns]
 
+    def _place_data_files(self, step: int) -> None:
+        """Empty stand-ins for the data files the reports name: the committer checks that
+        they exist (a listing) right before and after it publishes the manifest."""
+        data = self.manifest_dir / step_prefix(step) / DATA_DIR
+        data.mkdir(parents=True, exist_ok=True)
+        for rank in range(self.world):
+            (data / f"{self.generation}-r{rank:05d}-000.safetensors").touch()
+
     def step(self, step: int, delays: dict[int, float]) -> StepResult:
+        self._place_data_files(step)
         srv = self.server
         self.committer_conn.send(("arm", step))
         self.committer_conn.recv()
@@ -928,7 +946,9 @@ class World:
         time.sleep(0.2)  # client buffers shrink in the server's cron
         mem_after = memory_sample(srv.client)
         keys_after = job_key_bytes(srv.client, self.job)
-        marks = srv.client.hmget(f"ckpt:{self.job}:step:{step}", "last_report_us", "committed_us")
+        marks = srv.client.hmget(
+            f"ckpt:{{{self.job}}}:step:{step}", "last_report_us", "committed_us"
+        )
         committer["redis_commit_us"] = int(marks[1]) - int(marks[0])
         result = analyse(
             self.world,
@@ -1088,12 +1108,16 @@ def measure_heartbeats(w: World, args: argparse.Namespace) -> HeartbeatResult:
     w.heartbeats(False)
     zadd = stats.get("zadd", {"calls": 0, "usec_per_call": 0.0})
     expire = stats.get("expire", {"calls": 0, "usec_per_call": 0.0})
-    refresher = HeartbeatRefresher(srv.port, f"ckpt:{w.job}:hb:{w.generation}", w.world)
+    refresher = HeartbeatRefresher(srv.port, f"ckpt:{{{w.job}}}:hb:{w.generation}", w.world)
     try:
         # 2. The committer's check of N heartbeats, as its reader runs once per second: the
         # WATCH script with the keys and arguments of ckpt/coordination/lua/watch.lua.
         probe: Any = redis.Redis(host="127.0.0.1", port=srv.port, socket_timeout=30)
-        keys = [f"ckpt:{w.job}:gen", f"ckpt:{w.job}:step:1", f"ckpt:{w.job}:hb:{w.generation}"]
+        keys = [
+            f"ckpt:{{{w.job}}}:gen",
+            f"ckpt:{{{w.job}}}:step:1",
+            f"ckpt:{{{w.job}}}:hb:{w.generation}",
+        ]
         srv.client.config_resetstat()
         times = []
         for _ in range(10):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ckpt._foreign import dcp_message, find_dcp
 from ckpt._metrics import record_restore, record_retry, record_save
+from ckpt._open import open_url
 from ckpt._unflatten import LoadPlan, module_names, plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
@@ -35,22 +36,9 @@ from ckpt.errors import (
 )
 from ckpt.format import Manifest
 from recovery import Loader, LoadOptions, LoadStats, candidates, committed_steps
-from storage_backends import StorageBackend, StorageBackendError, as_tiered, open_backend
+from storage_backends import RootNotFoundError, StorageBackend, as_tiered
 
 log = logging.getLogger(__name__)
-
-
-def open_url(
-    url: str | os.PathLike[str] | StorageBackend, *, create: bool = True
-) -> StorageBackend:
-    """A storage backend for ``url`` (a backend object is passed through); ``create=False``
-    for readers, which must not make a missing local root."""
-    if not isinstance(url, (str, os.PathLike)):
-        return url
-    try:
-        return open_backend(url, create=create)
-    except StorageBackendError as exc:
-        raise StorageError(str(exc), retryable=exc.retryable) from exc
 
 
 def async_save(
@@ -224,8 +212,9 @@ def restore(
 
     ``coordinator`` is None (this process alone), a coordinator, or a ``redis://`` /
     ``rediss://`` URL (the coordinator made from it is closed before returning).
+    Nothing is created: a root that does not exist is ``CheckpointNotFoundError``.
     """
-    backend = open_url(url)
+    backend = open_url(url, create=False)
     began = time.perf_counter()
     with span("ckpt.restore"):
         if not isinstance(coordinator, str):
@@ -258,7 +247,9 @@ def _restore(
     def fill(tier: StorageBackend, manifest: Manifest) -> _Loaded:
         return load_manifest(state, tier, manifest, strict=strict, options=options)
 
-    found, skipped, loaded = first_loadable(open_url(url), step, fill, coordinator=coordinator)
+    found, skipped, loaded = first_loadable(
+        open_url(url, create=False), step, fill, coordinator=coordinator
+    )
     return RestoreReport(
         found,
         skipped,
@@ -297,7 +288,11 @@ def first_loadable(
             committed step does.
     """
     group = coordinator if coordinator is not None and coordinator.world_size > 1 else None
-    steps = [step] if step is not None else _committed_newest_first(backend)
+    root_missing: RootNotFoundError | None = None
+    if step is None:
+        steps, root_missing = _committed_newest_first(backend)
+    else:
+        steps = [step]
     if group is not None and step is None:
         steps = _agreed_steps(group, steps)
     skipped: list[tuple[int, str]] = []
@@ -337,6 +332,10 @@ def first_loadable(
     dcp = find_dcp(backend)
     if dcp:
         raise CheckpointNotFoundError(dcp_message(backend, dcp))
+    if root_missing is not None:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint under {backend.url}: {root_missing}"
+        ) from root_missing
     raise CheckpointNotFoundError(f"no committed checkpoint under {backend.url}")
 
 
@@ -346,10 +345,19 @@ _FALLBACK_ERRORS = (CorruptCheckpointError, StorageError, CheckpointNotFoundErro
 _READ_ATTEMPTS = 3
 
 
-def _committed_newest_first(backend: StorageBackend) -> list[int]:
-    return sorted(
-        {s for tier in as_tiered(backend).tiers for s in committed_steps(tier)}, reverse=True
-    )
+def _committed_newest_first(backend: StorageBackend) -> tuple[list[int], RootNotFoundError | None]:
+    """Committed steps of every tier, newest first, and the error of a root that does not
+    exist (a rank whose root is missing still takes part in agreeing on a step)."""
+    found: set[int] = set()
+    missing: RootNotFoundError | None = None
+    for tier in as_tiered(backend).tiers:
+        try:
+            found.update(committed_steps(tier))
+        except CheckpointNotFoundError as exc:
+            if not isinstance(exc.__cause__, RootNotFoundError):
+                raise
+            missing = exc.__cause__
+    return sorted(found, reverse=True), missing
 
 
 def _agreed_steps(group: Coordinator, steps: list[int]) -> list[int]:

@@ -16,9 +16,10 @@ from types import FrameType
 from typing import Any, Literal, NoReturn
 
 from ckpt import retention
-from ckpt._api import RestoreReport, open_url, restore
+from ckpt._api import RestoreReport, restore
 from ckpt._foreign import find_dcp
 from ckpt._metrics import record_save
+from ckpt._open import open_url
 from ckpt._rng import RNGState
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
@@ -27,7 +28,7 @@ from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.format import Manifest, parse_step_prefix
 from ckpt.retention import DEFAULT_ABANDONED_AFTER_S, RetentionPolicy, remove_unreferenced
 from recovery import LoadOptions
-from storage_backends import StorageBackend, as_tiered
+from storage_backends import RootNotFoundError, StorageBackend, as_tiered
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ class CheckpointManager:
                 "manual=True to save only where you call mgr.save(step, state) (or ckpt.save)"
             )
         self._automatic = not manual
-        self.backend = open_url(url)
+        # Made at the first save: a restore from a mistyped root must not create it.
+        self.backend = open_url(url, create=False)
         self.retention = RetentionPolicy(
             keep_last=keep_last, keep_every=keep_every, abandoned_after=abandoned_after
         )
@@ -170,7 +172,8 @@ class CheckpointManager:
         why (see ``last_restore.skipped``).
 
         Returns:
-            The restored step, or None when there is no checkpoint yet.
+            The restored step, or None when there is no checkpoint yet (logged; when the
+            root does not exist, at WARNING, and nothing is created before the first save).
 
         Raises:
             CheckpointNotFoundError: ``step`` is not there, or the root holds a
@@ -187,10 +190,17 @@ class CheckpointManager:
                 options=self.load_options,
                 coordinator=self.coordinator,
             )
-        except CheckpointNotFoundError:
+        except CheckpointNotFoundError as exc:
             if step is not None or find_dcp(self.backend):
                 raise  # a DCP checkpoint is there: starting from scratch would lose it
-            log.info("no checkpoint under %s yet; starting from scratch", self.backend.url)
+            if isinstance(exc.__cause__, RootNotFoundError):
+                log.warning(
+                    "checkpoint root %s does not exist: starting from scratch (it is created "
+                    "at the first save; check the path if checkpoints were expected there)",
+                    self.backend.url,
+                )
+            else:
+                log.info("no checkpoint under %s yet; starting from scratch", self.backend.url)
             self._prepare_for_policy(state)
             return None
         if full is not state and isinstance(state, dict):

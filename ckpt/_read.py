@@ -6,7 +6,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ckpt._api import first_loadable, open_url
+from ckpt._api import first_loadable
+from ckpt._open import open_url
 from ckpt._unflatten import decode_tree
 from ckpt.errors import CorruptCheckpointError, StateMismatchError, storage_errors
 from ckpt.format import Manifest

@@ -1,14 +1,25 @@
-"""The ``ckpt`` command line: demo, ls, inspect, verify, gc, convert."""
+"""The ``ckpt`` command line: demo, ls, inspect, verify, gc, convert.
+
+docs/CLI.md is the reference: commands, the ``--json`` schemas, exit codes and
+environment variables. Every failure ends in one line on stderr and a non-zero exit
+status (``--debug`` or ``CKPT_DEBUG=1`` adds the traceback). Read-only commands never
+create anything. ``ls`` and ``inspect`` import neither torch nor the restore path: they
+need only the format reader and the storage backends.
+"""
 
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import logging
+import os
 import re
 import statistics
 import sys
-from collections.abc import Mapping
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -16,27 +27,100 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ckpt._api import open_url
+import ckpt
 from ckpt._foreign import find_dcp
-from ckpt.errors import CheckpointError, CheckpointNotFoundError
-from ckpt.format import read_manifest, scan_steps
-from ckpt.retention import DEFAULT_ABANDONED_AFTER_S, RetentionPolicy, apply_retention
-from recovery import validate_files, verify_checkpoint
-from storage_backends import LocalBackend, StorageBackend
+from ckpt._open import open_url as _open_url
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CoordinationError,
+    CorruptCheckpointError,
+    StorageError,
+)
+from ckpt.format import ITEMS_REF, TENSOR_REF, Manifest, read_manifest, scan_steps
+from ckpt.report import report_command
+from storage_backends import (
+    BlobNotFoundError,
+    LocalBackend,
+    RetryPolicy,
+    S3Config,
+    StorageBackend,
+    StorageBackendError,
+)
 
 if TYPE_CHECKING:
     from ckpt.convert import ConvertResult
 
-__all__ = ["app", "main"]
+__all__ = [
+    "DEBUG_ENV",
+    "EXIT_CORRUPT",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_STORAGE",
+    "EXIT_USAGE",
+    "app",
+    "main",
+    "run",
+]
+
+EXIT_OK = 0
+"""Success (``verify``: every checked step verified)."""
+EXIT_CORRUPT = 1
+"""A checkpoint is corrupt: ``verify`` found one, or a command stopped on corrupt data."""
+EXIT_USAGE = 2
+"""A usage error (unknown option, bad value) or a request that cannot be done as given."""
+EXIT_NOT_FOUND = 3
+"""No such checkpoint root, step, or no committed checkpoint."""
+EXIT_STORAGE = 4
+"""The storage or the coordinator failed or is unreachable (credentials, endpoint, disk)."""
+EXIT_INTERNAL = 5
+"""An unexpected error: a bug in ckpt; ``--debug`` shows the traceback to report."""
+EXIT_INTERRUPTED = 130
+"""Interrupted (Ctrl-C)."""
+
+DEBUG_ENV = "CKPT_DEBUG"
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Fault-tolerant checkpoints for PyTorch."
+    no_args_is_help=True,
+    help="Fault-tolerant checkpoints for PyTorch.",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 StepOption = Annotated[
-    int | None, typer.Option("--step", help="a committed step; default: the newest")
+    int | None, typer.Option("--step", min=0, help="a committed step; default: the newest")
 ]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="print one JSON document (schema in docs/CLI.md)")
+]
+UrlArgument = Annotated[str, typer.Argument(help="checkpoint root: a path, file:// or s3:// URL")]
+
+
+@dataclass
+class _Run:
+    """What the root options asked for, read by ``run`` once the command has ended."""
+
+    debug: bool = False
+
+
+_run = _Run()
+
+# The command line gives up on S3 sooner than a training job does: a person or a script
+# is waiting, and a dead endpoint or missing credentials should say so in seconds.
+CLI_S3_RETRY = RetryPolicy(attempts=3, total_seconds=10.0, initial_seconds=0.2, max_seconds=2.0)
+CLI_S3_CONNECT_TIMEOUT_S = 3.0
+
+
+def open_url(url: str) -> StorageBackend:
+    """The root at ``url`` as the command line opens it: nothing is created (a command
+    that writes creates the root with its first write), and S3 calls retry within
+    ``CLI_S3_RETRY``."""
+    config = S3Config(retry=CLI_S3_RETRY, connect_timeout=CLI_S3_CONNECT_TIMEOUT_S)
+    return _open_url(url, create=False, s3_config=config)
 
 
 def _human(n: float) -> str:
@@ -47,14 +131,88 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _newest(url: str, step: int | None) -> tuple[StorageBackend, int]:
-    backend = open_url(url)
-    if step is not None:
-        return backend, step
+def _list(backend: StorageBackend) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(committed, partial) steps; a root that does not exist is ``RootNotFoundError``."""
     listing = scan_steps(backend)
-    if not listing.committed:
-        raise CheckpointError(f"no committed checkpoint under {backend.url}")
-    return backend, listing.committed[-1]
+    return listing.committed, listing.uncommitted
+
+
+def _pick_step(backend: StorageBackend, step: int | None) -> int:
+    """``step``, or the newest committed one; not-found errors list what is there."""
+    committed, partial = _list(backend)
+    if step is None:
+        if not committed:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint under {backend.url}" + _partial_note(partial)
+            )
+        return committed[-1]
+    if step not in committed:
+        try:
+            read_manifest(backend, step)  # something is there (a FIFO?): say what
+        except CheckpointNotFoundError:
+            pass
+        else:
+            return step  # committed since the listing
+        what = "a partial step (its save never committed)" if step in partial else "not there"
+        there = ", ".join(map(str, committed[-20:])) or "none"
+        raise CheckpointNotFoundError(
+            f"step {step} under {backend.url} is {what}; committed steps: {there}"
+            + _partial_note(partial)
+        )
+    return step
+
+
+def _partial_note(partial: Sequence[int]) -> str:
+    return f" (partial steps: {', '.join(map(str, partial[-20:]))})" if partial else ""
+
+
+def _emit_json(doc: Mapping[str, Any]) -> None:
+    console.out(json.dumps(doc, indent=2, ensure_ascii=False, default=str), highlight=False)
+
+
+def _iso(unix: float) -> str | None:
+    if not unix:
+        return None
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.out(f"ckpt {ckpt.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar=DEBUG_ENV,
+            help=f"on failure print the traceback; log at DEBUG (also {DEBUG_ENV}=1)",
+        ),
+    ] = False,
+) -> None:
+    """Fault-tolerant checkpoints for PyTorch."""
+    _run.debug = debug
+    if debug:
+        for name in ("ckpt", "recovery", "storage_backends"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+class KillDuring(str, enum.Enum):
+    """When ``ckpt demo`` kills its victim rank."""
+
+    step = "step"
+    save = "save"
 
 
 @app.command()
@@ -73,8 +231,9 @@ def demo(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the crash step")] = None,
     kill_during: Annotated[
-        str, typer.Option(help="step: after a training step; save: while a checkpoint is written")
-    ] = "step",
+        KillDuring,
+        typer.Option(help="step: after a training step; save: while a checkpoint is written"),
+    ] = KillDuring.step,
     torchrun_restarts: Annotated[
         bool, typer.Option(help="let torchrun --max-restarts restart the job (same size)")
     ] = False,
@@ -91,7 +250,7 @@ def demo(
         resume_nproc=resume_nproc,
         coordinator=coordinator,
         seed=seed,
-        kill_during=kill_during,
+        kill_during=kill_during.value,
         torchrun_restarts=torchrun_restarts,
         echo=console.print,
     )
@@ -134,47 +293,113 @@ def demo(
 
 
 @app.command("ls")
-def list_steps(url: Annotated[str, typer.Argument(help="checkpoint root")]) -> None:
+def list_steps(url: UrlArgument, as_json: JsonOption = False) -> None:
     """List checkpoints: committed ones with size and generation, and partial ones."""
     backend = open_url(url)
-    listing = scan_steps(backend)
-    table = Table(title=backend.url)
-    for col in ("step", "state", "size", "files", "tensors", "world", "written", "generation"):
-        table.add_column(col)
-    rows = [(s, True) for s in listing.committed] + [(s, False) for s in listing.uncommitted]
-    for step, committed in sorted(rows):
-        if not committed:
-            table.add_row(str(step), "[yellow]partial[/yellow]", "", "", "", "", "", "")
-            continue
-        try:
-            m = read_manifest(backend, step)
-        except CheckpointError as exc:
-            table.add_row(str(step), f"[red]unreadable[/red]: {exc}", "", "", "", "", "", "")
-            continue
-        written = datetime.datetime.fromtimestamp(m.created_unix).isoformat(timespec="seconds")
-        table.add_row(
-            str(step),
-            "committed",
-            _human(m.total_bytes),
-            str(len(m.files)),
-            str(len(m.tensors)),
-            str(m.world_size),
-            written,
-            m.generation,
-        )
+    committed, partial = _list(backend)
+    rows: list[dict[str, Any]] = []
+    for step in sorted(committed + partial):
+        row: dict[str, Any] = {
+            "step": step,
+            "state": "committed" if step in committed else "partial",
+            "bytes": None,
+            "files": None,
+            "tensors": None,
+            "world_size": None,
+            "created": None,
+            "generation": None,
+            "error": None,
+        }
+        if step in committed:
+            try:
+                m = read_manifest(backend, step)
+            except CheckpointError as exc:
+                row.update(state="unreadable", error=str(exc))
+            else:
+                row.update(
+                    bytes=m.total_bytes,
+                    files=len(m.files),
+                    tensors=len(m.tensors),
+                    world_size=m.world_size,
+                    created=_iso(m.created_unix),
+                    generation=m.generation,
+                )
+        rows.append(row)
+    if as_json:
+        _emit_json({"schema": "ckpt.ls/v1", "root": backend.url, "steps": rows})
+        return
+    # Fits 80 columns whole (files and full generations are in --json).
+    table = Table(title=backend.url, box=None, padding=(0, 1), pad_edge=False)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("tensors", justify="right", no_wrap=True)
+    table.add_column("ranks", justify="right", no_wrap=True)
+    table.add_column("written (UTC)", no_wrap=True)
+    table.add_column("generation", overflow="ellipsis", no_wrap=True, max_width=12)
+    for row in rows:
+        if row["state"] == "partial":
+            table.add_row(str(row["step"]), "[yellow]partial[/yellow]")
+        elif row["state"] == "unreadable":
+            table.add_row(str(row["step"]), "[red]unreadable[/red]")
+        else:
+            table.add_row(
+                str(row["step"]),
+                "committed",
+                _human(row["bytes"]),
+                str(row["tensors"]),
+                str(row["world_size"]),
+                (row["created"] or "")[:16].replace("T", " "),
+                row["generation"],
+            )
     console.print(table)
+    for row in rows:
+        if row["error"]:
+            console.print(f"step {row['step']}: {row['error']}", markup=False, highlight=False)
+    if not rows:
+        console.print("no checkpoints yet", highlight=False)
+
+
+def _values(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The plain values of a manifest's state tree by dotted name; tensors, and containers
+    holding only tensors, are left out (``inspect`` lists them as tensors)."""
+    out: dict[str, Any] = {}
+    for key, node in tree.items():
+        name = f"{prefix}{key}"
+        pairs = node.get(ITEMS_REF) if isinstance(node, dict) and len(node) == 1 else None
+        if isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            out.update(_values({str(k): v for k, v in pairs}, f"{name}."))
+        elif isinstance(node, dict) and node and not any(k.startswith("__") for k in node):
+            out.update(_values(node, f"{name}."))
+        elif not _only_tensors(node):
+            out[name] = node
+    return out
+
+
+def _only_tensors(node: Any) -> bool:
+    if isinstance(node, dict):
+        if TENSOR_REF in node:
+            return True
+        return bool(node) and all(_only_tensors(v) for v in node.values())
+    if isinstance(node, list):
+        return bool(node) and all(_only_tensors(v) for v in node)
+    return False
 
 
 @app.command()
-def inspect(
-    url: Annotated[str, typer.Argument(help="checkpoint root")], step: StepOption = None
-) -> None:
-    """Show one checkpoint's tensors, pieces and stored values."""
-    backend, found = _newest(url, step)
-    m = read_manifest(backend, found)
+def inspect(url: UrlArgument, step: StepOption = None, as_json: JsonOption = False) -> None:
+    """Show one checkpoint's tensors, stored values (e.g. next_step) and metadata."""
+    backend = open_url(url)
+    m = read_manifest(backend, _pick_step(backend, step))
+    values = _values(m.state)
+    if as_json:
+        _emit_json(_inspect_doc(backend, m, values))
+        return
     console.print(
-        f"step {m.step}  generation {m.generation}  world size {m.world_size}  "
-        f"chunk {_human(m.chunk_bytes)}  {len(m.files)} files, {_human(m.total_bytes)}"
+        f"step {m.step}  written {_iso(m.created_unix) or '?'}  world size {m.world_size}\n"
+        f"generation {m.generation}  {len(m.files)} files, {_human(m.total_bytes)}, "
+        f"chunks of {_human(m.chunk_bytes)}",
+        highlight=False,
     )
     table = Table()
     for col in ("tensor", "dtype", "shape", "pieces", "codec", "stored"):
@@ -190,14 +415,44 @@ def inspect(
             _human(sum(p.byte_length for p in entry.pieces)),
         )
     console.print(table)
-    console.print(f"state entries: {', '.join(sorted(m.state))}")
-    if m.user_metadata:
-        console.print("user metadata:")
-        for line in _metadata_lines(m.user_metadata):
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"state entries: {', '.join(sorted(m.state))}", highlight=False)
+    for title, mapping in (("values", values), ("user metadata", m.user_metadata)):
+        if mapping:
+            console.print(f"{title}:", highlight=False)
+            for line in _metadata_lines(mapping):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-# Longest user-metadata value ``inspect`` prints whole, and most keys it lists.
+def _inspect_doc(backend: StorageBackend, m: Manifest, values: Mapping[str, Any]) -> dict[str, Any]:
+    tensors = [
+        {
+            "name": name,
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "pieces": len(entry.pieces),
+            "codecs": sorted({p.codec for p in entry.pieces}),
+            "stored_bytes": sum(p.byte_length for p in entry.pieces),
+        }
+        for name, entry in sorted(m.tensors.items())
+    ]
+    return {
+        "schema": "ckpt.inspect/v1",
+        "root": backend.url,
+        "step": m.step,
+        "generation": m.generation,
+        "world_size": m.world_size,
+        "chunk_bytes": m.chunk_bytes,
+        "bytes": m.total_bytes,
+        "created": _iso(m.created_unix),
+        "files": dict(sorted(m.files.items())),
+        "tensors": tensors,
+        "state_entries": sorted(m.state),
+        "values": values,
+        "user_metadata": m.user_metadata,
+    }
+
+
+# Longest value ``inspect`` prints whole, and most keys it lists.
 _METADATA_VALUE_CHARS = 200
 _METADATA_KEYS = 50
 
@@ -220,56 +475,90 @@ def _metadata_lines(metadata: Mapping[str, Any]) -> list[str]:
 
 @app.command()
 def verify(
-    url: Annotated[str, typer.Argument(help="checkpoint root")],
+    url: UrlArgument,
     step: StepOption = None,
     all_steps: Annotated[bool, typer.Option("--all", help="verify every committed step")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Read every byte of a checkpoint and check its checksums. Exit status 1 when corrupt."""
+    from recovery import validate_files, verify_checkpoint  # imports torch
+
     backend = open_url(url)
     if all_steps:
-        steps = list(scan_steps(backend).committed)
+        steps = list(_list(backend)[0])
+        if not steps:
+            _pick_step(backend, None)  # says what is there instead
     else:
-        steps = [_newest(url, step)[1]]
-    bad = 0
+        steps = [_pick_step(backend, step)]
+    results: list[dict[str, Any]] = []
     for s in steps:
         try:
             m = read_manifest(backend, s)
             validate_files(backend, m)
             stats = verify_checkpoint(backend, m)
-        except CheckpointError as exc:
-            bad += 1
-            console.print(f"[red]step {s}: CORRUPT[/red] {exc}")
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            results.append(
+                {"step": s, "ok": False, "bytes": None, "seconds": None, "error": str(exc)}
+            )
+            if not as_json:
+                console.print(f"[red]step {s}: CORRUPT[/red] ", end="")
+                console.print(str(exc), markup=False, highlight=False)
             continue
-        console.print(
-            f"[green]step {s}: OK[/green] {_human(stats.bytes_read)} verified in "
-            f"{stats.seconds:.2f} s"
+        results.append(
+            {
+                "step": s,
+                "ok": True,
+                "bytes": stats.bytes_read,
+                "seconds": stats.seconds,
+                "error": None,
+            }
         )
-    if bad:
-        raise typer.Exit(1)
+        if not as_json:
+            console.print(
+                f"[green]step {s}: OK[/green] {_human(stats.bytes_read)} verified in "
+                f"{stats.seconds:.2f} s"
+            )
+    ok = all(r["ok"] for r in results)
+    if as_json:
+        _emit_json({"schema": "ckpt.verify/v1", "root": backend.url, "ok": ok, "steps": results})
+    if not ok:
+        raise typer.Exit(EXIT_CORRUPT)
+
+
+# ckpt.retention.DEFAULT_ABANDONED_AFTER_S; not imported here, so that ``ls`` and
+# ``inspect`` need not load the retention module (which loads the restore path).
+_DEFAULT_ABANDONED_AFTER_S = 3600.0
 
 
 @app.command()
 def gc(
-    url: Annotated[str, typer.Argument(help="checkpoint root")],
+    url: UrlArgument,
     keep_last: Annotated[
         int | None,
-        typer.Option(help="committed steps that verify to keep (invalid ones are not counted)"),
+        typer.Option(
+            min=1, help="committed steps that verify to keep (invalid ones are not counted)"
+        ),
     ] = None,
-    keep_every: Annotated[int | None, typer.Option(help="also keep multiples of this step")] = None,
+    keep_every: Annotated[
+        int | None, typer.Option(min=1, help="also keep multiples of this step")
+    ] = None,
     abandoned_after: Annotated[
         float,
         typer.Option(
+            min=0,
             help="seconds without a write after which a partial step (or a file no manifest "
             "names) is garbage; a save may still be writing a younger one (0 only when no "
-            "job writes to this root)"
+            "job writes to this root)",
         ),
-    ] = DEFAULT_ABANDONED_AFTER_S,
+    ] = _DEFAULT_ABANDONED_AFTER_S,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="only say what would be deleted")
     ] = False,
 ) -> None:
     """Delete abandoned partial checkpoints, files no manifest names and, with --keep-last,
     superseded checkpoints (the newest one that validates is always kept)."""
+    from ckpt.retention import RetentionPolicy, apply_retention
+
     backend = open_url(url)
     try:
         policy = RetentionPolicy(
@@ -277,6 +566,7 @@ def gc(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    _list(backend)  # a root that does not exist is an error, not an empty root
     plan = apply_retention(backend, policy, remove_stale=True, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     console.print(
@@ -293,6 +583,41 @@ def gc(
             f"kept partial steps {list(plan.in_use)}: written to in the last "
             f"{abandoned_after:.0f} s (a save may be in flight)"
         )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def _parse_size(text: str) -> int:
+    """Bytes in ``text``: a number with a unit (``5GB``, ``512MiB``, ``100B``); a bare
+    number is refused (``--max-shard-size 5`` meant 5 bytes, 114 files for a small model)."""
+    match = _SIZE.match(text)
+    unit = match.group(2).upper() if match else "?"
+    if match is None or unit not in _UNITS:
+        hint = " (a unit is required; B for bytes)" if text.strip().isdigit() else ""
+        raise typer.BadParameter(f"cannot read the size {text!r}{hint}: e.g. 500MB, 5GB, 2GiB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise typer.BadParameter(f"the size {text!r} is less than one byte")
+    return size
+
+
+def _check_size(text: str | None) -> str | None:
+    """Option callback: refuse a malformed size before the command starts."""
+    if text is not None:
+        _parse_size(text)
+    return text
 
 
 @app.command()
@@ -321,7 +646,11 @@ def convert(
         typer.Option(help="export only names starting with this, stripped (e.g. 'model.')"),
     ] = None,
     max_shard_size: Annotated[
-        str | None, typer.Option(help="--to safetensors: e.g. 5GB; writes shards + index.json")
+        str | None,
+        typer.Option(
+            callback=_check_size,
+            help="--to safetensors: e.g. 5GB, 512MiB; writes shards + index.json",
+        ),
     ] = None,
     trust_pickled_values: Annotated[
         bool,
@@ -352,7 +681,7 @@ def convert(
 
     if to not in ("ckpt", "safetensors", "torch", "dcp"):
         raise typer.BadParameter("--to must be ckpt, safetensors, torch or dcp")
-    source = open_url(src, create=False)
+    source = open_url(src)
     dcp_dir = _dcp_source(source)
     if dcp_dir is None and not scan_steps(source).committed:
         raise CheckpointNotFoundError(
@@ -442,33 +771,58 @@ def _dcp_source(source: StorageBackend) -> str | None:
     return str(source.root / folders[0]) if folders[0] else str(source.root)
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
+app.command("report")(report_command)
 
 
-def _parse_size(text: str) -> int:
-    match = _SIZE.match(text)
-    unit = match.group(2).upper() if match else "?"
-    if match is None or unit not in _UNITS:
-        raise typer.BadParameter(f"cannot read the size {text!r} (e.g. 500MB, 5GB, 2GiB)")
-    return int(float(match.group(1)) * _UNITS[unit])
+def _exit_code(exc: BaseException) -> int:
+    """The exit status for a failure (docs/CLI.md, "Exit codes")."""
+    if isinstance(exc, CorruptCheckpointError):
+        return EXIT_CORRUPT
+    if isinstance(exc, (CheckpointNotFoundError, BlobNotFoundError)):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (StorageError, StorageBackendError, CoordinationError)):
+        return EXIT_STORAGE
+    if isinstance(exc, CheckpointError):
+        return EXIT_USAGE
+    return EXIT_INTERNAL
+
+
+def _fail(message: str, code: int, exc: BaseException | None = None) -> int:
+    """Print the one error line (the traceback first with --debug); returns ``code``."""
+    if exc is not None and _run.debug:
+        err_console.print("".join(traceback.format_exception(exc)), markup=False, end="")
+    one_line = " ".join(message.split())
+    err_console.print(f"ckpt: error: {one_line}", markup=False)
+    return code
+
+
+def run(args: Sequence[str] | None = None) -> int:
+    """Run the command line with ``args`` (default: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    _run.debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    command = typer.main.get_command(app)
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv:
+        command.main(args=["--help"], prog_name="ckpt", standalone_mode=False)
+        return EXIT_USAGE
+    try:
+        result = command.main(args=argv, prog_name="ckpt", standalone_mode=False)
+    except typer.TyperException as exc:  # a usage error: unknown option, bad value
+        ctx = getattr(exc, "ctx", None)
+        where = getattr(ctx, "command_path", None) or "ckpt"
+        code = getattr(exc, "exit_code", EXIT_USAGE)
+        return _fail(f"{exc.format_message()} (see `{where} --help`)", code, exc)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        return _fail("interrupted", EXIT_INTERRUPTED, exc)
+    except (CheckpointError, StorageBackendError) as exc:
+        return _fail(str(exc) or type(exc).__name__, _exit_code(exc), exc)
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        hint = "" if _run.debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+        return _fail(f"internal error: {type(exc).__name__}: {exc}{hint}", EXIT_INTERNAL, exc)
+    return result if isinstance(result, int) else EXIT_OK
 
 
 def main() -> None:
+    """The ``ckpt`` entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()
-    except CheckpointError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
+    sys.exit(run())

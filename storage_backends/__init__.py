@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from storage_backends._errors import (
     BlobNotFoundError,
     InvalidPathError,
+    RootNotFoundError,
     StorageBackendError,
     StorageFullError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "LocalBackend",
     "RetryObserver",
     "RetryPolicy",
+    "RootNotFoundError",
     "S3Backend",
     "S3Config",
     "StorageBackend",

@@ -24,6 +24,10 @@ class BlobNotFoundError(StorageBackendError):
     """The object does not exist."""
 
 
+class RootNotFoundError(BlobNotFoundError):
+    """The backend's root itself does not exist (a local directory nobody made yet)."""
+
+
 class StorageFullError(StorageBackendError):
     """The medium has no space left (ENOSPC, EDQUOT, or the service's quota)."""
 

@@ -20,6 +20,10 @@ it either. A symlink below the root:
   symlink inside a prefix being deleted. A path that passes through a symlinked
   directory holds nothing of this root, so deleting it does nothing.
 
+The root is made when the backend is opened with ``create=True`` (writers); readers
+open it with ``create=False``, which never creates it: listing a missing root then raises
+``RootNotFoundError`` ("no such checkpoint root") rather than finding it empty.
+
 Only regular files are objects. A FIFO, socket or device where an object is expected is
 refused with ``InvalidPathError`` without being opened, so that a reader never blocks on
 one; files are opened ``O_NONBLOCK`` as well, in case one is swapped in meanwhile.
@@ -38,6 +42,7 @@ from pathlib import Path
 from storage_backends._errors import (
     BlobNotFoundError,
     InvalidPathError,
+    RootNotFoundError,
     StorageBackendError,
     StorageFullError,
 )
@@ -245,16 +250,45 @@ class LocalBackend:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
-        """``create=False`` leaves a missing root missing (a reader must not make one): it
-        then lists as empty, and reads raise ``BlobNotFoundError``."""
+        """Open the directory ``root``.
+
+        Args:
+            root: the checkpoint root (``~`` is expanded; a relative path is made absolute).
+            create: make the root (and its parents) now. With False nothing is created
+                here: readers use this, so that a mistyped path is reported instead of
+                made. A missing root then lists as ``RootNotFoundError``, and the first
+                write creates it (a job that restores, then saves).
+
+        Raises:
+            StorageBackendError: the root is a file, or cannot be created.
+        """
         self._root = Path(root).expanduser().absolute()
-        try:
-            if create:
+        self._create_on_write = not create
+        if create:
+            try:
                 self._root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _os_error(exc, str(self._root), "creating the checkpoint root") from exc
+            except FileExistsError as exc:  # a file, or a symlink to one
+                raise self._not_a_directory() from exc
+            except OSError as exc:
+                raise _os_error(exc, str(self._root), "creating the checkpoint root") from exc
+        elif self._root.exists() and not self._root.is_dir():
+            raise self._not_a_directory()
         # Resolved once: the root may be a symlink; nothing below it is ever followed.
         self._real_root = os.path.realpath(self._root)
+
+    def _not_a_directory(self) -> StorageBackendError:
+        return StorageBackendError(
+            f"the checkpoint root {self._root} is a file, not a directory: give the directory "
+            "the checkpoints live in (or a new one)",
+            path=str(self._root),
+        )
+
+    def _root_missing(self) -> RootNotFoundError:
+        return RootNotFoundError(
+            f"no such checkpoint root: {self._root} does not exist (nothing was created; "
+            "check the path)",
+            path="",
+        )
 
     @property
     def url(self) -> str:
@@ -296,7 +330,13 @@ class LocalBackend:
             NotADirectoryError: a component is a file.
             InvalidPathError: a component is a symlink.
         """
-        fd = os.open(self._real_root, _DIR_FLAGS)
+        try:
+            fd = os.open(self._real_root, _DIR_FLAGS)
+        except FileNotFoundError:
+            if not (create and self._create_on_write):
+                raise
+            os.makedirs(self._real_root, exist_ok=True)
+            fd = os.open(self._real_root, _DIR_FLAGS)
         try:
             for i, name in enumerate(parts):
                 try:
@@ -496,10 +536,13 @@ class LocalBackend:
 
     def _open_prefix(self, parts: Sequence[str], prefix: str, action: str) -> int | None:
         """The directory of a prefix, or None when there is none (missing, a file, or
-        reached through a symlink: nothing of this root)."""
+        reached through a symlink: nothing of this root); ``RootNotFoundError`` when the
+        prefix is the root and the root is missing."""
         try:
             return self._open_dir(parts, prefix)
         except (FileNotFoundError, NotADirectoryError, InvalidPathError):
+            if not parts and not os.path.isdir(self._real_root):
+                raise self._root_missing() from None
             return None
         except OSError as exc:
             raise _os_error(exc, prefix, action) from exc
@@ -582,7 +625,10 @@ class LocalBackend:
     def abort_unfinished(self, prefix: str, older_than_seconds: float = 0.0) -> int:
         """Remove temporary files of streams that never committed (a writer died)."""
         parts = self._prefix_parts(prefix)
-        fd = self._open_prefix(parts, prefix, "removing unfinished files under")
+        try:
+            fd = self._open_prefix(parts, prefix, "removing unfinished files under")
+        except RootNotFoundError:
+            return 0
         if fd is None:
             return 0
         cutoff = time.time() - older_than_seconds

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ import botocore.exceptions as bce
 import botocore.session
 from botocore.config import Config
 from tenacity import (
+    RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_attempt,
@@ -33,6 +35,8 @@ from storage_backends._errors import InvalidPathError, StorageBackendError
 from storage_backends._retries import report_retry
 from storage_backends._s3_config import S3Config
 from storage_backends._s3_errors import TRANSIENT, UploadGoneError, is_retryable, maps_to, to_error
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -130,6 +134,11 @@ class S3Client:
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.config = config
+        self.endpoint = (
+            config.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
         self.boto = boto or self._make_boto()
         self._pool = ThreadPoolExecutor(
             max(4, config.max_concurrency * 2), thread_name_prefix="ckpt-s3"
@@ -137,11 +146,7 @@ class S3Client:
 
     def _make_boto(self) -> Any:
         cfg = self.config
-        endpoint = (
-            cfg.endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        endpoint = self.endpoint
         try:
             session = _botocore_session(cfg.profile)
             region = cfg.region or session.get_config_variable("region") or "us-east-1"
@@ -218,6 +223,7 @@ class S3Client:
             wait=wait_random_exponential(multiplier=policy.initial_seconds, max=policy.max_seconds),
             retry=retry_if_exception(is_retryable),
             sleep=policy.sleep,
+            before_sleep=lambda state: self._log_retry(what, path, state),
             reraise=True,
         )
         try:
@@ -231,12 +237,39 @@ class S3Client:
         except bce.ClientError as exc:
             raise to_error(exc, what, self.where(path), path) from exc
         except TRANSIENT as exc:
+            tries = retrying.statistics.get("attempt_number", 1)
             raise StorageBackendError(
-                f"{what} {self.where(path)} failed after retries: {exc}", path=path, retryable=True
+                f"{what} {self.where(path)} failed after {tries} tries: {exc}: check that the "
+                f"S3 endpoint {self._endpoint_name()} is right and reachable from this host",
+                path=path,
+                retryable=True,
+            ) from exc
+        except bce.NoCredentialsError as exc:
+            raise StorageBackendError(
+                f"{what} {self.where(path)}: no S3 credentials found: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or S3Config's keys "
+                f"(endpoint {self._endpoint_name()})",
+                path=path,
             ) from exc
         except bce.BotoCoreError as exc:
             raise StorageBackendError(f"{what} {self.where(path)}: {exc}", path=path) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _endpoint_name(self) -> str:
+        return self.endpoint or "(AWS's default; set AWS_ENDPOINT_URL for another server)"
+
+    def _log_retry(self, what: str, path: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s %s: %s; retry %d of %d in %.2f s (endpoint %s)",
+            what,
+            self.where(path),
+            exc if exc is not None else "failed",
+            state.attempt_number,
+            self.config.retry.attempts - 1,
+            state.upcoming_sleep,
+            self.endpoint or "AWS",
+        )
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` on the upload threads."""

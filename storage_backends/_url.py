@@ -20,8 +20,8 @@ def open_backend(
         url: where the checkpoints live.
         s3_config: settings of the S3 backend (default: boto3's environment: credentials
             chain, ``AWS_ENDPOINT_URL``, region).
-        create: whether a missing local root directory is made; readers pass False, and a
-            missing root then lists as empty.
+        create: make a local root now; False for readers, which must never create one
+            (see ``LocalBackend``). S3 never creates a bucket.
 
     Raises:
         StorageBackendError: the URL is empty or malformed, or its scheme is not supported.

@@ -9,7 +9,8 @@ The commit itself is here too: ``ManifestBuilder`` merges the ranks' shard index
 they arrive (validated, overlaps refused, coverage checked) into the sealed manifest,
 and ``publish`` creates it atomically, the commit point of a step.
 
-redis-py is imported only when a ``RedisCoordinator`` is used.
+redis-py is imported only when a ``RedisCoordinator`` (or ``redis_client``, the client a
+coordinator URL names, Sentinel URLs included) is used.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ckpt.coordination._resolve import resolve_coordinator
 
 if TYPE_CHECKING:
     from ckpt.coordination._redis import RedisCoordinator
+    from ckpt.coordination._redis_connection import redis_client
 
 __all__ = [
     "CommittedStepIndex",
@@ -51,6 +53,7 @@ __all__ = [
     "new_generation",
     "publish",
     "publish_bytes",
+    "redis_client",
     "resolve_coordinator",
 ]
 
@@ -60,4 +63,8 @@ def __getattr__(name: str) -> Any:
         from ckpt.coordination._redis import RedisCoordinator
 
         return RedisCoordinator
+    if name == "redis_client":
+        from ckpt.coordination._redis_connection import redis_client
+
+        return redis_client
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,8 @@ from ckpt.format import (
     Box,
     FileHeader,
     Manifest,
+    RankTiming,
+    SaveTimings,
     ShardIndex,
     StoredPiece,
     TensorEntry,
@@ -106,6 +108,7 @@ class ManifestBuilder:
         self._files: dict[str, int] = {}
         self._headers: dict[str, FileHeader] = {}
         self._state: tuple[int, dict[str, Any]] | None = None
+        self._timings: dict[int, tuple[RankTiming, int]] = {}
 
     @property
     def files(self) -> Mapping[str, int]:
@@ -128,6 +131,8 @@ class ManifestBuilder:
                     f"vs {entry.dtype}{list(entry.shape)} (rank {report.rank})"
                 )
         self.ranks.add(report.rank)
+        if report.timing is not None:
+            self._timings[report.rank] = (report.timing, sum(report.files.values()))
         self._files.update(report.files)
         self._headers.update(report.headers)
         if report.state is not None and (self._state is None or report.rank < self._state[0]):
@@ -152,8 +157,13 @@ class ManifestBuilder:
         created_unix: float,
         user_metadata: Mapping[str, Any] | None = None,
         layout: Mapping[str, Any] | None = None,
+        commit_seconds: float | None = None,
     ) -> bytes:
-        """The sealed manifest; ``InvalidStateError`` when the pieces do not cover some tensor."""
+        """The sealed manifest; ``InvalidStateError`` when the pieces do not cover some tensor.
+
+        With ``commit_seconds`` (the committer's time from holding every report to now),
+        the manifest records every rank's timing, when every rank reported one.
+        """
         self._check_covered()
         header = manifest_header(
             step=self.step,
@@ -166,6 +176,7 @@ class ManifestBuilder:
             layout=dict(layout or {}),
             user_metadata=dict(user_metadata or {}),
             headers=dict(sorted(self._headers.items())),
+            timings=self.timings(world_size, commit_seconds),
         )
         return render_manifest(
             header,
@@ -181,8 +192,9 @@ class ManifestBuilder:
         created_unix: float | None = None,
         user_metadata: Mapping[str, Any] | None = None,
         layout: Mapping[str, Any] | None = None,
+        commit_seconds: float | None = None,
     ) -> Manifest:
-        """The manifest as objects.
+        """The manifest as objects (``commit_seconds`` as for ``render``).
 
         Raises ``InvalidStateError`` when the pieces do not tile some tensor.
         """
@@ -203,6 +215,19 @@ class ManifestBuilder:
             user_metadata=dict(user_metadata or {}),
             layout=dict(layout or {}),
             headers=dict(sorted(self._headers.items())),
+            timings=self.timings(world_size, commit_seconds),
+        )
+
+    def timings(self, world_size: int, commit_seconds: float | None) -> SaveTimings | None:
+        """Every rank's timing as columns; None unless ranks 0 to ``world_size - 1`` each
+        reported one and the committer measured ``commit_seconds``."""
+        if commit_seconds is None or len(self._timings) != world_size:
+            return None
+        if any(r not in self._timings for r in range(world_size)):
+            return None
+        ranks = [self._timings[r] for r in range(world_size)]
+        return SaveTimings.of_ranks(
+            [timing for timing, _ in ranks], [nbytes for _, nbytes in ranks], commit_seconds
         )
 
     def _state_value(self) -> dict[str, Any]:
@@ -233,8 +258,13 @@ def merge_indexes(
     indexes: Sequence[ShardIndex],
     user_metadata: Mapping[str, Any] | None = None,
     layout: Mapping[str, Any] | None = None,
+    reports_in: float | None = None,
 ) -> Manifest:
-    """One manifest from every rank's index; data file paths become relative to the step prefix."""
+    """One manifest from every rank's index; data file paths become relative to the step prefix.
+
+    ``reports_in`` (a ``time.perf_counter`` value) is when the committer held every index:
+    with it, the manifest records the ranks' timings and the committer's merge time.
+    """
     builder = ManifestBuilder(step)
     for index in sorted(indexes, key=lambda i: i.rank):
         builder.add(index)
@@ -244,6 +274,7 @@ def merge_indexes(
         chunk_bytes=chunk_bytes,
         user_metadata=user_metadata,
         layout=layout,
+        commit_seconds=None if reports_in is None else time.perf_counter() - reports_in,
     )
 
 

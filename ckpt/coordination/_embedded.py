@@ -74,6 +74,7 @@ class LocalCoordinator:
             chunk_bytes=chunk_bytes,
             indexes=[index],
             user_metadata=user_metadata,
+            reports_in=time.perf_counter(),
         )
         publish(backend, manifest)
         return manifest
@@ -167,6 +168,7 @@ class ProcessGroupCoordinator:
             self._wait_for_commit(backend, step)
             return None
         indexes = self._collect(backend, step, index, chunk_bytes)
+        reports_in = time.perf_counter()
         try:
             manifest = merge_indexes(
                 step=step,
@@ -175,6 +177,7 @@ class ProcessGroupCoordinator:
                 chunk_bytes=chunk_bytes,
                 indexes=indexes,
                 user_metadata=user_metadata,
+                reports_in=reports_in,
             )
             publish(backend, manifest)
         except BaseException as exc:

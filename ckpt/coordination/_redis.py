@@ -20,6 +20,15 @@ second of waiting (growing with log4 of the world size); every other rank makes 
 any world size. Every transition is one Lua script, so it is atomic; every script
 first checks the caller's generation, so an older incarnation can neither report nor
 commit (I4). Heartbeats run in their own thread and are not counted. Needs Redis >= 6.2.
+
+Failover (``redis+sentinel://``). A promoted replica may lack what the old master
+acknowledged last. Nothing is decided on that alone: the manifest in storage is the
+commit point and is created only if absent. A rank that met connection loss while
+waiting for the commit reports again (a report is idempotent), and the committer reads
+the whole stream of reports again after connection loss, skipping ranks it merged, so a
+step whose reports were lost is re-driven instead of waiting out its timeout; a lost
+generation fails the step (``LOST``) and the next one takes it again; a lost commit
+marker is answered by the manifest in storage.
 """
 
 from __future__ import annotations
@@ -66,11 +75,14 @@ DEFAULT_JOB = "default"
 
 
 class RedisCoordinator:
-    """Coordinates the ranks of one job through Redis (``redis://``, ``rediss://``, AUTH).
+    """Coordinates the ranks of one job through Redis (``redis://``, ``rediss://``, AUTH,
+    Sentinel).
 
     Args:
         url: ``redis://[[user]:password@]host:port/db`` (or ``rediss://``, ``unix://``;
-            percent-encode the password); ``?job=NAME`` sets the namespace.
+            percent-encode the password), or a master behind Redis Sentinel:
+            ``redis+sentinel://[[user]:password@]host:26379[,host:26379...]/SERVICE[/db]``
+            (``rediss+sentinel://`` with TLS); ``?job=NAME`` sets the namespace.
         job: namespace of this job's keys (default: the URL's ``job``, else ``default``).
             Jobs sharing one Redis must use different names: two jobs in one namespace
             fence each other. ``CheckpointManager`` and ``ckpt.save`` given a URL without
@@ -89,8 +101,10 @@ class RedisCoordinator:
         key_ttl_seconds: how long Redis keeps a step's hash.
         client_factory: builds the redis-py client, called as ``client_factory(url,
             **options)`` with the URL less ``job`` and ckpt's connection options; default
-            ``redis.Redis.from_url``. A subclass's ``from_url`` can instrument or adapt
-            the calls (the benchmark counts round trips this way).
+            ``ckpt.coordination.redis_client`` (``redis.Redis.from_url``, or a Sentinel
+            master client). ``partial(redis_client, redis_class=C)`` with a ``redis.Redis``
+            subclass ``C`` can instrument or adapt the calls (the benchmark counts round
+            trips this way).
         start_heartbeat: False leaves this rank without a heartbeat (its liveness is then
             judged by others as lost after a TTL); for simulated ranks.
 
@@ -160,6 +174,8 @@ class RedisCoordinator:
         self._index = RedisStepIndex(self._link, self._keys)
         self._collectors: dict[int, ReportCollector] = {}
         self._attempts: dict[int, int] = {}  # step -> saves begun (the same on every rank)
+        # step -> this rank's report and the link's ``losses`` when Redis acknowledged it
+        self._reported: dict[int, tuple[bytes, int]] = {}
         self._heartbeat = Heartbeat(
             self._link,
             self._keys.heartbeats(generation),
@@ -294,8 +310,11 @@ class RedisCoordinator:
         }
         try:
             builder = self.collect(step, chunk_bytes)
+            reports_in = time.perf_counter()
             builder.add(index)
             self.claim(step)
+            # Measured once: the manifest built after the commit is the one published.
+            described["commit_seconds"] = time.perf_counter() - reports_in
             rendered = builder.render(**described)
             publish_bytes(backend, step, self._generation, rendered, files=builder.files)
         except BaseException as exc:
@@ -324,6 +343,15 @@ class RedisCoordinator:
 
     def report(self, step: int, index_json: bytes) -> int:
         """A non-committer's data is durable. Returns how many ranks have reported."""
+        status, detail = self._send_report(step, index_json)
+        if status != "OK":
+            raise self._refusal(step, status, detail)
+        return int(detail)
+
+    def _send_report(self, step: int, index_json: bytes) -> list[str]:
+        """The REPORT script's answer; remembers the report to send again after a loss."""
+        for old in sorted(self._reported)[:-_ATTEMPTS_KEPT]:
+            del self._reported[old]
         keys = self._step_keys(step)
         status, detail = self._link.script(
             "REPORT",
@@ -340,9 +368,26 @@ class RedisCoordinator:
             ],
             f"reporting step {step}",
         )
+        self._reported[step] = (index_json, self._link.losses)
+        return [status, detail]
+
+    def _report_again(self, step: int) -> bool:
+        """After connection loss (a restart, a failover), send this rank's report of ``step``
+        again: the server that answers now may never have seen it. True when the step
+        turns out committed.
+
+        Raises:
+            CoordinationError: the step was aborted or Redis lost the generation.
+            FencedError: a newer incarnation owns the job.
+        """
+        index_json, _ = self._reported[step]
+        log.info("rank %d: Redis connection was lost; reporting step %d again", self._rank, step)
+        status, detail = self._send_report(step, index_json)
+        if status == "COMMITTED":
+            return True
         if status != "OK":
             raise self._refusal(step, status, detail)
-        return int(detail)
+        return False
 
     def collect(self, step: int, chunk_bytes: int) -> ManifestBuilder:
         """Committer: every other rank's report of ``step``, merged (waits for them)."""
@@ -434,11 +479,26 @@ class RedisCoordinator:
         slice_s = min(BLOCKING_CALL_SECONDS, max(1.0, self._hb_ttl / 2))
         client = self._link.client
         while True:
+            reported = self._reported.get(step)
+            if (
+                reported is not None
+                and reported[1] != self._link.losses
+                and self._report_again(step)
+            ):
+                return
+            losses = self._link.losses
+
+            def pop(wait_s: float, losses: int) -> Any:
+                if self._link.losses != losses:
+                    return None  # reconnected: report again before waiting on this server
+                return client.blpop([keys.done], timeout=wait_s)
+
             wait_s = max(0.01, min(slice_s, deadline - time.monotonic()))
             got = self._link.call(
-                f"waiting for the commit of step {step}",
-                partial(client.blpop, [keys.done], timeout=wait_s),
+                f"waiting for the commit of step {step}", partial(pop, wait_s, losses)
             )
+            if got is None and self._link.losses != losses and step in self._reported:
+                continue
             if got is not None:
                 if got[1] == b"committed":
                     return

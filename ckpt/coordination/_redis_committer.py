@@ -7,6 +7,11 @@ merged, wait for a wake-up (REPORT pushes one at 16 reports, at half, when all b
 once per ``check_every`` seconds, the coordinator's ``check`` raises when the step must
 stop (refused, ranks lost, past the deadline). Runs in its own thread from ``begin``, or in
 the committer's thread without one.
+
+After connection loss (a restart, a Sentinel failover) the server may hold fewer reports
+than were read, or reports sent again (with stream ids that need not follow the last id
+read, the new master's clock being another): from then on each read takes the whole
+stream, trims nothing, and skips the ranks already merged.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class ReportCollector:
         deadline = started + job.timeout
         next_check = started + job.check_every
         last_id = "0-0"
+        losses = job.link.losses
         while len(self.builder.ranks) < job.expected:
             if self._stopped.is_set():
                 raise CoordinationError(f"step {job.step}: reading the reports was stopped")
@@ -98,8 +104,11 @@ class ReportCollector:
             entries = job.link.call(
                 f"reading the reports of step {job.step}", partial(self._read, last_id, block_ms)
             )
+            if job.link.losses != losses:
+                last_id = ""  # whole stream from now on; what is merged is skipped
             for entry_id, fields in entries:
-                last_id = entry_id
+                if last_id:
+                    last_id = entry_id
                 self._take(fields)
             now = time.monotonic()
             if now >= next_check or now >= deadline:
@@ -111,11 +120,11 @@ class ReportCollector:
         time), read every report that has arrived."""
         keys = self._job.keys
         pipe = self._job.link.client.pipeline(transaction=False)
-        if last_id != "0-0":
+        if last_id not in ("0-0", ""):
             pipe.xtrim(keys.reports, minid=last_id, approximate=False)  # keep only unmerged reports
         pipe.blpop([keys.wake], timeout=block_ms / 1000)
         pipe.delete(keys.wake)  # wake-ups queued while merging: this read takes their reports
-        pipe.xread({keys.reports: last_id})
+        pipe.xread({keys.reports: last_id or "0-0"})
         reply = pipe.execute()[-1]
         if not reply:
             return []
@@ -126,5 +135,7 @@ class ReportCollector:
         if b"abort" in fields:
             raise CoordinationError(f"step {step} was aborted: {fields[b'abort'].decode()}")
         rank = fields.get(b"rank", b"?").decode()
+        if rank.isdigit() and int(rank) in self.builder.ranks:
+            return  # sent again after connection loss, or read again: merged already
         where = f"rank {rank}'s report of step {step} in Redis"
         self.builder.add_report(fields[b"index"], where, self._job.chunk_bytes)

@@ -7,17 +7,29 @@ what to do. A server that stays unreachable through ``retry_seconds`` raises
 ``RedisUnreachableError`` (a ``CoordinationError``): the coordinator can then turn to storage,
 the truth (I5). Once a call found the server unreachable, later calls retry only briefly
 until one succeeds, so that a failing save does not wait ``retry_seconds`` per call.
+
+With a Sentinel URL (``redis+sentinel://``) the client asks the sentinels for the master
+before each new connection: when the master dies, calls fail with connection errors (or
+"no master found") until the sentinels have promoted a replica, and the same retries
+carry them over to the new master. A failover can lose the writes the old master
+acknowledged last (replication is asynchronous); ``losses`` counts the connection errors
+this link met, so that the protocol can send again what it may have lost.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
+import redis.backoff
+import redis.retry
+import redis.sentinel
 from tenacity import (
+    RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_attempt,
@@ -30,6 +42,8 @@ from ckpt.coordination._redis_url import RedisURL
 from ckpt.errors import CoordinationError
 from storage_backends import report_retry
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 # Builds the redis-py client: called as ``factory(url, **options)`` with the URL for
@@ -41,12 +55,60 @@ ClientFactory = Callable[..., "redis.Redis"]
 # ends a call after SOCKET_TIMEOUT_SECONDS instead of never.
 BLOCKING_CALL_SECONDS = 30.0
 SOCKET_TIMEOUT_SECONDS = BLOCKING_CALL_SECONDS + 30.0
+# redis-py's own retries are off (recent versions retry a lost connection 10 times with
+# backoff): the one retry policy is ``RedisLink.call``'s, which sees, and counts, each loss.
 CLIENT_OPTIONS: dict[str, Any] = dict(
-    socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=5, health_check_interval=0
+    socket_timeout=SOCKET_TIMEOUT_SECONDS,
+    socket_connect_timeout=5,
+    health_check_interval=0,
+    retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
 )
 # While the server is known to be down, a call retries this long at most (a restart
 # that comes back within it is still ridden through).
 DOWN_RETRY_SECONDS = 1.0
+# A sentinel answers "where is the master" at once or not at all: a dead one is skipped
+# after this (the next sentinel of the URL is asked).
+SENTINEL_TIMEOUT_SECONDS = 2.0
+
+
+def redis_client(url: str, *, redis_class: type[redis.Redis] = redis.Redis, **options: Any) -> Any:
+    """A redis-py client for a coordinator URL without ckpt's ``job`` option.
+
+    ``redis://``, ``rediss://`` and ``unix://`` become ``redis_class.from_url(url,
+    **options)``. ``redis+sentinel://`` and ``rediss+sentinel://`` become a client of the
+    service's master found through the listed sentinels (redis-py's ``Sentinel.master_for``):
+    each new connection asks the sentinels where the master is, so after a failover the
+    client reconnects to the promoted replica. The URL's user, password, db and query
+    options are the master's; with ``rediss+sentinel://`` the sentinels are reached over
+    TLS too, with the same ``ssl_*`` options.
+
+    Args:
+        url: the coordinator URL, less ``?job=``.
+        redis_class: the client class (a ``redis.Redis`` subclass, e.g. one that logs).
+        options: connection options (``socket_timeout`` ...), over the URL's.
+
+    Raises:
+        CoordinationError: a Sentinel URL ckpt cannot parse.
+        ValueError: redis-py refused an option of the URL.
+    """
+    target = RedisURL.parse(url)
+    if not target.sentinels:
+        return redis_class.from_url(url, **options)
+    untyped: Any = redis  # parse_url, Sentinel and master_for carry no annotations
+    kwargs = untyped.connection.parse_url(target.master_url)
+    kwargs.pop("host", None)
+    kwargs.pop("port", None)
+    tls = kwargs.pop("connection_class", None) is redis.connection.SSLConnection
+    kwargs.update(options)
+    asked: dict[str, Any] = dict(
+        socket_timeout=SENTINEL_TIMEOUT_SECONDS,
+        socket_connect_timeout=SENTINEL_TIMEOUT_SECONDS,
+        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),  # the next sentinel is asked
+    )
+    if tls:
+        asked.update(ssl=True, **{k: v for k, v in kwargs.items() if k.startswith("ssl_")})
+    sentinel = untyped.sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=asked)
+    return sentinel.master_for(target.service, redis_class=redis_class, ssl=tls, **kwargs)
 
 
 class RedisUnreachableError(CoordinationError):
@@ -62,7 +124,7 @@ class RedisLink:
         target: the parsed coordinator URL.
         rank: named in error messages.
         retry_seconds: how long a call retries through connection errors before failing.
-        client_factory: builds the client (default: ``redis.Redis.from_url``).
+        client_factory: builds the client (default: ``redis_client``).
 
     Raises:
         CoordinationError: the client cannot be built from the URL.
@@ -81,7 +143,9 @@ class RedisLink:
         self._rank = rank
         self._retry_seconds = retry_seconds
         self._down = threading.Event()  # the last call found the server unreachable
-        factory = client_factory or redis.Redis.from_url
+        self._losses = 0
+        self._losses_lock = threading.Lock()
+        factory = client_factory or redis_client
         try:
             # redis-py's return types are loose unions; the protocol knows what each returns.
             self.client: Any = factory(target.client_url, **CLIENT_OPTIONS)
@@ -96,6 +160,22 @@ class RedisLink:
     def down(self) -> bool:
         """Whether the last call found the server unreachable (no call succeeded since)."""
         return self._down.is_set()
+
+    @property
+    def losses(self) -> int:
+        """How many times a call of this link met connection loss (each failed attempt).
+
+        A change means the server may have restarted or failed over since: what was
+        written before may be gone, and a caller can send it again."""
+        return self._losses
+
+    def _lost(self, exc: BaseException) -> bool:
+        """The retry predicate: counts connection losses."""
+        if not _retryable(exc):
+            return False
+        with self._losses_lock:
+            self._losses += 1
+        return True
 
     def call(self, what: str, fn: Callable[[], T], *, retry_seconds: float | None = None) -> T:
         """Run one Redis call, retrying through connection loss (e.g. a restarting server).
@@ -115,9 +195,10 @@ class RedisLink:
         if self._down.is_set():
             budget = min(budget, DOWN_RETRY_SECONDS)
         retrying = Retrying(
-            retry=retry_if_exception(_retryable),
+            retry=retry_if_exception(self._lost),
             stop=stop_after_delay(budget) | stop_after_attempt(1000),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            before_sleep=lambda state: self._log_retry(what, state),
             reraise=True,
         )
         try:
@@ -151,6 +232,10 @@ class RedisLink:
     def close(self) -> None:
         try:
             self.client.close()
+            pool = self.client.connection_pool if isinstance(self.client, redis.Redis) else None
+            if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+                for sentinel in pool.sentinel_manager.sentinels:
+                    sentinel.close()
         except redis.RedisError:  # closing a connection to a dead server: nothing to do
             pass
 
@@ -184,8 +269,26 @@ class RedisLink:
             "server's version (>= 6.2), memory (maxmemory) and ACLs"
         )
 
+    def _log_retry(self, what: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "rank %d: %s: Redis coordinator at %s: %s; retry %d in %.2f s",
+            self._rank,
+            what,
+            self.where,
+            self._scrub(exc) if exc is not None else "failed",
+            state.attempt_number,
+            state.upcoming_sleep,
+        )
+
     def _scrub(self, exc: BaseException) -> str:
         """``exc``'s text, without the password should redis-py have echoed it."""
+        if isinstance(exc, redis.sentinel.MasterNotFoundError):
+            # redis-py's text is the repr of every sentinel client: say what it means.
+            return (
+                "no sentinel named a live master: the sentinels are unreachable, or the "
+                "master is down and not replaced yet"
+            )
         text = str(exc) or type(exc).__name__
         if self._password:
             text = text.replace(self._password, "***")

@@ -1,6 +1,12 @@
 """The names of a job's keys in Redis.
 
-Keys live under ``ckpt:<job>:`` so that jobs sharing one Redis never see each other:
+Keys live under ``ckpt:{<job>}:`` so that jobs sharing one Redis never see each other.
+The braces are a Redis Cluster hash tag: every key of a job hashes to one slot, so the
+Lua scripts, which touch several of a job's keys at once, run on a Cluster too (a
+script's keys must share a slot there), and different jobs spread over the slots. No
+stored format depends on these names (storage is the truth, I5): a Redis that still holds
+keys of the earlier scheme (``ckpt:<job>:``, no braces) needs no migration: those
+expire with their TTLs (or can be deleted), and the index is rebuilt from storage.
 
 ===============================  ========================================================
 ``gen``                          the current generation (fencing token) of the job
@@ -50,8 +56,13 @@ class JobKeys:
 
     job: str
 
+    @property
+    def prefix(self) -> str:
+        """What every key of the job starts with: ``ckpt:{<job>}:`` (its hash tag)."""
+        return f"ckpt:{{{self.job}}}:"
+
     def _key(self, *parts: object) -> str:
-        return f"ckpt:{self.job}:" + ":".join(str(p) for p in parts)
+        return self.prefix + ":".join(str(p) for p in parts)
 
     @property
     def gen(self) -> str:

@@ -12,9 +12,10 @@ def resolve_coordinator(coordinator: Coordinator | str | None, root_url: str) ->
 
     Args:
         coordinator: None for the embedded coordinator that fits this process (see
-            ``default_coordinator``); a ``redis://``, ``rediss://`` or ``unix://`` URL for a
-            ``RedisCoordinator`` whose job is the URL's ``?job=`` or else one derived from
-            ``root_url`` (two roots never share one); or a coordinator, returned as is.
+            ``default_coordinator``); a ``redis://``, ``rediss://``, ``unix://`` or
+            ``redis[s]+sentinel://`` URL for a ``RedisCoordinator`` whose job is the URL's
+            ``?job=`` or else one derived from ``root_url`` (two roots never share one); or a
+            coordinator, returned as is.
         root_url: the checkpoint root's URL.
 
     Returns:

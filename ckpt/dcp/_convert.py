@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from ckpt._api import first_loadable, open_url
+from ckpt._api import first_loadable
+from ckpt._open import open_url
 from ckpt._read import read_manifest_tree
 from ckpt.convert import ConvertResult, OfflineRanks, Progress, no_progress, split_box
 from ckpt.dcp._tree import LEFT_OUT, Path, dcp_paths, encode_value, rebuild_tree

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from ckpt._api import open_url
+from ckpt._open import open_url
 from ckpt.convert import open_manifest
 from ckpt.dcp._tree import ArrayRef, TensorStandIns, decode_tree
 from ckpt.dcp._writer import is_ckpt_url
@@ -94,7 +94,7 @@ class Reader(StorageReader):
     @property
     def backend(self) -> StorageBackend:
         if self._backend is None:
-            self._backend = open_url(self._url)
+            self._backend = open_url(self._url, create=False)
         return self._backend
 
     @property

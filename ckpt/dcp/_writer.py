@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ckpt._api import open_url
+from ckpt._open import open_url
 from ckpt.coordination import merge_indexes, new_generation, publish
 from ckpt.dcp._tree import Path, dcp_paths, encode_value, rebuild_tree
 from ckpt.engine import FlatTensor, SaveOptions, default_snapshotter, flatten

@@ -41,10 +41,8 @@ from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_k
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
-from ckpt.format import (
-    Manifest,
-)
-from storage_backends import StorageBackend
+from ckpt.format import Manifest, RankTiming
+from storage_backends import StorageBackend, add_retry_observer, remove_retry_observer
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +184,23 @@ def checked_metadata(user_metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 # -- the engine -----------------------------------------------------------------------
 
 
+class _StorageRetries:
+    """Counts the storage calls retried in this process (a retry observer, any thread).
+
+    A save's count is the difference across its writes: the retries this process made
+    meanwhile, which are its own unless several saves write at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def __call__(self, service: str, what: str) -> None:
+        if service != "redis":  # a coordinator's retries are not storage's
+            with self._lock:
+                self.count += 1
+
+
 class Snapshotter:
     """Owns the staging pool and background threads; runs saves one after another.
 
@@ -200,6 +215,8 @@ class Snapshotter:
         self._pool = StagingPool(max_in_flight)
         self._io = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="ckpt-io")
         self._persist = ThreadPoolExecutor(max_in_flight, thread_name_prefix="ckpt-persist")
+        self._retries = _StorageRetries()
+        add_retry_observer(self._retries)
         self._pending: list[PendingSave] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -362,11 +379,13 @@ class Snapshotter:
             imbalance=plan.imbalance,
             user_metadata=metadata,
             on_committed=on_committed,
+            started_unix=time.time() - (time.perf_counter() - start),
         )
+        retries = self._retries.count
         with span("ckpt.stage"):
             writes = stage(job, self._pool, self._io, overlap_writes=overlap_writes)
         stall = time.perf_counter() - start
-        future = self._persist.submit(self._persist_and_commit, job, writes, stall)
+        future = self._persist.submit(self._persist_and_commit, job, writes, stall, retries)
         pending = PendingSave(step, backend.url, stall, future)
         with self._lock:
             self._pending.append(pending)
@@ -374,9 +393,10 @@ class Snapshotter:
         return pending
 
     def _persist_and_commit(
-        self, job: SaveJob, started: list[Future[WrittenFile]], stall: float
+        self, job: SaveJob, started: list[Future[WrittenFile]], stall: float, retries: int
     ) -> SaveResult:
-        """The background part of a save (the persist thread)."""
+        """The background part of a save (the persist thread); ``retries`` is the count of
+        storage retries before its first write."""
         t0 = time.perf_counter()
         try:
             try:
@@ -388,8 +408,14 @@ class Snapshotter:
             finally:
                 self._pool.release(job.buffer)
             t1 = time.perf_counter()
+            timing = RankTiming(
+                started_unix=job.started_unix,
+                stall_s=stall,
+                persist_s=t1 - t0,
+                retries=self._retries.count - retries,
+            )
             with span("ckpt.commit"):
-                commit(job, written)
+                commit(job, written, timing)
             t2 = time.perf_counter()
         except BaseException as exc:
             log.error("step %d (rank %d): save failed: %s", job.step, job.rank, exc)
@@ -431,6 +457,7 @@ class Snapshotter:
                 self.wait()
         finally:
             self._closed = True
+            remove_retry_observer(self._retries)
             self._persist.shutdown(wait=wait)
             self._io.shutdown(wait=wait)
             self._pool.close()

@@ -47,6 +47,7 @@ from ckpt.format import (
     Box,
     FileHeader,
     Manifest,
+    RankTiming,
     ShardIndex,
     StoredPiece,
     TensorEntry,
@@ -203,6 +204,7 @@ class SaveJob:
         imbalance: the busiest rank's planned bytes over the mean.
         user_metadata: stored in the manifest.
         on_committed: called with the manifest on the rank that published it.
+        started_unix: wall-clock time the save began on this rank (its timing's start).
     """
 
     step: int
@@ -217,6 +219,7 @@ class SaveJob:
     imbalance: float
     user_metadata: Mapping[str, Any]
     on_committed: Callable[[Manifest], None] | None
+    started_unix: float = 0.0
     host: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -311,8 +314,11 @@ def persist(
     return [written[f.path] for f in job.files]
 
 
-def commit(job: SaveJob, written: Sequence[WrittenFile]) -> Manifest | None:
-    """Report what this rank wrote; the coordinator publishes the manifest on the committer.
+def commit(
+    job: SaveJob, written: Sequence[WrittenFile], timing: RankTiming | None = None
+) -> Manifest | None:
+    """Report what this rank wrote, and how long its phases took (``timing``, recorded in
+    the manifest); the coordinator publishes the manifest on the committer.
 
     Returns:
         The manifest on the rank that published it, else None.
@@ -321,7 +327,7 @@ def commit(job: SaveJob, written: Sequence[WrittenFile]) -> Manifest | None:
         manifest = job.coordinator.commit(
             job.backend,
             job.step,
-            shard_index(job, written),
+            shard_index(job, written, timing),
             chunk_bytes=job.options.chunk_bytes,
             user_metadata=job.user_metadata,
         )
@@ -333,7 +339,9 @@ def commit(job: SaveJob, written: Sequence[WrittenFile]) -> Manifest | None:
     return manifest
 
 
-def shard_index(job: SaveJob, written: Sequence[WrittenFile]) -> ShardIndex:
+def shard_index(
+    job: SaveJob, written: Sequence[WrittenFile], timing: RankTiming | None = None
+) -> ShardIndex:
     """This rank's report: every piece it holds, with where it stored those it wrote."""
     stored = {name: piece for w in written for name, piece in w.pieces.items()}
     entries = {
@@ -342,7 +350,14 @@ def shard_index(job: SaveJob, written: Sequence[WrittenFile]) -> ShardIndex:
     }
     files = {w.path: w.stored_bytes for w in written}
     headers = {w.path: w.header for w in written if w.header is not None}
-    return ShardIndex(rank=job.rank, tensors=entries, files=files, state=job.tree, headers=headers)
+    return ShardIndex(
+        rank=job.rank,
+        tensors=entries,
+        files=files,
+        state=job.tree,
+        headers=headers,
+        timing=timing,
+    )
 
 
 # -- encoding and writing one data file (I/O threads) ---------------------------------

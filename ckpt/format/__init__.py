@@ -6,7 +6,8 @@ docs/FORMAT.md is the contract; this package is its one implementation. What it 
   ``StoredPiece`` (a region of it in a data file), ``FileHeader`` (a raw data file's
   safetensors header), ``ShardIndex`` (one rank's report), each
   with ``from_bytes`` (validated; ``CorruptCheckpointError`` / ``UnsupportedFormatError``
-  naming the file and field) and ``to_bytes``;
+  naming the file and field) and ``to_bytes``; ``RankTiming`` (a rank's phase times, in
+  its report) and ``SaveTimings`` (every rank's, in the manifest);
 * the layout of a root: ``scan_steps``, ``read_manifest``, ``step_prefix``,
   ``parse_step_prefix``, ``manifest_path`` and the folder names;
 * geometry: ``Box`` (a region of a global tensor), ``row_span`` and ``first_overlap``;
@@ -68,6 +69,8 @@ from ckpt.format._schema import (
     MAX_TREE_DEPTH,
     FileHeader,
     Manifest,
+    RankTiming,
+    SaveTimings,
     ShardIndex,
     StoredPiece,
     TensorEntry,
@@ -110,6 +113,8 @@ __all__ = [
     "Box",
     "FileHeader",
     "Manifest",
+    "RankTiming",
+    "SaveTimings",
     "ShardIndex",
     "StepListing",
     "StoredPiece",

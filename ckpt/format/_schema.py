@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -50,6 +50,8 @@ _Positive = Annotated[int, msgspec.Meta(ge=1)]
 _Dims = Annotated[tuple[_Count, ...], msgspec.Meta(max_length=MAX_NDIM)]
 # Seconds since the epoch, finite: NaN or a date past year 5000 is no timestamp.
 _Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
+# A duration in seconds, finite: a phase of a save longer than 30 years is no measurement.
+_Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
 
 
 class StoredPiece(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
@@ -114,6 +116,86 @@ class FileHeader(msgspec.Struct, frozen=True, gc=False):
     checksum: str
 
 
+class RankTiming(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
+    """How long one rank's save of one step took, as the rank reports it.
+
+    Attributes:
+        started_unix: wall-clock time the save began on this rank (before flattening).
+        stall_s: seconds training was blocked (flatten, plan, staging copy).
+        persist_s: seconds to write this rank's data files durably.
+        retries: storage calls retried during the save; None when not counted.
+    """
+
+    started_unix: _Timestamp
+    stall_s: _Seconds
+    persist_s: _Seconds
+    retries: _Count | None = None
+
+
+class SaveTimings(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
+    """The phase times of a committed save: one array per field, indexed by rank.
+
+    Columns rather than one record per rank keep the manifest small at thousands of
+    ranks (a few dozen bytes per rank). Durations are rounded to 0.1 ms.
+
+    Attributes:
+        started_unix: wall-clock time the first rank began the save.
+        commit_s: the committer's seconds from holding every report to the manifest
+            rendered, right before it is published (the publish itself, one atomic
+            create, cannot be recorded in the document it writes).
+        start_s: each rank's start, in seconds after ``started_unix``.
+        stall_s: each rank's stall (flatten, plan, staging copy).
+        persist_s: each rank's time to write its data files durably.
+        stored_bytes: each rank's data file bytes (the ``files`` it wrote).
+        retries: each rank's retried storage calls; absent when not counted.
+    """
+
+    started_unix: _Timestamp
+    commit_s: _Seconds
+    start_s: tuple[_Seconds, ...]
+    stall_s: tuple[_Seconds, ...]
+    persist_s: tuple[_Seconds, ...]
+    stored_bytes: tuple[_Count, ...]
+    retries: tuple[_Count, ...] | None = None
+
+    @classmethod
+    def of_ranks(
+        cls, ranks: Sequence[RankTiming], stored_bytes: Sequence[int], commit_s: float
+    ) -> SaveTimings:
+        """The columns of every rank's timing (``ranks[r]`` is rank r's)."""
+        first = min(t.started_unix for t in ranks)
+        counted = all(t.retries is not None for t in ranks)
+        return cls(
+            started_unix=first,
+            commit_s=_rounded(commit_s),
+            start_s=tuple(_rounded(t.started_unix - first) for t in ranks),
+            stall_s=tuple(_rounded(t.stall_s) for t in ranks),
+            persist_s=tuple(_rounded(t.persist_s) for t in ranks),
+            stored_bytes=tuple(stored_bytes),
+            retries=tuple(t.retries or 0 for t in ranks) if counted else None,
+        )
+
+    def check(self, world_size: int, where: str) -> None:
+        """Every column has one entry per rank (``CorruptCheckpointError``)."""
+        columns = {
+            "start_s": self.start_s,
+            "stall_s": self.stall_s,
+            "persist_s": self.persist_s,
+            "stored_bytes": self.stored_bytes,
+        }
+        if self.retries is not None:
+            columns["retries"] = self.retries
+        for name, column in columns.items():
+            if len(column) != world_size:
+                raise CorruptCheckpointError(
+                    f"{where}: 'timings.{name}' has {len(column)} entries for {world_size} ranks"
+                )
+
+
+def _rounded(seconds: float) -> float:
+    return round(max(0.0, seconds), 4)
+
+
 class ShardIndex(msgspec.Struct, frozen=True):
     """What one rank wrote for one step: reported to the committer, merged into the manifest."""
 
@@ -122,6 +204,7 @@ class ShardIndex(msgspec.Struct, frozen=True):
     files: dict[str, _Count]
     state: dict[str, Any] | None = None
     headers: dict[str, FileHeader] = {}
+    timing: RankTiming | None = None
 
     def to_bytes(self) -> bytes:
         if self.state is not None:
@@ -137,6 +220,7 @@ class ShardIndex(msgspec.Struct, frozen=True):
                 _ENCODER.encode(self.headers),
                 b',"state":',
                 _dumps(self.state).encode(),
+                b',"timing":%s' % _ENCODER.encode(self.timing) if self.timing else b"",
                 b"}",
             )
         )
@@ -175,6 +259,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     user_metadata: dict[str, Any] = {}
     layout: dict[str, Any] = {}
     headers: dict[str, FileHeader] = {}
+    timings: SaveTimings | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -200,6 +285,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             layout=self.layout,
             user_metadata=self.user_metadata,
             headers=self.headers,
+            timings=self.timings,
         )
 
     @classmethod
@@ -233,6 +319,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             user_metadata=manifest.user_metadata,
         )
         check_state_markers(manifest.state, manifest.tensors, where)
+        if manifest.timings is not None:
+            manifest.timings.check(manifest.world_size, where)
         _check_files(manifest.files, manifest.headers, where)
         _check_tensors(
             manifest.tensors,
@@ -265,15 +353,19 @@ def manifest_header(
     layout: Mapping[str, Any],
     user_metadata: Mapping[str, Any],
     headers: Mapping[str, FileHeader] | None = None,
+    timings: SaveTimings | None = None,
 ) -> dict[str, Any]:
     """Every field of a stored manifest but the tensors, in the order it is written.
+
+    ``timings`` is written only when known, so a manifest without them is the same
+    document as before the field existed.
 
     Raises:
         InvalidStateError: a tree nests deeper than readers accept (``MAX_TREE_DEPTH``).
     """
     for field, tree in (("state", state), ("layout", layout), ("user_metadata", user_metadata)):
         check_tree_depth(tree, field)
-    return {
+    header: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -288,6 +380,9 @@ def manifest_header(
         "layout": layout,
         "user_metadata": user_metadata,
     }
+    if timings is not None:
+        header["timings"] = msgspec.to_builtins(timings)
+    return header
 
 
 def render_manifest(header: Mapping[str, Any], tensors: Iterable[tuple[str, bytes]]) -> bytes:

@@ -364,7 +364,7 @@ def test_cli_convert_checkpoint_errors(
     monkeypatch: pytest.MonkeyPatch, source: Path, tmp_path: Path
 ) -> None:
     """Through the `ckpt` entry point: a prefix selecting nothing, and a corrupt source whose
-    message names the data file, both exit 2 with a one-line error (no traceback)."""
+    message names the data file, exit 2 and 1 (corrupt) with a one-line error (no traceback)."""
     code, text = run_cli(
         monkeypatch,
         "convert",
@@ -380,5 +380,5 @@ def test_cli_convert_checkpoint_errors(
     code, text = run_cli(
         monkeypatch, "convert", str(root), str(tmp_path / "y.safetensors"), "--to", "safetensors"
     )
-    assert code == 2 and "error:" in text and "checksum mismatch" in text and file in text, text
+    assert code == 1 and "error:" in text and "checksum mismatch" in text and file in text, text
     assert "Traceback" not in text

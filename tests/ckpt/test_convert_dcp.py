@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ckpt
+from ckpt.cli import EXIT_CORRUPT, EXIT_NOT_FOUND, EXIT_USAGE
 from ckpt.dcp import Writer, export_dcp, import_dcp
 from ckpt.format import read_manifest
 from storage_backends import LocalBackend
@@ -343,14 +344,14 @@ def test_the_command_a_dcp_root_names_works(
 def test_refusals_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refused(src: Path, *extra: str) -> str:
         code, out = run_cli(monkeypatch, "convert", str(src), str(tmp_path / "dst"), *extra)
-        assert code == 2, out
+        assert code in (EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT), out
         line = out.strip()  # the progress bar leaves an empty line behind
-        assert line.startswith("error: ") and "\n" not in line, out
+        assert line.startswith("ckpt: error: ") and "\n" not in line, out
         return line
 
     (tmp_path / "empty").mkdir()
     assert "nothing to convert" in refused(tmp_path / "empty")
-    assert "nothing to convert" in refused(tmp_path / "missing")
+    assert "no such checkpoint root" in refused(tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model.pt").write_bytes(b"not a checkpoint")

@@ -19,6 +19,8 @@ from typing import Any, cast
 import redis
 from redis.commands.core import Script
 
+from ckpt.coordination import redis_client
+
 Sent = tuple[str, int, int]  # what a round trip was, its start ns, its reply ns
 
 SCRIPT_HEADER = "-- ckpt "  # the first line of each of ckpt's scripts names it
@@ -126,14 +128,19 @@ class ClientLog:
         self.clients: list[LoggingRedis] = []
 
     def __call__(self, url: str, **options: Any) -> LoggingRedis:
-        client = cast(LoggingRedis, LoggingRedis.from_url(url, **options))
+        client = cast(LoggingRedis, redis_client(url, redis_class=LoggingRedis, **options))
         self.clients.append(client)
         return client
 
 
+def job_key(job: str, *parts: object) -> str:
+    """The name of one of ``job``'s keys: ``ckpt:{<job>}:<parts>`` (its hash tag)."""
+    return f"ckpt:{{{job}}}:" + ":".join(str(p) for p in parts)
+
+
 def describe_state(client: Any, job: str) -> dict[str, str]:
     """The job's keys and their types."""
-    return {key.decode(): client.type(key).decode() for key in client.scan_iter(f"ckpt:{job}:*")}
+    return {key.decode(): client.type(key).decode() for key in client.scan_iter(job_key(job, "*"))}
 
 
 class KillSwitch(ClientLog):
@@ -156,7 +163,7 @@ class KillSwitch(ClientLog):
         self.armed = True
 
     def __call__(self, url: str, **options: Any) -> LoggingRedis:
-        client = cast(_SwitchedRedis, _SwitchedRedis.from_url(url, **options))
+        client = cast(_SwitchedRedis, redis_client(url, redis_class=_SwitchedRedis, **options))
         client.switch = self
         self.clients.append(client)
         return client

@@ -52,7 +52,7 @@ from tests.coordination.harness import (
     steps_of,
     wait_signals,
 )
-from tests.coordination.redis_helpers import ClientLog, describe_state
+from tests.coordination.redis_helpers import ClientLog, describe_state, job_key
 from tests.support.redis_server import RedisServer
 
 CHUNK = SaveOptions().chunk_bytes
@@ -177,7 +177,9 @@ def test_the_committer_merges_reports_while_they_arrive(
             assert time.monotonic() < deadline, "the committer did not read the first 16 reports"
             time.sleep(0.01)
         client = redis_server.client()
-        stream = f"ckpt:{job}:step:1:reports:{ranks[0].generation}.1"  # the first save of step 1
+        stream = job_key(
+            job, "step", 1, "reports", f"{ranks[0].generation}.1"
+        )  # the first save of step 1
         while client.xlen(stream) > 1:  # Redis drops what the committer merged
             assert time.monotonic() < deadline, "the merged reports stayed in Redis"
             time.sleep(0.01)
@@ -202,7 +204,7 @@ def test_the_committer_merges_reports_while_they_arrive(
             spent.append(client.round_trips - b)
         assert spent == [1] * 32  # the report was the first of each rank's 2
         assert read_manifest(backend, 1).tensors.keys() == manifest.tensors.keys()
-        marks = client.hmget(f"ckpt:{job}:step:1", "last_report_us", "committed_us")
+        marks = client.hmget(job_key(job, "step", 1), "last_report_us", "committed_us")
         assert int(marks[1]) >= int(marks[0]) > 0
     finally:
         close_all(ranks)
@@ -437,7 +439,7 @@ def test_save_functions_take_a_redis_url(
     ckpt.save({"x": torch.ones(2)}, backend, step=1, coordinator=url)
     pending = ckpt.async_save({"x": torch.full((2,), 2.0)}, backend, step=2, coordinator=url)
     pending.result(timeout=THREAD_WAIT_S)
-    committed = redis_server.client().zrange(f"ckpt:{job_from_url(backend.url)}:committed", 0, -1)
+    committed = redis_server.client().zrange(job_key(job_from_url(backend.url), "committed"), 0, -1)
     assert committed == [b"1", b"2"]
     assert_loads_x(backend, 2.0)
     deadline = time.monotonic() + THREAD_WAIT_S

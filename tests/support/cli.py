@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import sys
 
 import pytest
 from rich.console import Console
@@ -12,11 +11,10 @@ import ckpt.cli as cli
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str]:
-    """Run the ``ckpt`` entry point with ``args``: (exit code, what it printed, unwrapped)."""
+    """Run the ``ckpt`` command line with ``args``: (exit status, what it printed on stdout
+    and stderr, unwrapped, in order)."""
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=10_000, color_system=None))
-    monkeypatch.setattr(sys, "argv", ["ckpt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    code = exit_info.value.code
-    return (code if isinstance(code, int) else 1), out.getvalue()
+    console = Console(file=out, width=10_000, color_system=None)
+    monkeypatch.setattr(cli, "console", console)
+    monkeypatch.setattr(cli, "err_console", console)
+    return cli.run(list(args)), out.getvalue()

@@ -1,5 +1,9 @@
 """Real ``redis-server`` processes for tests, each on a free loopback port.
 
+``SentinelGroup`` adds a master with replicas and ``redis-server --sentinel`` processes
+watching it, whose master can be SIGKILLed to make them fail over; ``ClusterGroup`` a
+Redis Cluster of a few masters (made with ``redis-cli --cluster create``).
+
 ``RedisServer`` starts ``redis-server --port P --save "" --appendonly yes|no --dir D
 --bind 127.0.0.1`` (optionally with ``requirepass`` or TLS), waits until it answers PING,
 and can be SIGKILLed and restarted on the same port and directory, with AOF switched on
@@ -124,6 +128,8 @@ class RedisServer:
         tls: ``make_tls_files`` output; the server then listens with TLS only.
         extra_args: more ``redis-server`` arguments (``--maxclients``, ``--slowlog-*`` ...).
         preexec_fn: run in the server's process before it starts (e.g. die with the parent).
+        config_file: a config file given first (a sentinel rewrites its own).
+        sentinel: run ``redis-server CONFIG --sentinel`` (needs ``config_file``).
     """
 
     def __init__(
@@ -135,6 +141,8 @@ class RedisServer:
         tls: dict[str, Path] | None = None,
         extra_args: Sequence[str] = (),
         preexec_fn: Callable[[], None] | None = None,
+        config_file: Path | None = None,
+        sentinel: bool = False,
     ) -> None:
         binary = redis_server_binary()
         if binary is None:
@@ -147,6 +155,8 @@ class RedisServer:
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
         self.preexec_fn = preexec_fn
+        self.config_file = config_file
+        self.sentinel = sentinel
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = self.directory / "redis.log"
@@ -192,9 +202,30 @@ class RedisServer:
                 str(self.tls["ca"]),
                 "--tls-auth-clients",
                 "no",
+                "--tls-replication",  # replicas and sentinels reach their master over TLS
+                "yes",
+            ]
+        if self.sentinel:
+            return [
+                self.binary,
+                str(self.config_file),
+                "--sentinel",
+                *port_args,
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self._log),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                *self.extra_args,
             ]
         argv = [
             self.binary,
+            *([str(self.config_file)] if self.config_file else []),
             *port_args,
             "--bind",
             "127.0.0.1",
@@ -290,3 +321,240 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SentinelGroup:
+    """A master, its replicas and ``redis-server --sentinel`` processes watching it, each
+    on a free loopback port: a Redis that fails over when its master dies.
+
+    Short timeouts (``down_after_ms``, ``failover_timeout_ms``) make a failover take about
+    a second or two. With one sentinel the quorum is 1 (it alone decides and leads).
+
+    Args:
+        directory: one folder per process is made under it.
+        service: the master group's name (``sentinel monitor SERVICE ...``).
+        replicas: how many replicas follow the master.
+        sentinels: how many sentinels watch it (quorum: a majority of them).
+        down_after_ms: a master silent this long is down.
+        failover_timeout_ms: sentinel's ``failover-timeout``.
+        tls: ``make_tls_files`` output: every process then speaks TLS only (clients,
+            replication and the sentinels' own connections).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        service: str = "mymaster",
+        replicas: int = 1,
+        sentinels: int = 1,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000,
+        tls: dict[str, Path] | None = None,
+    ) -> None:
+        self.service = service
+        self.tls = tls
+        self.directory = directory
+        self.servers: list[RedisServer] = []
+        self.sentinels: list[RedisServer] = []
+        try:
+            # A replica's first sync starts at once, not after the default 5 s delay.
+            quick = ["--repl-diskless-sync-delay", "0"]
+            master = RedisServer(directory / "master", extra_args=quick, tls=tls)
+            self.servers.append(master)
+            for i in range(replicas):
+                replica = RedisServer(
+                    directory / f"replica-{i}",
+                    extra_args=[*quick, "--replicaof", "127.0.0.1", str(master.port)],
+                    tls=tls,
+                )
+                self.servers.append(replica)
+            quorum = sentinels // 2 + 1
+            for i in range(sentinels):
+                conf = directory / f"sentinel-{i}" / "sentinel.conf"
+                conf.parent.mkdir(parents=True, exist_ok=True)
+                conf.write_text(
+                    f"sentinel monitor {service} 127.0.0.1 {master.port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+                    f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {service} 1\n"
+                )
+                self.sentinels.append(
+                    RedisServer(conf.parent, config_file=conf, sentinel=True, tls=tls)
+                )
+            self.wait_replicated()
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- addresses ---------------------------------------------------------------------
+
+    def url(self, *, db: int = 0, query: str = "") -> str:
+        """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2/SERVICE/db[?query]``
+        (``rediss+sentinel://...?ssl_ca_certs=CA`` with TLS)."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        options = [f"ssl_ca_certs={quote(str(self.tls['ca']), safe='/')}"] if self.tls else []
+        options += [query] if query else []
+        return f"{scheme}://{hosts}/{self.service}/{db}" + (
+            f"?{'&'.join(options)}" if options else ""
+        )
+
+    def master_port(self) -> int:
+        """The master's port as the first sentinel that answers sees it."""
+        import redis
+
+        for s in self.sentinels:
+            client = s.client()
+            try:
+                _, port = client.sentinel_get_master_addr_by_name(self.service)
+                return int(port)
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        raise RuntimeError("no sentinel answers")
+
+    def master(self) -> RedisServer:
+        """The server the sentinels call master now."""
+        port = self.master_port()
+        return next(s for s in self.servers if s.port == port)
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def wait_replicated(self) -> None:
+        """Wait until every running replica is in sync with the master and every sentinel
+        knows them (a failover needs a replica the sentinels know)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        master = self.master()
+        replicas = [s for s in self.servers if s is not master and s.running]
+        while True:
+            ready = all(
+                _ask(s, lambda c: c.info("replication").get("master_link_status") == "up")
+                for s in replicas
+            ) and all(
+                _ask(s, lambda c: len(c.sentinel_slaves(self.service)) >= len(replicas))
+                for s in self.sentinels
+            )
+            if ready:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replicas did not sync (or the sentinels do not see them)")
+            time.sleep(0.05)
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the current master; the killed server."""
+        master = self.master()
+        master.kill()
+        return master
+
+    def wait_failover(self, old_port: int, timeout: float = START_TIMEOUT_S) -> RedisServer:
+        """Wait until the sentinels name another master and it takes writes; that server."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                port = self.master_port()
+            except RuntimeError:
+                port = old_port
+            if port != old_port:
+                server = next(s for s in self.servers if s.port == port)
+                client = server.client()
+                try:
+                    if client.info("replication").get("role") == "master":
+                        return server
+                except redis.RedisError:
+                    pass
+                finally:
+                    client.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"no failover within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            server.stop()
+
+    def __enter__(self) -> SentinelGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ClusterGroup:
+    """``nodes`` cluster-enabled ``redis-server`` masters on free ports sharing the 16384
+    slots (no replicas), joined with ``redis-cli --cluster create``.
+
+    Args:
+        directory: one folder per node is made under it.
+        nodes: how many masters (3 at least).
+    """
+
+    def __init__(self, directory: Path, *, nodes: int = 3) -> None:
+        self.servers: list[RedisServer] = []
+        try:
+            for i in range(nodes):
+                folder = directory / f"node-{i}"
+                self.servers.append(
+                    RedisServer(
+                        folder,
+                        extra_args=[
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            str(folder / "nodes.conf"),
+                            # The bus port defaults to port + 10000: a free port may be too high.
+                            "--cluster-port",
+                            str(free_port()),
+                        ],
+                    )
+                )
+            addresses = [f"127.0.0.1:{s.port}" for s in self.servers]
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=START_TIMEOUT_S,
+            )
+            self._wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def url(self, query: str = "") -> str:
+        """``redis://127.0.0.1:P/0`` of the first node (a cluster client finds the rest)."""
+        return f"redis://127.0.0.1:{self.servers[0].port}/0" + (f"?{query}" if query else "")
+
+    def _wait_ok(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(
+            _ask(s, lambda c: c.execute_command("CLUSTER INFO").get("cluster_state") == "ok")
+            for s in self.servers
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> ClusterGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _ask(server: RedisServer, question: Callable[[Any], bool]) -> bool:
+    """``question(client)`` on a fresh client of ``server``; False when it does not answer."""
+    import redis
+
+    client = server.client()
+    try:
+        return question(client)
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
