@@ -2,7 +2,8 @@
 
 The public names below load on first use (PEP 562): ``import ckpt`` costs almost
 nothing, and importing ``recovery`` or ``ckpt.format`` first never runs the public
-face, which itself imports ``recovery``.
+face, which itself imports ``recovery``. The submodule ``ckpt.dcp`` (DCP interop, which
+imports torch.distributed.checkpoint) loads the same way, on first use of ``ckpt.dcp``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ckpt.errors import (
 )
 
 if TYPE_CHECKING:
+    from ckpt import dcp as dcp
     from ckpt._api import RestoreReport, async_save, load, restore, save
     from ckpt._manager import CheckpointManager, ManagerMetrics
     from ckpt._read import read
@@ -84,7 +86,12 @@ _LAZY = {
 }
 
 
+_LAZY_SUBMODULES = ("dcp",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"ckpt.{name}")  # which binds it here
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
@@ -94,7 +101,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_SUBMODULES))
 
 
 __all__ = [

@@ -693,13 +693,8 @@ def convert(
         TransferSpeedColumn,
     )
 
-    from ckpt.convert import (
-        export_dcp,
-        export_safetensors,
-        export_torch,
-        import_dcp,
-        relayout,
-    )
+    from ckpt.convert import export_safetensors, export_torch, relayout
+    from ckpt.dcp import export_dcp, import_dcp
 
     if to not in ("ckpt", "safetensors", "torch", "dcp"):
         raise typer.BadParameter("--to must be ckpt, safetensors, torch or dcp")

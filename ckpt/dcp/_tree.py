@@ -3,12 +3,17 @@
 DCP flattens a state dict into fully-qualified keys (``"optim.state.0.exp_avg"``) and keeps
 each key's path (``("optim", "state", "0", "exp_avg")``) in the global metadata's
 ``planner_data``: dict keys become strings, list indices stay integers, and tuples, empty
-lists and other leaves become one value each (saved as bytes). ckpt stores the nested tree
-itself, with ``{"__tensor__": name}`` for each tensor, under the same dotted names.
+lists and other leaves become one value each (saved as bytes); an empty dict becomes
+nothing. ckpt stores the nested tree itself, with ``{"__tensor__": name}`` for each
+tensor, under the same dotted names.
 
+This is the one place that maps DCP's keys back to a tree, for both ``Writer`` (the keys of
+a save in progress) and ``import_dcp`` (the keys of a DCP checkpoint on disk):
+
+* ``dcp_paths`` reads each key's path from DCP's metadata;
 * ``encode_value`` turns one value DCP would pickle into its JSON (or refuses it);
-* ``rebuild_tree`` nests the flat keys back into the tree a ``ckpt.save`` of the same state
-  would have stored;
+* ``rebuild_tree`` nests the keys back into the tree a ``ckpt.save`` of the same state
+  would have stored, giving an optimizer's ``state`` its integer keys back;
 * ``decode_tree`` turns a stored tree back into Python values, with stand-ins for tensors,
   so that DCP's own flattening gives the keys its planner will ask for.
 """
@@ -16,14 +21,16 @@ itself, with ``{"__tensor__": name}`` for each tensor, under the same dotted nam
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, cast
 
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 
 from ckpt.engine import flatten
-from ckpt.errors import CorruptCheckpointError, InvalidStateError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, InvalidStateError
 from ckpt.format import (
     BYTES_REF,
     DTYPE_REF,
@@ -38,8 +45,43 @@ from ckpt.format import (
 Path = tuple[str | int, ...]
 
 
-def encode_value(fqn: str, value: Any) -> Any:
+class _LeftOut:
+    def __repr__(self) -> str:
+        return "LEFT_OUT"
+
+
+LEFT_OUT: Final = _LeftOut()
+"""A leaf value for ``rebuild_tree`` that was saved but is not kept (DCP pickled it, and
+it was not, or could not be, imported)."""
+
+
+def dcp_paths(metadata: Metadata) -> dict[str, Path]:
+    """Each flat key's path in the saved tree, in the metadata's order.
+
+    DCP's planner records the paths in ``planner_data``; a key without a valid recorded
+    path (no planner data, or a planner that flattens nothing) stays a top-level key.
+    """
+    recorded = metadata.planner_data if isinstance(metadata.planner_data, Mapping) else {}
+    paths: dict[str, Path] = {}
+    for fqn in metadata.state_dict_metadata:
+        path = recorded.get(fqn)
+        valid = (
+            isinstance(path, tuple)
+            and path
+            and isinstance(path[0], str)
+            and all(isinstance(p, str) or (type(p) is int and p >= 0) for p in path)
+        )
+        paths[fqn] = cast(Path, path) if valid else (fqn,)
+    return paths
+
+
+def encode_value(fqn: str, value: Any, where: str) -> Any:
     """The JSON of a value DCP saves as bytes (``WriteItemType.BYTE_IO``).
+
+    Args:
+        fqn: the value's flat key.
+        value: the value.
+        where: what is being done, for the error message (``"dcp.save with ckpt.dcp.Writer"``).
 
     Raises:
         InvalidStateError: the value is not JSON-representable (ckpt stores no pickle), or
@@ -49,15 +91,15 @@ def encode_value(fqn: str, value: Any) -> Any:
         tensors, tree = flatten({fqn: value})
     except InvalidStateError as exc:
         raise InvalidStateError(
-            f"dcp.save with ckpt.dcp.Writer (ckpt stores no pickle, values go to JSON): {exc}"
+            f"{where} (ckpt stores no pickle, values go to JSON): {exc}"
         ) from exc
     if tensors:
         raise InvalidStateError(
-            f"dcp.save with ckpt.dcp.Writer: {fqn!r} is a {type(value).__name__} holding "
-            f"tensors or arrays ({', '.join(sorted(tensors)[:3])}), which DCP saves whole as "
-            "pickled bytes (a tuple, or any container when the planner does not flatten the "
-            "state dict) and ckpt stores no pickle; hold the tensors in dicts or lists, and "
-            "keep DCP's flatten_state_dict=True"
+            f"{where}: {fqn!r} is a {type(value).__name__} holding tensors or arrays "
+            f"({', '.join(sorted(tensors)[:3])}), which DCP saves whole as pickled bytes (a "
+            "tuple, or any container when the planner does not flatten the state dict) and "
+            "ckpt stores no pickle; hold the tensors in dicts or lists, and keep DCP's "
+            "flatten_state_dict=True"
         )
     return tree[fqn]
 
@@ -67,34 +109,58 @@ class _Leaf:
     json: Any
 
 
-def rebuild_tree(leaves: Iterable[tuple[Path, Any]]) -> dict[str, Any]:
-    """The nested JSON tree of a state from its flat leaves: (DCP path, JSON value).
+_Node = dict[str | int, Any]  # children: _Node, _Leaf or LEFT_OUT
+_GONE: Final = object()  # what a node of nothing but left-out values becomes
+_INDEX = re.compile(r"0|[1-9][0-9]*")
 
-    Integer path components are list indices; a list index that no leaf reaches was an
-    empty dict (DCP saves nothing for those). An optimizer's per-parameter ``state``,
-    whose integer keys DCP turned into strings, gets them back (``_optimizer_keys``).
+
+def rebuild_tree(
+    leaves: Iterable[tuple[Path, Any]], fail: Callable[[str], CheckpointError]
+) -> dict[str, Any]:
+    """The nested JSON tree of a state from its flat leaves: (DCP path, JSON value or
+    ``LEFT_OUT``), in DCP's order.
+
+    Integer path components are list indices. A list index that no leaf reaches held an
+    empty dict (DCP saves nothing for those): it becomes ``{}``. A left-out value becomes
+    None in a list (which keeps its length) and is absent from a dict; a container of
+    nothing but left-out values is left out itself. An optimizer's per-parameter
+    ``state``, whose integer keys DCP turned into strings, gets them back
+    (``_optimizer_keys``).
+
+    Args:
+        leaves: (path, JSON value or ``LEFT_OUT``) of every flat key.
+        fail: makes the error for leaves that do not form one tree (its message given).
+
+    Raises:
+        CheckpointError: ``fail``'s, when two keys collide or a path does not fit the others.
     """
-    root: dict[str | int, Any] = {}
+    root: _Node = {}
     for path, value in leaves:
-        node = root
-        for depth, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if isinstance(child, _Leaf):
-                raise InvalidStateError(
-                    f"dcp.save with ckpt.dcp.Writer: {_dotted(path[: depth + 1])!r} is both a "
-                    f"value and a container of {_dotted(path)!r}; the flattened keys collide"
-                )
-            node = child
-        if path[-1] in node:
-            raise InvalidStateError(
-                f"dcp.save with ckpt.dcp.Writer: two entries of the state flatten to "
-                f"{_dotted(path)!r}; rename one"
+        _place(root, path, value if value is LEFT_OUT else _Leaf(value), fail)
+    tree = _to_json(root) if root else {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def _place(root: _Node, path: Path, value: Any, fail: Callable[[str], CheckpointError]) -> None:
+    node = root
+    for depth, part in enumerate(path):
+        if node and isinstance(next(iter(node)), int) != isinstance(part, int):
+            raise fail(
+                f"{_dotted(path)!r} does not fit the tree of the other keys (a list index "
+                "where they have dict keys, or the reverse)"
             )
-        node[path[-1]] = _Leaf(value)
-    tree = _to_json(root)
-    if not isinstance(tree, dict):  # only when nothing was saved
-        return {}
-    return tree
+        if depth == len(path) - 1:
+            break
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise fail(
+                f"{_dotted(path[: depth + 1])!r} is both a value and a container of "
+                f"{_dotted(path)!r}; the flattened keys collide"
+            )
+        node = child
+    if path[-1] in node:
+        raise fail(f"two entries of the state flatten to {_dotted(path)!r}; rename one")
+    node[path[-1]] = value
 
 
 def _dotted(path: Path) -> str:
@@ -104,40 +170,56 @@ def _dotted(path: Path) -> str:
 def _to_json(node: Any) -> Any:
     if isinstance(node, _Leaf):
         return node.json
-    if node and all(isinstance(k, int) for k in node):
-        items: list[Any] = [{} for _ in range(max(node) + 1)]
-        for index, child in node.items():
-            items[index] = _to_json(child)
+    if node is LEFT_OUT:
+        return _GONE
+    children = {k: _to_json(v) for k, v in node.items()}
+    if all(v is _GONE for v in children.values()):
+        return _GONE
+    if isinstance(next(iter(children)), int):
+        items: list[Any] = [{} for _ in range(max(children) + 1)]
+        for index, child in children.items():
+            items[index] = None if child is _GONE else child
         return items
-    out = {str(k): _to_json(v) for k, v in node.items()}
-    _optimizer_keys(out)
+    out = {str(k): v for k, v in children.items() if v is not _GONE}
+    if "param_groups" in children:
+        _optimizer_keys(out)
     if out.keys() & STATE_MARKERS:
         return {ITEMS_REF: [[k, v] for k, v in out.items()]}
     return out
 
 
 def _optimizer_keys(node: dict[str, Any]) -> None:
-    """Give an optimizer state dict's ``state`` its integer keys back, and its ``state`` when
-    DCP dropped it for being empty (an optimizer that never stepped).
+    """Give an optimizer state dict's ``state`` its integer keys back, and its ``state``
+    when DCP dropped it for being empty (an optimizer that never stepped).
 
-    A dict is taken for an optimizer's when its ``param_groups`` is a list of dicts whose
-    ``params`` are lists of integers, and every key of its ``state`` is one of those
-    integers written in decimal: that is what ``torch.optim.Optimizer.state_dict()``
-    makes, and what ``Optimizer.load_state_dict`` needs back.
+    ``node`` had a ``param_groups`` when saved (perhaps left out since). It is taken for
+    an optimizer's (what ``torch.optim.Optimizer.state_dict()`` makes, and what
+    ``Optimizer.load_state_dict`` needs back) when every key of its ``state`` is a
+    non-negative integer in canonical decimal and, where the groups' ``params`` are kept,
+    those are lists of integers that include every key.
     """
-    groups = node.get("param_groups")
-    if not isinstance(groups, list) or not groups:
-        return
-    ids: set[int] = set()
-    for group in groups:
-        params = group.get("params") if isinstance(group, dict) else None
-        if not isinstance(params, list) or not all(type(p) is int for p in params):
+    ids: set[int] | None = None  # None: the groups' params were left out
+    if "param_groups" in node:
+        groups = node["param_groups"]
+        if not isinstance(groups, list) or not groups:
             return
-        ids.update(params)
-    state = node.setdefault("state", {})
+        known: set[int] = set()
+        complete = True
+        for group in groups:
+            if group is None or (isinstance(group, dict) and "params" not in group):
+                complete = False  # that group, or its params, left out
+                continue
+            params = group.get("params") if isinstance(group, dict) else None
+            if not isinstance(params, list) or not all(type(p) is int for p in params):
+                return
+            known.update(params)
+        ids = known if complete else None
+    if ids is not None:
+        node.setdefault("state", {})
+    state = node.get("state")
     if not isinstance(state, dict) or not state or state.keys() & STATE_MARKERS:
         return
-    if all(k.isdigit() and int(k) in ids for k in state):
+    if all(_INDEX.fullmatch(k) and (ids is None or int(k) in ids) for k in state):
         node["state"] = {ITEMS_REF: [[int(k), v] for k, v in state.items()]}
 
 

@@ -47,7 +47,7 @@ from torch.futures import Future
 
 from ckpt._open import open_url
 from ckpt.coordination import merge_indexes, new_generation, publish
-from ckpt.dcp._tree import Path, encode_value, rebuild_tree
+from ckpt.dcp._tree import Path, dcp_paths, encode_value, rebuild_tree
 from ckpt.engine import FlatTensor, SaveOptions, default_snapshotter, flatten
 from ckpt.engine._engine import checked_metadata, checked_step
 from ckpt.errors import (
@@ -61,6 +61,8 @@ from recovery import committed_steps
 from storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
+
+_WHERE = "dcp.save with ckpt.dcp.Writer"
 
 LAYOUT = {"writer": "ckpt.dcp.Writer", "planner": "torch.distributed.checkpoint"}
 """The manifest's ``layout`` for checkpoints written through DCP."""
@@ -260,7 +262,7 @@ class Writer(StorageWriter):
         for item in plan.items:
             fqn = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
-                values[fqn] = encode_value(fqn, _lookup(planner, item))
+                values[fqn] = encode_value(fqn, _lookup(planner, item), _WHERE)
                 continue
             if fqn in tensors:
                 raise InvalidStateError(
@@ -325,7 +327,7 @@ class Writer(StorageWriter):
             key=lambda i: i.rank,
         )
         values = {k: v for r in reports for k, v in r.values.items()}
-        tree = rebuild_tree(_leaves(metadata, values))
+        tree = rebuild_tree(_leaves(metadata, values), _collision)
         if indexes:
             indexes = [msgspec.structs.replace(i, state=None) for i in indexes]
             indexes[0] = msgspec.structs.replace(indexes[0], state=tree)
@@ -398,7 +400,7 @@ def _check_all_values(planner: SavePlanner) -> None:
         return
     for fqn, value in planner.state_dict.items():
         if not isinstance(value, (torch.Tensor, ShardedTensor)) and isinstance(fqn, str):
-            encode_value(fqn, value)
+            encode_value(fqn, value, _WHERE)
 
 
 def _results(items: Sequence[WriteItem], report: _RankReport) -> list[WriteResult]:
@@ -412,11 +414,9 @@ def _results(items: Sequence[WriteItem], report: _RankReport) -> list[WriteResul
 
 def _leaves(metadata: Metadata, values: Mapping[str, Any]) -> list[tuple[Path, Any]]:
     """(DCP path, JSON) of every flat key of the save."""
-    mappings = metadata.planner_data if isinstance(metadata.planner_data, Mapping) else {}
     leaves: list[tuple[Path, Any]] = []
-    for fqn, md in metadata.state_dict_metadata.items():
-        path = tuple(mappings.get(fqn, (fqn,)))
-        if isinstance(md, TensorStorageMetadata):
+    for fqn, path in dcp_paths(metadata).items():
+        if isinstance(metadata.state_dict_metadata[fqn], TensorStorageMetadata):
             leaves.append((path, {TENSOR_REF: fqn}))
         elif fqn in values:
             leaves.append((path, values[fqn]))
@@ -425,6 +425,10 @@ def _leaves(metadata: Metadata, values: Mapping[str, Any]) -> list[tuple[Path, A
                 f"ckpt.dcp.Writer: no rank reported the value {fqn!r}; step not committed"
             )
     return leaves
+
+
+def _collision(message: str) -> InvalidStateError:
+    return InvalidStateError(f"{_WHERE}: {message}")
 
 
 def _discard(backend: StorageBackend, step: int, files: Mapping[str, int]) -> None:

@@ -9,6 +9,8 @@
   ``torch.load(weights_only=True)`` refuses (one whose unpickling would run code) is left
   out and its code never runs;
 * nested values, tuples, lists with tensors inside and small read batches come through;
+* an import and a ``dcp.save`` through ``ckpt.dcp.Writer`` of the same state store the same
+  tree (one rebuild of DCP's keys): ``{}`` inside a list, an optimizer that never stepped;
 * export: ``ckpt convert SRC DST --to dcp`` writes what plain ``dcp.load`` reads bit for
   bit, on one process and into an FSDP2 (DTensor) layout on 2 gloo ranks;
 * a manager or ``ckpt.load`` on a DCP root names a convert command, and that command works;
@@ -32,7 +34,7 @@ from torch import nn
 
 import ckpt
 from ckpt.cli import EXIT_CORRUPT, EXIT_NOT_FOUND, EXIT_USAGE
-from ckpt.convert import export_dcp, import_dcp
+from ckpt.dcp import Writer, export_dcp, import_dcp
 from ckpt.format import read_manifest
 from storage_backends import LocalBackend
 from tests.support.checks import assert_all_bit_identical
@@ -266,6 +268,30 @@ def test_values_nested_lists_and_small_batches(
     items = ckpt.read(tmp_path / "plain")["extra"]["items"]
     assert len(items) == 3 and items[0] is None and items[2] is None  # left out: None
     assert torch.equal(items[1]["inner"], torch.arange(6))
+
+
+def test_import_and_writer_store_the_same_tree(tmp_path: Path) -> None:
+    model = _mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # never stepped
+    state: dict[str, Any] = {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "extra": {"items": [1, {}, {"t": torch.arange(3)}], "pair": (2, "x"), "none": None},
+        "step": 4,
+    }
+    _dcp_save(state, tmp_path / "src")
+    assert import_dcp(tmp_path / "src", tmp_path / "imported", trust_pickled_values=True).step == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=Writer(tmp_path / "written", step=4))
+    imported = read_manifest(LocalBackend(tmp_path / "imported"), 4)
+    assert imported.state == read_manifest(LocalBackend(tmp_path / "written"), 4).state
+    tree = ckpt.read(tmp_path / "imported")
+    assert tree["extra"]["items"][:2] == [1, {}]  # DCP saved nothing for the {}: it is back
+    assert tree["optim"]["state"] == {}  # nor for the empty state: back too
+    other = torch.optim.SGD(_mlp(3).parameters(), lr=0.1)
+    other.load_state_dict(tree["optim"])
+    assert other.param_groups[0]["lr"] == 0.5 and other.param_groups[0]["momentum"] == 0.9
 
 
 def test_export_reads_back_with_plain_dcp_load(

@@ -8,11 +8,14 @@
 * resharding on real gloo ranks: DTensors saved on 2 ranks (by DCP through the Writer, and
   by ``ckpt.save``) load on 1 rank and on 3 ranks through the Reader (and ``ckpt.load``);
   ``dcp.async_save`` with the Writer commits too;
-* one case through S3 (moto on loopback).
+* one case through S3 (moto on loopback);
+* ``ckpt.dcp`` is there after a plain ``import ckpt``, which imports no DCP.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zlib
 from concurrent.futures import Future
 from pathlib import Path
@@ -460,3 +463,16 @@ def test_2d_mesh_replicas_are_written_once(tmp_path: Path) -> None:
     for name, (shape, dtype, _) in SHARDED.items():
         assert torch.equal(target["model"][name], _value(name, shape, dtype)), name
     assert target["meta"] == META
+
+
+def test_ckpt_dcp_loads_on_first_use_after_a_plain_import_ckpt() -> None:
+    script = (
+        "import sys, ckpt\n"
+        "print('torch.distributed.checkpoint' in sys.modules, 'dcp' in dir(ckpt))\n"
+        "writer = ckpt.dcp.Writer\n"
+        "print('torch.distributed.checkpoint' in sys.modules, writer.__name__)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["False True", "True Writer"]
