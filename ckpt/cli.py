@@ -542,6 +542,16 @@ def _progress(what: str, *, quiet: bool = False) -> Iterator[Callable[[int, int]
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+@contextlib.contextmanager
+def _spinner(what: str) -> Iterator[None]:
+    """A spinner on a terminal (stderr) while work of unknown length runs; nothing when piped."""
+    if not err_console.is_terminal:
+        yield
+        return
+    with err_console.status(what):
+        yield
+
+
 # ckpt.retention.DEFAULT_ABANDONED_AFTER_S; not imported here, so that ``ls`` and
 # ``inspect`` need not load the retention module (which loads the restore path).
 _DEFAULT_ABANDONED_AFTER_S = 3600.0
@@ -584,7 +594,8 @@ def gc(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     _list(backend)  # a root that does not exist is an error, not an empty root
-    plan = apply_retention(backend, policy, remove_stale=True, dry_run=dry_run)
+    with _spinner(f"{'planning' if dry_run else 'collecting'} garbage under {backend.url}"):
+        plan = apply_retention(backend, policy, remove_stale=True, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     console.print(
         f"{verb} committed steps {list(plan.committed)}, partial steps {list(plan.abandoned)} "
