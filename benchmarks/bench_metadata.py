@@ -55,6 +55,8 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
+import pickle
 import resource
 import shutil
 import sys
@@ -71,6 +73,7 @@ import msgspec
 
 from benchmarks._harness import git_revision, human_bytes, rss_bytes
 from ckpt.coordination import ManifestBuilder, publish_bytes
+from ckpt.engine import MIN_SPLIT_BYTES, PieceInfo, assign_writers
 from ckpt.format import (
     DEFAULT_CHUNK_BYTES,
     TENSOR_REF,
@@ -373,6 +376,39 @@ def sparse_files(prefix: Path, files: dict[str, int]) -> None:
             f.truncate(size)
 
 
+def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
+    """The save plan every rank computes before staging (in the training thread): the
+    ``all_gather`` of every rank's ``describe`` (pickled by ``all_gather_object``, padded to
+    the largest), then ``assign_writers`` and ``boxes_for`` this rank."""
+    payloads = []
+    for rank in range(layout.world):
+        infos = []
+        for spec in tensors:
+            box, _ = layout.boxes(spec, rank)
+            if box is not None:
+                infos.append(PieceInfo(spec.name, box.offsets, box.lengths, box.numel * 4))
+        payloads.append(pickle.dumps(infos))
+    base_rss = rss_bytes()
+    t0 = time.perf_counter()
+    per_rank = [pickle.loads(p) for p in payloads]
+    t1 = time.perf_counter()
+    plan = assign_writers(per_rank, min_split_bytes=max(MIN_SPLIT_BYTES, DEFAULT_CHUNK_BYTES))
+    t2 = time.perf_counter()
+    plan.boxes_for(layout.world - 1)
+    t3 = time.perf_counter()
+    # How many ranks the planner spreads the replicated 0-d tensors (optimizer steps) over:
+    # a restoring rank needs every one of them.
+    scalar_writers = {s.rank for key, shares in plan.shares.items() if not key[1] for s in shares}
+    return {
+        "gather_bytes": layout.world * max(len(p) for p in payloads),
+        "unpickle_s": t1 - t0,
+        "assign_s": t2 - t1,
+        "boxes_for_s": t3 - t2,
+        "plan_rss": peak_rss() - base_rss,
+        "scalar_writers": len(scalar_writers),
+    }
+
+
 def compressed_size(data: bytes) -> int | None:
     try:
         import zstandard
@@ -403,7 +439,12 @@ def restorer_side(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict[
     result["pieces"] = pieces_total
     for target_world in target_worlds(layout.world):
         target = Layout(target_world, layout.tp if target_world % layout.tp == 0 else 1)
-        worst: dict[str, float] = {"plan_s": 0.0, "needed_bytes": 0, "needed_pieces": 0}
+        worst: dict[str, float] = {
+            "plan_s": 0.0,
+            "needed_bytes": 0,
+            "needed_pieces": 0,
+            "needed_files": 0,
+        }
         for rank in sorted({0, target_world // 2, target_world - 1}):
             plan = plan_rank(manifest.tensors, target, tensors, rank)
             for key, value in plan.items():
@@ -430,6 +471,7 @@ def plan_rank(
     return {
         "plan_s": seconds,
         "needed_pieces": len(used),
+        "needed_files": len({p.file for p in used.values()}),
         "needed_bytes": sum(len(msgspec.json.encode(p)) for p in used.values()),
     }
 
@@ -488,18 +530,19 @@ class Row:
     basis: int
     committer: dict[str, Any]
     restorer: dict[str, Any]
+    save_plan: dict[str, Any]
 
 
 def measure(
     layout: Layout, tensors: list[TensorSpec], workdir: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     root = tempfile.mkdtemp(prefix="bench-metadata-", dir=workdir)
     try:
         committer = in_child(committer_side, root, layout, tensors)
         restorer = in_child(restorer_side, root, layout, tensors)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return committer, restorer
+    return committer, restorer, in_child(planner_side, layout, tensors)
 
 
 def extrapolate(base: Row, layout: Layout, tensors: list[TensorSpec], pieces: int) -> Row:
@@ -530,7 +573,10 @@ def extrapolate(base: Row, layout: Layout, tensors: list[TensorSpec], pieces: in
             "plan_s": plan["plan_s"] * k,
             "needed_bytes": plan["needed_bytes"],
             "needed_pieces": plan["needed_pieces"],
+            "needed_files": plan["needed_files"],
         }
+    save_plan = {key: value * k for key, value in base.save_plan.items()}
+    save_plan["scalar_writers"] = base.save_plan["scalar_writers"]
     return Row(
         layout.name,
         layout.world,
@@ -541,6 +587,7 @@ def extrapolate(base: Row, layout: Layout, tensors: list[TensorSpec], pieces: in
         base.world,
         committer,
         restorer,
+        save_plan,
     )
 
 
@@ -558,22 +605,39 @@ def run_layout(
         if measured:
             base = measured[-1]
             per_piece = (
-                max(base.committer["committer_rss"], base.restorer["restore_rss"]) / base.pieces
+                max(
+                    base.committer["committer_rss"],
+                    base.restorer["restore_rss"],
+                    base.save_plan["plan_rss"],
+                )
+                / base.pieces
             )
             if per_piece * pieces > args.memory_gib * (1 << 30):
                 rows.append(extrapolate(base, layout, tensors, pieces))
                 print(f"  {layout.name} {world}: extrapolated from {base.world}", file=sys.stderr)
                 continue
         t0 = time.perf_counter()
-        committer, restorer = measure(layout, tensors, workdir)
+        committer, restorer, save_plan = measure(layout, tensors, workdir)
         print(
             f"  {layout.name} {world} ranks x {len(tensors)} tensors: {pieces} pieces, "
-            f"measured in {time.perf_counter() - t0:.1f} s",
+            f"measured in {time.perf_counter() - t0:.1f} s, load average after "
+            f"{os.getloadavg()[0]:.1f}",
             file=sys.stderr,
         )
         uneven = uneven_tensors(tensors, layout)
         rows.append(
-            Row(layout.name, world, len(tensors), pieces, uneven, True, world, committer, restorer)
+            Row(
+                layout.name,
+                world,
+                len(tensors),
+                pieces,
+                uneven,
+                True,
+                world,
+                committer,
+                restorer,
+                save_plan,
+            )
         )
     return rows
 
@@ -584,9 +648,9 @@ def run_layout(
 def format_rows(rows: list[Row]) -> str:
     head = (
         f"{'layout':<9} {'ranks':>5} {'pieces':>9} {'manifest':>10} {'zstd':>9} "
-        f"{'report':>9} {'merge/rep':>9} {'merge all':>9} {'after last':>10} "
+        f"{'report':>9} {'merge/rep':>9} {'merge all':>9} {'render':>8} {'publish':>8} "
         f"{'commit RSS':>10} | {'discover':>8} {'read':>10} {'reqs':>5} {'RSS':>9} | "
-        f"{'target':>6} {'plan':>8} {'needed':>9}"
+        f"{'target':>6} {'plan':>8} {'needed':>9} {'files':>5}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -597,7 +661,7 @@ def format_rows(rows: list[Row]) -> str:
             f"{r.layout:<9} {r.world:>5}{mark}{r.pieces:>9} {human_bytes(c['manifest_bytes']):>10} "
             f"{zstd:>9} {human_bytes(c['report_bytes_mean']):>9} "
             f"{c['merge_us_per_report'] / 1e3:>7.2f}ms {c['merge_s']:>8.2f}s "
-            f"{(c['render_s'] + c['publish_s']) * 1e3:>8.0f}ms "
+            f"{c['render_s'] * 1e3:>6.0f}ms {c['publish_s'] * 1e3:>6.0f}ms "
             f"{human_bytes(c['committer_rss']):>10} | {s['discover_s']:>7.2f}s "
             f"{human_bytes(s['read_bytes']):>10} {s['read_requests']:>5} "
             f"{human_bytes(s['restore_rss']):>9} |"
@@ -606,8 +670,22 @@ def format_rows(rows: list[Row]) -> str:
             prefix = left if i == 0 else " " * len(left)
             lines.append(
                 f"{prefix} {int(target):>6} {plan['plan_s'] * 1e3:>6.0f}ms "
-                f"{human_bytes(plan['needed_bytes']):>9}"
+                f"{human_bytes(plan['needed_bytes']):>9} {plan['needed_files']:>5}"
             )
+    lines += ["", "save plan (every rank, before staging, in the training thread):"]
+    head = (
+        f"{'layout':<9} {'ranks':>5} {'gathered':>10} {'unpickle':>9} {'assign':>9} "
+        f"{'boxes_for':>9} {'RSS':>9} {'uneven':>6} {'0-d writers':>11}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        p = r.save_plan
+        mark = " " if r.measured else "~"
+        lines.append(
+            f"{r.layout:<9} {r.world:>5}{mark}{human_bytes(p['gather_bytes']):>10} "
+            f"{p['unpickle_s']:>8.2f}s {p['assign_s']:>8.2f}s {p['boxes_for_s']:>8.2f}s "
+            f"{human_bytes(p['plan_rss']):>9} {r.uneven:>6} {p['scalar_writers']:>11}"
+        )
     return "\n".join(lines)
 
 
@@ -616,13 +694,19 @@ manifest: format v1 manifest.json (stored as is); zstd: the same at zstd -3 (ref
 report: mean sealed ShardIndex per rank (what a Redis stream holds per unread report).
 merge/rep, merge all: ManifestBuilder.add_report per report and for all N-1 (done while
   ranks write; in a burst of reports, the committer's backlog after the last one).
-after last: rank 0's own index + render + publish (LocalBackend, fsync).
+render: after the last report, rank 0's own index + ManifestBuilder.render (seal included);
+publish: publish_bytes to a LocalBackend (data files listed, manifest written + fsynced).
 commit RSS / RSS: peak RSS growth of the committer / of one restoring rank.
 discover: recovery.candidates on one rank: read + seal + decode + validate the manifest
   and check every data file's size; read: metadata bytes that rank reads; reqs: storage
   requests for it (1 manifest GET + 1 size per data file).
 target: world size restored onto (same layout family); plan: recovery.plan_reads for
-  every tensor of the slowest of 3 sampled ranks; needed: piece JSON that plan uses.
+  every tensor of the slowest of 3 sampled ranks; needed: piece JSON that plan uses;
+  files: data files (= writers) those pieces lie in (maxima over the sampled ranks).
+gathered: bytes each rank receives from the planning all_gather_object (N payloads,
+  padded to the largest); unpickle, assign (assign_writers), boxes_for: each rank's
+  Python time; RSS: peak growth; uneven: sharded tensors whose shards differ in size;
+  0-d writers: ranks assign_writers spreads the replicated 0-d steps over.
 ~: extrapolated linearly in pieces from the largest measured world (not run)."""
 
 
