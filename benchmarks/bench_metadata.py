@@ -8,8 +8,8 @@
 The simulated state is what FSDP2 + AdamW hold for a llama-like model (default: 7B,
 hidden 4096, FFN 11008, vocab 32000, 32 layers): per parameter the fp32 weight, its
 ``exp_avg`` and ``exp_avg_sq`` (sharded like the weight) and its 0-d ``step``
-(replicated, written once), plus rank 0's JSON state tree that refers to every
-tensor. ``--tensors T`` keeps the first T sharded tensors (and their steps).
+(replicated, written once, by a rank chosen by a hash of its name), plus rank 0's
+JSON state tree that refers to every tensor. ``--tensors T`` keeps the first T sharded tensors (and their steps).
 
 Layouts (``--layouts``), with DTensor's own rules (``torch.chunk``: chunks of
 ``ceil(n / parts)`` rows, the last ones shorter or empty, so shards are uneven
@@ -40,7 +40,12 @@ and world size N it measures, each side in its own forked process (for its peak 
   rank's reads (``recovery.plan_reads`` per tensor, as the ``Loader`` plans before it
   reads) for the same world size and for N -> N/2 and N -> 3N/4 (4096 -> 2048 and
   4096 -> 3072), on the first, a middle and the last rank (the slowest is shown), and
-  the bytes of piece JSON that plan really uses (what a rank needs of the metadata).
+  the bytes of piece JSON that plan really uses (what a rank needs of the metadata) and
+  the data files (writers) they lie in;
+- the save plan every rank computes before staging, in the training thread (the same
+  O(world x tensors) shape, though not stored): what ``all_gather_object`` of every
+  rank's ``ckpt.engine.describe`` hands each rank (pickled, padded to the largest), the
+  time to unpickle it, ``assign_writers`` and ``boxes_for``, and its peak RSS.
 
 World sizes whose estimated memory (from the largest measured size, per piece) exceeds
 ``--memory-gib`` are not run: their numbers are extrapolated linearly in the number of
