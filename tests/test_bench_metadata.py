@@ -1,0 +1,58 @@
+"""The metadata benchmark runs end to end on a tiny layout, so that it cannot rot: real
+reports merged by the real committer, published, discovered and planned on three worlds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.workers import REPO_ROOT
+
+
+def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_metadata",
+            "--quick",
+            "--ranks",
+            "8,16",
+            "--memory-gib",
+            "0.0005",
+            "--tensors",
+            "20",
+            "--tp",
+            "2",
+            "--dir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "manifest" in done.stdout and "discover" in done.stdout
+    rows = json.loads(out.read_text())
+    # 16 ranks would need more than the 0.5 MiB allowed: extrapolated from 8, and said so.
+    assert [(r["layout"], r["world"], r["measured"]) for r in rows] == [
+        ("fsdp", 8, True),
+        ("fsdp", 16, False),
+        ("2d tp2", 8, True),
+        ("2d tp2", 16, False),
+    ]
+    assert "16~" in done.stdout
+    for row in (r for r in rows if r["measured"]):
+        # The manifest a rank reads is the one the committer published, and every
+        # sampled rank's plan on every target world found pieces to read.
+        assert row["restorer"]["read_bytes"] == row["committer"]["manifest_bytes"]
+        assert row["restorer"]["pieces"] == row["pieces"]
+        assert sorted(row["restorer"]["plans"]) == ["4", "6", "8"]
+        assert all(p["needed_pieces"] > 0 for p in row["restorer"]["plans"].values())
+    assert list(tmp_path.iterdir()) == [out]  # the sparse checkpoint is gone
