@@ -66,11 +66,11 @@ class Plan:
 
 
 PLANS = {
-    "save": Plan("sigkill: 1 rank, ckpt.save", 11, 6, 2, 90),
-    "async_save": Plan("sigkill: 1 rank, ckpt.async_save", 12, 6, 2, 90),
-    "manager": Plan("sigkill: 1 rank, CheckpointManager loop, keep_last=2", 13, 6, 2, 40),
+    "save": Plan("sigkill: 1 rank, ckpt.save", 11, 4, 1, 90),
+    "async_save": Plan("sigkill: 1 rank, ckpt.async_save", 12, 4, 1, 90),
+    "manager": Plan("sigkill: 1 rank, CheckpointManager loop, keep_last=2", 13, 4, 1, 40),
     "ranks4": Plan("sigkill: 4 ranks (rank 3 / rank 0 / whole job)", 14, 1, 1, 30),
-    "gc": Plan("sigkill: ckpt gc --keep-last 2", 15, 6, 2, 40),
+    "gc": Plan("sigkill: ckpt gc --keep-last 2", 15, 4, 1, 40),
 }
 # Figures that must be 0.
 MUST_BE_ZERO = (
