@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -58,6 +59,12 @@ def rank_main(
             json.dumps({"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"})
         )
         raise
+    # The result is written and the process group destroyed. Skip the interpreter's
+    # teardown: torch's gloo objects sometimes abort there ("terminate called without an
+    # active exception"), which would fail a rank that did everything it was asked.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
