@@ -371,7 +371,7 @@ class RedisCoordinator:
         self._reported[step] = (index_json, self._link.losses)
         return [status, detail]
 
-    def _report_again(self, step: int) -> bool:
+    def _report_again(self, step: int, backend: StorageBackend | None) -> bool:
         """After connection loss (a restart, a failover), send this rank's report of ``step``
         again: the server that answers now may never have seen it. True when the step
         turns out committed.
@@ -385,6 +385,8 @@ class RedisCoordinator:
         status, detail = self._send_report(step, index_json)
         if status == "COMMITTED":
             return True
+        if status == "LOST" and backend is not None:
+            return self._committed_after_loss(step, backend)
         if status != "OK":
             raise self._refusal(step, status, detail)
         return False
@@ -483,7 +485,7 @@ class RedisCoordinator:
             if (
                 reported is not None
                 and reported[1] != self._link.losses
-                and self._report_again(step)
+                and self._report_again(step, backend)
             ):
                 return
             losses = self._link.losses
@@ -511,8 +513,9 @@ class RedisCoordinator:
             status, *detail = self._watch(step, "0")
             if status == "COMMITTED":
                 return
-            if status == "LOST" and backend is not None and self._manifest_exists(backend, step):
-                return  # Redis restarted empty after the commit point
+            if status == "LOST" and backend is not None:
+                self._committed_after_loss(step, backend)
+                return
             if status != "OK":
                 raise self._refusal(step, status, detail[0] if detail else "")
             if detail[0] == "1":
@@ -525,6 +528,37 @@ class RedisCoordinator:
                 self._give_up(
                     step, f"rank {self._rank} waited {self._timeout:.0f} s for the commit"
                 )
+
+    def _committed_after_loss(self, step: int, backend: StorageBackend) -> bool:
+        """Redis lost this job's state while this rank waited for the commit of ``step``
+        (restarted empty, or a failover to a replica that lacked it). The committer may have
+        claimed the step on the server that was lost and be publishing the manifest now, so
+        storage decides (I5): the step is marked aborted on the server that answers now (a
+        committer that has not claimed it yet fails its claim), then this rank looks for
+        the manifest for a heartbeat TTL, the time a claimed step takes to be published.
+
+        Returns:
+            True: the manifest is in storage, the step is committed.
+
+        Raises:
+            CoordinationError: no manifest appeared; the step is aborted.
+            FencedError: a newer incarnation owns the job.
+        """
+        error = self._relost(step)
+        if isinstance(error, FencedError):
+            raise error
+        give_up = time.monotonic() + max(self._hb_ttl, 2 * _STORAGE_POLL_S)
+        while not self._manifest_exists(backend, step):
+            if time.monotonic() > give_up:
+                raise error
+            time.sleep(_STORAGE_POLL_S)
+        log.warning(
+            "rank %d: step %d is committed (its manifest is in storage) although Redis lost "
+            "its state; the Redis index will be rebuilt from storage",
+            self._rank,
+            step,
+        )
+        return True
 
     def _outcome_from_storage(
         self, step: int, backend: StorageBackend, lost: RedisUnreachableError

@@ -157,11 +157,6 @@ def _save_step(ranks: list[Any], backend: StorageBackend, step: int) -> list[Any
     return [committed[0], waited[0]]
 
 
-# Slow, and known to fail now and then: when the failover loses the committer's claim, a
-# waiting rank can report "lost its state" for a step the committer did commit (the commit
-# itself is whole; the ranks' outcomes disagree). The fix (a rank that sees LOST checks
-# storage for its generation's manifest) is open in issue 12.
-@pytest.mark.slow
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_master_killed_while_ranks_report(
     sentinel_group: SentinelGroup, job: str, backend: StorageBackend, when: str
