@@ -149,7 +149,7 @@ def _pick_step(backend: StorageBackend, step: int | None) -> int:
         return committed[-1]
     if step not in committed:
         try:
-            read_manifest(backend, step)  # something is there (a FIFO?): say what
+            read_manifest(backend, step, pieces=False)  # something is there (a FIFO?): say what
         except CheckpointNotFoundError:
             pass
         else:
@@ -313,7 +313,7 @@ def list_steps(url: UrlArgument, as_json: JsonOption = False) -> None:
         }
         if step in committed:
             try:
-                m = read_manifest(backend, step)
+                m = read_manifest(backend, step, pieces=False)
             except CheckpointError as exc:
                 row.update(state="unreadable", error=str(exc))
             else:
@@ -397,7 +397,8 @@ def inspect(url: UrlArgument, step: StepOption = None, as_json: JsonOption = Fal
         _emit_json(_inspect_doc(backend, m, values))
         return
     console.print(
-        f"step {m.step}  written {_iso(m.created_unix) or '?'}  world size {m.world_size}\n"
+        f"step {m.step}  written {_iso(m.created_unix) or '?'}  world size {m.world_size}  "
+        f"format v{m.format_version}\n"
         f"generation {m.generation}  {len(m.files)} files, {_human(m.total_bytes)}, "
         f"chunks of {_human(m.chunk_bytes)}",
         highlight=False,
@@ -442,6 +443,7 @@ def _inspect_doc(backend: StorageBackend, m: Manifest, values: Mapping[str, Any]
         "step": m.step,
         "generation": m.generation,
         "world_size": m.world_size,
+        "format_version": m.format_version,
         "chunk_bytes": m.chunk_bytes,
         "bytes": m.total_bytes,
         "created": _iso(m.created_unix),

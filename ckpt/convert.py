@@ -35,6 +35,7 @@ from ckpt.format import (
     ShardIndex,
     TensorEntry,
     element_size,
+    load_pieces,
     safetensors_header,
     torch_dtype,
 )
@@ -67,7 +68,7 @@ def open_manifest(backend: StorageBackend, step: int | None) -> Manifest:
     """The manifest of ``step`` (newest committed when None), validated."""
     for candidate in candidates(backend, step):
         if candidate.manifest is not None:
-            return candidate.manifest
+            return load_pieces(candidate.backend, candidate.manifest)
         if step is not None and candidate.error is not None:
             raise candidate.error
     raise CheckpointError(f"no usable committed checkpoint under {backend.url}")

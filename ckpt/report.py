@@ -137,7 +137,7 @@ def collect(
 
 def _committed(backend: StorageBackend, step: int, check_files: bool) -> StepRecord:
     try:
-        m = read_manifest(backend, step)
+        m = read_manifest(backend, step, pieces=False)
     except CheckpointError as exc:
         return StepRecord(step, INVALID, problem=str(exc))
     problem = None

@@ -170,7 +170,7 @@ def _examine(backend: StorageBackend, step: int) -> _Examined:
     """Read and validate ``step``'s manifest and check its files' sizes (no data bytes).
     Storage failures propagate: retention never deletes on a guess."""
     try:
-        manifest = read_manifest(backend, step)
+        manifest = read_manifest(backend, step, pieces=False)  # files are checked below
     except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
         return _Examined(None, exc)
     try:

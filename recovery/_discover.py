@@ -24,13 +24,30 @@ def committed_steps(backend: StorageBackend) -> list[int]:
         return sorted(scan_steps(backend).committed, reverse=True)
 
 
+_SIZES_CHECKED = 256  # above this many files, one listing checks that they exist
+
+
 def validate_files(backend: StorageBackend, manifest: Manifest) -> None:
     """Every data file the manifest names exists with the size it records.
+
+    A step of more than a few hundred files (thousands of ranks) is checked with one
+    listing of its prefix instead of a request per file: every restoring rank does this,
+    and a file that is short fails its read anyway (its chunks are verified).
 
     Raises:
         CorruptCheckpointError: naming the first missing or wrongly sized file.
     """
     prefix = step_prefix(manifest.step)
+    if len(manifest.files) > _SIZES_CHECKED:
+        with storage_errors(f"listing {backend.url}/{prefix}"):
+            present = set(backend.list_objects(prefix))
+        missing = sorted(p for p in manifest.files if f"{prefix}/{p}" not in present)
+        if missing:
+            raise CorruptCheckpointError(
+                f"step {manifest.step}: data file {backend.url}/{prefix}/{missing[0]} is "
+                f"missing ({len(missing)} of {len(manifest.files)} files)"
+            )
+        return
     for path, size in sorted(manifest.files.items()):
         full = f"{prefix}/{path}"
         try:
@@ -63,7 +80,7 @@ class Candidate:
 
 def _examine(tier: StorageBackend, step: int) -> Candidate:
     try:
-        manifest = read_manifest(tier, step)
+        manifest = read_manifest(tier, step, pieces=False)  # pieces: only what a load needs
         validate_files(tier, manifest)
     except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
         return Candidate(step, None, exc, tier)

@@ -35,6 +35,7 @@ from ckpt.format import (
     checksum,
     decompress_chunk,
     element_size,
+    load_pieces,
     step_prefix,
     stored_chunk_bounds,
     torch_dtype,
@@ -138,10 +139,12 @@ class Loader:
         self._manifest = manifest
         self._options = options or LoadOptions()
         self._prefix = step_prefix(manifest.step)
+        self._all_pieces = not manifest.writers  # format v1 lists every piece
 
     def load(self, destinations: Sequence[Destination]) -> LoadStats:
         """Fill every destination; raises ``CorruptCheckpointError`` on any bad byte."""
         start = time.perf_counter()
+        self._with_pieces(destinations)
         requests = self._plan(destinations)
         jobs = self._jobs(requests, destinations)
         jobs += self._header_jobs(self._files_read_whole(requests), describe=False)
@@ -163,12 +166,26 @@ class Loader:
             raise errors[0]
         return LoadStats(needed, read, len(jobs), time.perf_counter() - start)
 
+    def _with_pieces(self, destinations: Sequence[Destination] | None) -> None:
+        """Format v2: the pieces of the regions ``destinations`` need (all when None), from
+        the index files of only the writers that hold them."""
+        if self._all_pieces:
+            return
+        wanted: dict[str, list[Box]] | None = None
+        if destinations is not None:
+            wanted = {}
+            for dest in destinations:
+                wanted.setdefault(dest.name, []).append(dest.box)
+        self._manifest = load_pieces(self._backend, self._manifest, wanted)
+        self._all_pieces = wanted is None
+
     def verify(self, progress: Callable[[int, int], None] | None = None) -> LoadStats:
         """Read and verify every chunk of every stored piece without keeping the data.
 
         ``progress(bytes verified, bytes in all)`` is called as reads finish (in this thread).
         """
         start = time.perf_counter()
+        self._with_pieces(None)
         chunk = self._manifest.chunk_bytes
         limit = max(chunk, self._options.max_request_bytes // chunk * chunk)
         segments = []

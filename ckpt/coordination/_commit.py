@@ -26,10 +26,17 @@ from ckpt.format import (
     ShardIndex,
     StoredPiece,
     TensorEntry,
+    WriterRef,
     manifest_path,
     step_prefix,
 )
-from ckpt.format._schema import encode_piece, manifest_header, render_manifest, tensor_json
+from ckpt.format._schema import (
+    encode_entry,
+    encode_piece,
+    manifest_header,
+    render_manifest,
+    tensor_json,
+)
 from storage_backends import StorageBackend
 
 
@@ -109,6 +116,9 @@ class ManifestBuilder:
         self._headers: dict[str, FileHeader] = {}
         self._state: tuple[int, dict[str, Any]] | None = None
         self._timings: dict[int, tuple[RankTiming, int]] = {}
+        # Format v2: each rank's index file, and the layouts its report describes.
+        self._writers: dict[int, WriterRef] = {}
+        self._layouts: dict[str, TensorEntry] = {}
 
     @property
     def files(self) -> Mapping[str, int]:
@@ -122,6 +132,14 @@ class ManifestBuilder:
     def add(self, report: ShardIndex) -> None:
         if report.rank in self.ranks:
             raise CoordinationError(f"step {self.step}: rank {report.rank} reported twice")
+        if self.ranks and (report.writer is not None) != bool(self._writers):
+            raise CoordinationError(
+                f"step {self.step}: rank {report.rank} reported in another format version than "
+                "the ranks before it (mixed ckpt versions in one job?)"
+            )
+        if report.writer is not None:
+            self._add_v2(report)
+            return
         for name, entry in report.tensors.items():
             known = self._tensors.get(name)
             if known is not None and (known.dtype, known.shape) != (entry.dtype, entry.shape):
@@ -148,6 +166,37 @@ class ManifestBuilder:
                 parts.pieces.append(piece)
                 parts.texts.append(encode_piece(piece))
 
+    def _add_v2(self, report: ShardIndex) -> None:
+        """A v2 report: its index file, its files and timing, and the layouts it describes
+        (a few per rank); its pieces stay in its index file."""
+        writer = report.writer
+        assert writer is not None
+        for name, entry in report.tensors.items():
+            known = self._layouts.get(name)
+            if known is not None and known != entry:
+                raise CoordinationError(
+                    f"step {self.step}: ranks disagree on tensor {name!r}: "
+                    f"{known.dtype}{list(known.shape)} vs {entry.dtype}{list(entry.shape)} "
+                    f"(rank {report.rank}), or on who writes which part of it"
+                )
+        self.ranks.add(report.rank)
+        self._writers[report.rank] = writer
+        if report.timing is not None:  # stored bytes: its data files, as in v1
+            data = sum(n for path, n in report.files.items() if path != writer.index)
+            self._timings[report.rank] = (report.timing, data)
+        self._files.update(report.files)
+        if report.state is not None and (self._state is None or report.rank < self._state[0]):
+            self._state = (report.rank, report.state)
+        self._layouts.update(report.tensors)
+
+    def _writer_refs(self, world_size: int) -> tuple[WriterRef, ...]:
+        if sorted(self._writers) != list(range(world_size)):
+            raise CoordinationError(
+                f"step {self.step}: {len(self._writers)} of {world_size} ranks reported their "
+                "index files"
+            )
+        return tuple(self._writers[r] for r in range(world_size))
+
     def render(
         self,
         *,
@@ -164,6 +213,23 @@ class ManifestBuilder:
         With ``commit_seconds`` (the committer's time from holding every report to now),
         the manifest records every rank's timing, when every rank reported one.
         """
+        if self._writers:
+            header = manifest_header(
+                step=self.step,
+                generation=generation,
+                world_size=world_size,
+                created_unix=created_unix,
+                chunk_bytes=chunk_bytes,
+                files=dict(sorted(self._files.items())),
+                state=self._state_value(),
+                layout=dict(layout or {}),
+                user_metadata=dict(user_metadata or {}),
+                timings=self.timings(world_size, commit_seconds),
+                writers=self._writer_refs(world_size),
+            )
+            return render_manifest(
+                header, ((name, encode_entry(e)) for name, e in self._layouts.items())
+            )
         self._check_covered()
         header = manifest_header(
             step=self.step,
@@ -198,11 +264,16 @@ class ManifestBuilder:
 
         Raises ``InvalidStateError`` when the pieces do not tile some tensor.
         """
-        self._check_covered()
-        tensors = {
-            name: TensorEntry(t.dtype, t.shape, tuple(t.pieces))
-            for name, t in self._tensors.items()
-        }
+        writers: tuple[WriterRef, ...] = ()
+        if self._writers:
+            writers = self._writer_refs(world_size)
+            tensors = dict(self._layouts)
+        else:
+            self._check_covered()
+            tensors = {
+                name: TensorEntry(t.dtype, t.shape, tuple(t.pieces))
+                for name, t in self._tensors.items()
+            }
         return Manifest(
             step=self.step,
             generation=generation,
@@ -216,6 +287,7 @@ class ManifestBuilder:
             layout=dict(layout or {}),
             headers=dict(sorted(self._headers.items())),
             timings=self.timings(world_size, commit_seconds),
+            writers=writers,
         )
 
     def timings(self, world_size: int, commit_seconds: float | None) -> SaveTimings | None:

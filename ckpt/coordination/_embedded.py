@@ -254,7 +254,7 @@ class ProcessGroupCoordinator:
 
     def _check_own_commit(self, backend: StorageBackend, step: int) -> None:
         """The manifest that appeared is this save's, not an older one of the same step."""
-        manifest = read_manifest(backend, step)
+        manifest = read_manifest(backend, step, pieces=False)
         if manifest.generation != self._generation:
             raise AlreadyCommittedError(
                 f"step {step} under {backend.url} is already committed by another writer "

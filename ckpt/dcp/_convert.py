@@ -202,7 +202,11 @@ def import_dcp(
                     )
                     for t, box in per_rank
                 }
-                engine.save_flat(flat, json_tree, dst, step, writers, user_metadata=note).result()
+                # Format v1: a rank's data may come in several batches, each its own writer,
+                # and v2 has one index file per rank.
+                engine.save_flat(
+                    flat, json_tree, dst, step, writers, user_metadata=note, format_version=1
+                ).result()
             done += sum(t.nbytes for t in batch.tensors)
             progress(done, total, f"batch {index + 1}/{len(batches)}")
     finally:

@@ -286,6 +286,7 @@ class Writer(StorageWriter):
             ranks,
             user_metadata=self._user_metadata,
             options=self._options,
+            format_version=1,  # finish() merges the ranks' pieces itself
         )
 
         def done(_: PyFuture[Any]) -> None:

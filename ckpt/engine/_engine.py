@@ -16,6 +16,7 @@ import operator
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ckpt.engine._job import (
     SaveJob,
     WrittenFile,
     commit,
+    described_layouts,
     part_of,
     persist,
     plan_files,
@@ -41,7 +43,7 @@ from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_k
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
-from ckpt.format import Manifest, RankTiming
+from ckpt.format import INDEX_DIR, Manifest, RankTiming
 from storage_backends import StorageBackend, add_retry_observer, remove_retry_observer
 
 log = logging.getLogger(__name__)
@@ -221,6 +223,8 @@ class Snapshotter:
         self._pool = StagingPool(max_in_flight)
         self._io = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="ckpt-io")
         self._persist = ThreadPoolExecutor(max_in_flight, thread_name_prefix="ckpt-persist")
+        # Format v2: the layouts a rank describes are worked out while it stages and writes.
+        self._describe = ThreadPoolExecutor(1, thread_name_prefix="ckpt-layouts")
         self._retries = _StorageRetries()
         add_retry_observer(self._retries)
         self._pending: list[PendingSave] = []
@@ -352,10 +356,16 @@ class Snapshotter:
         started: float | None = None,
         overlap_writes: bool = False,
         options: SaveOptions | None = None,
+        format_version: int | None = None,
     ) -> PendingSave:
-        """``async_save`` of a state that is already flattened (offline conversion uses it)."""
+        """``async_save`` of a state that is already flattened (offline conversion uses it).
+
+        ``format_version`` (default: the options') 1 makes this rank report its pieces to
+        the committer instead of writing an index file (the DCP writer merges the reports
+        itself)."""
         start = time.perf_counter() if started is None else started
         options = options or self.options
+        version = options.format_version if format_version is None else format_version
         plan = assign_writers(
             coordinator.all_gather(describe(tensors)),
             min_split_bytes=max(MIN_SPLIT_BYTES, options.chunk_bytes),
@@ -410,6 +420,17 @@ class Snapshotter:
             user_metadata=metadata,
             on_committed=on_committed,
             started_unix=time.time() - (time.perf_counter() - start),
+            layouts=(
+                self._describe.submit(described_layouts, step, coordinator.rank, plan, tensors)
+                if version >= 2
+                else None
+            ),
+            index_path=(
+                f"{INDEX_DIR}/{coordinator.generation}-r{coordinator.rank:05d}-"
+                f"{uuid.uuid4().hex[:8]}.json"
+                if version >= 2
+                else ""
+            ),
         )
         retries = self._retries.count
         with span("ckpt.stage"):
@@ -493,6 +514,7 @@ class Snapshotter:
             self._closed = True
             remove_retry_observer(self._retries)
             self._persist.shutdown(wait=wait)
+            self._describe.shutdown(wait=wait)
             self._io.shutdown(wait=wait)
             self._pool.close()
 

@@ -44,8 +44,15 @@ import torch
 from ckpt.coordination import Coordinator, data_files_vanished
 from ckpt.engine._flatten import FlatTensor
 from ckpt.engine._options import SaveOptions
+from ckpt.engine._plan import WritePlan
 from ckpt.engine._staging import StagingBuffer, StagingPool, align
-from ckpt.errors import AlreadyCommittedError, CheckpointNotFoundError, storage_errors
+from ckpt.errors import (
+    AlreadyCommittedError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidStateError,
+    storage_errors,
+)
 from ckpt.format import (
     DATA_DIR,
     Box,
@@ -55,10 +62,13 @@ from ckpt.format import (
     ShardIndex,
     StoredPiece,
     TensorEntry,
+    WriterRef,
     checksum,
     chunk_checksums,
     compress_chunks,
+    infer_layout,
     safetensors_header,
+    seal_digest,
     step_prefix,
 )
 from storage_backends import StorageBackend
@@ -346,6 +356,10 @@ class SaveJob:
         user_metadata: stored in the manifest.
         on_committed: called with the manifest on the rank that published it.
         started_unix: wall-clock time the save began on this rank (its timing's start).
+        layouts: format v2: the layouts this rank describes (``described_layouts``, worked
+            out in the background); None: format v1, the rank reports its pieces to the
+            committer.
+        index_path: this rank's index file (format v2), relative to the step prefix.
     """
 
     step: int
@@ -361,6 +375,8 @@ class SaveJob:
     user_metadata: Mapping[str, Any]
     on_committed: Callable[[Manifest], None] | None
     started_unix: float = 0.0
+    layouts: Future[dict[str, TensorEntry]] | None = None
+    index_path: str = ""
     host: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -510,10 +526,18 @@ def commit(
         The manifest on the rank that published it, else None.
     """
     try:
+        if job.layouts is not None:
+            try:
+                report = writer_report(job, written, timing)
+            except BaseException as exc:  # e.g. shards that do not tile a tensor
+                tell_the_others(job.coordinator, job.backend, job.step, exc)
+                raise
+        else:
+            report = shard_index(job, written, timing)
         manifest = job.coordinator.commit(
             job.backend,
             job.step,
-            shard_index(job, written, timing),
+            report,
             chunk_bytes=job.options.chunk_bytes,
             user_metadata=job.user_metadata,
         )
@@ -547,6 +571,70 @@ def shard_index(
         headers=headers,
         timing=timing,
     )
+
+
+def writer_report(
+    job: SaveJob, written: Sequence[WrittenFile], timing: RankTiming | None = None
+) -> ShardIndex:
+    """Format v2: write this rank's index file (the pieces it stored), then the report
+    that pins it, with the layouts of the tensors this rank describes."""
+    stored: dict[str, list[StoredPiece]] = {}
+    for w in written:
+        for name, piece in w.pieces.items():
+            stored.setdefault(name, []).append(piece)
+    files = {w.path: w.stored_bytes for w in written}
+    index = ShardIndex(
+        rank=job.rank,
+        tensors={
+            name: TensorEntry(job.tensors[name].dtype, job.tensors[name].global_shape, tuple(p))
+            for name, p in stored.items()
+        },
+        files=files,
+        headers={w.path: w.header for w in written if w.header is not None},
+    )
+    data = index.to_bytes()
+    path = f"{job.prefix}/{job.index_path}"
+    try:
+        with storage_errors(f"writing {job.backend.url}/{path}"):
+            job.backend.write(path, data)
+    except CheckpointNotFoundError as exc:  # the step's prefix was deleted under the save
+        raise data_files_vanished(job.step, job.backend.url, str(exc)) from exc
+    assert job.layouts is not None
+    return ShardIndex(
+        rank=job.rank,
+        tensors=job.layouts.result(),
+        files={**files, job.index_path: len(data)},
+        state=job.tree,
+        timing=timing,
+        writer=WriterRef(job.rank, job.index_path, len(data), seal_digest(data)),
+    )
+
+
+def described_layouts(
+    step: int, rank: int, plan: WritePlan, tensors: Mapping[str, FlatTensor]
+) -> dict[str, TensorEntry]:
+    """The tensors whose layout ``rank`` reports: those it is the lowest writer of, and
+    those nobody writes (empty ones) that it holds. Every rank holds the whole plan."""
+    cells: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
+    for (name, _, _), shares in plan.shares.items():
+        held = cells.setdefault(name, [])
+        held.extend((s.box.offsets, s.box.lengths, s.rank) for s in shares)
+    described = {}
+    for name, t in tensors.items():
+        written = cells.get(name, [])
+        if written and min(c[2] for c in written) != rank:
+            continue
+        layout = infer_layout(t.global_shape, written)
+        try:
+            layout.check(t.global_shape, len(plan.bytes_per_rank), f"tensor {name!r}")
+        except CorruptCheckpointError as exc:
+            raise InvalidStateError(
+                f"step {step}: tensor {name!r} of global shape {list(t.global_shape)}: the "
+                f"saved shards do not tile it ({exc}); each element must be saved by exactly "
+                "one rank (check ShardedTensor offsets and global_shape). Not committed"
+            ) from exc
+        described[name] = TensorEntry(t.dtype, t.global_shape, (), layout)
+    return described
 
 
 # -- encoding and writing one data file (I/O threads) ---------------------------------
@@ -666,8 +754,11 @@ def _write_compressed_file(
 
 def _discard(job: SaveJob) -> None:
     """Remove this save's data files (whichever exist)."""
+    paths = [f"{job.prefix}/{f.path}" for f in job.files]
+    if job.index_path:
+        paths.append(f"{job.prefix}/{job.index_path}")
     try:
-        job.backend.delete(f"{job.prefix}/{f.path}" for f in job.files)
+        job.backend.delete(paths)
     except Exception as exc:  # the partial step is garbage either way; GC removes it later
         log.warning(
             "could not remove partial files under %s/%s: %s", job.backend.url, job.prefix, exc

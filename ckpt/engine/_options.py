@@ -51,6 +51,10 @@ class SaveOptions:
             are cut into regions that fit, and the save returns once the last bucket is
             staged, after writing the ones before it, so the stall grows but the memory
             does not. Compressed saves also hold one bucket's compressed frames.
+        format_version: 2 (the default) keeps each rank's pieces in its own index file and
+            describes each tensor's layout compactly in the manifest, so that metadata read
+            on restore grows with a rank's own pieces, not with the world size; 1 lists every
+            piece in the manifest, for readers older than ckpt's format v2.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -59,8 +63,11 @@ class SaveOptions:
     io_threads: int = 4
     write_block_bytes: int = 64 << 20
     staging_budget_bytes: int | None = None
+    format_version: int = 2
 
     def __post_init__(self) -> None:
+        if self.format_version not in (1, 2):
+            raise ValueError("format_version must be 1 or 2")
         if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
             raise ValueError("chunk_bytes must be a positive multiple of 4096")
         if self.write_block_bytes % self.chunk_bytes:

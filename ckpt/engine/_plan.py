@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ckpt.engine._flatten import FlatTensor
+from ckpt.errors import CoordinationError
 from ckpt.format import Box
 
 PieceKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # name, offsets, lengths
@@ -40,12 +41,18 @@ above the checksum chunk size)."""
 
 @dataclass(frozen=True)
 class PieceInfo:
-    """What one rank holds of one tensor, as exchanged between ranks."""
+    """What one rank holds of one tensor, as exchanged between ranks.
+
+    ``dtype`` and ``shape`` (the global shape) let every rank check that all ranks hold
+    the same tensor under each name before anything is staged; empty when unknown.
+    """
 
     name: str
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]
     nbytes: int
+    dtype: str = ""
+    shape: tuple[int, ...] | None = None
 
     @property
     def key(self) -> PieceKey:
@@ -59,7 +66,7 @@ def piece_key(t: FlatTensor) -> PieceKey:
 def describe(tensors: Mapping[str, FlatTensor]) -> list[PieceInfo]:
     """This rank's non-empty pieces."""
     return [
-        PieceInfo(t.name, t.box.offsets, t.box.lengths, t.nbytes)
+        PieceInfo(t.name, t.box.offsets, t.box.lengths, t.nbytes, t.dtype, t.global_shape)
         for t in tensors.values()
         if t.local.numel() > 0
     ]
@@ -102,16 +109,28 @@ def assign_writers(
 ) -> WritePlan:
     """Deterministically share out every distinct piece (same result on every rank).
 
+    Raises:
+        CoordinationError: ranks disagree on a tensor's dtype or global shape (raised on
+            every rank alike, before anything is staged).
+
     Args:
         per_rank: each rank's pieces, as ``describe`` lists them.
         min_split_bytes: the smallest row range a replicated piece is cut into.
     """
     holders: dict[PieceKey, list[int]] = {}
     pieces: dict[PieceKey, PieceInfo] = {}
+    tensors: dict[str, tuple[str, tuple[int, ...] | None, int]] = {}
     for rank, described in enumerate(per_rank):
         for p in described:
             holders.setdefault(p.key, []).append(rank)
             pieces[p.key] = p
+            known = tensors.setdefault(p.name, (p.dtype, p.shape, rank))
+            if known[:2] != (p.dtype, p.shape):
+                raise CoordinationError(
+                    f"ranks disagree on tensor {p.name!r}: {known[0]}{list(known[1] or ())} on "
+                    f"rank {known[2]}, {p.dtype}{list(p.shape or ())} on rank {rank}; every "
+                    "rank must save the same global tensor under a name. Nothing was saved"
+                )
     load = [0] * len(per_rank)
     shares: dict[PieceKey, tuple[Share, ...]] = {}
     replicated = []

@@ -1,14 +1,17 @@
-"""A reader of ckpt's open on-storage format (version 1), for ckpt and any other tool.
+"""A reader of ckpt's open on-storage format (versions 1 and 2), for ckpt and any other tool.
 
 docs/FORMAT.md is the contract; this package is its one implementation. What it offers:
 
 * the schema: ``Manifest`` (the commit point of a step), ``TensorEntry`` (a global tensor),
   ``StoredPiece`` (a region of it in a data file), ``FileHeader`` (a raw data file's
-  safetensors header), ``ShardIndex`` (one rank's report), each
+  safetensors header), ``ShardIndex`` (one rank's report, and in v2 its index file),
+  ``WriterRef`` (a v2 manifest's pin of an index file), ``Layout`` (in v2, which writer
+  holds which region of a tensor; ``infer_layout`` makes one), each
   with ``from_bytes`` (validated; ``CorruptCheckpointError`` / ``UnsupportedFormatError``
   naming the file and field) and ``to_bytes``; ``RankTiming`` (a rank's phase times, in
   its report) and ``SaveTimings`` (every rank's, in the manifest);
-* the layout of a root: ``scan_steps``, ``read_manifest``, ``step_prefix``,
+* the layout of a root: ``scan_steps``, ``read_manifest``, ``load_pieces`` (a v2
+  manifest's pieces, from only the index files a reader needs), ``step_prefix``,
   ``parse_step_prefix``, ``manifest_path`` and the folder names;
 * geometry: ``Box`` (a region of a global tensor), ``row_span`` and ``first_overlap``;
 * element types: ``dtype_name``, ``torch_dtype``, ``element_size``, ``safetensors_header``
@@ -52,6 +55,7 @@ from ckpt.format._dtypes import (
     torch_dtype,
 )
 from ckpt.format._geometry import Box, first_overlap, row_span
+from ckpt.format._layout import Layout, infer_layout
 from ckpt.format._paths import (
     DATA_DIR,
     DEFAULT_CHUNK_BYTES,
@@ -74,8 +78,9 @@ from ckpt.format._schema import (
     ShardIndex,
     StoredPiece,
     TensorEntry,
+    WriterRef,
 )
-from ckpt.format._seal import seal_manifest, verify_manifest_seal
+from ckpt.format._seal import seal_digest, seal_manifest, verify_manifest_seal
 from ckpt.format._tree import (
     BYTES_REF,
     DTYPE_REF,
@@ -86,6 +91,7 @@ from ckpt.format._tree import (
     TUPLE_REF,
     check_state_markers,
 )
+from ckpt.format._writers import load_pieces, writers_needed
 
 __all__ = [
     "BYTES_REF",
@@ -111,6 +117,12 @@ __all__ = [
     "SAFETENSORS_METADATA",
     "ZSTD_MAX_RATIO",
     "Box",
+    "Layout",
+    "WriterRef",
+    "infer_layout",
+    "load_pieces",
+    "seal_digest",
+    "writers_needed",
     "FileHeader",
     "Manifest",
     "RankTiming",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, storage_errors
 from ckpt.format._paths import manifest_path, parse_step_prefix
 from ckpt.format._schema import Manifest
+from ckpt.format._writers import load_pieces
 from storage_backends import StorageBackend
 
 
@@ -34,8 +35,13 @@ def scan_steps(backend: StorageBackend) -> StepListing:
     return StepListing(tuple(sorted(committed)), tuple(sorted(uncommitted)))
 
 
-def read_manifest(backend: StorageBackend, step: int) -> Manifest:
+def read_manifest(backend: StorageBackend, step: int, *, pieces: bool = True) -> Manifest:
     """Read and validate the manifest of ``step``.
+
+    A format v2 manifest keeps its pieces in the writers' index files: with ``pieces``
+    (the default) every one is read, so the result lists every stored piece as a v1
+    manifest does; without, the tensors carry their layouts only, and ``load_pieces``
+    fetches what a reader needs.
 
     Raises:
         CheckpointNotFoundError: the step has no manifest.
@@ -50,4 +56,4 @@ def read_manifest(backend: StorageBackend, step: int) -> Manifest:
         raise CorruptCheckpointError(
             f"{backend.url}/{path}: the manifest says step {manifest.step}, its prefix says {step}"
         )
-    return manifest
+    return load_pieces(backend, manifest) if pieces else manifest

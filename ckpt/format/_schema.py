@@ -4,7 +4,7 @@ Each stored object is one msgspec struct, and that struct is the only descriptio
 of it: it is what writers build, what JSON is decoded into (types checked in C) and
 what readers use. What JSON types cannot express (paths inside the prefix, pieces
 inside their tensor and file, checksum counts, coverage) is checked once, by
-``_check_tensors``, for manifests and reports alike.
+``check_tensors``, for manifests and reports alike.
 
 State trees (``state``, ``layout``, ``user_metadata``) may hold NaN and infinities,
 which strict JSON lacks: they are written with Python's ``json`` (``NaN``,
@@ -31,12 +31,13 @@ from ckpt.format._codec import (
 )
 from ckpt.format._dtypes import DTYPES, MAX_SAFETENSORS_HEADER
 from ckpt.format._geometry import Box, first_overlap
+from ckpt.format._layout import Layout
 from ckpt.format._paths import safe_relative_path
 from ckpt.format._seal import seal_manifest, verify_manifest_seal
 from ckpt.format._tree import check_state_markers, tree_depth_exceeds
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Bounds on what a reader accepts (docs/FORMAT.md, "Validation on read"): anything past
 # them is refused before it is walked or allocated.
 # JSON levels of state, layout and user_metadata: save refuses states nesting more than
@@ -96,12 +97,18 @@ class StoredPiece(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
         return Box(self.offsets, self.lengths)
 
 
-class TensorEntry(msgspec.Struct, frozen=True, gc=False):
-    """A global tensor: its dtype, global shape and the pieces that store it."""
+class TensorEntry(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """A global tensor: its dtype, global shape and the pieces that store it.
+
+    In a format v2 manifest, ``layout`` says which writer holds which region and
+    ``pieces`` is empty: the pieces are in the writers' index files (``load_pieces``
+    fills them in, for every writer or only those a restore needs).
+    """
 
     dtype: str
     shape: _Dims
     pieces: tuple[StoredPiece, ...]
+    layout: Layout | None = None
 
     @property
     def nbytes(self) -> int:
@@ -196,8 +203,31 @@ def _rounded(seconds: float) -> float:
     return round(max(0.0, seconds), 4)
 
 
+class WriterRef(msgspec.Struct, frozen=True, gc=False):
+    """A writer's index file, as a v2 manifest pins it.
+
+    Attributes:
+        rank: the writing rank.
+        index: the index file, relative to the step prefix.
+        bytes: its size.
+        checksum: its seal (the digest it carries first, over all its bytes).
+    """
+
+    rank: _Count
+    index: str
+    bytes: _Count
+    checksum: str
+
+
 class ShardIndex(msgspec.Struct, frozen=True):
-    """What one rank wrote for one step: reported to the committer, merged into the manifest."""
+    """What one rank wrote for one step.
+
+    In format v1 it is the rank's report, merged into the manifest: every tensor the rank
+    holds, with the pieces it stored. In format v2 it is both the rank's index file (the
+    tensors it stored pieces of, with those pieces) and, with ``writer`` naming that file,
+    its report: ``tensors`` then holds only the tensors whose layout this rank describes
+    (no pieces), and the committer merges only those, the files and the timings.
+    """
 
     rank: _Count
     tensors: dict[str, TensorEntry]
@@ -205,6 +235,7 @@ class ShardIndex(msgspec.Struct, frozen=True):
     state: dict[str, Any] | None = None
     headers: dict[str, FileHeader] = {}
     timing: RankTiming | None = None
+    writer: WriterRef | None = None
 
     def to_bytes(self) -> bytes:
         if self.state is not None:
@@ -221,6 +252,7 @@ class ShardIndex(msgspec.Struct, frozen=True):
                 b',"state":',
                 _dumps(self.state).encode(),
                 b',"timing":%s' % _ENCODER.encode(self.timing) if self.timing else b"",
+                b',"writer":%s' % _ENCODER.encode(self.writer) if self.writer else b"",
                 b"}",
             )
         )
@@ -234,9 +266,17 @@ class ShardIndex(msgspec.Struct, frozen=True):
         index = _decode(data, cls, where)
         _check_trees(where, state=index.state)
         _check_files(index.files, index.headers, where)
-        _check_tensors(
-            index.tensors, index.files, index.headers, chunk_bytes, where, complete=False
-        )
+        if index.writer is not None:
+            safe_relative_path(index.writer.index, where)
+            for name, entry in index.tensors.items():
+                if entry.pieces or entry.layout is None:
+                    raise CorruptCheckpointError(
+                        f"{where}: tensor {name!r} of a v2 report needs a layout and no pieces"
+                    )
+                # World size is the committer's to check: any rank number is accepted here.
+                entry.layout.check(entry.shape, 1 << 62, f"{where}: tensor {name!r}")
+            return index
+        check_tensors(index.tensors, index.files, index.headers, chunk_bytes, where, complete=False)
         return index
 
 
@@ -260,13 +300,33 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     layout: dict[str, Any] = {}
     headers: dict[str, FileHeader] = {}
     timings: SaveTimings | None = None
+    writers: tuple[WriterRef, ...] = ()
 
     @property
     def total_bytes(self) -> int:
         return sum(self.files.values())
 
+    @property
+    def data_files(self) -> dict[str, int]:
+        """``files`` without the writers' index files (format v2): the tensor data."""
+        indexes = {w.index for w in self.writers}
+        return {path: size for path, size in self.files.items() if path not in indexes}
+
+    @property
+    def format_version(self) -> int:
+        """2 when the pieces live in writer index files (``writers``), else 1."""
+        return 2 if self.writers else 1
+
     def to_bytes(self) -> bytes:
-        """The sealed manifest document."""
+        """The sealed manifest document (in v2 without pieces: they are in the index files)."""
+        if self.writers:
+            return render_manifest(
+                self.header(),
+                (
+                    (name, _ENCODER.encode(msgspec.structs.replace(entry, pieces=())))
+                    for name, entry in self.tensors.items()
+                ),
+            )
         return render_manifest(
             self.header(),
             ((name, _ENCODER.encode(entry)) for name, entry in self.tensors.items()),
@@ -284,8 +344,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             state=self.state,
             layout=self.layout,
             user_metadata=self.user_metadata,
-            headers=self.headers,
+            headers={} if self.writers else self.headers,
             timings=self.timings,
+            writers=self.writers,
         )
 
     @classmethod
@@ -322,7 +383,12 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         if manifest.timings is not None:
             manifest.timings.check(manifest.world_size, where)
         _check_files(manifest.files, manifest.headers, where)
-        _check_tensors(
+        if version >= 2:
+            _check_layouts(manifest, where)
+            return manifest
+        if manifest.writers or any(e.layout is not None for e in manifest.tensors.values()):
+            raise CorruptCheckpointError(f"{where}: a format v1 manifest lists writers or layouts")
+        check_tensors(
             manifest.tensors,
             manifest.files,
             manifest.headers,
@@ -331,6 +397,36 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             complete=True,
         )
         return manifest
+
+
+def _check_layouts(manifest: Manifest, where: str) -> None:
+    """A v2 manifest: every rank's index file is listed, every tensor has a layout that
+    tiles it (naming ranks of the job), and no pieces (they are in the index files)."""
+    if manifest.headers:
+        raise CorruptCheckpointError(f"{where}: a v2 manifest keeps headers in the index files")
+    ranks = set()
+    for ref in manifest.writers:
+        safe_relative_path(ref.index, where)
+        if ref.rank in ranks or ref.rank >= manifest.world_size:
+            raise CorruptCheckpointError(f"{where}: writer {ref.rank} is listed twice or unknown")
+        if manifest.files.get(ref.index) != ref.bytes or len(ref.checksum) != DIGEST_HEX:
+            raise CorruptCheckpointError(
+                f"{where}: writer {ref.rank}'s index {ref.index!r} is not listed with its size"
+            )
+        ranks.add(ref.rank)
+    if len(ranks) != manifest.world_size:
+        raise CorruptCheckpointError(
+            f"{where}: {len(ranks)} writer index files are listed for {manifest.world_size} ranks"
+        )
+    for name, entry in manifest.tensors.items():
+        here = f"{where}: tensor {name!r}"
+        if entry.dtype not in DTYPES:
+            raise CorruptCheckpointError(f"{here}: unknown dtype {entry.dtype!r}")
+        if math.prod(max(1, n) for n in entry.shape) > MAX_ELEMENTS:
+            raise CorruptCheckpointError(f"{here}: shape {list(entry.shape)} is too large")
+        if entry.layout is None or entry.pieces:
+            raise CorruptCheckpointError(f"{here}: a v2 manifest needs a layout and no pieces")
+        entry.layout.check(entry.shape, manifest.world_size, here)
 
 
 class _Envelope(msgspec.Struct):
@@ -354,6 +450,7 @@ def manifest_header(
     user_metadata: Mapping[str, Any],
     headers: Mapping[str, FileHeader] | None = None,
     timings: SaveTimings | None = None,
+    writers: Sequence[WriterRef] = (),
 ) -> dict[str, Any]:
     """Every field of a stored manifest but the tensors, in the order it is written.
 
@@ -367,7 +464,7 @@ def manifest_header(
         check_tree_depth(tree, field)
     header: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if writers else 1,
         "step": step,
         "generation": generation,
         "world_size": world_size,
@@ -382,6 +479,8 @@ def manifest_header(
     }
     if timings is not None:
         header["timings"] = msgspec.to_builtins(timings)
+    if writers:
+        header["writers"] = msgspec.to_builtins(list(writers))
     return header
 
 
@@ -400,6 +499,11 @@ def tensor_json(dtype: str, shape: tuple[int, ...], piece_texts: list[bytes]) ->
         _ENCODER.encode(shape),
         b",".join(piece_texts),
     )
+
+
+def encode_entry(entry: TensorEntry) -> bytes:
+    """A tensor's JSON, as manifests store it."""
+    return _ENCODER.encode(entry)
 
 
 def encode_piece(piece: StoredPiece) -> bytes:
@@ -488,7 +592,7 @@ def _check_files(files: Mapping[str, int], headers: Mapping[str, FileHeader], wh
             raise CorruptCheckpointError(f"{where}: the header checksum of {path!r} is malformed")
 
 
-def _check_tensors(
+def check_tensors(
     tensors: Mapping[str, TensorEntry],
     files: Mapping[str, int],
     headers: Mapping[str, FileHeader],

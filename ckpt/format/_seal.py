@@ -32,3 +32,11 @@ def verify_manifest_seal(data: bytes, where: str) -> None:
     stored = data[len(_SEAL_OPEN) : end]
     if checksum(_SEAL_OPEN, _SEAL_BLANK, memoryview(data)[end:]).encode() != stored:
         raise CorruptCheckpointError(f"{where}: manifest checksum mismatch; the file is corrupt")
+
+
+def seal_digest(data: bytes) -> str:
+    """The digest a sealed document carries (its first key), unverified; "" when none."""
+    end = len(_SEAL_OPEN) + DIGEST_HEX
+    if not data.startswith(_SEAL_OPEN) or len(data) < end:
+        return ""
+    return data[len(_SEAL_OPEN) : end].decode("ascii", "replace")

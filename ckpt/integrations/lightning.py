@@ -425,7 +425,9 @@ def _newest_written(backend: StorageBackend) -> int | None:
     if len(committed) < 2:
         return None
     try:
-        written = {step: read_manifest(backend, step).created_unix for step in committed}
+        written = {
+            step: read_manifest(backend, step, pieces=False).created_unix for step in committed
+        }
     except CheckpointError as exc:
         log.warning("%s holds steps %s; reading the newest: %s", backend.url, committed, exc)
         return None

@@ -1,4 +1,7 @@
-"""Corrupt, truncated, missing and hostile checkpoints: clear ckpt errors and restore fallback."""
+"""Corrupt, truncated, missing and hostile checkpoints: clear ckpt errors and restore fallback.
+
+The checkpoints here are format v1 (every piece in the manifest, where these tests tamper
+with them); tests/ckpt/test_format_v2.py tampers with v2's index files."""
 
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ def save(root: Path, step: int = STEP, *, seed: int = 0, compress: bool = False)
     """Save ``make_state(seed)`` with 4 KiB chunks (optionally zstd) and return it."""
     state = make_state(seed)
     compression = ckpt.Compression(patterns=("w",), min_bytes=0) if compress else None
-    save_with(state, root, step, ckpt.SaveOptions(chunk_bytes=CHUNK, compression=compression))
+    options = ckpt.SaveOptions(chunk_bytes=CHUNK, compression=compression, format_version=1)
+    save_with(state, root, step, options)
     return state
 
 
@@ -394,7 +398,7 @@ def test_optimizer_tree_that_torch_refuses_is_a_state_mismatch(root: Path) -> No
     """An optimizer state that load_state_dict rejects surfaces as StateMismatchError, not a torch error."""
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ckpt.save({"optim": opt}, root, step=STEP)
+    ckpt.save({"optim": opt}, root, step=STEP, options=ckpt.SaveOptions(format_version=1))
     edit_manifest(root, _set("state", "optim", "param_groups", value="garbage"))
     with pytest.raises(ckpt.StateMismatchError) as info:
         ckpt.load({"optim": torch.optim.SGD(model.parameters(), lr=0.1)}, root, step=STEP)
@@ -528,7 +532,9 @@ def _fuzz_checkpoint(root: Path) -> dict[str, Any]:
     state = make_state()
     state["model"], state["optim"] = _model_and_optimizer(0, steps=1)
     options = ckpt.SaveOptions(
-        chunk_bytes=CHUNK, compression=ckpt.Compression(patterns=("w",), min_bytes=0)
+        chunk_bytes=CHUNK,
+        compression=ckpt.Compression(patterns=("w",), min_bytes=0),
+        format_version=1,
     )
     save_with(state, root, STEP, options)
     manifest_path(root, STEP).chmod(0o644)

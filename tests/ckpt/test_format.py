@@ -113,7 +113,7 @@ def test_manifest_is_versioned_json_listing_files_and_tensors(root: Path) -> Non
     save_with(state, root, 7)
     doc = read_manifest(root, 7)
     assert doc["format"] == "ckpt"
-    assert doc["format_version"] == 1
+    assert doc["format_version"] == 2
     assert doc["step"] == 7
     assert doc["checksum_algorithm"] == "xxh3_64"
     assert set(doc["tensors"]) == {"w", "b"}
@@ -122,6 +122,8 @@ def test_manifest_is_versioned_json_listing_files_and_tensors(root: Path) -> Non
     assert doc["tensors"]["b"]["dtype"] == "bfloat16"
     assert doc["state"]["n"] == 5
     on_disk = {str(p.relative_to(step_dir(root, 7))): p.stat().st_size for p in data_files(root, 7)}
+    (writer,) = doc["writers"]
+    on_disk[writer["index"]] = (step_dir(root, 7) / writer["index"]).stat().st_size
     assert doc["files"] == on_disk
 
 
@@ -165,8 +167,10 @@ def test_manifest_is_written_after_every_data_file(root: Path) -> None:
     finally:
         snap.close()
         backend.close()
+    # Data files, then (format v2) this rank's index file naming them, then the manifest.
     assert events[-1] == "step-000000002/manifest.json"
-    assert len(events) >= 3 and all("/data/" in e for e in events[:-1])
+    assert "/index/" in events[-2]
+    assert len(events) >= 4 and all("/data/" in e for e in events[:-2])
 
 
 def test_paths_in_the_manifest_are_relative_to_the_step_prefix(root: Path) -> None:
@@ -177,7 +181,8 @@ def test_paths_in_the_manifest_are_relative_to_the_step_prefix(root: Path) -> No
     doc = read_manifest(root, 4)
     paths = set(doc["files"])
     paths |= {p["file"] for entry in doc["tensors"].values() for p in entry["pieces"]}
-    assert len(paths) == 2
+    paths |= {w["index"] for w in doc["writers"]}
+    assert len(paths) == 3  # two data files and the rank's index file
     for path in paths:
         assert not path.startswith("/") and "\\" not in path
         assert posixpath.normpath(path) == path and not path.startswith("..")
@@ -201,7 +206,7 @@ def test_no_pickle_manifest_is_json_and_data_is_safetensors_or_zstd(root: Path) 
         rel = str(path.relative_to(step_dir(root, 1)))
         head = path.read_bytes()[:4]
         assert head[:1] != b"\x80", f"{rel} starts like a pickle"
-        if rel == "manifest.json":
+        if rel == "manifest.json" or rel.startswith("index/"):
             json.loads(path.read_bytes())
             kinds.add("json")
         elif path.suffix == ".safetensors":

@@ -4,7 +4,8 @@ manifest or data file is a ``CorruptCheckpointError``, restore falls back to the
 sizes.
 
 Manifests here are *sealed*: each crafted document is re-sealed with the format's own
-``seal_manifest``, so the checks behind the seal are what is tested.
+``seal_manifest``, so the checks behind the seal are what is tested. They are format v1
+(every piece in the manifest); tests/ckpt/test_format_v2.py tampers with v2 index files.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def blank() -> dict[str, Any]:
 def make_checkpoint(root: Path) -> None:
     """Step OLD and step NEW (seed = step), with 4 KiB chunks and ``z`` compressed."""
     options = ckpt.SaveOptions(
-        chunk_bytes=CHUNK, compression=ckpt.Compression(patterns=("z",), min_bytes=0)
+        chunk_bytes=CHUNK,
+        compression=ckpt.Compression(patterns=("z",), min_bytes=0),
+        format_version=1,
     )
     for step in (OLD, NEW):
         save_with(make_state(step), root, step, options)

@@ -148,9 +148,9 @@ def _check_timings(path: Path, step: int, per_rank: list[int]) -> SaveTimings:
     assert min(t.start_s) == 0.0  # started_unix is the first rank's start
     assert t.started_unix <= m.created_unix
     assert list(t.stored_bytes) == per_rank
-    assert sum(t.stored_bytes) == m.total_bytes
+    assert sum(t.stored_bytes) == sum(m.data_files.values())
     for rank in range(2):  # each rank's bytes are its own data files
-        mine = sum(size for f, size in m.files.items() if f"-r{rank:05d}-" in f)
+        mine = sum(size for f, size in m.data_files.items() if f"-r{rank:05d}-" in f)
         assert t.stored_bytes[rank] == mine
     assert t.retries == (0, 0)  # local storage never retries
     return t

@@ -68,7 +68,7 @@ def test_a_state_four_times_the_budget_saves_in_buckets_and_loads_bit_exact(
     manifest = read_manifest(LocalBackend(tmp_path), 1)
     assert len(manifest.tensors["one_row"].pieces) > 1  # one row cut along dimension 1
     if compression is None:  # the format is unchanged: every data file is safetensors
-        for path in manifest.files:
+        for path in (p for p in manifest.files if p.startswith("data/")):
             with safe_open(str(tmp_path / step_prefix(1) / path), framework="pt") as f:
                 assert list(f.keys())
 

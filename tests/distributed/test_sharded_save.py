@@ -133,13 +133,20 @@ def _check_checkpoint(
     assert set(manifest.tensors) == set(expected)
     step_dir = root / step_prefix(STEP)
     on_disk = {str(p.relative_to(step_dir)) for p in (step_dir / "data").iterdir()}
+    # Every rank's index file (format v2) too; the embedded coordinator's reports are not.
+    on_disk |= {w.index for w in manifest.writers if (step_dir / w.index).is_file()}
+    assert len(manifest.writers) == world
     assert on_disk == set(manifest.files), "every data file is named by the manifest, and exists"
 
     raw_per_rank: dict[int, int] = defaultdict(int)
     files_per_rank: dict[int, int] = defaultdict(int)
     stored_per_rank: dict[int, int] = defaultdict(int)
     headers = 0
+    indexes = {w.index for w in manifest.writers}
     for path, size in manifest.files.items():
+        if path in indexes:
+            assert path.startswith(f"index/{manifest.generation}-r"), path
+            continue
         match = _RANK_IN_FILE.search(path)
         assert match and path.startswith(f"data/{manifest.generation}-"), path
         writer = int(match.group(1))
@@ -176,7 +183,7 @@ def _check_checkpoint(
 
     # (b) written bytes == unique bytes: no replica stored twice.
     assert sum(raw_per_rank.values()) == unique
-    assert sum(manifest.files.values()) == unique + headers
+    assert sum(manifest.data_files.values()) == unique + headers
     for r in range(world):
         assert per_rank[r]["committed"]
         assert per_rank[r]["files"] == files_per_rank.get(r, 0)

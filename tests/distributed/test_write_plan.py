@@ -496,7 +496,7 @@ def test_four_ranks_write_replicated_tensors_once_and_evenly(
         )
         assert sum(per_rank) == unique
         assert max(per_rank) / (unique / 4) <= 1.05, per_rank
-        assert sum(manifest.files.values()) == sum(r[codec][1] for r in results)
+        assert sum(manifest.data_files.values()) == sum(r[codec][1] for r in results)
     manifest = read_manifest(LocalBackend(root / "raw"), STEP)
     assert sum(p.byte_length for e in manifest.tensors.values() for p in e.pieces) == unique
     step_dir = root / "raw" / step_prefix(STEP)

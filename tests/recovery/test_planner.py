@@ -357,7 +357,10 @@ def test_overlapping_pieces_in_a_manifest_fail_the_load(tmp_path: Path) -> None:
 
     value = torch.arange(40, dtype=torch.float32).reshape(8, 5)
     save_with({"w": value}, tmp_path / "src", STEP)
-    relayout(LocalBackend(tmp_path / "src"), LocalBackend(tmp_path / "k2"), world_size=2)
+    v1 = ckpt.SaveOptions(format_version=1)  # the pieces tampered with are in the manifest
+    relayout(
+        LocalBackend(tmp_path / "src"), LocalBackend(tmp_path / "k2"), world_size=2, options=v1
+    )
     doc = read_doc(tmp_path / "k2", STEP)
     pieces = doc["tensors"]["w"]["pieces"]
     assert [p["offsets"] for p in sorted(pieces, key=lambda p: p["offsets"])] == [[0, 0], [4, 0]]

@@ -37,16 +37,33 @@ def manifest_path(root: Path, step: int) -> Path:
 
 
 def read_manifest(root: Path, step: int) -> dict[str, Any]:
-    """The manifest of ``step`` as parsed JSON."""
+    """The manifest of ``step`` as parsed JSON. A format v2 manifest comes with every
+    tensor's ``pieces`` and the ``headers`` of its data files taken from the writers'
+    index files, as a v1 manifest lists them (``write_manifest`` drops them again)."""
     doc: dict[str, Any] = json.loads(manifest_path(root, step).read_bytes())
+    for writer in doc.get("writers", ()):
+        index = json.loads((step_dir(root, step) / writer["index"]).read_bytes())
+        doc.setdefault("headers", {}).update(index["headers"])
+        for name, entry in index["tensors"].items():
+            doc["tensors"][name]["pieces"].extend(entry["pieces"])
     return doc
 
 
 def write_manifest(root: Path, step: int, doc: Mapping[str, Any]) -> None:
-    """Replace the manifest of ``step`` (it is read-only on purpose; tests tamper anyway)."""
+    """Replace the manifest of ``step`` (it is read-only on purpose; tests tamper anyway).
+
+    A format v2 manifest is written without the pieces and headers ``read_manifest``
+    added: tampering with those means tampering with a writer's index file."""
     path = manifest_path(root, step)
     path.chmod(0o644)
     body = {k: v for k, v in doc.items() if k != "manifest_checksum"}
+    if body.get("writers"):
+        tensors = body.get("tensors")
+        if isinstance(tensors, dict):
+            body["tensors"] = {
+                n: {**e, "pieces": []} if isinstance(e, dict) else e for n, e in tensors.items()
+            }
+        body.pop("headers", None)
     # Re-sealed, so that each test reaches the validation it is about.
     path.write_bytes(seal_manifest(json.dumps(body).encode()))
 

@@ -1,0 +1,268 @@
+"""Format v2: compact layouts in the manifest, pieces in per-writer index files that a
+restore reads only where it needs them; format v1 stays readable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckpt
+from ckpt.format import (
+    Box,
+    Layout,
+    infer_layout,
+    load_pieces,
+    read_manifest,
+    seal_digest,
+    seal_manifest,
+    writers_needed,
+)
+from storage_backends import LocalBackend
+from tests.support.gloo import run_ranks
+from tests.support.on_disk import flip_byte, manifest_path, save_with, step_dir, write_manifest
+
+
+def _cells(shape: tuple[int, ...], layout: Layout) -> list[tuple[Any, ...]]:
+    return sorted(layout.cells(shape))
+
+
+# -- layouts --------------------------------------------------------------------------
+
+
+def test_an_even_shard_on_dim_0_is_one_run_of_sizes_and_one_of_writers() -> None:
+    shape = (4096, 16)
+    cells = [((256 * r, 0), (256, 16), r) for r in range(16)]
+    layout = infer_layout(shape, cells)
+    assert layout.grid == ((0, ((256, 16),)),)
+    assert layout.writers == ((0, 1, 16),)
+    layout.check(shape, 16, "t")
+    assert _cells(shape, layout) == sorted(cells)
+    assert layout.writers_overlapping(shape, Box((300, 0), (400, 16))) == {1, 2}
+    assert layout.holds(1, Box((256, 0), (10, 16)))
+    assert not layout.holds(2, Box((256, 0), (10, 16)))
+    assert not layout.holds(1, Box((500, 0), (20, 16)))  # crosses into rank 2's cell
+
+
+def test_a_short_last_shard_and_empty_ranks_stay_compact() -> None:
+    # torch.chunk of 10 rows over 4 ranks: 3, 3, 3, 1; of 2 rows over 4: ranks 2, 3 empty
+    layout = infer_layout(
+        (10,), [((0,), (3,), 0), ((3,), (3,), 1), ((6,), (3,), 2), ((9,), (1,), 3)]
+    )
+    assert layout.grid == ((0, ((3, 3), (1, 1))),)
+    layout.check((10,), 4, "t")
+    small = infer_layout((2,), [((0,), (1,), 0), ((1,), (1,), 1), ((2,), (0,), 2)])
+    assert small.writers == ((0, 1, 2),)
+    small.check((2,), 4, "t")
+
+
+def test_a_2d_grid_with_strided_writers() -> None:
+    shape = (8, 6)
+    # 2 x 3 cells; cell (i, j) held by rank 2 * j + i (column-major ranks)
+    cells = [((4 * i, 2 * j), (4, 2), 2 * j + i) for i in range(2) for j in range(3)]
+    layout = infer_layout(shape, cells)
+    assert layout.grid == ((0, ((4, 2),)), (1, ((2, 3),)))
+    layout.check(shape, 6, "t")
+    assert _cells(shape, layout) == sorted(cells)
+    assert layout.writers == ((0, 2, 3), (1, 2, 3))
+    assert layout.writers_overlapping(shape, Box((3, 1), (2, 2))) == {0, 2, 1, 3}
+
+
+def test_whole_tensors_scalars_and_empty_tensors() -> None:
+    assert infer_layout((5, 5), [((0, 0), (5, 5), 3)]) == Layout(grid=(), writers=((3, 0, 1),))
+    scalar = infer_layout((), [((), (), 1)])
+    scalar.check((), 2, "t")
+    assert scalar.writers_overlapping((), Box((), ())) == {1}
+    empty = infer_layout((0, 4), [])
+    empty.check((0, 4), 2, "t")
+    assert list(empty.cells((0, 4))) == []
+
+
+def test_what_is_not_a_grid_is_listed_by_regions() -> None:
+    shape = (10, 4)
+    cells = [((0, 0), (6, 4), 0), ((6, 0), (4, 2), 1), ((6, 2), (4, 2), 2)]
+    layout = infer_layout(shape, cells)
+    assert layout.grid is None and layout.regions is not None
+    layout.check(shape, 3, "t")
+    assert layout.writers_overlapping(shape, Box((5, 3), (2, 1))) == {0, 2}
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (Layout(grid=((0, ((3, 3),)),), writers=((0, 1, 3),)), "do not add up"),
+        (Layout(grid=((0, ((5, 2),)),), writers=((0, 1, 3),)), "names 3 writers for 2"),
+        (Layout(grid=((0, ((5, 2),)),), writers=((3, 1, 2),)), "invalid"),
+        (Layout(regions=(((0,), (6,), 0), ((5,), (5,), 1))), "do not tile"),
+        (Layout(grid=(), regions=(((0,), (10,), 0),)), "exactly one of"),
+    ],
+)
+def test_a_layout_that_does_not_tile_is_corrupt(layout: Layout, message: str) -> None:
+    with pytest.raises(ckpt.CorruptCheckpointError, match=message):
+        layout.check((10,), 4, "t")
+
+
+# -- on disk ------------------------------------------------------------------------
+
+
+def _state() -> dict[str, Any]:
+    torch.manual_seed(0)
+    return {"w": torch.randn(64, 8), "b": torch.randn(8), "next_step": 3}
+
+
+def test_a_save_writes_v2_and_v1_on_request(tmp_path: Path) -> None:
+    save_with(_state(), tmp_path / "v2", 1)
+    save_with(_state(), tmp_path / "v1", 1, ckpt.SaveOptions(format_version=1))
+    v2 = json.loads(manifest_path(tmp_path / "v2", 1).read_bytes())
+    v1 = json.loads(manifest_path(tmp_path / "v1", 1).read_bytes())
+    assert v2["format_version"] == 2 and v1["format_version"] == 1
+    assert [w["rank"] for w in v2["writers"]] == [0]
+    assert v2["tensors"]["w"]["pieces"] == [] and "layout" in v2["tensors"]["w"]
+    assert "writers" not in v1 and v1["tensors"]["w"]["pieces"]
+    for root in ("v1", "v2"):
+        state: dict[str, Any] = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+        ckpt.load(state, tmp_path / root)
+        assert torch.equal(state["w"], _state()["w"])
+        assert state["next_step"] == 3
+        full = read_manifest(LocalBackend(tmp_path / root), 1)
+        assert full.tensors["w"].pieces and full.format_version == (2 if root == "v2" else 1)
+
+
+def test_a_corrupt_or_missing_index_file_is_a_corrupt_step(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    save_with(_state(), root, 1)
+    save_with(_state(), root, 2)
+    (writer,) = json.loads(manifest_path(root, 2).read_bytes())["writers"]
+    index = step_dir(root, 2) / writer["index"]
+    flip_byte(index, 40)
+    state = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    report = ckpt.restore(state, root)
+    assert report.step == 1 and [s for s, _ in report.skipped] == [2]
+    assert "index file" in report.skipped[0][1] or "checksum" in report.skipped[0][1]
+    with pytest.raises(ckpt.CorruptCheckpointError):
+        ckpt.load(state, root, step=2)
+    index.unlink()
+    with pytest.raises(ckpt.CorruptCheckpointError):
+        ckpt.load(state, root, step=2)
+
+
+def test_a_layout_that_gives_a_piece_to_another_writer_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    save_with(_state(), root, 1)
+    doc = json.loads(manifest_path(root, 1).read_bytes())
+    doc["world_size"] = 2
+    doc.pop("timings", None)
+    doc["writers"].append({**doc["writers"][0], "rank": 1})
+    doc["tensors"]["w"]["layout"] = {"grid": [], "writers": [[1, 0, 1]]}
+    write_manifest(root, 1, doc)
+    state = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    with pytest.raises(ckpt.CorruptCheckpointError, match="outside what the layout gives"):
+        ckpt.load(state, root, step=1)
+
+
+# -- restoring ranks read only the index files they need --------------------------
+
+
+def _save_and_count(rank: int, world: int, root: str, new_world: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from ckpt.coordination import ProcessGroupCoordinator
+
+    rows = 8 * world
+    full = torch.arange(rows * 4, dtype=torch.float32).reshape(rows, 4)
+    mine = ckpt.ShardedTensor(full[8 * rank : 8 * rank + 8].clone(), (rows, 4), (8 * rank, 0))
+    ckpt.save({"t": mine}, root, step=1, coordinator=ProcessGroupCoordinator())
+    dist.barrier()
+    backend = LocalBackend(root)
+    head = read_manifest(backend, 1, pieces=False)
+    # The region this rank would hold on ``new_world`` ranks (torch.chunk sizes).
+    per = -(-rows // new_world)
+    region = Box((min(rows, per * rank), 0), (max(0, min(per, rows - per * rank)), 4))
+    needed = sorted(w.rank for w in writers_needed(head, {"t": [region]}))
+    loaded = load_pieces(backend, head, {"t": [region]})
+    layout = head.tensors["t"].layout
+    assert layout is not None
+    return {
+        "version": head.format_version,
+        "layout": [list(map(list, g[1])) for g in layout.grid or ()],
+        "needed": needed,
+        "pieces": len(loaded.tensors["t"].pieces),
+    }
+
+
+def test_a_restoring_rank_reads_only_the_writers_it_overlaps(tmp_path: Path) -> None:
+    same = run_ranks(_save_and_count, 4, str(tmp_path / "a"), 4)
+    assert [r["needed"] for r in same] == [[0], [1], [2], [3]]
+    assert all(r["version"] == 2 and r["layout"] == [[[8, 4]]] for r in same)
+    assert [r["pieces"] for r in same] == [1, 1, 1, 1]
+    halved = run_ranks(_save_and_count, 4, str(tmp_path / "b"), 2)
+    assert [r["needed"] for r in halved] == [[0, 1], [2, 3], [], []]
+
+
+# -- hostile index files -----------------------------------------------------------
+
+
+def _rewrite_index(root: Path, step: int, edit: Any) -> None:
+    """Edit rank 0's index file, re-seal it and re-pin it in a re-sealed manifest: what is
+    tested is the validation behind the seals."""
+    doc = json.loads(manifest_path(root, step).read_bytes())
+    writer = doc["writers"][0]
+    path = step_dir(root, step) / writer["index"]
+    body = json.loads(path.read_bytes())
+    body.pop("manifest_checksum")
+    edit(body)
+    data = seal_manifest(json.dumps(body).encode())
+    path.chmod(0o644)
+    path.write_bytes(data)
+    writer.update(bytes=len(data), checksum=seal_digest(data))
+    doc["files"][writer["index"]] = len(data)
+    write_manifest(root, step, doc)
+
+
+def _first_piece(body: dict[str, Any]) -> dict[str, Any]:
+    piece: dict[str, Any] = body["tensors"]["w"]["pieces"][0]
+    return piece
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda b: _first_piece(b).update(file="../../etc/passwd"), "leave the checkpoint prefix"),
+        (lambda b: _first_piece(b).update(offsets=[60, 0]), "outside the shape"),
+        (lambda b: _first_piece(b).update(byte_offset=1 << 40), "past the end"),
+        (lambda b: b["files"].update({"data/extra.safetensors": 10}), "does not list"),
+        (lambda b: b.update(rank=3), "not the index file of writer 0"),
+        (lambda b: b["tensors"]["w"].update(shape=[64, 9]), "differs from the manifest"),
+    ],
+    ids=["path-escape", "outside-shape", "past-end", "unlisted-file", "wrong-rank", "shape"],
+)
+def test_a_hostile_index_file_is_corrupt_and_restore_falls_back(
+    tmp_path: Path, edit: Any, message: str
+) -> None:
+    root = tmp_path / "ckpts"
+    save_with(_state(), root, 1)
+    save_with(_state(), root, 2)
+    _rewrite_index(root, 2, edit)
+    state: dict[str, Any] = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=message):
+        ckpt.load(state, root, step=2)
+    assert ckpt.restore(state, root).step == 1
+    assert torch.equal(state["w"], _state()["w"])
+
+
+def test_an_index_file_swapped_for_another_sealed_one_is_caught_by_its_pin(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    save_with(_state(), root, 1)
+    other = dict(_state(), w=torch.ones(64, 8))
+    save_with(other, tmp_path / "other", 1)
+    mine = json.loads(manifest_path(root, 1).read_bytes())["writers"][0]["index"]
+    theirs = json.loads(manifest_path(tmp_path / "other", 1).read_bytes())["writers"][0]["index"]
+    target = step_dir(root, 1) / mine
+    target.chmod(0o644)
+    target.write_bytes((step_dir(tmp_path / "other", 1) / theirs).read_bytes())
+    state: dict[str, Any] = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    with pytest.raises(ckpt.CorruptCheckpointError, match="not the one the manifest pins"):
+        ckpt.load(state, root, step=1)
