@@ -81,14 +81,20 @@ from ckpt.coordination import ManifestBuilder, publish_bytes
 from ckpt.engine import MIN_SPLIT_BYTES, PieceInfo, assign_writers
 from ckpt.format import (
     DEFAULT_CHUNK_BYTES,
+    INDEX_DIR,
     TENSOR_REF,
     Box,
     FileHeader,
     ShardIndex,
     StoredPiece,
     TensorEntry,
+    WriterRef,
     chunk_count,
+    infer_layout,
+    load_pieces,
+    seal_digest,
     step_prefix,
+    writers_needed,
 )
 from recovery import candidates, plan_reads
 from storage_backends import LocalBackend
@@ -374,6 +380,177 @@ def committer_side(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict
     }
 
 
+def layout_cells(
+    layout: Layout, tensors: list[TensorSpec]
+) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]]:
+    """Every tensor's written regions and their writers: the write plan every rank holds."""
+    cells: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
+    for spec in tensors:
+        held = cells.setdefault(spec.name, [])
+        for rank in range(layout.world):
+            box, writes = layout.boxes(spec, rank)
+            if box is not None and writes:
+                held.append((box.offsets, box.lengths, rank))
+    return cells
+
+
+def v2_report(
+    rank: int,
+    layout: Layout,
+    tensors: list[TensorSpec],
+    tree: dict[str, Any] | None,
+    cells: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]],
+    describers: dict[str, int],
+    prefix: Path,
+) -> tuple[ShardIndex, float]:
+    """Format v2: write ``rank``'s index file under ``prefix``; its report (the layouts it
+    describes, as ``ckpt.engine`` makes them) and the seconds spent inferring them."""
+    full = shard_index(rank, layout, tensors, None)
+    index = ShardIndex(
+        rank=rank,
+        tensors={n: e for n, e in full.tensors.items() if e.pieces},
+        files=full.files,
+        headers=full.headers,
+    )
+    data = index.to_bytes()
+    path = f"{INDEX_DIR}/writer-{rank:05d}-0a1b2c3d.json"
+    (prefix / path).write_bytes(data)
+    t0 = time.perf_counter()
+    described = {}
+    for spec in tensors:
+        if describers[spec.name] == rank:
+            described[spec.name] = TensorEntry(
+                "float32", spec.shape, (), infer_layout(spec.shape, cells[spec.name])
+            )
+    infer_s = time.perf_counter() - t0
+    report = ShardIndex(
+        rank=rank,
+        tensors=described,
+        files={**full.files, path: len(data)},
+        state=tree,
+        writer=WriterRef(rank, path, len(data), seal_digest(data)),
+    )
+    return report, infer_s
+
+
+def committer_side_v2(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
+    """Format v2: every rank writes its index file and reports the layouts it describes
+    (a few hundred bytes for most ranks); rank 0 merges the reports and publishes."""
+    tree = state_tree(tensors)
+    backend = LocalBackend(root)
+    prefix = Path(root) / step_prefix(STEP)
+    (prefix / "data").mkdir(parents=True)
+    (prefix / INDEX_DIR).mkdir()
+    cells = layout_cells(layout, tensors)
+    # The lowest writer of each tensor describes its layout (every rank knows the plan).
+    describers = {name: min(c[2] for c in written) for name, written in cells.items()}
+    base_rss = rss_bytes()
+    merge_s = 0.0
+    infer_s = 0.0
+    report_bytes = []
+    index_bytes = []
+    builder = ManifestBuilder(STEP)
+    for rank in range(1, layout.world):
+        report, inferred = v2_report(rank, layout, tensors, None, cells, describers, prefix)
+        infer_s = max(infer_s, inferred)
+        sparse_files(prefix, {p: n for p, n in report.files.items() if p.startswith("data/")})
+        index_bytes.append(report.writer.bytes if report.writer else 0)
+        data = report.to_bytes()
+        report_bytes.append(len(data))
+        t0 = time.perf_counter()
+        builder.add_report(data, f"rank {rank}'s report", DEFAULT_CHUNK_BYTES)
+        merge_s += time.perf_counter() - t0
+    own, inferred = v2_report(0, layout, tensors, tree, cells, describers, prefix)
+    infer_s = max(infer_s, inferred)
+    sparse_files(prefix, {p: n for p, n in own.files.items() if p.startswith("data/")})
+    index_bytes.append(own.writer.bytes if own.writer else 0)
+    report_bytes.append(len(own.to_bytes()))
+    t0 = time.perf_counter()
+    builder.add(own)
+    manifest = builder.render(
+        generation=GENERATION,
+        world_size=layout.world,
+        chunk_bytes=DEFAULT_CHUNK_BYTES,
+        created_unix=time.time(),
+        layout={"mesh": [layout.world // layout.tp, layout.tp]},
+    )
+    t1 = time.perf_counter()
+    publish_bytes(backend, STEP, GENERATION, manifest, files=builder.files)
+    t2 = time.perf_counter()
+    peak = peak_rss() - base_rss
+    return {
+        "manifest_bytes": len(manifest),
+        "manifest_zstd_bytes": compressed_size(manifest),
+        "report_bytes_mean": sum(report_bytes) / len(report_bytes),
+        "report_bytes_total": sum(report_bytes),
+        "index_bytes_max": max(index_bytes),
+        "infer_s": infer_s,
+        "files": sum(1 for _ in prefix.joinpath("data").iterdir()),
+        "merge_s": merge_s,
+        "merge_us_per_report": merge_s * 1e6 / max(1, layout.world - 1),
+        "render_s": t1 - t0,
+        "publish_s": t2 - t1,
+        "committer_rss": peak,
+    }
+
+
+def restorer_side_v2(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
+    """Format v2, one restoring rank at a time: discovery (the manifest, one listing), then
+    for each sampled rank of each target world: the index files its regions need, read and
+    checked (``ckpt.format.load_pieces``), and its reads planned."""
+    backend = LocalBackend(root)
+    base_rss = rss_bytes()
+    t0 = time.perf_counter()
+    found = next(candidates(backend))
+    t1 = time.perf_counter()
+    if found.manifest is None:
+        raise SystemExit(f"the benchmark's checkpoint does not validate: {found.error}")
+    head = found.manifest
+    manifest_bytes = (Path(root) / step_prefix(STEP) / "manifest.json").stat().st_size
+    result: dict[str, Any] = {
+        "discover_s": t1 - t0,
+        "read_bytes": manifest_bytes,
+        "read_requests": 1 + (1 if len(head.files) > 256 else len(head.files)),
+        "restore_rss": peak_rss() - base_rss,
+        "plans": {},
+    }
+    for target_world in target_worlds(layout.world):
+        target = Layout(target_world, layout.tp if target_world % layout.tp == 0 else 1)
+        worst: dict[str, float] = {
+            "plan_s": 0.0,
+            "needed_bytes": 0,
+            "needed_pieces": 0,
+            "needed_files": 0,
+            "total_bytes": 0,
+        }
+        for rank in sorted({0, target_world // 2, target_world - 1}):
+            wanted: dict[str, list[Box]] = {}
+            for spec in tensors:
+                box, _ = target.boxes(spec, rank)
+                if box is not None:
+                    wanted[spec.name] = [box]
+            t2 = time.perf_counter()
+            refs = writers_needed(head, wanted)
+            loaded = load_pieces(backend, head, wanted)
+            requests = []
+            for i, (name, boxes) in enumerate(wanted.items()):
+                requests.extend(plan_reads(name, loaded.tensors[name], [(i, boxes[0])]))
+            seconds = time.perf_counter() - t2
+            index_read = sum(r.bytes for r in refs)
+            plan = {
+                "plan_s": seconds,
+                "needed_bytes": index_read,
+                "needed_pieces": len({id(r.piece) for r in requests}),
+                "needed_files": len(refs),
+                "total_bytes": manifest_bytes + index_read,
+            }
+            for key, value in plan.items():
+                worst[key] = max(worst[key], value)
+        result["plans"][str(target_world)] = worst
+    result["restore_rss"] = peak_rss() - base_rss
+    return result
+
+
 def sparse_files(prefix: Path, files: dict[str, int]) -> None:
     """The data files a report names, as sparse files of their recorded sizes."""
     for path, size in files.items():
@@ -539,12 +716,15 @@ class Row:
 
 
 def measure(
-    layout: Layout, tensors: list[TensorSpec], workdir: Path
+    layout: Layout, tensors: list[TensorSpec], workdir: Path, version: int = 1
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     root = tempfile.mkdtemp(prefix="bench-metadata-", dir=workdir)
+    sides = (
+        (committer_side, restorer_side) if version == 1 else (committer_side_v2, restorer_side_v2)
+    )
     try:
-        committer = in_child(committer_side, root, layout, tensors)
-        restorer = in_child(restorer_side, root, layout, tensors)
+        committer = in_child(sides[0], root, layout, tensors)
+        restorer = in_child(sides[1], root, layout, tensors)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return committer, restorer, in_child(planner_side, layout, tensors)
@@ -594,6 +774,46 @@ def extrapolate(base: Row, layout: Layout, tensors: list[TensorSpec], pieces: in
         restorer,
         save_plan,
     )
+
+
+def run_layout_v2(
+    args: argparse.Namespace, tp: int, tensors: list[TensorSpec], workdir: Path
+) -> list[Row]:
+    """Format v2 at every world size, measured (its memory grows with one rank's pieces)."""
+    rows: list[Row] = []
+    for world in args.ranks:
+        if world % tp:
+            continue
+        layout = Layout(world, tp)
+        root = tempfile.mkdtemp(prefix="bench-metadata-v2-", dir=workdir)
+        t0 = time.perf_counter()
+        try:
+            committer = in_child(committer_side_v2, root, layout, tensors)
+            restorer = in_child(restorer_side_v2, root, layout, tensors)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(
+            f"  {layout.name} v2 {world} ranks: measured in {time.perf_counter() - t0:.1f} s, "
+            f"load average after {os.getloadavg()[0]:.1f}",
+            file=sys.stderr,
+        )
+        pieces = count_pieces(layout, tensors)
+        uneven = uneven_tensors(tensors, layout)
+        rows.append(
+            Row(
+                f"{layout.name} v2",
+                world,
+                len(tensors),
+                pieces,
+                uneven,
+                True,
+                world,
+                committer,
+                restorer,
+                {},
+            )
+        )
+    return rows
 
 
 def run_layout(
@@ -677,6 +897,26 @@ def format_rows(rows: list[Row]) -> str:
                 f"{prefix} {int(target):>6} {plan['plan_s'] * 1e3:>6.0f}ms "
                 f"{human_bytes(plan['needed_bytes']):>9} {plan['needed_files']:>5}"
             )
+    v2 = [r for r in rows if "infer_s" in r.committer]
+    if v2:
+        lines += ["", "format v2 (per target: the slowest sampled rank):"]
+        head = (
+            f"{'layout':<9} {'ranks':>5} {'infer':>8} {'index max':>10} | "
+            f"{'target':>6} {'indexes':>7} {'metadata read':>13} {'load+plan':>9}"
+        )
+        lines += [head, "-" * len(head)]
+        for r in v2:
+            c = r.committer
+            left = (
+                f"{r.layout:<9} {r.world:>5} {c['infer_s']:>7.2f}s "
+                f"{human_bytes(c['index_bytes_max']):>10} |"
+            )
+            for i, (target, plan) in enumerate(r.restorer["plans"].items()):
+                prefix = left if i == 0 else " " * len(left)
+                lines.append(
+                    f"{prefix} {int(target):>6} {plan['needed_files']:>7} "
+                    f"{human_bytes(plan['total_bytes']):>13} {plan['plan_s'] * 1e3:>7.0f}ms"
+                )
     lines += ["", "save plan (every rank, before staging, in the training thread):"]
     head = (
         f"{'layout':<9} {'ranks':>5} {'gathered':>10} {'unpickle':>9} {'assign':>9} "
@@ -685,6 +925,8 @@ def format_rows(rows: list[Row]) -> str:
     lines += [head, "-" * len(head)]
     for r in rows:
         p = r.save_plan
+        if not p:
+            continue
         mark = " " if r.measured else "~"
         lines.append(
             f"{r.layout:<9} {r.world:>5}{mark}{human_bytes(p['gather_bytes']):>10} "
@@ -695,7 +937,7 @@ def format_rows(rows: list[Row]) -> str:
 
 
 LEGEND = """\
-manifest: format v1 manifest.json (stored as is); zstd: the same at zstd -3 (reference).
+manifest: manifest.json (v1: every piece; v2: layouts + writers); zstd: at zstd -3 (reference).
 report: mean sealed ShardIndex per rank (what a Redis stream holds per unread report).
 merge/rep, merge all: ManifestBuilder.add_report per report and for all N-1 (done while
   ranks write; in a burst of reports, the committer's backlog after the last one).
@@ -712,7 +954,13 @@ gathered: bytes each rank receives from the planning all_gather_object (N payloa
   padded to the largest); unpickle, assign (assign_writers), boxes_for: each rank's
   Python time; RSS: peak growth; uneven: sharded tensors whose shards differ in size;
   0-d writers: ranks assign_writers spreads the replicated 0-d steps over.
-~: extrapolated linearly in pieces from the largest measured world (not run)."""
+~: extrapolated linearly in pieces from the largest measured world (not run).
+v2 rows: report = what a rank sends the committer (its index file is on storage); read =
+  the manifest; reqs = 1 GET + 1 listing; plan = reading and checking the index files the
+  rank's regions need (ckpt.format.load_pieces) + plan_reads; needed = those index files'
+  bytes; files = how many. infer: the describing rank's layout inference (in its persist
+  thread, while it writes); index max: the largest index file; metadata read: manifest +
+  index files one restoring rank reads."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -732,6 +980,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extrapolate world sizes estimated to need more than this per process",
     )
     parser.add_argument("--quick", action="store_true", help="256 ranks, fsdp and 2d")
+    parser.add_argument("--format", default="1,2", help="format versions to measure: 1, 2 or 1,2")
     parser.add_argument("--dir", type=Path, default=None, help="where the sparse files go")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -754,7 +1003,10 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for name in args.layouts.split(","):
         tp = {"fsdp": 1, "2d": args.tp}[name.strip()]
-        rows += run_layout(args, tp, tensors, workdir)
+        if "1" in args.format:
+            rows += run_layout(args, tp, tensors, workdir)
+        if "2" in args.format:
+            rows += run_layout_v2(args, tp, tensors, workdir)
     print(format_rows(rows))
     print(LEGEND)
     if args.json:
