@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
 import torch
 
 from ckpt.coordination import Coordinator, data_files_vanished
@@ -600,9 +601,18 @@ def writer_report(
     except CheckpointNotFoundError as exc:  # the step's prefix was deleted under the save
         raise data_files_vanished(job.step, job.backend.url, str(exc)) from exc
     assert job.layouts is not None
+    # A tensor stored whole by this rank (a replicated one, an optimizer's 0-d step) keeps
+    # its pieces in the manifest too: every restoring rank needs it, and reading the index
+    # file of each such writer would cost one index file per writer.
+    described = {
+        name: msgspec.structs.replace(entry, pieces=tuple(stored.get(name, ())))
+        if entry.layout is not None and entry.layout.sole_writer == job.rank
+        else entry
+        for name, entry in job.layouts.result().items()
+    }
     return ShardIndex(
         rank=job.rank,
-        tensors=job.layouts.result(),
+        tensors=described,
         files={**files, job.index_path: len(data)},
         state=job.tree,
         timing=timing,

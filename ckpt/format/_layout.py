@@ -108,6 +108,15 @@ class Layout(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, array_li
             )
 
     @property
+    def sole_writer(self) -> int | None:
+        """The one writer of a tensor stored in one region (whole), else None."""
+        if self.regions is not None:
+            return self.regions[0][2] if len(self.regions) == 1 else None
+        if len(self.writers) == 1 and self.writers[0][2] == 1:
+            return self.writers[0][0]
+        return None
+
+    @property
     def writer_ranks(self) -> set[int]:
         """Every writer the layout names."""
         if self.regions is not None:

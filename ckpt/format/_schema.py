@@ -269,12 +269,23 @@ class ShardIndex(msgspec.Struct, frozen=True):
         if index.writer is not None:
             safe_relative_path(index.writer.index, where)
             for name, entry in index.tensors.items():
-                if entry.pieces or entry.layout is None:
-                    raise CorruptCheckpointError(
-                        f"{where}: tensor {name!r} of a v2 report needs a layout and no pieces"
-                    )
+                here = f"{where}: tensor {name!r}"
+                if entry.layout is None:
+                    raise CorruptCheckpointError(f"{here}: a v2 report needs a layout")
                 # World size is the committer's to check: any rank number is accepted here.
-                entry.layout.check(entry.shape, 1 << 62, f"{where}: tensor {name!r}")
+                entry.layout.check(entry.shape, 1 << 62, here)
+                if entry.pieces and entry.layout.sole_writer != index.rank:
+                    raise CorruptCheckpointError(
+                        f"{here}: only a tensor stored whole by the reporting rank lists pieces"
+                    )
+            check_tensors(
+                {n: e for n, e in index.tensors.items() if e.pieces},
+                index.files,
+                {},
+                chunk_bytes,
+                where,
+                complete=True,
+            )
             return index
         check_tensors(index.tensors, index.files, index.headers, chunk_bytes, where, complete=False)
         return index
@@ -323,7 +334,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             return render_manifest(
                 self.header(),
                 (
-                    (name, _ENCODER.encode(msgspec.structs.replace(entry, pieces=())))
+                    (name, _ENCODER.encode(stored_entry(entry)))
                     for name, entry in self.tensors.items()
                 ),
             )
@@ -399,6 +410,14 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         return manifest
 
 
+def stored_entry(entry: TensorEntry) -> TensorEntry:
+    """A tensor as a v2 manifest stores it: its layout, and its pieces only when one
+    writer stores it whole (the pieces of the others are in the index files)."""
+    if entry.layout is not None and entry.layout.sole_writer is None and entry.pieces:
+        return msgspec.structs.replace(entry, pieces=())
+    return entry
+
+
 def _check_layouts(manifest: Manifest, where: str) -> None:
     """A v2 manifest: every rank's index file is listed, every tensor has a layout that
     tiles it (naming ranks of the job), and no pieces (they are in the index files)."""
@@ -424,9 +443,19 @@ def _check_layouts(manifest: Manifest, where: str) -> None:
             raise CorruptCheckpointError(f"{here}: unknown dtype {entry.dtype!r}")
         if math.prod(max(1, n) for n in entry.shape) > MAX_ELEMENTS:
             raise CorruptCheckpointError(f"{here}: shape {list(entry.shape)} is too large")
-        if entry.layout is None or entry.pieces:
-            raise CorruptCheckpointError(f"{here}: a v2 manifest needs a layout and no pieces")
+        if entry.layout is None:
+            raise CorruptCheckpointError(f"{here}: a v2 manifest needs a layout")
         entry.layout.check(entry.shape, manifest.world_size, here)
+        if entry.pieces and entry.layout.sole_writer is None:
+            raise CorruptCheckpointError(
+                f"{here}: a v2 manifest lists pieces only of a tensor one writer stores whole"
+            )
+    inline = {
+        name: msgspec.structs.replace(entry, layout=None)
+        for name, entry in manifest.tensors.items()
+        if entry.pieces
+    }
+    check_tensors(inline, manifest.files, {}, manifest.chunk_bytes, where, complete=True)
 
 
 class _Envelope(msgspec.Struct):

@@ -37,7 +37,7 @@ def writers_needed(manifest: Manifest, wanted: Mapping[str, Sequence[Box]]) -> l
     ranks: set[int] = set()
     for name, regions in wanted.items():
         entry = manifest.tensors.get(name)
-        if entry is None or entry.layout is None:
+        if entry is None or entry.layout is None or _inline(entry):
             continue
         for region in regions:
             ranks |= entry.layout.writers_overlapping(entry.shape, region)
@@ -66,7 +66,11 @@ def load_pieces(
     refs = list(manifest.writers) if wanted is None else writers_needed(manifest, wanted)
     with ThreadPoolExecutor(min(_READERS, max(1, len(refs))), "ckpt-index") as pool:
         indexes = list(pool.map(lambda ref: _read_index(backend, manifest, ref), refs))
-    pieces: dict[str, list[StoredPiece]] = {name: [] for name in manifest.tensors}
+    # Tensors one writer stores whole are listed with their pieces in the manifest itself.
+    inline = {name for name, entry in manifest.tensors.items() if _inline(entry)}
+    pieces: dict[str, list[StoredPiece]] = {
+        name: [] for name in manifest.tensors if name not in inline
+    }
     headers: dict[str, FileHeader] = {}
     for index in indexes:
         headers.update(index.headers)
@@ -75,6 +79,8 @@ def load_pieces(
                 pieces[name].extend(entry.pieces)
     tensors = {
         name: msgspec.structs.replace(entry, pieces=tuple(pieces[name]))
+        if name in pieces
+        else entry
         for name, entry in manifest.tensors.items()
     }
     loaded = msgspec.structs.replace(manifest, tensors=tensors, headers=headers)
@@ -89,6 +95,11 @@ def load_pieces(
             complete=True,
         )
     return loaded
+
+
+def _inline(entry: TensorEntry) -> bool:
+    """The manifest lists this tensor's pieces itself (one writer stores it whole)."""
+    return bool(entry.pieces) and entry.layout is not None and entry.layout.sole_writer is not None
 
 
 def _without_layout(entry: TensorEntry) -> TensorEntry:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ckpt
+from ckpt.convert import relayout
 from ckpt.format import (
     Box,
     Layout,
@@ -113,6 +114,24 @@ def _state() -> dict[str, Any]:
     return {"w": torch.randn(64, 8), "b": torch.randn(8), "next_step": 3}
 
 
+def _blank() -> dict[str, Any]:
+    return {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+
+
+def _two_writers(root: Path, step: int, state: dict[str, Any] | None = None) -> None:
+    """``state`` saved as ``step`` the way 2 ranks would have saved it (rows split in two):
+    ``w`` and ``b`` each have a grid layout of 2 writers, their pieces in index files."""
+    src = root.parent / f"{root.name}-src-{step}"
+    save_with(state or _state(), src, step)
+    relayout(LocalBackend(src), LocalBackend(root), world_size=2)
+
+
+def _index_of(root: Path, step: int, rank: int) -> Path:
+    doc = json.loads(manifest_path(root, step).read_bytes())
+    index: str = doc["writers"][rank]["index"]
+    return step_dir(root, step) / index
+
+
 def test_a_save_writes_v2_and_v1_on_request(tmp_path: Path) -> None:
     save_with(_state(), tmp_path / "v2", 1)
     save_with(_state(), tmp_path / "v1", 1, ckpt.SaveOptions(format_version=1))
@@ -120,25 +139,31 @@ def test_a_save_writes_v2_and_v1_on_request(tmp_path: Path) -> None:
     v1 = json.loads(manifest_path(tmp_path / "v1", 1).read_bytes())
     assert v2["format_version"] == 2 and v1["format_version"] == 1
     assert [w["rank"] for w in v2["writers"]] == [0]
-    assert v2["tensors"]["w"]["pieces"] == [] and "layout" in v2["tensors"]["w"]
+    # One writer stores every tensor whole: its pieces are listed in the manifest too.
+    assert v2["tensors"]["w"]["layout"] == {"grid": [], "writers": [[0, 0, 1]]}
+    assert v2["tensors"]["w"]["pieces"]
+    _two_writers(tmp_path / "two", 1)
+    two = json.loads(manifest_path(tmp_path / "two", 1).read_bytes())
+    assert [w["rank"] for w in two["writers"]] == [0, 1]
+    assert two["tensors"]["w"]["pieces"] == []
+    assert two["tensors"]["w"]["layout"] == {"grid": [[0, [[32, 2]]]], "writers": [[0, 1, 2]]}
     assert "writers" not in v1 and v1["tensors"]["w"]["pieces"]
-    for root in ("v1", "v2"):
-        state: dict[str, Any] = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    for root in ("v1", "v2", "two"):
+        state = _blank()
         ckpt.load(state, tmp_path / root)
         assert torch.equal(state["w"], _state()["w"])
         assert state["next_step"] == 3
         full = read_manifest(LocalBackend(tmp_path / root), 1)
-        assert full.tensors["w"].pieces and full.format_version == (2 if root == "v2" else 1)
+        assert full.tensors["w"].pieces and full.format_version == (1 if root == "v1" else 2)
 
 
 def test_a_corrupt_or_missing_index_file_is_a_corrupt_step(tmp_path: Path) -> None:
     root = tmp_path / "ckpts"
     save_with(_state(), root, 1)
-    save_with(_state(), root, 2)
-    (writer,) = json.loads(manifest_path(root, 2).read_bytes())["writers"]
-    index = step_dir(root, 2) / writer["index"]
+    _two_writers(root, 2)
+    index = _index_of(root, 2, 1)
     flip_byte(index, 40)
-    state = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    state = _blank()
     report = ckpt.restore(state, root)
     assert report.step == 1 and [s for s, _ in report.skipped] == [2]
     assert "index file" in report.skipped[0][1] or "checksum" in report.skipped[0][1]
@@ -151,14 +176,11 @@ def test_a_corrupt_or_missing_index_file_is_a_corrupt_step(tmp_path: Path) -> No
 
 def test_a_layout_that_gives_a_piece_to_another_writer_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "ckpts"
-    save_with(_state(), root, 1)
+    _two_writers(root, 1)
     doc = json.loads(manifest_path(root, 1).read_bytes())
-    doc["world_size"] = 2
-    doc.pop("timings", None)
-    doc["writers"].append({**doc["writers"][0], "rank": 1})
-    doc["tensors"]["w"]["layout"] = {"grid": [], "writers": [[1, 0, 1]]}
+    doc["tensors"]["w"]["layout"]["writers"] = [[1, -1, 2]]  # rows 0-31 to rank 1, 32-63 to 0
     write_manifest(root, 1, doc)
-    state = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    state = _blank()
     with pytest.raises(ckpt.CorruptCheckpointError, match="outside what the layout gives"):
         ckpt.load(state, root, step=1)
 
@@ -206,10 +228,10 @@ def test_a_restoring_rank_reads_only_the_writers_it_overlaps(tmp_path: Path) -> 
 
 
 def _rewrite_index(root: Path, step: int, edit: Any) -> None:
-    """Edit rank 0's index file, re-seal it and re-pin it in a re-sealed manifest: what is
+    """Edit rank 1's index file, re-seal it and re-pin it in a re-sealed manifest: what is
     tested is the validation behind the seals."""
     doc = json.loads(manifest_path(root, step).read_bytes())
-    writer = doc["writers"][0]
+    writer = doc["writers"][1]
     path = step_dir(root, step) / writer["index"]
     body = json.loads(path.read_bytes())
     body.pop("manifest_checksum")
@@ -232,21 +254,30 @@ def _first_piece(body: dict[str, Any]) -> dict[str, Any]:
     [
         (lambda b: _first_piece(b).update(file="../../etc/passwd"), "leave the checkpoint prefix"),
         (lambda b: _first_piece(b).update(offsets=[60, 0]), "outside the shape"),
+        (lambda b: _first_piece(b).update(offsets=[0, 0]), "outside what the layout gives"),
         (lambda b: _first_piece(b).update(byte_offset=1 << 40), "past the end"),
         (lambda b: b["files"].update({"data/extra.safetensors": 10}), "does not list"),
-        (lambda b: b.update(rank=3), "not the index file of writer 0"),
+        (lambda b: b.update(rank=0), "not the index file of writer 1"),
         (lambda b: b["tensors"]["w"].update(shape=[64, 9]), "differs from the manifest"),
     ],
-    ids=["path-escape", "outside-shape", "past-end", "unlisted-file", "wrong-rank", "shape"],
+    ids=[
+        "path-escape",
+        "outside-shape",
+        "other-writers-rows",
+        "past-end",
+        "unlisted-file",
+        "wrong-rank",
+        "shape",
+    ],
 )
 def test_a_hostile_index_file_is_corrupt_and_restore_falls_back(
     tmp_path: Path, edit: Any, message: str
 ) -> None:
     root = tmp_path / "ckpts"
     save_with(_state(), root, 1)
-    save_with(_state(), root, 2)
+    _two_writers(root, 2)
     _rewrite_index(root, 2, edit)
-    state: dict[str, Any] = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    state = _blank()
     with pytest.raises(ckpt.CorruptCheckpointError, match=message):
         ckpt.load(state, root, step=2)
     assert ckpt.restore(state, root).step == 1
@@ -255,14 +286,11 @@ def test_a_hostile_index_file_is_corrupt_and_restore_falls_back(
 
 def test_an_index_file_swapped_for_another_sealed_one_is_caught_by_its_pin(tmp_path: Path) -> None:
     root = tmp_path / "ckpts"
-    save_with(_state(), root, 1)
-    other = dict(_state(), w=torch.ones(64, 8))
-    save_with(other, tmp_path / "other", 1)
-    mine = json.loads(manifest_path(root, 1).read_bytes())["writers"][0]["index"]
-    theirs = json.loads(manifest_path(tmp_path / "other", 1).read_bytes())["writers"][0]["index"]
-    target = step_dir(root, 1) / mine
+    _two_writers(root, 1)
+    _two_writers(tmp_path / "other", 1, dict(_state(), w=torch.ones(64, 8)))
+    target = _index_of(root, 1, 1)
     target.chmod(0o644)
-    target.write_bytes((step_dir(tmp_path / "other", 1) / theirs).read_bytes())
-    state: dict[str, Any] = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "next_step": 0}
+    target.write_bytes(_index_of(tmp_path / "other", 1, 1).read_bytes())
+    state = _blank()
     with pytest.raises(ckpt.CorruptCheckpointError, match="not the one the manifest pins"):
         ckpt.load(state, root, step=1)

@@ -41,11 +41,13 @@ def read_manifest(root: Path, step: int) -> dict[str, Any]:
     tensor's ``pieces`` and the ``headers`` of its data files taken from the writers'
     index files, as a v1 manifest lists them (``write_manifest`` drops them again)."""
     doc: dict[str, Any] = json.loads(manifest_path(root, step).read_bytes())
+    inline = {name for name, entry in doc.get("tensors", {}).items() if entry.get("pieces")}
     for writer in doc.get("writers", ()):
         index = json.loads((step_dir(root, step) / writer["index"]).read_bytes())
         doc.setdefault("headers", {}).update(index["headers"])
         for name, entry in index["tensors"].items():
-            doc["tensors"][name]["pieces"].extend(entry["pieces"])
+            if name not in inline:  # a tensor one writer stores whole is listed in both
+                doc["tensors"][name]["pieces"].extend(entry["pieces"])
     return doc
 
 
@@ -59,13 +61,25 @@ def write_manifest(root: Path, step: int, doc: Mapping[str, Any]) -> None:
     body = {k: v for k, v in doc.items() if k != "manifest_checksum"}
     if body.get("writers"):
         tensors = body.get("tensors")
-        if isinstance(tensors, dict):
+        if isinstance(tensors, dict):  # pieces stay listed only for tensors stored whole
             body["tensors"] = {
-                n: {**e, "pieces": []} if isinstance(e, dict) else e for n, e in tensors.items()
+                n: {**e, "pieces": []} if _in_index_files(e) else e for n, e in tensors.items()
             }
         body.pop("headers", None)
     # Re-sealed, so that each test reaches the validation it is about.
     path.write_bytes(seal_manifest(json.dumps(body).encode()))
+
+
+def _in_index_files(entry: Any) -> bool:
+    """A v2 tensor entry whose pieces live in the writers' index files (not one whole region)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("layout"), dict):
+        return False
+    layout = entry["layout"]
+    regions = layout.get("regions")
+    if regions is not None:
+        return len(regions) != 1
+    writers = layout.get("writers", [])
+    return not (len(writers) == 1 and writers[0][2] == 1)
 
 
 def piece_of(root: Path, step: int, tensor: str) -> dict[str, Any]:
