@@ -538,6 +538,51 @@ def summarize(result: RunResult, events: list[dict[str, Any]], t0: float) -> Non
         result.bytes_per_rank = statistics.median(sizes)
 
 
+def merge(runs: list[RunResult]) -> RunResult:
+    """The median run: medians of the counts and rates, per-event samples pooled."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    def low(values: list[int]) -> int:
+        return int(statistics.median_low(values))
+
+    def opt(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    stalls = [s for r in runs for s in r.stalls_s]
+    restores = [s for r in runs for s in r.restores_s]
+    downtimes = [s for r in runs for s in r.downtimes_s]
+    return RunResult(
+        contender=runs[0].contender,
+        failures=low([r.failures for r in runs]),
+        deferred=low([r.deferred for r in runs]),
+        kills=runs[0].kills,
+        executed=low([r.executed for r in runs]),
+        useful=low([r.useful for r in runs]),
+        lost=low([r.lost for r in runs]),
+        goodput=med([r.goodput for r in runs]),
+        saves=low([r.saves for r in runs]),
+        committed=low([r.committed for r in runs]),
+        skipped=low([r.skipped for r in runs]),
+        stall_median_s=med(stalls) if stalls else None,
+        stall_estimate_s=opt([r.stall_estimate_s for r in runs]),
+        restore_median_s=med(restores) if restores else None,
+        downtime_median_s=med(downtimes) if downtimes else None,
+        step_median_s=med([r.step_median_s for r in runs]),
+        stalls_s=stalls,
+        restores_s=restores,
+        downtimes_s=downtimes,
+        wall_s=med([r.wall_s for r in runs]),
+        time_goodput=med([r.time_goodput for r in runs]),
+        bytes_per_rank=opt([r.bytes_per_rank for r in runs]),
+        exit_status=max(r.exit_status for r in runs),
+    )
+
+
 # -- the projection ---------------------------------------------------------------------
 
 
@@ -714,12 +759,15 @@ def pooled(results: list[RunResult]) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="24 s per contender, 1 DCP run")
+    parser.add_argument("--quick", action="store_true", help="20 s per contender, 1 DCP run")
     parser.add_argument("--smoke", action="store_true", help="ckpt only, one failure (CI)")
     parser.add_argument("--budget", type=float, help="seconds of training per contender")
     parser.add_argument("--mtbf", type=float, help="mean seconds between injected failures")
     parser.add_argument(
         "--seed", type=int, default=9, help="failure schedule (9: both kinds in --quick)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="interleaved runs per contender (medians shown)"
     )
     parser.add_argument("--json", help="write the results and the projection here")
     parser.add_argument("--dir", help="parent of the temporary work directories")
@@ -737,7 +785,7 @@ def main() -> None:
         sys.stdout.flush()
         os._exit(0)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    budget = args.budget or {"smoke": 6.0, "quick": 24.0, "full": 180.0}[mode]
+    budget = args.budget or {"smoke": 6.0, "quick": 20.0, "full": 180.0}[mode]
     mtbf = args.mtbf or {"smoke": 20.0, "quick": 20.0, "full": 45.0}[mode]
     if mode == "smoke":
         schedule = [Failure(2.0, whole_job=False, victim=1, after_commit=True)]
@@ -756,20 +804,27 @@ def main() -> None:
         f"stall floor: memcpy of one rank's state ({floor_bytes / 1e6:.1f} MB) = "
         f"{floor_s * 1e3:.1f} ms; goodput limit = 1.0 (no failure, free saves)"
     )
-    print("noisy: 2 shared cores, other jobs running; single runs, no medians across repeats")
+    print(
+        f"noisy: 2 shared cores, other jobs running; {args.repeats} run(s) per contender, "
+        "medians across runs"
+    )
     base = Path(tempfile.mkdtemp(prefix="goodput-", dir=args.dir))
-    results = []
+    runs: dict[str, list[RunResult]] = {c.name: [] for c in contenders(mode)}
     try:
-        for contender in contenders(mode):
-            result = run_contender(contender, schedule, budget, mtbf, base)
-            results.append(result)
-            print(
-                f"  {contender.name}: goodput {result.goodput:.3f}, {result.failures} failures, "
-                f"exit {result.exit_status}",
-                flush=True,
-            )
+        for repeat in range(args.repeats):  # contenders interleaved, repeat after repeat
+            for contender in contenders(mode):
+                result = run_contender(contender, schedule, budget, mtbf, base)
+                runs[contender.name].append(result)
+                print(
+                    f"  [{repeat + 1}/{args.repeats}] {contender.name}: goodput "
+                    f"{result.goodput:.3f}, {result.failures} failures, downtimes "
+                    + ", ".join(f"{d:.1f}" for d in result.downtimes_s)
+                    + f" s, exit {result.exit_status}",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    results = [merge(rs) for rs in runs.values()]
     print()
     print(results_table(results))
     a = Assumptions()
@@ -798,6 +853,7 @@ def main() -> None:
                     "schedule": [asdict(f) for f in schedule],
                     "stall_floor_s": floor_s,
                     "results": [asdict(r) for r in results],
+                    "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()},
                     "assumptions": asdict(a),
                     "projection": rows,
                 },
