@@ -21,7 +21,7 @@ Then it projects goodput at 1k, 4k and 16k GPUs at Llama 3's interruption rate f
 measured C and R, with the Young/Daly interval; every assumption is printed.
 
     python -m benchmarks.bench_goodput --quick          # < 3 min on 2 cores
-    python -m benchmarks.bench_goodput                  # 120 s per contender, 2 DCP runs
+    python -m benchmarks.bench_goodput                  # 180 s per contender, 2 DCP runs: ~17 min
     python -m benchmarks.bench_goodput --smoke --json out.json   # CI: one failure, < 60 s
 
 Nothing here asserts a timing; the figures are noisy on a shared machine.
