@@ -57,7 +57,10 @@ class CheckpointManager:
         every_steps: save when ``step`` is a multiple of this.
         every_seconds: save when this long has passed since the last save started.
         interval: ``"auto"`` derives the save period from the measured stall and
-            ``mtbf_seconds`` (Young/Daly: sqrt(2 * stall * MTBF)).
+            ``mtbf_seconds`` (Young/Daly: sqrt(2 * stall * MTBF)). A fresh job saves at
+            its first ``maybe_save`` to measure the stall; a job that restored a checkpoint
+            plans from the stall recorded in that checkpoint's manifest (the slowest rank's)
+            until its own first save is measured, so it does not save right after restarting.
         manual: no automatic saves: the job saves by calling ``save`` itself (or only
             restores); ``maybe_save`` then saves only after SIGTERM. A manager needs
             one of ``every_steps``, ``every_seconds``, ``interval`` or ``manual=True``;
@@ -150,6 +153,7 @@ class CheckpointManager:
         self._restored_step: int | None = None
         self._last_pending: PendingSave | None = None
         self._stalls: list[float] = []  # the first save's, then the most recent ones
+        self._restored_stall: float | None = None  # from the restored manifest's timings
         self._preempted: int | None = None
         self._replaceable: set[int] = set()
         self._previous_handler: Any = None
@@ -213,6 +217,8 @@ class CheckpointManager:
         self._last_saved_step = report.step
         self._restored_step = report.step
         self._last_save_time = time.monotonic()
+        timings = report.timings
+        self._restored_stall = max(timings.stall_s) if timings and timings.stall_s else None
         self._prepare_for_policy(state)
         return report.step
 
@@ -388,8 +394,8 @@ class CheckpointManager:
 
     def _period_seconds(self) -> float | None:
         if self.interval == "auto":
-            if not self.metrics.saves_started:
-                return 0.0  # save once to measure the cost
+            if not self.metrics.saves_started and self._restored_stall is None:
+                return 0.0  # a fresh job: save once to measure the cost
             period = math.sqrt(2.0 * max(self.stall_estimate, 1e-3) * self.mtbf_seconds)
             return period if self.every_seconds is None else min(period, self.every_seconds)
         return self.every_seconds
@@ -403,9 +409,13 @@ class CheckpointManager:
     def stall_estimate(self) -> float:
         """The steady-state stall of a save, in seconds, that ``interval="auto"`` plans with: the
         median of the recent saves' stalls, leaving out the first one (which may include
-        allocating the staging buffers) once there are others. 0.0 before any save."""
+        allocating the staging buffers) once there are others. Before this manager's first
+        save: the slowest rank's stall recorded in the manifest of the restored checkpoint,
+        or 0.0 when nothing was restored or the manifest records no timings."""
         stalls = self._stalls[1:] if len(self._stalls) > 1 else self._stalls
-        return statistics.median(stalls) if stalls else 0.0
+        if stalls:
+            return statistics.median(stalls)
+        return self._restored_stall if self._restored_stall is not None else 0.0
 
     def prepare(self, state: Mapping[str, Any]) -> int:
         """Allocate and touch the host staging buffers for saves of ``state`` now, so that the

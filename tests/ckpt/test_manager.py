@@ -26,7 +26,7 @@ import torch
 
 import ckpt
 from ckpt import CheckpointManager
-from ckpt.format import StepListing, scan_steps, step_prefix
+from ckpt.format import StepListing, read_manifest, scan_steps, step_prefix
 from ckpt.retention import RetentionPolicy, plan_gc
 from storage_backends import LocalBackend
 from tests.support.faulty import FaultyBackend
@@ -208,6 +208,34 @@ with ckpt.CheckpointManager({str(root)!r}, every_steps=1) as mgr:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_auto_interval_after_a_restart_plans_with_the_restored_stall(
+    root: Path, clock: FakeClock
+) -> None:
+    """A restarted job does not save at its first step: it plans with the stall recorded in
+    the restored manifest, while a fresh job saves at once to measure it."""
+    with CheckpointManager(
+        root, interval="auto", mtbf_seconds=3600.0, keep_last=None, if_busy="wait"
+    ) as mgr:
+        assert _run(mgr, range(1, 2)) == [1]  # a fresh job: saved at once, to measure
+        clock.advance(1e6)
+        assert _run(mgr, range(2, 3)) == [2]
+    recorded = read_manifest(LocalBackend(root), 2).timings
+    assert recorded is not None
+    with CheckpointManager(
+        root, interval="auto", mtbf_seconds=3600.0, keep_last=None, if_busy="wait"
+    ) as mgr:
+        state = _state()
+        assert mgr.restore(state) == 2
+        assert mgr.stall_estimate == max(recorded.stall_s)
+        period = math.sqrt(2.0 * max(mgr.stall_estimate, 1e-3) * 3600.0)
+        assert _run(mgr, range(3, 4)) == []  # not at the first maybe_save after the restart
+        clock.advance(period * 0.9)
+        assert _run(mgr, range(4, 5)) == []
+        clock.advance(period * 0.2)
+        assert _run(mgr, range(5, 6)) == [5]  # at the period the policy chose
+    assert _committed(root) == (1, 2, 5)
 
 
 def test_auto_interval_is_capped_by_every_seconds(root: Path, clock: FakeClock) -> None:
