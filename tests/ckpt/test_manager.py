@@ -625,6 +625,74 @@ def test_sigterm_in_a_real_process(root: Path) -> None:
     )
 
 
+def _sigterm_worker(root: Path, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.workers.sigterm", str(root), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        proc.kill()
+        pytest.fail(f"the worker did not get ready: {proc.communicate(timeout=60)[1]}")
+    return proc
+
+
+@pytest.mark.parametrize("mode", ["stuck", "fails"])
+def test_sigterm_ends_a_process_that_never_reaches_maybe_save(root: Path, mode: str) -> None:
+    """A loop stuck (or failed, its exit waiting on a save that cannot commit) after SIGTERM:
+    the watchdog ends it with status 143 and one ERROR line, well before the worker's own
+    60 s limits would (status 3 when stuck, 1 when the held write gives up)."""
+    proc = _sigterm_worker(root, mode)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=50)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR:ckpt._manager:")]
+    assert len(errors) == 1 and "has not exited" in errors[0], err
+    assert "exiting with status 143" in errors[0]
+    # Step 3's save was released in "stuck" (it commits) and held in "fails" (not committed).
+    assert _committed(root) == ((3,) if mode == "stuck" else ())
+
+
+def test_a_second_sigterm_is_not_swallowed(root: Path) -> None:
+    proc = _sigterm_worker(root, "twice")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PREEMPTED"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=50)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM, err
+
+
+def test_sigterm_after_close_gets_the_previous_handler(root: Path) -> None:
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        mgr = CheckpointManager(root, manual=True)
+        handler = signal.getsignal(signal.SIGTERM)
+        closer = threading.Thread(target=mgr.close)  # off the main thread: handler stays
+        closer.start()
+        closer.join()
+        assert signal.getsignal(signal.SIGTERM) == handler == mgr._on_sigterm
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM] and not mgr.preempted
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_close_waits_for_the_save_in_flight(root: Path) -> None:
     faulty = FaultyBackend(LocalBackend(root), gate=threading.Event())
     before = signal.getsignal(signal.SIGTERM)
