@@ -9,9 +9,9 @@ Then, by ``MODE``:
 
 * ``save`` (default): lets the held write go on and calls ``maybe_save(5)``, which must
   finish step 3, save step 5 and exit with status 143 (exits 4 when the loop runs past 5);
-* ``stuck``: lets the held write go on, then never calls ``maybe_save`` again (a main
-  thread stuck in a collective); the manager's watchdog must exit with status 143 after
-  ``GRACE_S`` (exits 3 when it does not);
+* ``stuck``: lets the held write go on and waits for its commit, then never calls
+  ``maybe_save`` again (a main thread stuck in a collective); the manager's watchdog must
+  exit with status 143 after ``GRACE_S`` (exits 3 when it does not);
 * ``fails``: raises, as a collective does when a peer rank died, with step 3's write still
   held, so that interpreter exit waits on the save; the watchdog must exit with status 143
   (without it the held write gives up after 60 s and the exit status is 1);
@@ -66,6 +66,7 @@ def main(root: str, mode: str) -> int:
             if mode == "twice":
                 print("PREEMPTED", flush=True)
             if mode in ("stuck", "twice"):
+                mgr.wait()  # step 3 commits, whatever the machine's load
                 deadline = time.monotonic() + SIGTERM_WAIT_S
                 while time.monotonic() < deadline:  # never reaches maybe_save again
                     time.sleep(0.01)
