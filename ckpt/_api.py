@@ -34,7 +34,7 @@ from ckpt.errors import (
     StorageError,
     storage_errors,
 )
-from ckpt.format import Manifest
+from ckpt.format import Manifest, SaveTimings
 from recovery import Loader, LoadOptions, LoadStats, candidates, committed_steps
 from storage_backends import RootNotFoundError, StorageBackend, as_tiered
 
@@ -153,6 +153,8 @@ class RestoreReport:
             ``strict=False``.
         loaded_nothing: True when no tensor and no value of the checkpoint reached the
             state (logged at WARNING): the names do not match.
+        timings: the loaded checkpoint's per-rank save timings, from its manifest; None
+            when the manifest has none.
     """
 
     step: int
@@ -161,6 +163,7 @@ class RestoreReport:
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     loaded_nothing: bool = False
+    timings: SaveTimings | None = None
 
 
 def load(
@@ -244,10 +247,12 @@ def _restore(
 ) -> RestoreReport:
     """``load`` that reports which steps it skipped and what it read."""
 
-    def fill(tier: StorageBackend, manifest: Manifest) -> _Loaded:
-        return load_manifest(state, tier, manifest, strict=strict, options=options)
+    def fill(tier: StorageBackend, manifest: Manifest) -> tuple[_Loaded, SaveTimings | None]:
+        return load_manifest(state, tier, manifest, strict=strict, options=options), (
+            manifest.timings
+        )
 
-    found, skipped, loaded = first_loadable(
+    found, skipped, (loaded, timings) = first_loadable(
         open_url(url, create=False), step, fill, coordinator=coordinator
     )
     return RestoreReport(
@@ -257,6 +262,7 @@ def _restore(
         tuple(loaded.plan.missing),
         tuple(loaded.plan.unexpected),
         loaded.plan.loads_nothing,
+        timings,
     )
 
 

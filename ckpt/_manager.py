@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from storage_backends import RootNotFoundError, StorageBackend, as_tiered
 log = logging.getLogger(__name__)
 
 RNG_KEY = "_ckpt_rng"
+DEFAULT_SIGTERM_GRACE_S = 20.0
 _RECENT_STALLS = 16
 
 
@@ -57,7 +59,10 @@ class CheckpointManager:
         every_steps: save when ``step`` is a multiple of this.
         every_seconds: save when this long has passed since the last save started.
         interval: ``"auto"`` derives the save period from the measured stall and
-            ``mtbf_seconds`` (Young/Daly: sqrt(2 * stall * MTBF)).
+            ``mtbf_seconds`` (Young/Daly: sqrt(2 * stall * MTBF)). A fresh job saves at
+            its first ``maybe_save`` to measure the stall; a job that restored a checkpoint
+            plans from the stall recorded in that checkpoint's manifest (the slowest rank's)
+            until its own first save is measured, so it does not save right after restarting.
         manual: no automatic saves: the job saves by calling ``save`` itself (or only
             restores); ``maybe_save`` then saves only after SIGTERM. A manager needs
             one of ``every_steps``, ``every_seconds``, ``interval`` or ``manual=True``;
@@ -76,7 +81,18 @@ class CheckpointManager:
         if_busy: when a save is due while the previous one is still in the background:
             ``"skip"`` it (logged and counted) or ``"wait"`` for the previous one.
         save_on_sigterm: on SIGTERM, finish the save in flight, save at the next
-            ``maybe_save`` call, then exit with status 143.
+            ``maybe_save`` call, then exit with status 143. A second SIGTERM, or one that
+            arrives after ``close``, gets the handler that was there before (by default it
+            ends the process at once).
+        sigterm_grace_seconds: with ``save_on_sigterm``, the longest the process lives after
+            the first SIGTERM. When it is still running then (the loop never reached
+            ``maybe_save``, e.g. because a collective failed after a peer rank died, or the
+            final save or the interpreter's exit waits on a save that cannot commit), a
+            watchdog thread logs an ERROR and ends the process with ``os._exit(143)``. Nothing
+            is torn by that: a step is committed only by its manifest, written last, so the
+            step being written is garbage and restore takes the newest committed one. Keep
+            it under the launcher's own grace (torchrun and Slurm send SIGKILL 30 s after
+            SIGTERM by default); None disables the watchdog.
         save_options / load_options: layout and I/O settings.
         user_metadata: stored in every manifest.
     """
@@ -98,6 +114,7 @@ class CheckpointManager:
         include_rng: bool = False,
         if_busy: Literal["skip", "wait"] = "skip",
         save_on_sigterm: bool = True,
+        sigterm_grace_seconds: float | None = DEFAULT_SIGTERM_GRACE_S,
         save_options: SaveOptions | None = None,
         load_options: LoadOptions | None = None,
         user_metadata: Mapping[str, Any] | None = None,
@@ -108,6 +125,8 @@ class CheckpointManager:
             raise ValueError("every_seconds must be positive")
         if interval not in (None, "auto"):
             raise ValueError('interval must be None or "auto"')
+        if sigterm_grace_seconds is not None and not sigterm_grace_seconds > 0:
+            raise ValueError("sigterm_grace_seconds must be positive, or None for no watchdog")
         if if_busy not in ("skip", "wait"):
             raise ValueError('if_busy must be "skip" or "wait"')
         has_policy = every_steps is not None or every_seconds is not None or interval is not None
@@ -150,14 +169,26 @@ class CheckpointManager:
         self._restored_step: int | None = None
         self._last_pending: PendingSave | None = None
         self._stalls: list[float] = []  # the first save's, then the most recent ones
+        self._restored_stall: float | None = None  # from the restored manifest's timings
         self._preempted: int | None = None
         self._replaceable: set[int] = set()
         self._previous_handler: Any = None
         self._closed = False
         self._metrics_lock = threading.Lock()
+        self.sigterm_grace_seconds = sigterm_grace_seconds
+        # The SIGTERM handler only stores the time and sets ``_sigterm_seen``; the watchdog is
+        # started here because starting a thread inside a signal handler can deadlock on
+        # threading's own locks if the main thread was interrupted holding them.
+        self._sigterm_at: float | None = None
+        self._sigterm_seen = threading.Event()  # set by the handler, or by close to stop it
+        self._exiting = threading.Event()  # the final save is done: the watchdog stands down
         if save_on_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._handler_installed = True
+            if sigterm_grace_seconds is not None:
+                threading.Thread(
+                    target=self._sigterm_watchdog, name="ckpt-sigterm-watchdog", daemon=True
+                ).start()
         else:
             self._handler_installed = False
 
@@ -213,6 +244,8 @@ class CheckpointManager:
         self._last_saved_step = report.step
         self._restored_step = report.step
         self._last_save_time = time.monotonic()
+        timings = report.timings
+        self._restored_stall = max(timings.stall_s) if timings and timings.stall_s else None
         self._prepare_for_policy(state)
         return report.step
 
@@ -388,8 +421,8 @@ class CheckpointManager:
 
     def _period_seconds(self) -> float | None:
         if self.interval == "auto":
-            if not self.metrics.saves_started:
-                return 0.0  # save once to measure the cost
+            if not self.metrics.saves_started and self._restored_stall is None:
+                return 0.0  # a fresh job: save once to measure the cost
             period = math.sqrt(2.0 * max(self.stall_estimate, 1e-3) * self.mtbf_seconds)
             return period if self.every_seconds is None else min(period, self.every_seconds)
         return self.every_seconds
@@ -403,9 +436,13 @@ class CheckpointManager:
     def stall_estimate(self) -> float:
         """The steady-state stall of a save, in seconds, that ``interval="auto"`` plans with: the
         median of the recent saves' stalls, leaving out the first one (which may include
-        allocating the staging buffers) once there are others. 0.0 before any save."""
+        allocating the staging buffers) once there are others. Before this manager's first
+        save: the slowest rank's stall recorded in the manifest of the restored checkpoint,
+        or 0.0 when nothing was restored or the manifest records no timings."""
         stalls = self._stalls[1:] if len(self._stalls) > 1 else self._stalls
-        return statistics.median(stalls) if stalls else 0.0
+        if stalls:
+            return statistics.median(stalls)
+        return self._restored_stall if self._restored_stall is not None else 0.0
 
     def prepare(self, state: Mapping[str, Any]) -> int:
         """Allocate and touch the host staging buffers for saves of ``state`` now, so that the
@@ -427,8 +464,55 @@ class CheckpointManager:
     # -- preemption --------------------------------------------------------------------
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        log.warning("SIGTERM received: will save at the next maybe_save() and exit")
+        if self._closed or self._preempted is not None:
+            self._pass_on_sigterm(signum, frame)
+            return
+        self._sigterm_at = time.monotonic()
         self._preempted = signum
+        if self.sigterm_grace_seconds is None:
+            log.warning("SIGTERM received: will save at the next maybe_save() and exit")
+        else:
+            log.warning(
+                "SIGTERM received: will save at the next maybe_save() and exit; the process "
+                "ends in %.0f s at the latest",
+                self.sigterm_grace_seconds,
+            )
+        self._sigterm_seen.set()
+
+    def _pass_on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """A second SIGTERM, or one after ``close``: what the replaced handler would do."""
+        previous = self._previous_handler
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # SIG_DFL, or None (a handler not set from Python)
+            log.warning("SIGTERM received again (or after close): terminating now")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    def _sigterm_watchdog(self) -> None:
+        """Ends the process ``sigterm_grace_seconds`` after SIGTERM unless it exited by then."""
+        self._sigterm_seen.wait()
+        if self._sigterm_at is None or self.sigterm_grace_seconds is None:
+            return  # closed without a SIGTERM
+        grace = self.sigterm_grace_seconds
+        left = self._sigterm_at + grace - time.monotonic()
+        if self._exiting.wait(max(left, 0.0)):
+            return
+        log.error(
+            "rank %d: SIGTERM %g s ago and the process has not exited: no maybe_save() call "
+            "finished the final save (the training loop is stuck or failed, e.g. a collective "
+            "after a peer rank died, or exit waits on a save that cannot commit); exiting with "
+            "status 143 without it. The newest committed checkpoint stays restorable; raise "
+            "sigterm_grace_seconds if the final save only needs longer",
+            self.coordinator.rank,
+            grace,
+        )
+        for stream in (sys.stderr, sys.stdout):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(128 + signal.SIGTERM)
 
     @property
     def preempted(self) -> bool:
@@ -444,6 +528,7 @@ class CheckpointManager:
             self.save(step, state, blocking=True)
         log.warning("step %d saved after SIGTERM; exiting", step)
         self.close()
+        self._exiting.set()
         raise SystemExit(128 + signal.SIGTERM)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -457,6 +542,8 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        if self._sigterm_at is None:
+            self._sigterm_seen.set()  # no SIGTERM: the watchdog ends; after one it stays on
         try:
             self._snapshotter.close()
         finally:

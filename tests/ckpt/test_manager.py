@@ -26,7 +26,7 @@ import torch
 
 import ckpt
 from ckpt import CheckpointManager
-from ckpt.format import StepListing, scan_steps, step_prefix
+from ckpt.format import StepListing, read_manifest, scan_steps, step_prefix
 from ckpt.retention import RetentionPolicy, plan_gc
 from storage_backends import LocalBackend
 from tests.support.faulty import FaultyBackend
@@ -208,6 +208,34 @@ with ckpt.CheckpointManager({str(root)!r}, every_steps=1) as mgr:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_auto_interval_after_a_restart_plans_with_the_restored_stall(
+    root: Path, clock: FakeClock
+) -> None:
+    """A restarted job does not save at its first step: it plans with the stall recorded in
+    the restored manifest, while a fresh job saves at once to measure it."""
+    with CheckpointManager(
+        root, interval="auto", mtbf_seconds=3600.0, keep_last=None, if_busy="wait"
+    ) as mgr:
+        assert _run(mgr, range(1, 2)) == [1]  # a fresh job: saved at once, to measure
+        clock.advance(1e6)
+        assert _run(mgr, range(2, 3)) == [2]
+    recorded = read_manifest(LocalBackend(root), 2).timings
+    assert recorded is not None
+    with CheckpointManager(
+        root, interval="auto", mtbf_seconds=3600.0, keep_last=None, if_busy="wait"
+    ) as mgr:
+        state = _state()
+        assert mgr.restore(state) == 2
+        assert mgr.stall_estimate == max(recorded.stall_s)
+        period = math.sqrt(2.0 * max(mgr.stall_estimate, 1e-3) * 3600.0)
+        assert _run(mgr, range(3, 4)) == []  # not at the first maybe_save after the restart
+        clock.advance(period * 0.9)
+        assert _run(mgr, range(4, 5)) == []
+        clock.advance(period * 0.2)
+        assert _run(mgr, range(5, 6)) == [5]  # at the period the policy chose
+    assert _committed(root) == (1, 2, 5)
 
 
 def test_auto_interval_is_capped_by_every_seconds(root: Path, clock: FakeClock) -> None:
@@ -595,6 +623,74 @@ def test_sigterm_in_a_real_process(root: Path) -> None:
     assert ckpt.load(older, root, step=3) == 3 and torch.equal(
         older["w"], torch.full((1 << 16,), 3.0)
     )
+
+
+def _sigterm_worker(root: Path, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.workers.sigterm", str(root), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        proc.kill()
+        pytest.fail(f"the worker did not get ready: {proc.communicate(timeout=60)[1]}")
+    return proc
+
+
+@pytest.mark.parametrize("mode", ["stuck", "fails"])
+def test_sigterm_ends_a_process_that_never_reaches_maybe_save(root: Path, mode: str) -> None:
+    """A loop stuck (or failed, its exit waiting on a save that cannot commit) after SIGTERM:
+    the watchdog ends it with status 143 and one ERROR line, well before the worker's own
+    60 s limits would (status 3 when stuck, 1 when the held write gives up)."""
+    proc = _sigterm_worker(root, mode)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=50)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR:ckpt._manager:")]
+    assert len(errors) == 1 and "has not exited" in errors[0], err
+    assert "exiting with status 143" in errors[0]
+    # Step 3's save was released in "stuck" (it commits) and held in "fails" (not committed).
+    assert _committed(root) == ((3,) if mode == "stuck" else ())
+
+
+def test_a_second_sigterm_is_not_swallowed(root: Path) -> None:
+    proc = _sigterm_worker(root, "twice")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PREEMPTED"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=50)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM, err
+
+
+def test_sigterm_after_close_gets_the_previous_handler(root: Path) -> None:
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        mgr = CheckpointManager(root, manual=True)
+        handler = signal.getsignal(signal.SIGTERM)
+        closer = threading.Thread(target=mgr.close)  # off the main thread: handler stays
+        closer.start()
+        closer.join()
+        assert signal.getsignal(signal.SIGTERM) == handler == mgr._on_sigterm
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM] and not mgr.preempted
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_close_waits_for_the_save_in_flight(root: Path) -> None:
