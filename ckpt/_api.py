@@ -153,6 +153,11 @@ class RestoreReport:
             ``strict=False``.
         loaded_nothing: True when no tensor and no value of the checkpoint reached the
             state (logged at WARNING): the names do not match.
+        discovery_seconds: finding the step: listing, reading and validating manifests
+            (and steps skipped on the way).
+        planning_seconds: matching the state to the manifest and planning the reads.
+        read_seconds: reading, verifying and copying tensor bytes into the state.
+        apply_seconds: ``load_state_dict`` of modules, optimizers and other objects.
     """
 
     step: int
@@ -161,6 +166,10 @@ class RestoreReport:
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     loaded_nothing: bool = False
+    discovery_seconds: float = 0.0
+    planning_seconds: float = 0.0
+    read_seconds: float = 0.0
+    apply_seconds: float = 0.0
 
 
 def load(
@@ -247,8 +256,21 @@ def _restore(
     def fill(tier: StorageBackend, manifest: Manifest) -> _Loaded:
         return load_manifest(state, tier, manifest, strict=strict, options=options)
 
+    began = time.perf_counter()
     found, skipped, loaded = first_loadable(
         open_url(url, create=False), step, fill, coordinator=coordinator
+    )
+    elapsed = time.perf_counter() - began
+    planning = loaded.match_seconds + loaded.stats.planning_seconds
+    reads = loaded.stats.read_seconds
+    discovery = max(0.0, elapsed - planning - reads - loaded.apply_seconds)
+    log.debug(
+        "restored step %d: discovery %.3f s, planning %.3f s, reads %.3f s, apply %.3f s",
+        found,
+        discovery,
+        planning,
+        reads,
+        loaded.apply_seconds,
     )
     return RestoreReport(
         found,
@@ -257,6 +279,10 @@ def _restore(
         tuple(loaded.plan.missing),
         tuple(loaded.plan.unexpected),
         loaded.plan.loads_nothing,
+        discovery,
+        planning,
+        reads,
+        loaded.apply_seconds,
     )
 
 
@@ -450,6 +476,8 @@ class _Loaded:
 
     stats: LoadStats
     plan: LoadPlan
+    match_seconds: float = 0.0  # matching the state to the manifest (before the loader plans)
+    apply_seconds: float = 0.0  # load_state_dict and plain values, after the reads
 
 
 def load_manifest(
@@ -461,6 +489,7 @@ def load_manifest(
     options: LoadOptions | None = None,
 ) -> _Loaded:
     """Fill ``state`` from one validated manifest."""
+    began = time.perf_counter()
     stored = {name: (entry.dtype, entry.shape) for name, entry in manifest.tensors.items()}
     for value in state.values():
         hint = getattr(value, "checkpoint_load_hint", None)
@@ -470,7 +499,9 @@ def load_manifest(
     with storage_errors(
         f"loading step {manifest.step} from {backend.url}", missing=CorruptCheckpointError
     ):
+        matched = time.perf_counter()
         stats = Loader(backend, manifest, options).load(plan.destinations)
+    read = time.perf_counter()
     for key, tree in plan.trees.items():
         target = state[key]
         if isinstance(target, nn.Module):
@@ -486,7 +517,7 @@ def load_manifest(
             target[:] = tree
         elif isinstance(state, dict):
             state[key] = tree
-    return _Loaded(stats, plan)
+    return _Loaded(stats, plan, matched - began, time.perf_counter() - read)
 
 
 def _load_state_dict(key: str, target: Any, tree: Any, **kwargs: Any) -> None:
