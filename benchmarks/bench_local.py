@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -181,6 +182,18 @@ def read_file(path: Path, out: memoryview, direct: bool = False) -> None:
         os.close(fd)
 
 
+def mmap_copy(path: Path, offsets: Sequence[int], targets: Sequence[torch.Tensor]) -> None:
+    """Map ``path`` and copy the bytes at each offset into each (contiguous) target."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: only read from here
+            source = torch.frombuffer(mapped, dtype=torch.uint8)
+        for offset, target in zip(offsets, targets):
+            dst = target.view(-1).view(torch.uint8)
+            dst.copy_(source[offset : offset + dst.numel()])
+        del source
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -195,6 +208,7 @@ class Bench:
     cache: PageCache
     flat: torch.Tensor  # preallocated, touched: the memcpy destination and raw I/O buffer
     pairs: list[tuple[torch.Tensor, torch.Tensor]]  # (source bytes, flat slice)
+    offsets: list[int]  # of each tensor (in ``pairs`` order) in ``flat`` and the raw file
     stager: DefaultStager  # reused across DCP async saves (its best configuration)
     samples: dict[str, list[float]] = field(default_factory=dict)
     extras: dict[str, list[float]] = field(default_factory=dict)
@@ -254,7 +268,7 @@ def make_bench(total_bytes: int, root: Path, cache: PageCache) -> Bench:
             use_non_blocking_copy=cuda,
         )
     )
-    return Bench(state, zeros_like_state(state), nbytes, root, cache, flat, pairs, stager)
+    return Bench(state, zeros_like_state(state), nbytes, root, cache, flat, pairs, offsets, stager)
 
 
 def ckpt_staging_bytes() -> int:
@@ -342,6 +356,10 @@ def run_limits(b: Bench) -> None:
     b.evict(path)
     with timed(b.samples, "raw_read"):
         read_file(path, view)
+    # Warm: the file's pages are cached now (a restart on the same node). The least a
+    # reader must do is map them and copy every tensor's bytes into the preallocated targets.
+    with timed(b.samples, "mmap_copy"):
+        mmap_copy(path, b.offsets, [t for _, t in iter_tensors(b.targets)])
     path.unlink()
 
     # The same bytes as PARALLEL_FILES files, one thread each (ckpt's default layout):
@@ -408,6 +426,9 @@ def run_ckpt(b: Bench) -> None:
     if report.stats is not None:
         b.note("ckpt_load.reads", report.stats.seconds)
         b.note("ckpt_load.read_amplification", report.stats.read_amplification)
+    # Warm: the cold load left the files cached (a restart on the same node).
+    with timed(b.samples, "ckpt_load_warm"):
+        ckpt.restore(b.targets, directory, step=b.step)
 
     directory = b.fresh_dir("ckpt")
     stall, total, result = ckpt_async_save(b, directory)
@@ -461,6 +482,7 @@ ROWS = (
     Row("raw_write", "limit  write+fsync, 1 file, 64 MiB blocks"),
     Row("raw_read", "limit  cold read, 1 file, 64 MiB blocks"),
     Row("raw_write_par", f"limit  write+fsync, {PARALLEL_FILES} files x {PARALLEL_FILES} threads"),
+    Row("mmap_copy", "limit  warm: mmap + copy_ into preallocated"),
     Row("raw_read_par", f"limit  cold read, {PARALLEL_FILES} files x {PARALLEL_FILES} threads"),
     Row("raw_write_direct", f"limit  write+fsync, {PARALLEL_FILES} files, O_DIRECT"),
     Row("raw_read_direct", f"limit  cold read, {PARALLEL_FILES} files, O_DIRECT"),
@@ -478,6 +500,7 @@ ROWS = (
     Row("ckpt_stall_first", "ckpt   async_save stall, first save", "memcpy", "dcp_stall_first"),
     Row("ckpt_total", "ckpt   async_save total, to commit", "raw_write", "dcp_total", "torch_save"),
     Row("ckpt_load", "ckpt   load, cold", "raw_read", "dcp_load", "torch_load"),
+    Row("ckpt_load_warm", "ckpt   load, warm (page cache hot)", "mmap_copy"),
 )
 
 
@@ -534,12 +557,20 @@ TARGETS = (
         "save to commit faster than DCP save", "ckpt_save", "dcp_save", False, 1.0, "ckpt / DCP < 1"
     ),
     TargetSpec(
-        "load cold >= 0.85x raw cold read bandwidth",
+        "load cold >= 0.95x raw cold read bandwidth",
         "ckpt_load",
         "raw_read",
         True,
-        0.85,
-        "ckpt GB/s / raw GB/s >= 0.85",
+        0.95,
+        "ckpt GB/s / raw GB/s >= 0.95",
+    ),
+    TargetSpec(
+        "load warm >= 0.8x mmap + copy into targets",
+        "ckpt_load_warm",
+        "mmap_copy",
+        True,
+        0.8,
+        "ckpt GB/s / mmap+copy GB/s >= 0.8",
     ),
     TargetSpec(
         "load cold faster than torch.load",
