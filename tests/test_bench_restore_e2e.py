@@ -36,7 +36,8 @@ def test_bench_restore_e2e_quick_mode(tmp_path: Path) -> None:
     for phases in result["medians"].values():
         assert set(phases) >= {"import", "discovery", "planning", "reads", "apply", "total"}
         assert all(value >= 0 for value in phases.values())
-        assert phases["total"] >= phases["import"] + phases["restore"]
+        # Each value is a max over ranks: a rank's total covers its import and its restore.
+        assert phases["total"] >= max(phases["import"], phases["restore"])
     for run in ("1 rank, warm", "2 ranks, warm"):
         assert run in done.stdout
     assert list(tmp_path.iterdir()) == [out]  # the checkpoints are gone
