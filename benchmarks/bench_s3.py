@@ -12,12 +12,14 @@ bytes:
   TransferConfig (8 MiB parts, 10 threads).
 * **ckpt save to S3**: ``ckpt.save`` to ``s3://`` until the manifest is committed.
 * **TransferManager download**: ``download_fileobj`` into memory.
-* **ckpt load from S3**: ``ckpt.restore`` into preallocated tensors (checksums verified).
+* **ckpt load from S3**: ``ckpt.restore`` into preallocated tensors (checksums verified),
+  10 ranged GETs of 8 MiB in flight (TransferManager's default concurrency and part size),
+  each read straight into the target tensor's memory where the piece lands unchanged.
 * **tiered**: ``ckpt.save`` to ``TieredBackend(local, s3)``: time to the local commit,
   then to the remote commit (``wait_replicated``).
 
 Prints medians, GB/s and the ratios against the targets (S3 save >= 0.9x TransferManager,
-restore >= 0.9x its download). Never asserts timings.
+restore >= 1.0x its download). Never asserts timings.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ import ckpt
 from recovery import LoadOptions
 from storage_backends import LocalBackend, RetryPolicy, S3Backend, TieredBackend
 from tests.support.s3_servers import S3Server
+
+# As many ranged GETs in flight as TransferManager's threads, of its part size; the S3
+# config's connection pool (32) is larger, so no request waits for a connection.
+LOAD_OPTIONS = LoadOptions(io_threads=10, max_request_bytes=8 << 20, read_step_bytes=8 << 20)
 
 
 def build_state(mib: int) -> dict[str, torch.Tensor]:
@@ -99,9 +105,7 @@ def main() -> None:
 
             target = {k: torch.empty_like(v) for k, v in state.items()}
             t = time.perf_counter()
-            report = ckpt.restore(
-                target, backend, options=LoadOptions(io_threads=8, max_request_bytes=32 << 20)
-            )
+            report = ckpt.restore(target, backend, options=LOAD_OPTIONS)
             record("ckpt load from S3 (verified)", time.perf_counter() - t)
             if repeat == 0 and not all(torch.equal(target[k], state[k]) for k in state):
                 raise SystemExit(
@@ -157,7 +161,7 @@ def main() -> None:
         f"  {'PASS' if up >= 0.9 else 'MISS'}  S3 save >= 0.9x TransferManager upload   {up:.2f}  {[round(x, 2) for x in per_up]}"
     )
     print(
-        f"  {'PASS' if down >= 0.9 else 'MISS'}  S3 restore >= 0.9x its download         {down:.2f}  {[round(x, 2) for x in per_down]}"
+        f"  {'PASS' if down >= 1.0 else 'MISS'}  S3 restore >= 1.0x its download         {down:.2f}  {[round(x, 2) for x in per_down]}"
     )
 
 

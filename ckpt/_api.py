@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 
 import torch
@@ -155,6 +155,12 @@ class RestoreReport:
             state (logged at WARNING): the names do not match.
         timings: the loaded checkpoint's per-rank save timings, from its manifest; None
             when the manifest has none.
+        discovery_seconds: the rest of the call: opening the storage, finding the step
+            (listing, reading and validating manifests, steps skipped on the way) and, in
+            a fresh process, the modules a first restore imports.
+        planning_seconds: matching the state to the manifest and planning the reads.
+        read_seconds: reading, verifying and copying tensor bytes into the state.
+        apply_seconds: ``load_state_dict`` of modules, optimizers and other objects.
     """
 
     step: int
@@ -164,6 +170,10 @@ class RestoreReport:
     unexpected: tuple[str, ...] = ()
     loaded_nothing: bool = False
     timings: SaveTimings | None = None
+    discovery_seconds: float = 0.0
+    planning_seconds: float = 0.0
+    read_seconds: float = 0.0
+    apply_seconds: float = 0.0
 
 
 def load(
@@ -217,8 +227,8 @@ def restore(
     ``rediss://`` URL (the coordinator made from it is closed before returning).
     Nothing is created: a root that does not exist is ``CheckpointNotFoundError``.
     """
-    backend = open_url(url, create=False)
     began = time.perf_counter()
+    backend = open_url(url, create=False)
     with span("ckpt.restore"):
         if not isinstance(coordinator, str):
             report = _restore(
@@ -232,8 +242,12 @@ def restore(
                 )
             finally:
                 made.close()
-    record_restore(backend, time.perf_counter() - began, len(report.skipped))
-    return report
+    elapsed = time.perf_counter() - began
+    record_restore(backend, elapsed, len(report.skipped))
+    # Discovery is the rest of the call: opening the storage, finding the step, and what
+    # a first restore in a process imports on the way.
+    measured = report.planning_seconds + report.read_seconds + report.apply_seconds
+    return replace(report, discovery_seconds=max(0.0, elapsed - measured))
 
 
 def _restore(
@@ -252,8 +266,21 @@ def _restore(
             manifest.timings
         )
 
+    began = time.perf_counter()
     found, skipped, (loaded, timings) = first_loadable(
         open_url(url, create=False), step, fill, coordinator=coordinator
+    )
+    elapsed = time.perf_counter() - began
+    planning = loaded.match_seconds + loaded.stats.planning_seconds
+    reads = loaded.stats.read_seconds
+    discovery = max(0.0, elapsed - planning - reads - loaded.apply_seconds)
+    log.debug(
+        "restored step %d: discovery %.3f s, planning %.3f s, reads %.3f s, apply %.3f s",
+        found,
+        discovery,
+        planning,
+        reads,
+        loaded.apply_seconds,
     )
     return RestoreReport(
         found,
@@ -263,6 +290,10 @@ def _restore(
         tuple(loaded.plan.unexpected),
         loaded.plan.loads_nothing,
         timings,
+        discovery,
+        planning,
+        reads,
+        loaded.apply_seconds,
     )
 
 
@@ -456,6 +487,8 @@ class _Loaded:
 
     stats: LoadStats
     plan: LoadPlan
+    match_seconds: float = 0.0  # matching the state to the manifest (before the loader plans)
+    apply_seconds: float = 0.0  # load_state_dict and plain values, after the reads
 
 
 def load_manifest(
@@ -467,6 +500,7 @@ def load_manifest(
     options: LoadOptions | None = None,
 ) -> _Loaded:
     """Fill ``state`` from one validated manifest."""
+    began = time.perf_counter()
     stored = {name: (entry.dtype, entry.shape) for name, entry in manifest.tensors.items()}
     for value in state.values():
         hint = getattr(value, "checkpoint_load_hint", None)
@@ -476,7 +510,9 @@ def load_manifest(
     with storage_errors(
         f"loading step {manifest.step} from {backend.url}", missing=CorruptCheckpointError
     ):
+        matched = time.perf_counter()
         stats = Loader(backend, manifest, options).load(plan.destinations)
+    read = time.perf_counter()
     for key, tree in plan.trees.items():
         target = state[key]
         if isinstance(target, nn.Module):
@@ -492,7 +528,7 @@ def load_manifest(
             target[:] = tree
         elif isinstance(state, dict):
             state[key] = tree
-    return _Loaded(stats, plan)
+    return _Loaded(stats, plan, matched - began, time.perf_counter() - read)
 
 
 def _load_state_dict(key: str, target: Any, tree: Any, **kwargs: Any) -> None:

@@ -1,17 +1,24 @@
 """The parallel ranged loader: read, verify, decompress and copy into target tensors.
 
 Reads are whole checksum chunks, so every byte that reaches a target was verified.
-A stored piece that lands unchanged in a contiguous CPU target is read straight into
-the target's memory; everything else goes through a temporary buffer. Nearby
-ranges of one file are coalesced into one request, which matters for object stores.
+The whole chunks of a stored piece that land unchanged in a contiguous CPU target
+(a whole piece, or whole rows of it when resharding along dimension 0) are read
+straight into the target's memory and verified there; everything else (chunks that a
+target only partly needs, small pieces, compressed pieces, strided or device targets)
+goes through a temporary buffer. Nearby ranges of one file are coalesced into one
+request, which matters for object stores. Each request is read in steps of
+``LoadOptions.read_step_bytes`` and the chunks a step completes are hashed right away,
+while they are still in the CPU cache; the reader threads pull requests from one
+queue, largest first, and the calling thread is one of them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -46,6 +53,9 @@ from storage_backends import StorageBackend
 log = logging.getLogger(__name__)
 
 _ALIGN = 64
+# Pieces whose whole chunks for one target are fewer bytes than this are read through
+# the coalesced buffer path (one request for many small tensors) instead of one request each.
+_DIRECT_MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,14 @@ class LoadOptions:
         io_threads: parallel readers.
         coalesce_gap_bytes: neighbouring ranges closer than this are read in one request.
         max_request_bytes: the largest single read request.
+        read_step_bytes: each request is read in steps of this size, and the chunks a
+            step completes are verified right away (while in the CPU cache).
     """
 
     io_threads: int = 4
     coalesce_gap_bytes: int = 1 << 20
     max_request_bytes: int = 64 << 20
+    read_step_bytes: int = 8 << 20
 
 
 @dataclass
@@ -86,13 +99,21 @@ class LoadStats:
         bytes_needed: bytes of tensor data the targets required.
         bytes_read: bytes fetched from storage (whole checksum chunks, coalescing gaps).
         requests: read requests issued to the backend.
-        seconds: wall time of the tensor reads.
+        seconds: wall time of the load (planning included).
+        planning_seconds: of which planning (reshard overlaps, requests, coalescing);
+            the rest is reading, verifying and copying.
     """
 
     bytes_needed: int
     bytes_read: int
     requests: int
     seconds: float
+    planning_seconds: float = 0.0
+
+    @property
+    def read_seconds(self) -> float:
+        """Reading, verifying and copying into the targets."""
+        return self.seconds - self.planning_seconds
 
     @property
     def read_amplification(self) -> float:
@@ -101,7 +122,12 @@ class LoadStats:
 
 @dataclass
 class _Segment:
-    """Whole chunks [c0, c1) of one stored piece, and the requests they serve."""
+    """Whole chunks [c0, c1) of one stored piece, and what they fill.
+
+    ``requests`` are copied through a view shaped like the piece (``_scatter``);
+    ``linear`` are (first raw byte of the piece, contiguous uint8 CPU view of a target)
+    whose bytes land unchanged.
+    """
 
     tensor: str
     piece: StoredPiece
@@ -110,6 +136,7 @@ class _Segment:
     requests: list[ReadRequest] = field(default_factory=list)
     file_start: int = 0
     file_end: int = 0
+    linear: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -154,17 +181,39 @@ class Loader:
         read = sum(j.end - j.start for j in jobs)
         # Largest first keeps the threads busy until the end.
         jobs.sort(key=lambda j: j.start - j.end)
-        with ThreadPoolExecutor(self._options.io_threads, thread_name_prefix="ckpt-read") as pool:
-            futures = [pool.submit(self._run, job, destinations) for job in jobs]
-            errors = []
-            for f in futures:
+        planned = time.perf_counter()
+        self._run_all(jobs, destinations)
+        return LoadStats(needed, read, len(jobs), time.perf_counter() - start, planned - start)
+
+    def _run_all(self, jobs: Sequence[_Job], destinations: Sequence[Destination]) -> None:
+        """Run ``jobs`` on ``io_threads`` readers (this thread among them) pulling from one
+        queue; the first error stops the others at their next job and is raised."""
+        queue = deque(jobs)
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            while not errors:
                 try:
-                    f.result()
+                    job = queue.popleft()
+                except IndexError:
+                    return
+                try:
+                    self._run(job, destinations)
                 except BaseException as exc:
                     errors.append(exc)
+                    return
+
+        helpers = min(self._options.io_threads, len(jobs)) - 1
+        if helpers > 0:
+            with ThreadPoolExecutor(helpers, thread_name_prefix="ckpt-read") as pool:
+                futures = [pool.submit(reader) for _ in range(helpers)]
+                reader()
+                for f in futures:
+                    f.result()
+        else:
+            reader()
         if errors:
             raise errors[0]
-        return LoadStats(needed, read, len(jobs), time.perf_counter() - start)
 
     def _with_pieces(self, destinations: Sequence[Destination] | None) -> None:
         """Format v2: the pieces of the regions ``destinations`` need (all when None), from
@@ -294,17 +343,12 @@ class Loader:
         chunk = self._manifest.chunk_bytes
         jobs: list[_Job] = []
         segments: dict[tuple[int, int, int], _Segment] = {}
-        for req in requests:
+
+        def segment(req: ReadRequest, raw_length: int, first: int, end: int) -> _Segment:
+            """The segment of whole chunks holding raw bytes [first, end) of the piece."""
             piece = req.piece
-            raw_length = piece.box.numel * element_size(self._manifest.tensors[req.tensor].dtype)
-            direct = self._direct_view(req, raw_length, destinations)
-            c0 = req.raw_start // chunk
-            c1 = min(
-                math.ceil((req.raw_start + req.raw_length) / chunk), math.ceil(raw_length / chunk)
-            )
-            if direct is not None:
-                jobs.extend(self._direct_jobs(req, direct, raw_length))
-                continue
+            c0 = first // chunk
+            c1 = min(math.ceil(end / chunk), math.ceil(raw_length / chunk))
             key = (id(piece), c0, c1)
             seg = segments.get(key)
             if seg is None:
@@ -319,42 +363,84 @@ class Loader:
                     file_start=piece.byte_offset + s0,
                     file_end=piece.byte_offset + s1,
                 )
-            seg.requests.append(req)
+            return seg
+
+        for req in requests:
+            piece = req.piece
+            raw_length = piece.box.numel * element_size(self._manifest.tensors[req.tensor].dtype)
+            first, end = req.raw_start, req.raw_start + req.raw_length
+            target = self._linear_view(req, destinations)
+            if target is None:  # strided or device target: copied through a shaped view
+                segment(req, raw_length, first, end).requests.append(req)
+                continue
+            if piece.codec == "raw":
+                # The whole chunks inside [first, end) land in the target as they are stored.
+                inner0 = -(-first // chunk) * chunk
+                inner1 = end if end == raw_length else end // chunk * chunk
+                if inner1 - inner0 >= _DIRECT_MIN_BYTES:
+                    jobs.extend(
+                        self._direct_jobs(
+                            req, target[inner0 - first : inner1 - first], inner0, inner1
+                        )
+                    )
+                    if first < inner0:
+                        segment(req, raw_length, first, inner0).linear.append(
+                            (first, target[: inner0 - first])
+                        )
+                    if inner1 < end:
+                        segment(req, raw_length, inner1, end).linear.append(
+                            (inner1, target[inner1 - first :])
+                        )
+                    continue
+            segment(req, raw_length, first, end).linear.append((first, target))
         jobs.extend(self._coalesce(list(segments.values())))
         return jobs
 
-    def _direct_view(
-        self, req: ReadRequest, raw_length: int, destinations: Sequence[Destination]
+    def _linear_view(
+        self, req: ReadRequest, destinations: Sequence[Destination]
     ) -> torch.Tensor | None:
+        """The target's bytes for ``req`` as one contiguous uint8 CPU view, when the
+        requested raw bytes of the piece land there unchanged: the region spans the
+        piece's every dimension but the first, and the target's view of it is contiguous.
+        None for other targets (CUDA targets among them: they take ``_scatter``)."""
         dest = destinations[req.target]
-        if req.piece.codec != "raw" or req.raw_start != 0 or req.raw_length != raw_length:
-            return None
-        if req.region != req.piece.box:  # whole rows read, only some columns wanted
-            return None
         if dest.tensor.device.type != "cpu" or dest.tensor.is_complex():
             return None
+        if req.region.lengths[1:] != req.piece.lengths[1:]:
+            return None  # whole rows read, only some columns wanted
         view = dest.tensor[req.region.relative_to(dest.box)] if dest.box.ndim else dest.tensor
         if not view.is_contiguous():
             return None
         return view.reshape(-1).view(torch.uint8)
 
-    def _direct_jobs(self, req: ReadRequest, target: torch.Tensor, raw_length: int) -> list[_Job]:
+    def _direct_jobs(
+        self, req: ReadRequest, target: torch.Tensor, first: int, end: int
+    ) -> list[_Job]:
+        """Read raw bytes [first, end) of the piece (whole chunks) straight into ``target``."""
         piece = req.piece
-        step = max(
-            self._manifest.chunk_bytes,
-            self._options.max_request_bytes
-            // self._manifest.chunk_bytes
-            * self._manifest.chunk_bytes,
-        )
+        chunk = self._manifest.chunk_bytes
+        step = max(chunk, self._options.max_request_bytes // chunk * chunk)
         jobs = []
-        for lo in range(0, raw_length, step):
-            hi = min(lo + step, raw_length)
-            c0 = lo // self._manifest.chunk_bytes
-            c1 = math.ceil(hi / self._manifest.chunk_bytes)
+        for lo in range(first, end, step):
+            hi = min(lo + step, end)
             seg = _Segment(
-                req.tensor, piece, c0, c1, [req], piece.byte_offset + lo, piece.byte_offset + hi
+                req.tensor,
+                piece,
+                lo // chunk,
+                math.ceil(hi / chunk),
+                [],
+                piece.byte_offset + lo,
+                piece.byte_offset + hi,
             )
-            jobs.append(_Job(piece.file, seg.file_start, seg.file_end, [seg], direct=target[lo:hi]))
+            jobs.append(
+                _Job(
+                    piece.file,
+                    seg.file_start,
+                    seg.file_end,
+                    [seg],
+                    direct=target[lo - first : hi - first],
+                )
+            )
         return jobs
 
     def _coalesce(self, segments: list[_Segment]) -> list[_Job]:
@@ -368,7 +454,8 @@ class Loader:
             segs.sort(key=lambda s: s.file_start)
             current: _Job | None = None
             for seg in segs:
-                start = seg.file_start - seg.file_start % _ALIGN
+                # Aligned for the shaped views of ``_scatter``; byte copies need no alignment.
+                start = seg.file_start - (seg.file_start % _ALIGN if seg.requests else 0)
                 if (
                     current is not None
                     and start - current.end <= gap
@@ -388,46 +475,81 @@ class Loader:
             buffer = job.direct
         else:
             buffer = torch.empty(job.end - job.start, dtype=torch.uint8)
-        with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
-            self._backend.read_into(path, job.start, _bytes_view(buffer))
         host = _bytes_view(buffer)
-        self._check_header(job, host, where)
+        # Every chunk of the job, in file order: (start in the job, end, segment, chunk index).
+        chunks: list[tuple[int, int, _Segment, int]] = []
         for seg in job.segments:
-            raw = self._verify(seg, host, job.start, where)
-            if job.direct is None:
-                self._scatter(seg, raw, destinations)
+            bounds = self._bounds(seg)
+            for c in range(seg.c0, seg.c1):
+                at = seg.piece.byte_offset + bounds[c][0] - job.start
+                chunks.append((at, at + bounds[c][1], seg, c))
+        chunks.sort(key=lambda x: x[0])
+        step = max(1, self._options.read_step_bytes)
+        checked = 0
+        for lo in range(0, len(host), step):
+            hi = min(lo + step, len(host))
+            with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
+                self._backend.read_into(path, job.start + lo, host[lo:hi])
+            # Hash what this step completed while it is still in the cache.
+            while checked < len(chunks) and chunks[checked][1] <= hi:
+                at, stop, seg, c = chunks[checked]
+                self._check_chunk(seg, c, host[at:stop], where)
+                checked += 1
+        self._check_header(job, host, where)
+        if job.direct is not None:
+            return
+        for seg in job.segments:
+            raw = self._raw(seg, host, job.start, where)
+            self._scatter(seg, raw, destinations)
+            base = seg.c0 * self._manifest.chunk_bytes
+            for first, target in seg.linear:
+                # Contiguous CPU bytes to contiguous CPU bytes: one memcpy. (``copy_`` hands
+                # copies over 32k elements to the intra-op thread pool, whose wake-up costs
+                # milliseconds on a busy machine; ctypes releases the GIL for the call.)
+                if first - base + target.numel() > raw.numel():
+                    raise CorruptCheckpointError(
+                        f"{where}: tensor {seg.tensor!r} chunks {seg.c0}..{seg.c1 - 1} hold "
+                        f"{raw.numel()} bytes, fewer than the manifest's layout needs"
+                    )
+                ctypes.memmove(target.data_ptr(), raw.data_ptr() + first - base, target.numel())
 
-    def _verify(self, seg: _Segment, host: memoryview, job_start: int, where: str) -> torch.Tensor:
-        """Check every chunk of the segment; return its raw bytes (decompressed when needed)."""
+    def _bounds(self, seg: _Segment) -> list[tuple[int, int]]:
+        piece = seg.piece
+        raw_length = piece.box.numel * element_size(self._manifest.tensors[seg.tensor].dtype)
+        return stored_chunk_bounds(raw_length, self._manifest.chunk_bytes, piece.chunk_sizes)
+
+    def _check_chunk(self, seg: _Segment, c: int, stored: memoryview, where: str) -> None:
+        piece = seg.piece
+        expected = piece.checksums[c * DIGEST_HEX : (c + 1) * DIGEST_HEX]
+        if checksum(stored) != expected:
+            first = piece.byte_offset + self._bounds(seg)[c][0]
+            raise ChecksumMismatchError(
+                f"checksum mismatch in {where} (tensor {seg.tensor!r}, bytes "
+                f"{first}..{first + len(stored) - 1}): "
+                "the file is corrupt",
+                file=piece.file,
+                tensor=seg.tensor,
+                byte_range=(first, first + len(stored) - 1),
+            )
+
+    def _raw(self, seg: _Segment, host: memoryview, job_start: int, where: str) -> torch.Tensor:
+        """The segment's raw bytes (decompressed when needed); its chunks are verified."""
         piece = seg.piece
         chunk = self._manifest.chunk_bytes
-        raw_length = piece.box.numel * element_size(self._manifest.tensors[seg.tensor].dtype)
-        bounds = stored_chunk_bounds(raw_length, chunk, piece.chunk_sizes)
-        parts = []
-        for c in range(seg.c0, seg.c1):
-            offset, length = bounds[c]
-            at = piece.byte_offset + offset - job_start
-            stored = host[at : at + length]
-            expected = piece.checksums[c * DIGEST_HEX : (c + 1) * DIGEST_HEX]
-            if checksum(stored) != expected:
-                first = piece.byte_offset + offset
-                raise ChecksumMismatchError(
-                    f"checksum mismatch in {where} (tensor {seg.tensor!r}, bytes "
-                    f"{first}..{first + length - 1}): "
-                    "the file is corrupt",
-                    file=piece.file,
-                    tensor=seg.tensor,
-                    byte_range=(first, first + length - 1),
-                )
-            if piece.codec == "zstd":
+        bounds = self._bounds(seg)
+        if piece.codec == "zstd":
+            raw_length = piece.box.numel * element_size(self._manifest.tensors[seg.tensor].dtype)
+            parts = []
+            for c in range(seg.c0, seg.c1):
+                offset, length = bounds[c]
+                at = piece.byte_offset + offset - job_start
                 raw_chunk = min(chunk, raw_length - c * chunk)
                 try:
-                    parts.append(decompress_chunk(stored, raw_chunk))
+                    parts.append(decompress_chunk(host[at : at + length], raw_chunk))
                 except Exception as exc:
                     raise CorruptCheckpointError(
                         f"{where}: tensor {seg.tensor!r} chunk {c} does not decompress: {exc}"
                     ) from exc
-        if piece.codec == "zstd":
             return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
         at = piece.byte_offset + bounds[seg.c0][0] - job_start
         end = piece.byte_offset + bounds[seg.c1 - 1][0] + bounds[seg.c1 - 1][1] - job_start

@@ -31,7 +31,9 @@ one; files are opened ``O_NONBLOCK`` as well, in case one is swapped in meanwhil
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import stat
 import time
@@ -54,6 +56,12 @@ _MAX_IO = 1 << 30
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+# Reads of at least this many bytes whose pages are in the page cache are copied from a
+# mapping of the file (the copy runs without the GIL): on Linux that moves cached bytes
+# about 1.5x faster than read(), whose copy is the kernel's. Uncached ranges use preadv,
+# which lets the kernel's readahead keep the disk busy.
+_MAPPED_MIN = 1 << 20
+_PROBE = 4096
 
 
 def _os_error(exc: OSError, path: str, action: str) -> StorageBackendError:
@@ -78,6 +86,59 @@ def _not_found(exc: OSError) -> bool:
 
 def _is_tmp(name: str) -> bool:
     return name.startswith(".") and _TMP_MARK in name
+
+
+def _cached(fd: int, offset: int, length: int) -> bool:
+    """Whether the first and last pages of the range are in the page cache (a read that
+    must not wait for the disk, ``RWF_NOWAIT``, gets them); False where that is unsupported."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return False
+    probe = bytearray(_PROBE)
+    for at in (offset, max(offset, offset + length - _PROBE)):
+        try:
+            if os.preadv(fd, [probe], at, flag) <= 0:
+                return False
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: this file system cannot say
+            return False
+    return True
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _copy_mapped(fd: int, offset: int, view: memoryview) -> None:
+    """Copy ``len(view)`` bytes at ``offset`` of the file into ``view`` through a read-only
+    shared mapping, prefaulted (mmap, memmove and munmap through ctypes release the GIL).
+    The size was checked against the open file; a file truncated meanwhile would fault
+    (SIGBUS), as with any mapped reader, which is why only reads of at least
+    ``_MAPPED_MIN`` bytes (checkpoint data, immutable once committed) are mapped."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = offset + len(view) - start
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    addr = _libc.mmap(None, length, mmap.PROT_READ, flags, fd, start)
+    if addr is None or addr == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    try:
+        dst = ctypes.c_char.from_buffer(view)
+        try:
+            ctypes.memmove(ctypes.addressof(dst), addr + offset - start, len(view))
+        finally:
+            del dst
+    finally:
+        _libc.munmap(addr, length)
 
 
 def _check_range(path: str, offset: int, length: int, size: int) -> None:
@@ -486,7 +547,13 @@ class LocalBackend:
         fd, size = self._open_object(path)
         try:
             _check_range(path, offset, len(view), size)
-            self._read_fd(fd, path, offset, view)
+            if len(view) >= _MAPPED_MIN and _cached(fd, offset, len(view)):
+                try:
+                    _copy_mapped(fd, offset, view)
+                except OSError as exc:
+                    raise _os_error(exc, path, "reading") from exc
+            else:
+                self._read_fd(fd, path, offset, view)
         finally:
             os.close(fd)
 

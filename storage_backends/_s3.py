@@ -22,6 +22,7 @@ Modules: ``_s3_config`` (settings, no client library), ``_s3_errors`` (the table
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import time
@@ -49,6 +50,34 @@ log = logging.getLogger(__name__)
 
 _PROBE_DIR = ".ckpt-probe"  # where the conditional-put probe writes; never listed
 _DELETE_BATCH = 1000  # S3's limit of keys per DeleteObjects
+
+
+def _read_body_into(body: Any, out: memoryview) -> int:
+    """Read a GET's body into ``out`` until it ends or ``out`` is full; returns the count.
+
+    The bytes go straight from the socket into ``out`` through the ``http.client``
+    response under urllib3's (its ``readinto`` reads into a temporary ``bytes`` and
+    copies, which costs an allocation and a copy per call). That response is urllib3's
+    internal ``_fp``; where it is absent or the body is content-encoded, botocore's own
+    ``readinto`` is used. A body read to its end hands its connection back to the pool.
+    """
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp: Any = getattr(raw, "_fp", None)
+    if not isinstance(fp, http.client.HTTPResponse) or raw.headers.get("content-encoding"):
+        fp = None
+    reader = body if fp is None else fp
+    done = 0
+    while done < len(out):
+        try:
+            n = reader.readinto(out[done:])
+        except (http.client.HTTPException, OSError) as exc:
+            raise bce.ResponseStreamingError(error=exc) from exc
+        if not n:
+            break
+        done += n
+    if fp is not None and fp.isclosed():
+        raw.release_conn()
+    return done
 
 
 class S3Backend:
@@ -237,12 +266,7 @@ class S3Backend:
             etag = etag or response.get("ETag")
             body = response["Body"]
             try:
-                while done < len(target):
-                    chunk = body.read(min(8 << 20, len(target) - done))
-                    if not chunk:
-                        break
-                    target[done : done + len(chunk)] = chunk
-                    done += len(chunk)
+                done += _read_body_into(body, target[done:])
             finally:
                 body.close()
             if done < len(target):

@@ -1,0 +1,95 @@
+"""The loader's in-place path: whole chunks land straight in the target, the partly
+needed chunks at both ends of a resharded row range go through a buffer, and every
+byte that reaches a target is verified either way (a corrupt chunk names its file)."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckpt
+from ckpt.errors import ChecksumMismatchError
+from ckpt.format import read_manifest, step_prefix
+from recovery import Destination, Loader, LoadOptions
+from storage_backends import LocalBackend
+
+CHUNK = 64 << 10
+ROWS, COLS = 4096, 256  # 4 MiB of float32, 1 KiB rows: row ranges cut chunks
+STEP = 3
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    root = tmp_path_factory.mktemp("direct")
+    full = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(5))
+    small = torch.arange(1000, dtype=torch.float32)
+    ckpt.save({"w": full, "b": small}, root, step=STEP, options=ckpt.SaveOptions(chunk_bytes=CHUNK))
+    return root, full
+
+
+def _load_rows(root: Path, bounds: list[int], **options: int) -> tuple[list[torch.Tensor], int]:
+    backend = LocalBackend(root, create=False)
+    manifest = read_manifest(backend, STEP)
+    targets = [torch.full((hi - lo, COLS), 7.0) for lo, hi in itertools.pairwise(bounds)]
+    destinations = [
+        Destination("w", t, ckpt.format.Box((lo, 0), (hi - lo, COLS)))
+        for t, (lo, hi) in zip(targets, itertools.pairwise(bounds))
+    ]
+    stats = Loader(backend, manifest, LoadOptions(**options)).load(destinations)
+    return targets, stats.bytes_read
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [[0, ROWS], [0, 1365, 2730, ROWS], [100, 1900, 3999], [0, 64, 2100, 2101, ROWS]],
+)
+@pytest.mark.parametrize("step", [CHUNK, 5 * CHUNK + 4096, 8 << 20])
+def test_row_ranges_cutting_chunks_load_bit_exactly(
+    saved: tuple[Path, torch.Tensor], bounds: list[int], step: int
+) -> None:
+    root, full = saved
+    targets, read = _load_rows(root, bounds, read_step_bytes=step, io_threads=3)
+    for t, (lo, hi) in zip(targets, itertools.pairwise(bounds)):
+        assert torch.equal(t, full[lo:hi])
+    needed = (bounds[-1] - bounds[0]) * COLS * 4
+    # Whole chunks only: at most one chunk of slack at each end of each range.
+    assert needed <= read <= needed + 2 * CHUNK * (len(bounds) - 1)
+
+
+def _corrupt(root: Path, at: int) -> Path:
+    """Flip one byte ``at`` bytes into tensor w's stored bytes; returns the data file."""
+    backend = LocalBackend(root, create=False)
+    (piece,) = read_manifest(backend, STEP).tensors["w"].pieces
+    path = root / step_prefix(STEP) / piece.file
+    data = bytearray(path.read_bytes())
+    data[piece.byte_offset + at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return Path(piece.file)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        1365 * COLS * 4 - 10,  # in the partly needed chunk at the end of the first range
+        1365 * COLS * 4 + 10,  # the same chunk, where the second range starts
+        2 * CHUNK + 5,  # a whole chunk read in place
+        ROWS * COLS * 4 - 1,  # the last chunk
+    ],
+)
+def test_corrupt_chunk_raises_naming_the_file(
+    tmp_path: Path, saved: tuple[Path, torch.Tensor], at: int
+) -> None:
+    src, _ = saved
+    root = tmp_path / "copy"
+    shutil.copytree(src, root)
+    file = _corrupt(root, at)
+    with pytest.raises(ChecksumMismatchError) as info:
+        _load_rows(root, [0, 1365, 2730, ROWS], read_step_bytes=3 * CHUNK)
+    assert info.value.file == str(file)
+    assert str(file) in str(info.value)
+    with pytest.raises(ChecksumMismatchError):
+        ckpt.load({"w": torch.empty(ROWS, COLS), "b": torch.empty(1000)}, root, step=STEP)
