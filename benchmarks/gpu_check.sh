@@ -45,6 +45,7 @@ import msgspec, zstandard, tenacity, xxhash, safetensors  # noqa: F401  what ckp
 import ckpt, recovery, storage_backends  # noqa: F401
 PYEOF
 step "CUDA tests" 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda \
-  tests/ckpt/test_staging.py tests/ckpt/test_engine.py tests/ckpt/test_state.py
+  tests/ckpt/test_staging.py tests/ckpt/test_engine.py tests/ckpt/test_state.py \
+  tests/recovery/test_device_copy.py
 step "GPU benchmark (${GIB} GiB)" 300 "$PY" -m benchmarks.bench_gpu --gib "$GIB" --repeats 3
 exit "$status"
