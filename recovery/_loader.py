@@ -4,12 +4,14 @@ Reads are whole checksum chunks, so every byte that reaches a target was verifie
 The whole chunks of a stored piece that land unchanged in a contiguous CPU target
 (a whole piece, or whole rows of it when resharding along dimension 0) are read
 straight into the target's memory and verified there; everything else (chunks that a
-target only partly needs, small pieces, compressed pieces, strided or device targets)
-goes through a temporary buffer. Nearby ranges of one file are coalesced into one
-request, which matters for object stores. Each request is read in steps of
-``LoadOptions.read_step_bytes`` and the chunks a step completes are hashed right away,
-while they are still in the CPU cache; the reader threads pull requests from one
-queue, largest first, and the calling thread is one of them.
+target only partly needs, small pieces, compressed pieces, strided targets) goes
+through a temporary buffer. CUDA targets are read, in bands of whole rows, into pooled
+page-locked buffers, verified there, and copied on a load stream per device
+(``recovery._device_copy``); ``_jobs`` is where each request takes its path. Nearby
+ranges of one file are coalesced into one request, which matters for object stores.
+Each request is read in steps of ``LoadOptions.read_step_bytes`` and the chunks a step
+completes are hashed right away, while they are still in the CPU cache; the reader
+threads pull requests from one queue, largest first, and the calling thread is one of them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ from ckpt.format import (
     stored_chunk_bounds,
     torch_dtype,
 )
+from recovery._device_copy import (
+    DEFAULT_LIMIT_BYTES,
+    DeviceCopier,
+    HostBuffer,
+    PinnedBufferPool,
+)
 from recovery._reshard import ReadRequest, plan_reads
 from storage_backends import StorageBackend
 
@@ -68,12 +76,15 @@ class LoadOptions:
         max_request_bytes: the largest single read request.
         read_step_bytes: each request is read in steps of this size, and the chunks a
             step completes are verified right away (while in the CPU cache).
+        device_buffer_bytes: for targets on CUDA devices, the most page-locked host memory
+            the load reads into (bounded further by twice its largest request).
     """
 
     io_threads: int = 4
     coalesce_gap_bytes: int = 1 << 20
     max_request_bytes: int = 64 << 20
     read_step_bytes: int = 8 << 20
+    device_buffer_bytes: int = DEFAULT_LIMIT_BYTES
 
 
 @dataclass
@@ -126,7 +137,7 @@ class _Segment:
 
     ``requests`` are copied through a view shaped like the piece (``_scatter``);
     ``linear`` are (first raw byte of the piece, contiguous uint8 CPU view of a target)
-    whose bytes land unchanged.
+    whose bytes land unchanged; ``device`` go to CUDA targets (``_to_device``).
     """
 
     tensor: str
@@ -137,6 +148,7 @@ class _Segment:
     file_start: int = 0
     file_end: int = 0
     linear: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    device: list[ReadRequest] = field(default_factory=list)
 
 
 @dataclass
@@ -169,7 +181,12 @@ class Loader:
         self._all_pieces = not manifest.writers  # format v1 lists every piece
 
     def load(self, destinations: Sequence[Destination]) -> LoadStats:
-        """Fill every destination; raises ``CorruptCheckpointError`` on any bad byte."""
+        """Fill every destination; raises ``CorruptCheckpointError`` on any bad byte.
+
+        CUDA targets are filled from page-locked buffers on a load stream per device, which
+        first waits for the caller's current stream; the load returns once those copies are
+        done (``recovery._device_copy``).
+        """
         start = time.perf_counter()
         self._with_pieces(destinations)
         requests = self._plan(destinations)
@@ -182,10 +199,20 @@ class Loader:
         # Largest first keeps the threads busy until the end.
         jobs.sort(key=lambda j: j.start - j.end)
         planned = time.perf_counter()
-        self._run_all(jobs, destinations)
+        device = self._device_copier(destinations)
+        try:
+            self._run_all(jobs, destinations, device)
+        finally:
+            if device is not None:
+                device.finish()
         return LoadStats(needed, read, len(jobs), time.perf_counter() - start, planned - start)
 
-    def _run_all(self, jobs: Sequence[_Job], destinations: Sequence[Destination]) -> None:
+    def _run_all(
+        self,
+        jobs: Sequence[_Job],
+        destinations: Sequence[Destination],
+        device: DeviceCopier | None,
+    ) -> None:
         """Run ``jobs`` on ``io_threads`` readers (this thread among them) pulling from one
         queue; the first error stops the others at their next job and is raised."""
         queue = deque(jobs)
@@ -198,7 +225,7 @@ class Loader:
                 except IndexError:
                     return
                 try:
-                    self._run(job, destinations)
+                    self._run(job, destinations, device)
                 except BaseException as exc:
                     errors.append(exc)
                     return
@@ -368,9 +395,15 @@ class Loader:
         for req in requests:
             piece = req.piece
             raw_length = piece.box.numel * element_size(self._manifest.tensors[req.tensor].dtype)
+            if destinations[req.target].tensor.device.type == "cuda":
+                # Through a pooled page-locked buffer, then the load stream (``_to_device``).
+                for band in self._bands(req):
+                    end = band.raw_start + band.raw_length
+                    segment(band, raw_length, band.raw_start, end).device.append(band)
+                continue
             first, end = req.raw_start, req.raw_start + req.raw_length
             target = self._linear_view(req, destinations)
-            if target is None:  # strided or device target: copied through a shaped view
+            if target is None:  # strided or non-CUDA device target: through a shaped view
                 segment(req, raw_length, first, end).requests.append(req)
                 continue
             if piece.codec == "raw":
@@ -402,7 +435,7 @@ class Loader:
         """The target's bytes for ``req`` as one contiguous uint8 CPU view, when the
         requested raw bytes of the piece land there unchanged: the region spans the
         piece's every dimension but the first, and the target's view of it is contiguous.
-        None for other targets (CUDA targets among them: they take ``_scatter``)."""
+        None for other targets (they take ``_scatter``; CUDA targets never come here)."""
         dest = destinations[req.target]
         if dest.tensor.device.type != "cpu" or dest.tensor.is_complex():
             return None
@@ -468,11 +501,33 @@ class Loader:
                 jobs.append(current)
         return jobs
 
-    def _run(self, job: _Job, destinations: Sequence[Destination]) -> None:
+    def _run(
+        self,
+        job: _Job,
+        destinations: Sequence[Destination],
+        device: DeviceCopier | None = None,
+    ) -> None:
+        pooled = self._device_buffer(job, device)
+        try:
+            self._read(job, destinations, device, pooled)
+        finally:
+            if pooled is not None and device is not None:
+                device.release(pooled)  # reused once the copies enqueued from it have run
+
+    def _read(
+        self,
+        job: _Job,
+        destinations: Sequence[Destination],
+        device: DeviceCopier | None,
+        pooled: HostBuffer | None,
+    ) -> None:
+        """Read ``job`` (into ``pooled`` when given), verify it, fill its targets."""
         path = f"{self._prefix}/{job.file}"
         where = f"{self._backend.url}/{path}"
         if job.direct is not None:
             buffer = job.direct
+        elif pooled is not None:
+            buffer = pooled.data
         else:
             buffer = torch.empty(job.end - job.start, dtype=torch.uint8)
         host = _bytes_view(buffer)
@@ -501,6 +556,10 @@ class Loader:
         for seg in job.segments:
             raw = self._raw(seg, host, job.start, where)
             self._scatter(seg, raw, destinations)
+            if seg.device:
+                # A stored (not decompressed) segment is a view of the read buffer.
+                pinned = pooled is not None and pooled.pinned and seg.piece.codec == "raw"
+                self._to_device(seg, raw, device, destinations, pinned)
             base = seg.c0 * self._manifest.chunk_bytes
             for first, target in seg.linear:
                 # Contiguous CPU bytes to contiguous CPU bytes: one memcpy. (``copy_`` hands
@@ -585,6 +644,97 @@ class Loader:
                 values = values.view([])
                 dest_view = dest.tensor
             dest_view.copy_(values)
+
+    # --- CUDA targets: pooled page-locked read buffers, copies on the load streams ---
+
+    def _device_copier(self, destinations: Sequence[Destination]) -> DeviceCopier | None:
+        """A copier for the CUDA devices of ``destinations`` (None when there are none); built
+        in the loading thread, after which it must be ``finish``ed."""
+        devices = [d.tensor.device for d in destinations if d.tensor.device.type == "cuda"]
+        if not devices:
+            return None
+        # A band of rows (``_bands``) spans at most two chunks more than a request.
+        largest = self._options.max_request_bytes + 2 * self._manifest.chunk_bytes + _ALIGN
+        limit = PinnedBufferPool.bound(largest, self._options.device_buffer_bytes)
+        return DeviceCopier(devices, PinnedBufferPool(limit))
+
+    def _bands(self, req: ReadRequest) -> list[ReadRequest]:
+        """``req`` cut into bands of whole rows of about ``max_request_bytes`` (at least one
+        row each), so that a large CUDA target is read in parallel through bounded buffers."""
+        region = req.region
+        rows = region.lengths[0] if region.lengths else 0
+        row_bytes = req.raw_length // rows if rows else 0
+        if not row_bytes:
+            return [req]
+        band = max(1, self._options.max_request_bytes // row_bytes)
+        if band >= rows:
+            return [req]
+        bands = []
+        for r in range(0, rows, band):
+            n = min(band, rows - r)
+            box = Box((region.offsets[0] + r, *region.offsets[1:]), (n, *region.lengths[1:]))
+            start = req.raw_start + r * row_bytes
+            bands.append(ReadRequest(req.target, req.tensor, req.piece, start, n * row_bytes, box))
+        return bands
+
+    def _device_buffer(self, job: _Job, device: DeviceCopier | None) -> HostBuffer | None:
+        """A pooled (page-locked when possible) read buffer for a job whose stored bytes go
+        to CUDA targets as read; None for other jobs, and for jobs larger than the pool."""
+        if device is None or job.direct is not None:
+            return None
+        if any(seg.device and seg.piece.codec == "raw" for seg in job.segments):
+            return device.acquire(job.end - job.start)
+        return None
+
+    def _to_device(
+        self,
+        seg: _Segment,
+        raw: torch.Tensor,
+        device: DeviceCopier | None,
+        destinations: Sequence[Destination],
+        pinned: bool,
+    ) -> None:
+        """Enqueue the copies of ``seg``'s verified bytes ``raw`` into its CUDA targets."""
+        if device is None:
+            raise RuntimeError("a load into CUDA tensors runs without its DeviceCopier")
+        staged: HostBuffer | None = None
+        if not pinned and seg.piece.codec != "raw":
+            # Decompressed bytes are pageable: stage them in a pool buffer when one is free.
+            staged = device.acquire(raw.numel(), wait=False)
+            if staged is not None and not staged.pinned:  # the pool could not page-lock
+                device.release(staged)
+                staged = None
+            if staged is not None:
+                staged.data.copy_(raw)
+                raw, pinned = staged.data, staged.pinned
+        piece_shape = list(seg.piece.box.lengths)
+        base = seg.c0 * self._manifest.chunk_bytes
+        try:
+            for req in seg.device:
+                data = raw[req.raw_start - base : req.raw_start - base + req.raw_length]
+                if data.numel() != req.raw_length:
+                    raise CorruptCheckpointError(
+                        f"{self._backend.url}/{self._prefix}/{seg.piece.file}: tensor "
+                        f"{seg.tensor!r} chunks {seg.c0}..{seg.c1 - 1} hold {raw.numel()} "
+                        "bytes, fewer than the manifest's layout needs"
+                    )
+                dest = destinations[req.target]
+                if not piece_shape:
+                    device.copy(dest.tensor, data, [], None, pinned=pinned)
+                    continue
+                shape = [req.region.lengths[0], *piece_shape[1:]]
+                inner = None
+                if list(req.region.lengths[1:]) != piece_shape[1:]:  # only some columns wanted
+                    src_box_offsets = (req.region.offsets[0], *seg.piece.box.offsets[1:])
+                    inner = tuple(
+                        slice(o - so, o - so + n)
+                        for o, n, so in zip(req.region.offsets, req.region.lengths, src_box_offsets)
+                    )
+                target = dest.tensor[req.region.relative_to(dest.box)]
+                device.copy(target, data, shape, inner, pinned=pinned)
+        finally:
+            if staged is not None:
+                device.release(staged)
 
 
 def verify_checkpoint(

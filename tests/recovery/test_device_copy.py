@@ -5,6 +5,7 @@ page-locked memory left behind."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.format import Box, read_manifest
+from ckpt.errors import ChecksumMismatchError
+from ckpt.format import Box, read_manifest, step_prefix
 from recovery import Destination, DeviceCopier, Loader, LoadOptions, PinnedBufferPool
 from storage_backends import LocalBackend
 
@@ -245,3 +247,24 @@ def test_cuda_buffers_are_page_locked_reused_only_after_their_copy_and_unlocked_
     assert pool.pinned_bytes == 0 and pool.allocated_bytes == 0
     for value, target in enumerate(targets, start=1):
         assert torch.equal(target.cpu(), torch.full((MiB,), value, dtype=torch.uint8))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "zstd"])
+def test_a_corrupt_chunk_of_a_cuda_target_raises_naming_the_file(
+    tmp_path: Path, compress: bool
+) -> None:
+    """Bytes are verified in the host buffer before any copy to the device is enqueued."""
+    _save(tmp_path, compress=compress)
+    backend = LocalBackend(tmp_path)
+    (piece,) = read_manifest(backend, 1).tensors["w"].pieces
+    path = tmp_path / step_prefix(1) / piece.file
+    data = bytearray(path.read_bytes())
+    data[piece.byte_offset + piece.byte_length // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    target = {k: torch.zeros_like(v, device="cuda") for k, v in _state().items()}
+    options = LoadOptions(max_request_bytes=256 << 10, device_buffer_bytes=512 << 10)
+    with pytest.raises(ChecksumMismatchError, match=re.escape(piece.file)):
+        ckpt.load(target, tmp_path, options=options)
+    torch.cuda.synchronize()
