@@ -329,57 +329,6 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def committer_side(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
-    """Merge every rank's report and publish the manifest; rank 0 is the committer."""
-    tree = state_tree(tensors)
-    backend = LocalBackend(root)
-    prefix = Path(root) / step_prefix(STEP)
-    (prefix / "data").mkdir(parents=True)
-    base_rss = rss_bytes()
-    merge_s = 0.0
-    report_bytes = []
-    builder = ManifestBuilder(STEP)
-    for rank in range(1, layout.world):
-        index = shard_index(rank, layout, tensors, None)
-        sparse_files(prefix, index.files)
-        data = index.to_bytes()
-        report_bytes.append(len(data))
-        t0 = time.perf_counter()
-        builder.add_report(data, f"rank {rank}'s report", DEFAULT_CHUNK_BYTES)
-        merge_s += time.perf_counter() - t0
-        del index, data
-    own = shard_index(0, layout, tensors, tree)
-    sparse_files(prefix, own.files)
-    report_bytes.append(len(own.to_bytes()))
-    t0 = time.perf_counter()
-    builder.add(own)
-    manifest = builder.render(
-        generation=GENERATION,
-        world_size=layout.world,
-        chunk_bytes=DEFAULT_CHUNK_BYTES,
-        created_unix=time.time(),
-        layout={"mesh": [layout.world // layout.tp, layout.tp]},
-    )
-    t1 = time.perf_counter()
-    publish_bytes(backend, STEP, GENERATION, manifest, files=builder.files)
-    t2 = time.perf_counter()
-    peak = peak_rss() - base_rss
-    del builder
-    zstd = compressed_size(manifest)
-    return {
-        "manifest_bytes": len(manifest),
-        "manifest_zstd_bytes": zstd,
-        "report_bytes_mean": sum(report_bytes) / len(report_bytes),
-        "report_bytes_total": sum(report_bytes),
-        "files": sum(1 for _ in prefix.joinpath("data").iterdir()),
-        "merge_s": merge_s,
-        "merge_us_per_report": merge_s * 1e6 / max(1, layout.world - 1),
-        "render_s": t1 - t0,
-        "publish_s": t2 - t1,
-        "committer_rss": peak,
-    }
-
-
 def layout_cells(
     layout: Layout, tensors: list[TensorSpec]
 ) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]]:
@@ -433,40 +382,47 @@ def v2_report(
     return report, infer_s
 
 
-def committer_side_v2(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
-    """Format v2: every rank writes its index file and reports the layouts it describes
-    (a few hundred bytes for most ranks); rank 0 merges the reports and publishes."""
+def committer_side(
+    root: str, layout: Layout, tensors: list[TensorSpec], version: int = 1
+) -> dict[str, Any]:
+    """Merge every rank's report and publish the manifest; rank 0 is the committer.
+
+    Format v2: every rank first writes its index file and reports the layouts it
+    describes (a few hundred bytes for most ranks)."""
     tree = state_tree(tensors)
     backend = LocalBackend(root)
     prefix = Path(root) / step_prefix(STEP)
     (prefix / "data").mkdir(parents=True)
-    (prefix / INDEX_DIR).mkdir()
-    cells = layout_cells(layout, tensors)
-    # The lowest writer of each tensor describes its layout (every rank knows the plan).
-    describers = {name: min(c[2] for c in written) for name, written in cells.items()}
+    if version == 2:
+        (prefix / INDEX_DIR).mkdir()
+        cells = layout_cells(layout, tensors)
+        # The lowest writer of each tensor describes its layout (every rank knows the plan).
+        describers = {name: min(c[2] for c in written) for name, written in cells.items()}
+
+    def report_of(rank: int, tree: dict[str, Any] | None) -> tuple[ShardIndex, float]:
+        if version == 1:
+            return shard_index(rank, layout, tensors, tree), 0.0
+        return v2_report(rank, layout, tensors, tree, cells, describers, prefix)
+
     base_rss = rss_bytes()
-    merge_s = 0.0
-    infer_s = 0.0
-    report_bytes = []
-    index_bytes = []
+    merge_s = infer_s = 0.0
+    report_bytes: list[int] = []
+    index_bytes: list[int] = []
     builder = ManifestBuilder(STEP)
-    for rank in range(1, layout.world):
-        report, inferred = v2_report(rank, layout, tensors, None, cells, describers, prefix)
+    for rank in range(1, layout.world + 1):
+        report, inferred = report_of(rank % layout.world, tree if rank == layout.world else None)
         infer_s = max(infer_s, inferred)
         sparse_files(prefix, {p: n for p, n in report.files.items() if p.startswith("data/")})
         index_bytes.append(report.writer.bytes if report.writer else 0)
         data = report.to_bytes()
         report_bytes.append(len(data))
         t0 = time.perf_counter()
-        builder.add_report(data, f"rank {rank}'s report", DEFAULT_CHUNK_BYTES)
-        merge_s += time.perf_counter() - t0
-    own, inferred = v2_report(0, layout, tensors, tree, cells, describers, prefix)
-    infer_s = max(infer_s, inferred)
-    sparse_files(prefix, {p: n for p, n in own.files.items() if p.startswith("data/")})
-    index_bytes.append(own.writer.bytes if own.writer else 0)
-    report_bytes.append(len(own.to_bytes()))
-    t0 = time.perf_counter()
-    builder.add(own)
+        if rank < layout.world:
+            builder.add_report(data, f"rank {rank}'s report", DEFAULT_CHUNK_BYTES)
+            merge_s += time.perf_counter() - t0
+        else:  # the committer's own report, then the commit
+            builder.add(report)
+        del report, data
     manifest = builder.render(
         generation=GENERATION,
         world_size=layout.world,
@@ -478,13 +434,12 @@ def committer_side_v2(root: str, layout: Layout, tensors: list[TensorSpec]) -> d
     publish_bytes(backend, STEP, GENERATION, manifest, files=builder.files)
     t2 = time.perf_counter()
     peak = peak_rss() - base_rss
-    return {
+    del builder
+    result = {
         "manifest_bytes": len(manifest),
         "manifest_zstd_bytes": compressed_size(manifest),
         "report_bytes_mean": sum(report_bytes) / len(report_bytes),
         "report_bytes_total": sum(report_bytes),
-        "index_bytes_max": max(index_bytes),
-        "infer_s": infer_s,
         "files": sum(1 for _ in prefix.joinpath("data").iterdir()),
         "merge_s": merge_s,
         "merge_us_per_report": merge_s * 1e6 / max(1, layout.world - 1),
@@ -492,6 +447,9 @@ def committer_side_v2(root: str, layout: Layout, tensors: list[TensorSpec]) -> d
         "publish_s": t2 - t1,
         "committer_rss": peak,
     }
+    if version == 2:
+        result.update(index_bytes_max=max(index_bytes), infer_s=infer_s)
+    return result
 
 
 def restorer_side_v2(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
@@ -716,15 +674,12 @@ class Row:
 
 
 def measure(
-    layout: Layout, tensors: list[TensorSpec], workdir: Path, version: int = 1
+    layout: Layout, tensors: list[TensorSpec], workdir: Path
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     root = tempfile.mkdtemp(prefix="bench-metadata-", dir=workdir)
-    sides = (
-        (committer_side, restorer_side) if version == 1 else (committer_side_v2, restorer_side_v2)
-    )
     try:
-        committer = in_child(sides[0], root, layout, tensors)
-        restorer = in_child(sides[1], root, layout, tensors)
+        committer = in_child(committer_side, root, layout, tensors)
+        restorer = in_child(restorer_side, root, layout, tensors)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return committer, restorer, in_child(planner_side, layout, tensors)
@@ -788,7 +743,7 @@ def run_layout_v2(
         root = tempfile.mkdtemp(prefix="bench-metadata-v2-", dir=workdir)
         t0 = time.perf_counter()
         try:
-            committer = in_child(committer_side_v2, root, layout, tensors)
+            committer = in_child(committer_side, root, layout, tensors, 2)
             restorer = in_child(restorer_side_v2, root, layout, tensors)
         finally:
             shutil.rmtree(root, ignore_errors=True)

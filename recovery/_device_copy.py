@@ -37,9 +37,10 @@ from typing import Protocol
 
 import torch
 
+from ckpt.format import page_lock, page_unlock
+
 log = logging.getLogger(__name__)
 
-_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 DEFAULT_LIMIT_BYTES = 256 << 20
 
 
@@ -214,15 +215,8 @@ class PinnedBufferPool:
     def _register(self, buffer: torch.Tensor) -> bool:
         if not self._pin:
             return False
-        try:
-            status = int(
-                torch.cuda.cudart().cudaHostRegister(
-                    buffer.data_ptr(), buffer.numel(), _REGISTER_PORTABLE
-                )
-            )
-            if status != 0:
-                raise RuntimeError(f"cudaHostRegister returned CUDA error {status}")
-        except (RuntimeError, AssertionError) as exc:  # AssertionError: torch without CUDA
+        why = page_lock(buffer)
+        if why is not None:
             with self._cond:
                 warn, self._pin = self._pin, False
             if warn:
@@ -231,7 +225,7 @@ class PinnedBufferPool:
                     "memory instead: copies to the GPU will be slower and block the readers. "
                     "Raise the locked-memory limit (ulimit -l) to pin",
                     buffer.numel(),
-                    exc,
+                    why,
                 )
             return False
         with self._cond:
@@ -246,7 +240,7 @@ class PinnedBufferPool:
             return
         self._registered.discard(pointer)
         self._registered_bytes -= buffer.numel()
-        status = int(torch.cuda.cudart().cudaHostUnregister(pointer))
+        status = page_unlock(buffer)
         if status != 0:
             log.warning("cudaHostUnregister of a load buffer returned CUDA error %d", status)
 

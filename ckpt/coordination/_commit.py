@@ -213,24 +213,9 @@ class ManifestBuilder:
         With ``commit_seconds`` (the committer's time from holding every report to now),
         the manifest records every rank's timing, when every rank reported one.
         """
-        if self._writers:
-            header = manifest_header(
-                step=self.step,
-                generation=generation,
-                world_size=world_size,
-                created_unix=created_unix,
-                chunk_bytes=chunk_bytes,
-                files=dict(sorted(self._files.items())),
-                state=self._state_value(),
-                layout=dict(layout or {}),
-                user_metadata=dict(user_metadata or {}),
-                timings=self.timings(world_size, commit_seconds),
-                writers=self._writer_refs(world_size),
-            )
-            return render_manifest(
-                header, ((name, encode_entry(e)) for name, e in self._layouts.items())
-            )
-        self._check_covered()
+        v2 = bool(self._writers)
+        if not v2:
+            self._check_covered()
         header = manifest_header(
             step=self.step,
             generation=generation,
@@ -243,11 +228,15 @@ class ManifestBuilder:
             user_metadata=dict(user_metadata or {}),
             headers=dict(sorted(self._headers.items())),
             timings=self.timings(world_size, commit_seconds),
+            writers=self._writer_refs(world_size) if v2 else (),
         )
-        return render_manifest(
-            header,
-            ((name, tensor_json(t.dtype, t.shape, t.texts)) for name, t in self._tensors.items()),
-        )
+        if v2:
+            tensors = ((name, encode_entry(e)) for name, e in self._layouts.items())
+        else:
+            tensors = (
+                (name, tensor_json(t.dtype, t.shape, t.texts)) for name, t in self._tensors.items()
+            )
+        return render_manifest(header, tensors)
 
     def build(
         self,

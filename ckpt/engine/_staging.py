@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ckpt.format import page_lock, page_unlock
+
 log = logging.getLogger(__name__)
 
 _ALIGN = 64
-_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
 
 
 def align(n: int, to: int = _ALIGN) -> int:
@@ -123,22 +124,15 @@ class StagingPool:
         return buffer
 
     def _register(self, buffer: torch.Tensor) -> None:
-        try:
-            status = int(
-                torch.cuda.cudart().cudaHostRegister(
-                    buffer.data_ptr(), buffer.numel(), _REGISTER_PORTABLE
-                )
-            )
-            if status != 0:
-                raise RuntimeError(f"cudaHostRegister returned CUDA error {status}")
-        except (RuntimeError, AssertionError) as exc:  # AssertionError: torch without CUDA
+        why = page_lock(buffer)
+        if why is not None:
             self._pin = False
             log.warning(
                 "could not page-lock %d bytes of staging memory (%s); staging in pageable "
                 "memory instead: copies from the GPU will be slower and block the copy stream. "
                 "Raise the locked-memory limit (ulimit -l) to pin",
                 buffer.numel(),
-                exc,
+                why,
             )
             return
         self._registered.add(buffer.data_ptr())
@@ -151,7 +145,7 @@ class StagingPool:
         # A copy may still be reading it; nothing is in flight when a slot is replaced or
         # the pool closes, but an unfinished stream must not see the pages unlocked.
         torch.cuda.synchronize()
-        status = int(torch.cuda.cudart().cudaHostUnregister(pointer))
+        status = page_unlock(buffer)
         if status != 0:
             log.warning("cudaHostUnregister of a staging buffer returned CUDA error %d", status)
 

@@ -17,6 +17,8 @@ docs/FORMAT.md is the contract; this package is its one implementation. What it 
 * element types: ``dtype_name``, ``torch_dtype``, ``element_size``, ``safetensors_header``
   and ``check_safetensors_header``;
 * the state tree: its markers (``TENSOR_REF`` ...) and ``check_state_markers``;
+* host memory for CUDA copies: ``page_lock`` and ``page_unlock`` (exact-size page-locked
+  buffers, shared by the save's staging and the load's read buffers);
 * stored chunks: ``checksum``, ``chunk_checksums``, ``split_digests``, ``stored_chunk_bounds``,
   ``compress_chunks``, ``decompress_chunk`` and the manifest's own seal.
 
@@ -66,6 +68,7 @@ from ckpt.format._paths import (
     safe_relative_path,
     step_prefix,
 )
+from ckpt.format._pinned import page_lock, page_unlock
 from ckpt.format._reader import StepListing, read_manifest, scan_steps
 from ckpt.format._schema import (
     FORMAT_NAME,
@@ -120,6 +123,8 @@ __all__ = [
     "Layout",
     "WriterRef",
     "infer_layout",
+    "page_lock",
+    "page_unlock",
     "load_pieces",
     "seal_digest",
     "writers_needed",
