@@ -461,7 +461,7 @@ def committer_main(conn: Connection, spec: Spec) -> None:
             continue
         assert manifest is not None
         sent = client.commands[c0:]
-        wake = client.reads[r0:][-1][0]
+        wake, last_batch, _ = client.reads[r0:][-1]
 
         def timed(script: str, sent: list[Sent] = sent) -> tuple[int, int]:
             return next(
@@ -471,6 +471,7 @@ def committer_main(conn: Connection, spec: Spec) -> None:
         conn.send(
             {
                 "wake": wake,
+                "last_batch": last_batch,
                 "claim": timed("CLAIM"),
                 "commit": timed("COMMIT"),
                 "round_trips": client.round_trips - rt0,
@@ -868,6 +869,7 @@ class StepResult:
     latency_with_manifest_ms: float
     wake_ms: float  # last reporter's reply timestamp -> the read that brought it returned
     tail_merge_ms: float  # that read -> CLAIM sent: merging the last batch and rank 0's own index
+    last_batch: int  # reports the committer's last read brought
     claim_rtt_ms: float
     manifest_ms: float  # CLAIM reply -> COMMIT sent: build, serialise, publish with fsync
     commit_rtt_ms: float
@@ -1087,6 +1089,7 @@ def analyse(
         latency_with_manifest_ms=ms(committed - c["wake"]),
         wake_ms=ms(c["wake"] - t_last),
         tail_merge_ms=ms(c["claim"][0] - c["wake"]),
+        last_batch=c["last_batch"],
         claim_rtt_ms=ms(c["claim"][1] - c["claim"][0]),
         manifest_ms=ms(manifest_ns),
         commit_rtt_ms=ms(c["commit"][1] - c["commit"][0]),
@@ -1339,6 +1342,7 @@ def format_world(
             "committer's view: its reader has the last report -> COMMIT reply", "latency_reader_ms"
         ),
         row("  = merging the last batch + rank 0's own index", "tail_merge_ms"),
+        row("    reports in that last batch (the committer's last read)", "last_batch", "", "8.0f"),
         row("  + CLAIM round trip (generation re-checked)", "claim_rtt_ms"),
         row("  + COMMIT round trip (Redis replies to the woken waiters first)", "commit_rtt_ms"),
         row("  (last reporter's reply timestamp -> committer's read returned)", "wake_ms"),
