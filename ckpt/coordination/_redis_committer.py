@@ -9,7 +9,12 @@ arrived meanwhile without waiting for a wake-up: the reader keeps pace with the 
 instead of sleeping until the next threshold and then facing most of it at once, which
 would leave a large batch to merge after the last report. A read that brings fewer goes
 back to waiting, so reports that trickle in cost no more reads than wake-ups, and a burst
-at most one more read per ``DRAIN_AT`` reports. Between reads, once per ``check_every``
+at most one more read per ``DRAIN_AT`` reports. The last ``WAIT_FOR_LAST`` reports are
+read on wake-ups only: Redis serves a burst in long passes over its clients, and a read
+sent without waiting may run in the middle of one and miss the reports after it, to be
+answered after the pass and followed by one more read; a read blocked on the wake-up list
+runs the rest of its pipeline right after the pass in which the REPORT script woke it,
+so it takes every report of that pass. Between reads, once per ``check_every``
 seconds, the coordinator's ``check`` raises when the step must stop (refused, ranks lost,
 past the deadline). Runs in its own thread from ``begin``, or in
 the committer's thread without one.
@@ -35,8 +40,11 @@ from ckpt.coordination._redis_keys import StepKeys
 from ckpt.errors import CoordinationError
 
 # A read that brings this many new reports is followed by one that does not wait for a
-# wake-up (the REPORT script's smallest batch).
+# wake-up (the REPORT script's smallest batch) ...
 DRAIN_AT = 16
+# ... unless no more than this many are still due (the REPORT script wakes the reader
+# when all but 256, 64, 16 and 0 are in).
+WAIT_FOR_LAST = 256
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ class ReportCollector:
             )
             if job.link.losses != losses:
                 last_id = ""  # whole stream from now on; what is merged is skipped
-            merged = len(self.builder.ranks)
+            before = len(self.builder.ranks)
             for entry_id, fields in entries:
                 if last_id:
                     last_id = entry_id
@@ -128,7 +136,8 @@ class ReportCollector:
             if now >= next_check or now >= deadline:
                 job.check(started, deadline)
                 next_check = now + job.check_every
-            drain = len(self.builder.ranks) - merged >= DRAIN_AT
+            merged = len(self.builder.ranks)
+            drain = merged - before >= DRAIN_AT and job.expected - merged > WAIT_FOR_LAST
 
     def _read(self, last_id: str, block_ms: int) -> list[tuple[Any, dict[bytes, bytes]]]:
         """One round trip: drop the reports already merged, wait for a wake-up (or the block

@@ -230,10 +230,11 @@ class _ReportsBeforeRead(LoggingRedis):
 def test_a_burst_is_read_as_it_arrives_without_waiting_for_a_wake_up(
     redis_server: RedisServer, job: str, backend: StorageBackend
 ) -> None:
-    """65 ranks (wake-ups at 16, 32, 48 and 64 reports). The committer's first read brings
-    16 reports; 15 more land before its next read, crossing no wake-up: a read that
-    brought 16 or more is followed by one that does not wait, so it merges them at once.
-    That read brought fewer than 16, so the next one waits again: no polling."""
+    """301 ranks (wake-ups at 16, 150, 236, 284 and 300 reports). The committer's first
+    read brings 16 reports; 15 more land before its next read, crossing no wake-up: a read
+    that brought 16 or more while more than 256 are due is followed by one that does not
+    wait, so it merges them at once. That read brought fewer than 16, so the next one
+    waits again: no polling."""
     spec = redis_spec(redis_server, job)
     log = ClientLog()
     clients: list[_ReportsBeforeRead] = []
@@ -245,16 +246,16 @@ def test_a_burst_is_read_as_it_arrives_without_waiting_for_a_wake_up(
         clients.append(client)
         return client
 
-    first = spec.redis(rank=0, world_size=65, start_heartbeat=False, client_factory=hooked)
+    first = spec.redis(rank=0, world_size=301, start_heartbeat=False, client_factory=hooked)
     ranks = [first] + [
         spec.redis(
             rank=r,
-            world_size=65,
+            world_size=301,
             generation=first.generation,
             start_heartbeat=False,
             client_factory=log,
         )
-        for r in range(1, 65)
+        for r in range(1, 301)
     ]
     try:
         for c in ranks[1:17]:
@@ -269,12 +270,12 @@ def test_a_burst_is_read_as_it_arrives_without_waiting_for_a_wake_up(
         while len(clients[0].reads) < 3:
             assert time.monotonic() < deadline, "the reader stopped reading"
             time.sleep(0.01)
-        # Waits for a wake-up; then none; then, after a read of 15, waits again (at 32).
+        # Waits for a wake-up; then none; then, after a read of 15, waits again (at 150).
         assert ["BLPOP" in n for n in clients[0].reads[:3]] == [True, False, True]
         for c in ranks[32:]:
             report(c, backend, 1)
         manifest = commit_rank0(ranks[0], backend, 1)
-        assert manifest is not None and len(manifest.tensors) == 65
+        assert manifest is not None and len(manifest.tensors) == 301
         for c in ranks[1:]:
             c.wait_outcome(1, backend)
     finally:
