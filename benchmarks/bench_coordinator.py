@@ -3,10 +3,11 @@
     .venv/bin/python -m benchmarks.bench_coordinator [--ranks 256,1024,4096] [--steps 3]
         [--warmup 1] [--real-ranks 256] [--threads-per-proc 256] [--replicas-per-proc 2048]
         [--tensors 4] [--piece-mib 16] [--heartbeat-seconds 4] [--straggler-seconds 2.5]
-        [--straggler-max-ranks 1024] [--heartbeat-ttl 600] [--json OUT]
+        [--straggler-max-ranks 1024] [--heartbeat-ttl 600] [--format 2] [--json OUT]
 
-A full run (256, 1024 and 4096 ranks) takes about 1.5 minutes on 2 cores and needs an
-open-file limit of about 2 x 4096 + 64 (raised to the hard limit when allowed).
+A full run (256, 1024 and 4096 ranks, one format) takes 2-4 minutes on 2 loaded cores
+and needs an open-file limit of about 2 x 4096 + 64 (raised to the hard limit when
+allowed).
 
 It starts its own ``redis-server`` (``--save "" --appendonly no``) on a free loopback
 port (never a shared one) and, for each world size N, drives the real
@@ -20,9 +21,17 @@ port (never a shared one) and, for each world size N, drives the real
   builds and publishes the manifest to a temporary local directory (``LocalBackend``,
   fsync included; timed separately and left out of the protocol latency), then marks
   the step committed;
-- ranks 1..N-1 report with a valid ``ShardIndex`` (``--tensors`` Shard(0) pieces of
-  ``--piece-mib`` MiB with one checksum per MiB chunk, two small replicated tensors
-  written by one rank each; about 2.3 KiB of JSON), then wait for the outcome. The
+- ranks 1..N-1 report with a valid ``ShardIndex``, then wait for the outcome. In format
+  v2 (``--format 2``, the default) a report pins the rank's index file
+  (``WriterRef``: path, size, seal), lists its data file and that index file and its
+  timing, and describes no layouts: rank 0's own report describes the layouts of every
+  tensor (grids, ``infer_layout``), and the manifest is v2 (about 450 B per report). In
+  format v1 (``--format 1``) a report holds every piece the rank stored: ``--tensors``
+  Shard(0) pieces of ``--piece-mib`` MiB with one checksum per MiB chunk, two small
+  replicated tensors written by one rank each (about 2.6 KiB of JSON; that is also
+  the content of the v2 index file). ``--format 2,1`` measures both, interleaved step by
+  step (the same load for each). Index files need not exist for the protocol; empty
+  stand-ins are placed with the data files, which the committer lists. The
   first ``--real-ranks`` of them are threads (``--threads-per-proc`` per process), each
   with its own ``RedisCoordinator`` calling ``report(step, index_json)`` and
   ``wait_outcome(step)``. The rest are replicas (``--replicas-per-proc`` per process,
@@ -52,8 +61,8 @@ Per world size it reports (medians and maxima over the measured steps):
   committer's, split into its reads of reports, checks, the claim and the commit;
 - commit latency: from the moment the committer's reader has the last report (its
   read returns) to the reply of the COMMIT script, without the manifest build +
-  publish (shown beside it), split into merging the last batch, the CLAIM round trip
-  and the COMMIT round trip; the same from Redis's own timestamp of the last report
+  publish (shown beside it), split into merging the last batch (and its size), the
+  CLAIM round trip and the COMMIT round trip; the same from Redis's own timestamp of the last report
   (the stream entry ID, whole milliseconds of the server clock); and to the moment the
   last waiter wakes. The latency from the last reporter's own reply timestamp is shown
   too (that thread shares a GIL with hundreds of others, so its clock reading can lag);
