@@ -3,10 +3,11 @@
     .venv/bin/python -m benchmarks.bench_coordinator [--ranks 256,1024,4096] [--steps 3]
         [--warmup 1] [--real-ranks 256] [--threads-per-proc 256] [--replicas-per-proc 2048]
         [--tensors 4] [--piece-mib 16] [--heartbeat-seconds 4] [--straggler-seconds 2.5]
-        [--straggler-max-ranks 1024] [--heartbeat-ttl 600] [--json OUT]
+        [--straggler-max-ranks 1024] [--heartbeat-ttl 600] [--format 2] [--json OUT]
 
-A full run (256, 1024 and 4096 ranks) takes about 1.5 minutes on 2 cores and needs an
-open-file limit of about 2 x 4096 + 64 (raised to the hard limit when allowed).
+A full run (256, 1024 and 4096 ranks, one format) takes 2-4 minutes on 2 loaded cores
+and needs an open-file limit of about 2 x 4096 + 64 (raised to the hard limit when
+allowed).
 
 It starts its own ``redis-server`` (``--save "" --appendonly no``) on a free loopback
 port (never a shared one) and, for each world size N, drives the real
@@ -20,9 +21,17 @@ port (never a shared one) and, for each world size N, drives the real
   builds and publishes the manifest to a temporary local directory (``LocalBackend``,
   fsync included; timed separately and left out of the protocol latency), then marks
   the step committed;
-- ranks 1..N-1 report with a valid ``ShardIndex`` (``--tensors`` Shard(0) pieces of
-  ``--piece-mib`` MiB with one checksum per MiB chunk, two small replicated tensors
-  written by one rank each; about 2.3 KiB of JSON), then wait for the outcome. The
+- ranks 1..N-1 report with a valid ``ShardIndex``, then wait for the outcome. In format
+  v2 (``--format 2``, the default) a report pins the rank's index file
+  (``WriterRef``: path, size, seal), lists its data file and that index file and its
+  timing, and describes no layouts: rank 0's own report describes the layouts of every
+  tensor (grids, ``infer_layout``), and the manifest is v2 (about 450 B per report). In
+  format v1 (``--format 1``) a report holds every piece the rank stored: ``--tensors``
+  Shard(0) pieces of ``--piece-mib`` MiB with one checksum per MiB chunk, two small
+  replicated tensors written by one rank each (about 2.6 KiB of JSON; that is also
+  the content of the v2 index file). ``--format 2,1`` measures both, interleaved step by
+  step (the same load for each). Index files need not exist for the protocol; empty
+  stand-ins are placed with the data files, which the committer lists. The
   first ``--real-ranks`` of them are threads (``--threads-per-proc`` per process), each
   with its own ``RedisCoordinator`` calling ``report(step, index_json)`` and
   ``wait_outcome(step)``. The rest are replicas (``--replicas-per-proc`` per process,
@@ -52,8 +61,8 @@ Per world size it reports (medians and maxima over the measured steps):
   committer's, split into its reads of reports, checks, the claim and the commit;
 - commit latency: from the moment the committer's reader has the last report (its
   read returns) to the reply of the COMMIT script, without the manifest build +
-  publish (shown beside it), split into merging the last batch, the CLAIM round trip
-  and the COMMIT round trip; the same from Redis's own timestamp of the last report
+  publish (shown beside it), split into merging the last batch (and its size), the
+  CLAIM round trip and the COMMIT round trip; the same from Redis's own timestamp of the last report
   (the stream entry ID, whole milliseconds of the server clock); and to the moment the
   last waiter wakes. The latency from the last reporter's own reply timestamp is shown
   too (that thread shares a GIL with hundreds of others, so its clock reading can lag);
@@ -117,10 +126,15 @@ from ckpt.coordination import ManifestBuilder, RedisCoordinator
 from ckpt.format import (
     DATA_DIR,
     DEFAULT_CHUNK_BYTES,
+    INDEX_DIR,
     Box,
+    RankTiming,
     ShardIndex,
     StoredPiece,
     TensorEntry,
+    WriterRef,
+    infer_layout,
+    seal_digest,
     step_prefix,
 )
 from storage_backends import LocalBackend
@@ -145,6 +159,8 @@ TARGET_AT = 4096
 # SHA -> name of ckpt's scripts, in this process: the committer's client learns them and
 # tells the parent (for SLOWLOG).
 SCRIPT_NAMES: dict[str, str] = {}
+# Every rank reports a timing, as ckpt's ranks do (the manifest then records them all).
+TIMING = RankTiming(started_unix=1.8e9, stall_s=0.0123, persist_s=0.4567, retries=0)
 
 
 def ms(ns: float) -> float:
@@ -157,7 +173,8 @@ def ms(ns: float) -> float:
 def shard_index(
     rank: int, world: int, *, tensors: int, piece_bytes: int, generation: str
 ) -> ShardIndex:
-    """What rank ``rank`` reports: its Shard(0) rows of every large tensor, valid format v1."""
+    """What rank ``rank`` reports in format v1: its Shard(0) rows of every large tensor
+    (its index file's content in format v2)."""
     rows = max(1, piece_bytes // ROW_BYTES)
     nbytes = rows * ROW_BYTES
     chunks = math.ceil(nbytes / DEFAULT_CHUNK_BYTES)
@@ -180,7 +197,54 @@ def shard_index(
             offset += ROW_BYTES
         entries[f"layers.{i}.norm"] = TensorEntry("float32", (COLS,), pieces)
     state = {"meta": {"epoch": 1, "note": "bench"}} if rank == 0 else None
-    return ShardIndex(rank=rank, tensors=entries, files={path: offset}, state=state)
+    return ShardIndex(rank=rank, tensors=entries, files={path: offset}, state=state, timing=TIMING)
+
+
+def index_path(generation: str, rank: int) -> str:
+    """Rank ``rank``'s index file in format v2 (ckpt draws the 8 hex digits at random)."""
+    return f"{INDEX_DIR}/{generation}-r{rank:05d}-{rank * 2654435761 % 2**32:08x}.json"
+
+
+def writer_report(
+    rank: int, world: int, *, tensors: int, piece_bytes: int, generation: str
+) -> ShardIndex:
+    """What rank ``rank`` reports in format v2 (as ``ckpt.engine._job.writer_report``): the
+    index file it wrote (its pieces, sealed), its data files and that index file, its
+    timing, and the layouts it describes: rank 0 describes every tensor, the others none."""
+    v1 = shard_index(rank, world, tensors=tensors, piece_bytes=piece_bytes, generation=generation)
+    stored = {name: e for name, e in v1.tensors.items() if e.pieces}
+    data = ShardIndex(rank=rank, tensors=stored, files=v1.files).to_bytes()
+    layouts: dict[str, TensorEntry] = {}
+    if rank == 0:
+        rows = max(1, piece_bytes // ROW_BYTES)
+        for i in range(tensors):
+            shape = (world * rows, COLS)
+            cells = [((r * rows, 0), (rows, COLS), r) for r in range(world)]
+            layouts[f"layers.{i}.weight"] = TensorEntry(
+                "float32", shape, (), infer_layout(shape, cells)
+            )
+        for i in range(REPLICATED):
+            cell = ((0,), (COLS,), i % world)
+            layouts[f"layers.{i}.norm"] = TensorEntry(
+                "float32", (COLS,), (), infer_layout((COLS,), [cell])
+            )
+    path = index_path(generation, rank)
+    return ShardIndex(
+        rank=rank,
+        tensors=layouts,
+        files={**v1.files, path: len(data)},
+        state=v1.state,
+        timing=TIMING,
+        writer=WriterRef(rank, path, len(data), seal_digest(data)),
+    )
+
+
+def report(
+    version: int, rank: int, world: int, *, tensors: int, piece_bytes: int, generation: str
+) -> ShardIndex:
+    """Rank ``rank``'s report in format ``version``."""
+    make = writer_report if version == 2 else shard_index
+    return make(rank, world, tensors=tensors, piece_bytes=piece_bytes, generation=generation)
 
 
 # --------------------------------------------------------------------------- redis plumbing
@@ -328,6 +392,21 @@ class Spec:
     generation: str = ""
     manifest_dir: str = ""
     heartbeat_ttl: float = 600.0
+    formats: tuple[int, ...] = (2,)
+
+    def reports(self, rank: int) -> dict[int, ShardIndex]:
+        """Rank ``rank``'s report in each format measured."""
+        return {
+            version: report(
+                version,
+                rank,
+                self.world,
+                tensors=self.tensors,
+                piece_bytes=self.piece_bytes,
+                generation=self.generation,
+            )
+            for version in self.formats
+        }
 
 
 def _coordinator(
@@ -355,13 +434,7 @@ def committer_main(conn: Connection, spec: Spec) -> None:
     for script in client.scripts.values():
         client.script_load(script.script)  # the replicas call EVALSHA directly
     conn.send((coord.generation, client.script_names))
-    own = shard_index(
-        0,
-        spec.world,
-        tensors=spec.tensors,
-        piece_bytes=spec.piece_bytes,
-        generation=coord.generation,
-    )
+    own = replace(spec, generation=coord.generation).reports(0)
     backend = LocalBackend(spec.manifest_dir)
     beating: RedisCoordinator | None = None
     rt0 = c0 = r0 = 0
@@ -387,17 +460,17 @@ def committer_main(conn: Connection, spec: Spec) -> None:
                 beating.close()
             conn.send("ok")
             continue
-        step = msg[1]
+        _, step, version = msg  # "go"
         try:
             manifest = coord.commit(
-                backend, step, own, chunk_bytes=DEFAULT_CHUNK_BYTES, user_metadata={}
+                backend, step, own[version], chunk_bytes=DEFAULT_CHUNK_BYTES, user_metadata={}
             )
         except Exception as exc:  # reported to the parent
             conn.send(f"committer: {exc!r}")
             continue
         assert manifest is not None
         sent = client.commands[c0:]
-        wake = client.reads[r0:][-1][0]
+        wake, last_batch, _ = client.reads[r0:][-1]
 
         def timed(script: str, sent: list[Sent] = sent) -> tuple[int, int]:
             return next(
@@ -407,6 +480,7 @@ def committer_main(conn: Connection, spec: Spec) -> None:
         conn.send(
             {
                 "wake": wake,
+                "last_batch": last_batch,
                 "claim": timed("CLAIM"),
                 "commit": timed("COMMIT"),
                 "round_trips": client.round_trips - rt0,
@@ -476,19 +550,13 @@ def ranks_main(conn: Connection, spec: Spec) -> None:
     clients = {r: client_for(spec.port) for r in spec.ranks}
     coords = {r: _coordinator(spec, r, clients[r], heartbeat=False) for r in spec.ranks}
     indexes = {
-        r: shard_index(
-            r,
-            spec.world,
-            tensors=spec.tensors,
-            piece_bytes=spec.piece_bytes,
-            generation=spec.generation,
-        ).to_bytes()
+        r: {version: index.to_bytes() for version, index in spec.reports(r).items()}
         for r in spec.ranks
     }
     for c in clients.values():
         c.ping()  # connect now, not inside the timed step
     beating: list[RedisCoordinator] = []
-    conn.send(("ready", len(next(iter(indexes.values())))))
+    conn.send(("ready", {v: len(data) for v, data in next(iter(indexes.values())).items()}))
     while True:
         msg = conn.recv()
         if msg[0] == "close":
@@ -506,13 +574,21 @@ def ranks_main(conn: Connection, spec: Spec) -> None:
             beating = []
             conn.send("ok")
             continue
-        _, step, delays = msg  # "arm": start every thread; it waits for "go"
+        _, step, delays, version = msg  # "arm": start every thread; it waits for "go"
         go = threading.Event()
         out: list[RankRecord | BaseException] = []
         threads = [
             threading.Thread(
                 target=_rank_step,
-                args=(coords[r], clients[r], indexes[r], step, delays.get(r, 0.0), go, out),
+                args=(
+                    coords[r],
+                    clients[r],
+                    indexes[r][version],
+                    step,
+                    delays.get(r, 0.0),
+                    go,
+                    out,
+                ),
                 daemon=True,
             )
             for r in spec.ranks
@@ -643,16 +719,16 @@ class Replica:
     thread's CPU, so thousands of ranks fit on two cores.
     """
 
-    def __init__(self, spec: Spec, rank: int, conn: Resp, index: bytes) -> None:
-        self.spec, self.rank, self.conn, self.index = spec, rank, conn, index
+    def __init__(self, spec: Spec, rank: int, conn: Resp, indexes: dict[int, bytes]) -> None:
+        self.spec, self.rank, self.conn, self.indexes = spec, rank, conn, indexes
         self.shadow = ScriptedRedis()
         self.coord = _coordinator(spec, rank, self.shadow, heartbeat=False)
 
-    def script(self, step: int) -> Script:
+    def script(self, step: int, version: int) -> Script:
         shadow, coord = self.shadow, self.coord
         shadow.take()
         shadow.answers = {"EVALSHA": [[b"OK", b"1"]]}
-        coord.report(step, self.index)
+        coord.report(step, self.indexes[version])
         reported = shadow.take()
         shadow.answers = {"BLPOP": [[b"done", b"committed"]]}
         coord.wait_outcome(step)
@@ -734,18 +810,12 @@ async def _replicas(conn: Connection, spec: Spec) -> None:
             spec,
             r,
             await Resp.connect(spec.port),
-            shard_index(
-                r,
-                spec.world,
-                tensors=spec.tensors,
-                piece_bytes=spec.piece_bytes,
-                generation=spec.generation,
-            ).to_bytes(),
+            {version: index.to_bytes() for version, index in spec.reports(r).items()},
         )
         for r in spec.ranks
     ]
     beating: list[tuple[Resp, asyncio.Task[None]]] = []
-    conn.send(("ready", len(replicas[0].index)))
+    conn.send(("ready", {v: len(data) for v, data in replicas[0].indexes.items()}))
     while True:
         msg = await recv()
         if msg[0] == "close":
@@ -766,10 +836,12 @@ async def _replicas(conn: Connection, spec: Spec) -> None:
             beating = []
             conn.send("ok")
             continue
-        _, step, delays = msg  # "arm"
+        _, step, delays, version = msg  # "arm"
         go = asyncio.Event()
         tasks = [
-            asyncio.create_task(rep.run_step(rep.script(step), delays.get(rep.rank, 0.0), go))
+            asyncio.create_task(
+                rep.run_step(rep.script(step, version), delays.get(rep.rank, 0.0), go)
+            )
             for rep in replicas
         ]
         conn.send("armed")
@@ -806,6 +878,7 @@ class StepResult:
     latency_with_manifest_ms: float
     wake_ms: float  # last reporter's reply timestamp -> the read that brought it returned
     tail_merge_ms: float  # that read -> CLAIM sent: merging the last batch and rank 0's own index
+    last_batch: int  # reports the committer's last read brought
     claim_rtt_ms: float
     manifest_ms: float  # CLAIM reply -> COMMIT sent: build, serialise, publish with fsync
     commit_rtt_ms: float
@@ -839,6 +912,7 @@ class StepResult:
     job_key_bytes_after: int
     manifest_bytes: int
     spread_s: float = 0.0
+    format: int = 1
 
     def peak_delta(self, key: str = "used_memory") -> int:
         return self.mem_peak[key] - self.mem_before[key]
@@ -878,6 +952,7 @@ class World:
             args.piece_mib << 20,
             manifest_dir=str(manifest_dir),
             heartbeat_ttl=args.heartbeat_ttl,
+            formats=tuple(args.formats),
         )
         self.committer_conn, child = ctx.Pipe()
         self.committer = ctx.Process(target=committer_main, args=(child, base), daemon=True)
@@ -902,7 +977,8 @@ class World:
                 proc.start()
                 self.conns.append(parent)
                 self.procs.append(proc)
-        self.index_bytes = max(conn.recv()[1] for conn in self.conns)
+        sizes = [conn.recv()[1] for conn in self.conns]
+        self.index_bytes = {v: max(s[v] for s in sizes) for v in args.formats}
 
     def _all(self, msg: tuple[Any, ...]) -> list[Any]:
         for conn in self.conns:
@@ -910,19 +986,22 @@ class World:
         return [conn.recv() for conn in self.conns]
 
     def _place_data_files(self, step: int) -> None:
-        """Empty stand-ins for the data files the reports name: the committer checks that
-        they exist (a listing) right before and after it publishes the manifest."""
-        data = self.manifest_dir / step_prefix(step) / DATA_DIR
-        data.mkdir(parents=True, exist_ok=True)
+        """Empty stand-ins for the data files the reports name, and for the index files of
+        format v2: the committer checks that they exist (a listing) right before and after
+        it publishes the manifest."""
+        prefix = self.manifest_dir / step_prefix(step)
+        for folder in (DATA_DIR, INDEX_DIR):
+            (prefix / folder).mkdir(parents=True, exist_ok=True)
         for rank in range(self.world):
-            (data / f"{self.generation}-r{rank:05d}-000.safetensors").touch()
+            (prefix / DATA_DIR / f"{self.generation}-r{rank:05d}-000.safetensors").touch()
+            (prefix / index_path(self.generation, rank)).touch()
 
-    def step(self, step: int, delays: dict[int, float]) -> StepResult:
+    def step(self, step: int, delays: dict[int, float], version: int) -> StepResult:
         self._place_data_files(step)
         srv = self.server
         self.committer_conn.send(("arm", step))
         self.committer_conn.recv()
-        self._all(("arm", step, delays))
+        self._all(("arm", step, delays, version))
         srv.client.slowlog_reset()
         srv.client.config_resetstat()
         keys_before = job_key_bytes(srv.client, self.job)[1]
@@ -930,7 +1009,7 @@ class World:
         cpu0 = srv.cpu_seconds()
         poller = MemoryPoller(srv.port)
         start = time.monotonic()
-        self.committer_conn.send(("go", step))
+        self.committer_conn.send(("go", step, version))
         for conn in self.conns:
             conn.send(("go",))
         replies = [conn.recv() for conn in self.conns]
@@ -1019,6 +1098,7 @@ def analyse(
         latency_with_manifest_ms=ms(committed - c["wake"]),
         wake_ms=ms(c["wake"] - t_last),
         tail_merge_ms=ms(c["claim"][0] - c["wake"]),
+        last_batch=c["last_batch"],
         claim_rtt_ms=ms(c["claim"][1] - c["claim"][0]),
         manifest_ms=ms(manifest_ns),
         commit_rtt_ms=ms(c["commit"][1] - c["commit"][0]),
@@ -1138,7 +1218,7 @@ def measure_heartbeats(w: World, args: argparse.Namespace) -> HeartbeatResult:
         straggler, error = None, None
         if args.straggler_seconds > 0 and w.world <= args.straggler_max_ranks:
             try:
-                straggler = w.step(10_000, {w.world - 1: args.straggler_seconds})
+                straggler = w.step(10_000, {w.world - 1: args.straggler_seconds}, args.formats[0])
             except StepFailed as exc:
                 error = str(exc)
     finally:
@@ -1157,22 +1237,26 @@ def measure_heartbeats(w: World, args: argparse.Namespace) -> HeartbeatResult:
     )
 
 
-def committer_cpu(world: int, args: argparse.Namespace) -> dict[str, float]:
+def committer_cpu(world: int, args: argparse.Namespace, version: int) -> dict[str, float]:
     """The committer's Python work for N reports, in this process, without Redis (ms).
 
     The same calls as on the commit path: ``ManifestBuilder.add_report`` per report (done
     as reports arrive), then rank 0's own index and ``render`` (after the last one).
     """
     kwargs = {"tensors": args.tensors, "piece_bytes": args.piece_mib << 20, "generation": "bench"}
-    raws = [shard_index(r, world, **kwargs).to_bytes() for r in range(1, world)]
+    raws = [report(version, r, world, **kwargs).to_bytes() for r in range(1, world)]
     builder = ManifestBuilder(1)
     t0 = time.perf_counter()
     for raw in raws:
         builder.add_report(raw, "report", DEFAULT_CHUNK_BYTES)
     t1 = time.perf_counter()
-    builder.add(shard_index(0, world, **kwargs))
+    builder.add(report(version, 0, world, **kwargs))
     builder.render(
-        generation="bench", world_size=world, chunk_bytes=DEFAULT_CHUNK_BYTES, created_unix=0.0
+        generation="bench",
+        world_size=world,
+        chunk_bytes=DEFAULT_CHUNK_BYTES,
+        created_unix=0.0,
+        commit_seconds=0.001,
     )
     t2 = time.perf_counter()
     return {
@@ -1204,6 +1288,7 @@ def format_world(
     cpu: dict[str, float],
     args: argparse.Namespace,
     spread: float,
+    version: int,
 ) -> str:
     def col(key: str) -> list[float]:
         return [float(getattr(s, key)) for s in steps]
@@ -1225,9 +1310,9 @@ def format_world(
         return _med([float(s.peak_delta(key)) for s in steps])
 
     lines = [
-        f"== {world} ranks, {scenario(spread)}: committer process; {w.real_ranks} RedisCoordinator threads + "
+        f"== {world} ranks, format v{version}, {scenario(spread)}: committer process; {w.real_ranks} RedisCoordinator threads + "
         f"{w.replica_ranks} "
-        f"protocol replicas in {len(w.procs)} processes; one connection per rank; index {w.index_bytes} B "
+        f"protocol replicas in {len(w.procs)} processes; one connection per rank; report {w.index_bytes[version]} B "
         f"per rank; {len(steps)} steps (after {args.warmup} warm-up) ==",
         f"  {'metric':<62} {'median':>8} {'max':>8}",
         row(
@@ -1266,6 +1351,7 @@ def format_world(
             "committer's view: its reader has the last report -> COMMIT reply", "latency_reader_ms"
         ),
         row("  = merging the last batch + rank 0's own index", "tail_merge_ms"),
+        row("    reports in that last batch (the committer's last read)", "last_batch", "", "8.0f"),
         row("  + CLAIM round trip (generation re-checked)", "claim_rtt_ms"),
         row("  + COMMIT round trip (Redis replies to the woken waiters first)", "commit_rtt_ms"),
         row("  (last reporter's reply timestamp -> committer's read returned)", "wake_ms"),
@@ -1376,10 +1462,10 @@ def format_heartbeats(world: int, hb: HeartbeatResult) -> str:
     return "\n".join(lines)
 
 
-def format_summary(results: dict[tuple[int, float], list[StepResult]]) -> str:
+def format_summary(results: dict[tuple[int, float, int], list[StepResult]]) -> str:
     lines = [
         "== summary (medians over steps; round trips: max over ranks and steps) ==",
-        f"  {'ranks':>6} {'spread':>6} {'rt max':>8} {'cmds max':>9} {'committer':>9} {'latency ms':>10} "
+        f"  {'ranks':>6} {'format':>6} {'spread':>6} {'rt max':>8} {'cmds max':>9} {'committer':>9} {'latency ms':>10} "
         f"{'+manifest':>9} {'last wake':>9} {'peak MiB':>8} {'B/rank':>7} {'kept B':>7}",
         "  (rt/cmds max: protocol round trips per non-committer per checkpoint / every command "
         "sent, max over ranks; committer: every round trip of rank 0; latency: Redis clock, last report "
@@ -1388,9 +1474,9 @@ def format_summary(results: dict[tuple[int, float], list[StepResult]]) -> str:
         "rise during the step; B/rank: key memory per reporting rank at the peak; kept B: key memory "
         "left per committed step)",
     ]
-    for (world, spread), steps in results.items():
+    for (world, spread, version), steps in sorted(results.items()):
         lines.append(
-            f"  {world:>6} {spread:>6g} {max(s.max_round_trips for s in steps):>8} {max(s.max_commands for s in steps):>9} "
+            f"  {world:>6} {f'v{version}':>6} {spread:>6g} {max(s.max_round_trips for s in steps):>8} {max(s.max_commands for s in steps):>9} "
             f"{max(s.committer_rt for s in steps):>9} {_med([s.latency_ms for s in steps]):>10.2f} "
             f"{_med([s.latency_redis_with_manifest_ms for s in steps]):>9.2f} "
             f"{_med([s.last_waiter_ms for s in steps]):>9.2f} "
@@ -1478,6 +1564,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "[0, S) s (0: all at once, the worst-case burst; 1: ranks finishing their writes "
         "within a second of each other)",
     )
+    p.add_argument(
+        "--format",
+        dest="formats",
+        type=lambda text: [int(x) for x in text.split(",") if x],
+        default=[2],
+        help="checkpoint format versions of the reports, comma-separated (2: a small report "
+        "pinning the rank's index file, rank 0 describing the layouts; 1: every piece in "
+        "the report; 2,1: both, interleaved step by step)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     return p.parse_args(argv)
 
@@ -1499,31 +1594,34 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     spreads = [float(x) for x in args.spread_seconds.split(",") if x]
-    results: dict[tuple[int, float], list[StepResult]] = {}
+    results: dict[tuple[int, float, int], list[StepResult]] = {}
     heartbeats: dict[int, HeartbeatResult] = {}
-    cpus: dict[int, dict[str, float]] = {}
+    cpus: dict[str, dict[str, float]] = {}
     try:
         for world in worlds:
             start = time.monotonic()
-            cpu = committer_cpu(world, args)
+            cpu = {v: committer_cpu(world, args, v) for v in args.formats}
             w = World(server, world, args, tmp / f"root-{world}")
             try:
-                cpus[world] = cpu
+                for v in args.formats:
+                    cpus[f"{world}/v{v}"] = cpu[v]
                 step = 0
                 for spread in spreads:
                     rng = random.Random(world)
-                    steps = []
+                    steps: dict[int, list[StepResult]] = {v: [] for v in args.formats}
                     for i in range(args.warmup + args.steps):
-                        step += 1
                         delays = (
                             {r: rng.uniform(0.0, spread) for r in range(1, world)} if spread else {}
                         )
-                        result = w.step(step, delays)
-                        result.spread_s = spread
-                        if i >= args.warmup:
-                            steps.append(result)
-                    results[(world, spread)] = steps
-                    print(format_world(world, steps, w, cpu, args, spread), flush=True)
+                        for v in args.formats:  # interleaved: the same load for each format
+                            step += 1
+                            result = w.step(step, delays, v)
+                            result.spread_s, result.format = spread, v
+                            if i >= args.warmup:
+                                steps[v].append(result)
+                    for v in args.formats:
+                        results[(world, spread, v)] = steps[v]
+                        print(format_world(world, steps[v], w, cpu[v], args, spread, v), flush=True)
                 if args.heartbeat_seconds > 0:
                     heartbeats[world] = measure_heartbeats(w, args)
                     print(format_heartbeats(world, heartbeats[world]), flush=True)
@@ -1544,8 +1642,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dumps(
                 {
                     "steps": {
-                        f"{w}/{spread}": [asdict(s) for s in steps]
-                        for (w, spread), steps in results.items()
+                        f"{w}/{spread}/v{v}": [asdict(s) for s in steps]
+                        for (w, spread, v), steps in results.items()
                     },
                     "heartbeats": {w: asdict(h) for w, h in heartbeats.items()},
                     "committer_cpu": cpus,

@@ -182,7 +182,7 @@ class ManifestBuilder:
         self.ranks.add(report.rank)
         self._writers[report.rank] = writer
         if report.timing is not None:  # stored bytes: its data files, as in v1
-            data = sum(n for path, n in report.files.items() if path != writer.index)
+            data = sum(report.files.values()) - report.files.get(writer.index, 0)
             self._timings[report.rank] = (report.timing, data)
         self._files.update(report.files)
         if report.state is not None and (self._state is None or report.rank < self._state[0]):

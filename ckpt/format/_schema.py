@@ -596,7 +596,7 @@ def check_tree_depth(tree: Any, field: str) -> None:
 
 def _check_trees(where: str, **trees: Any) -> None:
     for field, tree in trees.items():
-        if tree_depth_exceeds(tree, MAX_TREE_DEPTH):
+        if tree is not None and tree_depth_exceeds(tree, MAX_TREE_DEPTH):
             raise CorruptCheckpointError(
                 f"{where}: {field!r} nests deeper than {MAX_TREE_DEPTH} levels; the file is "
                 "corrupt or hostile"

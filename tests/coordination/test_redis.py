@@ -21,13 +21,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 
 import ckpt
-from ckpt.coordination import job_from_url, publish
+from ckpt.coordination import job_from_url, publish, redis_client
 from ckpt.engine import SaveOptions
 from ckpt.format import (
     Box,
@@ -52,7 +52,7 @@ from tests.coordination.harness import (
     steps_of,
     wait_signals,
 )
-from tests.coordination.redis_helpers import ClientLog, describe_state, job_key
+from tests.coordination.redis_helpers import ClientLog, LoggingRedis, describe_state, job_key
 from tests.support.redis_server import RedisServer
 
 CHUNK = SaveOptions().chunk_bytes
@@ -206,6 +206,78 @@ def test_the_committer_merges_reports_while_they_arrive(
         assert read_manifest(backend, 1).tensors.keys() == manifest.tensors.keys()
         marks = client.hmget(job_key(job, "step", 1), "last_report_us", "committed_us")
         assert int(marks[1]) >= int(marks[0]) > 0
+    finally:
+        close_all(ranks)
+
+
+class _ReportsBeforeRead(LoggingRedis):
+    """The committer's client: keeps the reads of the reports it sends; before the second
+    is sent, ``arrive`` runs (reports land while the reader is between two reads)."""
+
+    arrive: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[str] = []
+
+    def before_send(self, name: str) -> None:
+        if name.endswith("XREAD"):
+            self.reads.append(name)
+            if len(self.reads) == 2 and self.arrive is not None:
+                self.arrive()
+
+
+def test_a_burst_is_read_as_it_arrives_without_waiting_for_a_wake_up(
+    redis_server: RedisServer, job: str, backend: StorageBackend
+) -> None:
+    """301 ranks (wake-ups at 16, 150, 236, 284 and 300 reports). The committer's first
+    read brings 16 reports; 15 more land before its next read, crossing no wake-up: a read
+    that brought 16 or more while more than 256 are due is followed by one that does not
+    wait, so it merges them at once. That read brought fewer than 16, so the next one
+    waits again: no polling."""
+    spec = redis_spec(redis_server, job)
+    log = ClientLog()
+    clients: list[_ReportsBeforeRead] = []
+
+    def hooked(url: str, **options: Any) -> _ReportsBeforeRead:
+        client = cast(
+            _ReportsBeforeRead, redis_client(url, redis_class=_ReportsBeforeRead, **options)
+        )
+        clients.append(client)
+        return client
+
+    first = spec.redis(rank=0, world_size=301, start_heartbeat=False, client_factory=hooked)
+    ranks = [first] + [
+        spec.redis(
+            rank=r,
+            world_size=301,
+            generation=first.generation,
+            start_heartbeat=False,
+            client_factory=log,
+        )
+        for r in range(1, 301)
+    ]
+    try:
+        for c in ranks[1:17]:
+            report(c, backend, 1)
+        clients[0].arrive = lambda: [report(c, backend, 1) for c in ranks[17:32]]
+        ranks[0].begin(1, CHUNK)
+        reader = ranks[0]._collectors[1]
+        deadline = time.monotonic() + THREAD_WAIT_S
+        while len(reader.builder.ranks) < 31:
+            assert time.monotonic() < deadline, "the reports that landed between reads waited"
+            time.sleep(0.01)
+        while len(clients[0].reads) < 3:
+            assert time.monotonic() < deadline, "the reader stopped reading"
+            time.sleep(0.01)
+        # Waits for a wake-up; then none; then, after a read of 15, waits again (at 150).
+        assert ["BLPOP" in n for n in clients[0].reads[:3]] == [True, False, True]
+        for c in ranks[32:]:
+            report(c, backend, 1)
+        manifest = commit_rank0(ranks[0], backend, 1)
+        assert manifest is not None and len(manifest.tensors) == 301
+        for c in ranks[1:]:
+            c.wait_outcome(1, backend)
     finally:
         close_all(ranks)
 
