@@ -362,15 +362,16 @@ def v2_report(
         headers=full.headers,
     )
     data = index.to_bytes()
-    path = f"{INDEX_DIR}/writer-{rank:05d}-0a1b2c3d.json"
+    path = f"{INDEX_DIR}/{GENERATION}-r{rank:05d}-0a1b2c3d.json"
     (prefix / path).write_bytes(data)
     t0 = time.perf_counter()
     described = {}
     for spec in tensors:
         if describers[spec.name] == rank:
-            described[spec.name] = TensorEntry(
-                "float32", spec.shape, (), infer_layout(spec.shape, cells[spec.name])
-            )
+            layout_of = infer_layout(spec.shape, cells[spec.name])
+            # A tensor this rank stores whole keeps its pieces in the manifest too.
+            whole = full.tensors[spec.name].pieces if layout_of.sole_writer == rank else ()
+            described[spec.name] = TensorEntry("float32", spec.shape, whole, layout_of)
     infer_s = time.perf_counter() - t0
     report = ShardIndex(
         rank=rank,
