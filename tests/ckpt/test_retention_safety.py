@@ -323,10 +323,15 @@ def _campaign(root: Path, saves: int, lease: float) -> dict[str, int]:
     counts = {"gc passes": 0, "committed": 0, "aborted": 0, "withdrawn": 0, "other": 0}
     policy = RetentionPolicy(keep_last=None, abandoned_after=lease)
     others: list[str] = []
+    # A gc pass that deletes a step a save is committing at that moment withdraws the
+    # manifest at the end of the pass (the committer's own check after publishing can pass
+    # just before gc deletes the files): torn steps are looked for between passes.
+    between_passes = threading.Lock()
 
     def gc_loop() -> None:
         while not stop.is_set():
-            apply_retention(LocalBackend(root), policy, remove_stale=True)
+            with between_passes:
+                apply_retention(LocalBackend(root), policy, remove_stale=True)
             counts["gc passes"] += 1
 
     gc_thread = threading.Thread(target=gc_loop, name="gc-loop")
@@ -344,9 +349,10 @@ def _campaign(root: Path, saves: int, lease: float) -> dict[str, int]:
                 continue
             assert result.committed
             counts["committed"] += 1
-            if not backend.exists(manifest_path(step)):
-                counts["withdrawn"] += 1  # gc found it torn after deleting it, and said so
-            assert _torn(backend) == [], f"torn after saving step {step}: {counts}"
+            with between_passes:
+                if not backend.exists(manifest_path(step)):
+                    counts["withdrawn"] += 1  # gc found it torn after deleting it, and said so
+                assert _torn(backend) == [], f"torn after saving step {step}: {counts}"
     finally:
         stop.set()
         gc_thread.join(60)
