@@ -1,9 +1,9 @@
-"""Metadata at scale: format v1's manifest for FSDP2-sized jobs, without any data bytes.
+"""Metadata at scale: format v1's and v2's metadata for FSDP2-sized jobs, without data bytes.
 
     .venv/bin/python -m benchmarks.bench_metadata                  # 1024 and 4096 ranks, llama-7B
     .venv/bin/python -m benchmarks.bench_metadata --quick          # 256 ranks, under a minute
     .venv/bin/python -m benchmarks.bench_metadata --ranks 8 --tensors 20 --layouts fsdp
-    [--layers 32] [--tp 8] [--memory-gib 12] [--json OUT]
+    [--layers 32] [--tp 8] [--memory-gib 12] [--format 1,2] [--json OUT]
 
 The simulated state is what FSDP2 + AdamW hold for a llama-like model (default: 7B,
 hidden 4096, FFN 11008, vocab 32000, 32 layers): per parameter the fp32 weight, its
@@ -23,8 +23,12 @@ wherever the world does not divide a dimension, e.g. 11008 rows over 4096 ranks)
   shard, spread over the tp ranks).
 
 Each rank's report is a valid format v1 ``ShardIndex`` (one checksum per MiB chunk,
-safetensors headers, data files of at most 512 MiB as the engine cuts them). Per layout
-and world size N it measures, each side in its own forked process (for its peak RSS):
+safetensors headers, data files of at most 512 MiB as the engine cuts them); with
+``--format 2`` (the default measures both) the same ShardIndex is the rank's index file,
+written under the step, and its report is the v2 one (``v2_report``), and the restoring
+side reads only the index files its regions need (``restorer_side_v2``; the v2 columns are
+described under the table). Per layout and world size N it measures, each side in its own
+forked process (for its peak RSS):
 
 - committer: the real ``ckpt.coordination.ManifestBuilder``: ``add_report`` of every
   other rank's sealed report bytes (as the Redis reader does while ranks write; the
