@@ -27,11 +27,14 @@ def verify_manifest_seal(data: bytes, where: str) -> None:
     end = len(_SEAL_OPEN) + DIGEST_HEX
     if not data.startswith(_SEAL_OPEN) or len(data) < end + 2:
         raise CorruptCheckpointError(
-            f"{where}: the manifest carries no checksum; the file is corrupt or foreign"
+            f"{where}: the file carries no checksum; it is corrupt or not ckpt's"
         )
     stored = data[len(_SEAL_OPEN) : end]
     if checksum(_SEAL_OPEN, _SEAL_BLANK, memoryview(data)[end:]).encode() != stored:
-        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch; the file is corrupt")
+        raise CorruptCheckpointError(
+            f"{where}: checksum mismatch (its bytes differ from what was sealed); the file is "
+            "corrupt"
+        )
 
 
 def seal_digest(data: bytes) -> str:

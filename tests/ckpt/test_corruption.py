@@ -189,7 +189,7 @@ def test_a_changed_plain_value_in_the_manifest_fails_its_checksum(root: Path) ->
     tampered = data.replace(b'"step":', b'"stap":', 1)
     path.chmod(0o644)
     path.write_bytes(tampered)
-    with pytest.raises(ckpt.CorruptCheckpointError, match="manifest checksum mismatch"):
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"manifest\.json: checksum mismatch"):
         load_step(root)
 
 
