@@ -89,6 +89,7 @@ from ckpt.format import (
     TENSOR_REF,
     Box,
     FileHeader,
+    Manifest,
     ShardIndex,
     StoredPiece,
     TensorEntry,
@@ -463,15 +464,10 @@ def restorer_side_v2(root: str, layout: Layout, tensors: list[TensorSpec]) -> di
     checked (``ckpt.format.load_pieces``), and its reads planned."""
     backend = LocalBackend(root)
     base_rss = rss_bytes()
-    t0 = time.perf_counter()
-    found = next(candidates(backend))
-    t1 = time.perf_counter()
-    if found.manifest is None:
-        raise SystemExit(f"the benchmark's checkpoint does not validate: {found.error}")
-    head = found.manifest
+    head, discover_s = discover(backend)
     manifest_bytes = (Path(root) / step_prefix(STEP) / "manifest.json").stat().st_size
     result: dict[str, Any] = {
-        "discover_s": t1 - t0,
+        "discover_s": discover_s,
         "read_bytes": manifest_bytes,
         "read_requests": 1 + (1 if len(head.files) > 256 else len(head.files)),
         "restore_rss": peak_rss() - base_rss,
@@ -562,19 +558,24 @@ def compressed_size(data: bytes) -> int | None:
     return len(zstandard.ZstdCompressor(level=3).compress(data))
 
 
+def discover(backend: LocalBackend) -> tuple[Manifest, float]:
+    """The newest step as restore finds it (``recovery.candidates``), and the seconds taken."""
+    t0 = time.perf_counter()
+    found = next(candidates(backend))
+    seconds = time.perf_counter() - t0
+    if found.manifest is None:
+        raise SystemExit(f"the benchmark's checkpoint does not validate: {found.error}")
+    return found.manifest, seconds
+
+
 def restorer_side(root: str, layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
     """Discover the step as restore does, then plan sample ranks' reads on other worlds."""
     backend = LocalBackend(root)
     base_rss = rss_bytes()
-    t0 = time.perf_counter()
-    found = next(candidates(backend))
-    t1 = time.perf_counter()
-    if found.manifest is None:
-        raise SystemExit(f"the benchmark's checkpoint does not validate: {found.error}")
-    manifest = found.manifest
+    manifest, discover_s = discover(backend)
     discover_rss = peak_rss() - base_rss
     result: dict[str, Any] = {
-        "discover_s": t1 - t0,
+        "discover_s": discover_s,
         "read_bytes": (Path(root) / step_prefix(STEP) / "manifest.json").stat().st_size,
         "read_requests": 1 + len(manifest.files),
         "restore_rss": discover_rss,
