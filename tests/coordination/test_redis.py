@@ -741,10 +741,16 @@ def test_redis_killed_and_restarted_mid_step(
         steps = steps_of(outcome)
         assert steps["1"] == "committed", describe(outcomes)
         assert steps["2"] == "committed", describe(outcomes)
-        assert steps["3"].startswith("CoordinationError"), describe(outcomes)
+        # The committer may have claimed step 3 before the restart: then it commits (storage
+        # decides, every rank agrees); else it is aborted on every rank.
+        assert (steps["3"] == "committed") == (steps_of(outcomes[0])["3"] == "committed")
+        assert steps["3"] == "committed" or steps["3"].startswith("CoordinationError"), describe(
+            outcomes
+        )
         assert steps["4"] == "committed", describe(outcomes)
-    assert "lost its state" in steps_of(outcomes[0])["3"]
-    assert scan_steps(backend).committed == (1, 2, 4)
+    step3 = steps_of(outcomes[0])["3"]
+    assert step3 == "committed" or "lost its state" in step3
+    assert scan_steps(backend).committed == ((1, 2, 3, 4) if step3 == "committed" else (1, 2, 4))
     assert_loads_as(backend, 2, 4)
     restarted = spec.redis()
     try:
