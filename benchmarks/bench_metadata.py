@@ -49,7 +49,8 @@ forked process (for its peak RSS):
 - the save plan every rank computes before staging, in the training thread (the same
   O(world x tensors) shape, though not stored): what ``all_gather_object`` of every
   rank's ``ckpt.engine.describe`` hands each rank (pickled, padded to the largest), the
-  time to unpickle it, ``assign_writers`` and ``boxes_for``, and its peak RSS.
+  time to unpickle it, ``assign_writers`` and ``boxes_for``, and its peak RSS; and what a
+  later save with the same layout costs instead (one digest per rank, ``PlanCache``).
 
 World sizes whose estimated memory (from the largest measured size, per piece) exceeds
 ``--memory-gib`` are not run: their numbers are extrapolated linearly in the number of
@@ -79,10 +80,18 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import torch
 
 from benchmarks._harness import git_revision, human_bytes, rss_bytes
 from ckpt.coordination import ManifestBuilder, publish_bytes
-from ckpt.engine import MIN_SPLIT_BYTES, PieceInfo, assign_writers
+from ckpt.engine import (
+    MIN_SPLIT_BYTES,
+    PieceInfo,
+    ShardedTensor,
+    assign_writers,
+    description_digest,
+    flatten,
+)
 from ckpt.format import (
     DEFAULT_CHUNK_BYTES,
     INDEX_DIR,
@@ -540,7 +549,20 @@ def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
     # How many ranks the planner spreads the replicated 0-d tensors (optimizer steps) over:
     # a restoring rank needs every one of them.
     scalar_writers = {s.rank for key, shares in plan.shares.items() if not key[1] for s in shares}
+    # A later save with the same layout: each rank digests its own tensors and the ranks
+    # exchange one (digest, plan held) pair each (``ckpt.engine``'s PlanCache).
+    own = {}
+    for spec in tensors:
+        box, _ = layout.boxes(spec, layout.world - 1)
+        if box is not None:
+            own[spec.name] = ShardedTensor(torch.empty(box.lengths), spec.shape, box.offsets)
+    flat = flatten(own)[0]
+    t4 = time.perf_counter()
+    digest = description_digest(flat, max(MIN_SPLIT_BYTES, DEFAULT_CHUNK_BYTES))
+    t5 = time.perf_counter()
     return {
+        "reuse_gather_bytes": layout.world * len(pickle.dumps((digest, digest))),
+        "digest_s": t5 - t4,
         "gather_bytes": layout.world * max(len(p) for p in payloads),
         "unpickle_s": t1 - t0,
         "assign_s": t2 - t1,
@@ -723,6 +745,10 @@ def extrapolate(base: Row, layout: Layout, tensors: list[TensorSpec], pieces: in
         }
     save_plan = {key: value * k for key, value in base.save_plan.items()}
     save_plan["scalar_writers"] = base.save_plan["scalar_writers"]
+    save_plan["digest_s"] = base.save_plan["digest_s"]  # one rank's own tensors
+    save_plan["reuse_gather_bytes"] = base.save_plan["reuse_gather_bytes"] * (
+        layout.world / base.world
+    )
     return Row(
         layout.name,
         layout.world,
@@ -881,7 +907,8 @@ def format_rows(rows: list[Row]) -> str:
     lines += ["", "save plan (every rank, before staging, in the training thread):"]
     head = (
         f"{'layout':<9} {'ranks':>5} {'gathered':>10} {'unpickle':>9} {'assign':>9} "
-        f"{'boxes_for':>9} {'RSS':>9} {'uneven':>6} {'0-d writers':>11}"
+        f"{'boxes_for':>9} {'RSS':>9} {'uneven':>6} {'0-d writers':>11} | "
+        f"{'reused: gathered':>16} {'digest':>8}"
     )
     lines += [head, "-" * len(head)]
     for r in rows:
@@ -892,7 +919,8 @@ def format_rows(rows: list[Row]) -> str:
         lines.append(
             f"{r.layout:<9} {r.world:>5}{mark}{human_bytes(p['gather_bytes']):>10} "
             f"{p['unpickle_s']:>8.2f}s {p['assign_s']:>8.2f}s {p['boxes_for_s']:>8.2f}s "
-            f"{human_bytes(p['plan_rss']):>9} {r.uneven:>6} {p['scalar_writers']:>11}"
+            f"{human_bytes(p['plan_rss']):>9} {r.uneven:>6} {p['scalar_writers']:>11} | "
+            f"{human_bytes(p['reuse_gather_bytes']):>16} {p['digest_s'] * 1e3:>6.1f}ms"
         )
     return "\n".join(lines)
 
@@ -915,6 +943,10 @@ gathered: bytes each rank receives from the planning all_gather_object (N payloa
   padded to the largest); unpickle, assign (assign_writers), boxes_for: each rank's
   Python time; RSS: peak growth; uneven: sharded tensors whose shards differ in size;
   0-d writers: ranks assign_writers spreads the replicated 0-d steps over.
+  reused: a later save with an unchanged layout (ckpt.engine.PlanCache): gathered = the
+  (digest, plan held) pairs each rank receives; digest = description_digest of one rank's
+  own tensors. The full exchange and assignment run only on the first save, after a rank
+  restarts, or when a layout changes.
 ~: extrapolated linearly in pieces from the largest measured world (not run).
 v2 rows: report = what a rank sends the committer (its index file is on storage); read =
   the manifest; reqs = 1 GET + 1 listing; plan = reading and checking the index files the

@@ -118,7 +118,10 @@ class _DcpRank:
         return None
 
     def all_gather(self, obj: Any) -> list[Any]:
-        return [[] for _ in range(self.rank)] + [obj]
+        # The engine exchanges a plan digest (a pair: the lower ranks hold no plan) and
+        # its pieces (a list: the lower ranks hold none).
+        blank: Any = ("", "") if isinstance(obj, tuple) else []
+        return [blank for _ in range(self.rank)] + [obj]
 
     def any_rank(self, flags: Sequence[bool]) -> list[bool]:
         return list(flags)

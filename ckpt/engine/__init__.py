@@ -5,8 +5,8 @@ into reusable host buffers (the only part that blocks training), *persist* encod
 checksums and writes the data files in background threads, *commit* reports the files
 to the coordinator, which publishes the manifest. The building blocks are public for
 tools and tests: ``flatten`` (state -> named tensors + JSON tree), ``assign_writers``
-(the write plan: replicated data written once, writers balanced by bytes) and the
-staging buffers.
+(the write plan: replicated data written once, writers balanced by bytes; reused while
+``description_digest`` of every rank is unchanged) and the staging buffers.
 """
 
 from ckpt.engine._default import default_snapshotter
@@ -17,9 +17,11 @@ from ckpt.engine._plan import (
     MIN_SPLIT_BYTES,
     PieceInfo,
     PieceKey,
+    PlanCache,
     WritePlan,
     assign_writers,
     describe,
+    description_digest,
 )
 from ckpt.engine._staging import StagingBuffer, StagingPool
 
@@ -30,6 +32,7 @@ __all__ = [
     "PendingSave",
     "PieceInfo",
     "PieceKey",
+    "PlanCache",
     "SaveOptions",
     "SaveResult",
     "ShardedTensor",
@@ -40,6 +43,7 @@ __all__ = [
     "assign_writers",
     "default_snapshotter",
     "describe",
+    "description_digest",
     "flatten",
     "local_geometry",
     "state_tree",

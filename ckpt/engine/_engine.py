@@ -39,11 +39,11 @@ from ckpt.engine._job import (
     tell_the_others,
 )
 from ckpt.engine._options import SaveOptions
-from ckpt.engine._plan import MIN_SPLIT_BYTES, assign_writers, describe, piece_key
+from ckpt.engine._plan import MIN_SPLIT_BYTES, PlanCache, WritePlan, piece_key
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
-from ckpt.format import INDEX_DIR, Manifest, RankTiming
+from ckpt.format import INDEX_DIR, Manifest, RankTiming, TensorEntry
 from storage_backends import StorageBackend, add_retry_observer, remove_retry_observer
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,8 @@ class Snapshotter:
         self._persist = ThreadPoolExecutor(max_in_flight, thread_name_prefix="ckpt-persist")
         # Format v2: the layouts a rank describes are worked out while it stages and writes.
         self._describe = ThreadPoolExecutor(1, thread_name_prefix="ckpt-layouts")
+        self._plans = PlanCache()
+        self._layouts: tuple[WritePlan, Future[dict[str, TensorEntry]]] | None = None
         self._retries = _StorageRetries()
         add_retry_observer(self._retries)
         self._pending: list[PendingSave] = []
@@ -366,10 +368,11 @@ class Snapshotter:
         start = time.perf_counter() if started is None else started
         options = options or self.options
         version = options.format_version if format_version is None else format_version
-        plan = assign_writers(
-            coordinator.all_gather(describe(tensors)),
-            min_split_bytes=max(MIN_SPLIT_BYTES, options.chunk_bytes),
+        plan, reused = self._plans.agree(
+            coordinator, tensors, min_split_bytes=max(MIN_SPLIT_BYTES, options.chunk_bytes)
         )
+        if reused:
+            log.debug("step %d: the write plan of the last save still holds", step)
         mine = plan.boxes_for(coordinator.rank)
         to_write = [
             part_of(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine
@@ -420,11 +423,9 @@ class Snapshotter:
             user_metadata=metadata,
             on_committed=on_committed,
             started_unix=time.time() - (time.perf_counter() - start),
-            layouts=(
-                self._describe.submit(described_layouts, step, coordinator.rank, plan, tensors)
-                if version >= 2
-                else None
-            ),
+            layouts=self._described_layouts(step, coordinator.rank, plan, tensors)
+            if version >= 2
+            else None,
             index_path=(
                 f"{INDEX_DIR}/{coordinator.generation}-r{coordinator.rank:05d}-"
                 f"{uuid.uuid4().hex[:8]}.json"
@@ -442,6 +443,18 @@ class Snapshotter:
             self._pending.append(pending)
         log.debug("step %d: staged %d bytes in %.3fs", step, nbytes, stall)
         return pending
+
+    def _described_layouts(
+        self, step: int, rank: int, plan: WritePlan, tensors: Mapping[str, FlatTensor]
+    ) -> Future[dict[str, TensorEntry]]:
+        """The layouts this rank describes, worked out in the background once per plan."""
+        if self._layouts is not None and self._layouts[0] is plan:
+            known = self._layouts[1]
+            if not known.done() or known.exception() is None:
+                return known
+        future = self._describe.submit(described_layouts, step, rank, plan, tensors)
+        self._layouts = (plan, future)
+        return future
 
     def _persist_and_commit(
         self,

@@ -28,6 +28,7 @@ from ckpt.engine import (
     WritePlan,
     assign_writers,
     describe,
+    description_digest,
     flatten,
 )
 from ckpt.format import (
@@ -530,3 +531,89 @@ def test_replicated_ranges_restore_onto_three_ranks(
         _load_replicated, 3, [str(root / "raw"), str(root / "zst")], timeout_s=TIMEOUT_S
     )
     assert results == [[], [], []]
+
+
+# -- the plan of the last save, reused while no rank's layout changes ------------------
+
+
+class _CountingCoordinator:
+    """The real coordinator, recording what each ``all_gather`` exchanged."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.gathered: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if isinstance(obj, list):
+            self.gathered.append("pieces")
+        elif isinstance(obj, tuple):
+            self.gathered.append("digest")
+        return list(self._inner.all_gather(obj))
+
+
+def _cached_values(step: int, rows: int) -> dict[str, torch.Tensor]:
+    return {
+        "sharded": global_value(f"sharded{step}", (rows, 64), torch.float32),
+        "bias": global_value(f"bias{step}", (64,), torch.float32),
+    }
+
+
+def _save_with_cached_plans(rank: int, world: int, root: str) -> list[list[str]]:
+    """Five saves on 2 ranks: the same layout twice, a new shape, rank 1 restarted (a fresh
+    engine), the same layout again. What each save exchanged, per save."""
+    rows = {1: 96, 2: 96, 3: 80, 4: 80, 5: 80}
+    engine = ckpt.Snapshotter()
+    exchanged = []
+    try:
+        for step in range(1, 6):
+            if step == 4 and rank == 1:
+                engine.close()
+                engine = ckpt.Snapshotter()
+            coordinator = _CountingCoordinator(default_coordinator())
+            state = _state(rank, world, ("sharded",), _cached_values(step, rows[step]))
+            result = engine.async_save(state, LocalBackend(root), step, coordinator).result(
+                TIMEOUT_S
+            )
+            assert result.committed
+            exchanged.append(coordinator.gathered)
+    finally:
+        engine.close()
+    return exchanged
+
+
+def test_a_save_with_the_last_layout_exchanges_one_digest_per_rank(tmp_path: Path) -> None:
+    """The pieces are exchanged and planned again only when a rank's layout changed or a
+    rank has no plan (restarted); every rank takes the same branch, and every step
+    restores bit for bit."""
+    results = run_ranks(_save_with_cached_plans, 2, str(tmp_path), timeout_s=TIMEOUT_S)
+    planned = ["digest", "pieces"]
+    reused = ["digest"]
+    assert results[0] == results[1] == [planned, reused, planned, planned, reused]
+    for step, rows in {1: 96, 2: 96, 3: 80, 4: 80, 5: 80}.items():
+        expected = _cached_values(step, rows)
+        target = {name: torch.zeros_like(value) for name, value in expected.items()}
+        assert ckpt.load(target, str(tmp_path), step=step) == step
+        assert _mismatches(target, expected, 0, 1) == [], step
+
+
+def test_the_plan_digest_covers_every_input_of_the_plan() -> None:
+    """A tensor's dtype, global shape, held box, an empty shard and the split size each
+    change the digest; values do not."""
+    base: dict[str, Any] = {"w": torch.zeros(8, 4), "b": torch.zeros(4)}
+    digest = description_digest(flatten(base)[0], MIN_SPLIT_BYTES)
+    assert (
+        description_digest(flatten({"w": torch.ones(8, 4), "b": torch.ones(4)})[0], MIN_SPLIT_BYTES)
+        == digest
+    )
+    variants: list[dict[str, Any]] = [
+        {"w": torch.zeros(8, 4, dtype=torch.float64), "b": torch.zeros(4)},
+        {"w": torch.zeros(4, 8), "b": torch.zeros(4)},
+        {"w": ckpt.ShardedTensor(torch.zeros(4, 4), (8, 4), (4, 0)), "b": torch.zeros(4)},
+        {**base, "empty": torch.zeros(0, 3)},
+    ]
+    for variant in variants:
+        assert description_digest(flatten(variant)[0], MIN_SPLIT_BYTES) != digest, variant
+    assert description_digest(flatten(base)[0], 2 * MIN_SPLIT_BYTES) != digest
