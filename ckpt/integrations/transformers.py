@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from ckpt import CheckpointManager, RNGState, SaveOptions
+from ckpt._manager import DEFAULT_SIGTERM_GRACE_S
 from ckpt.coordination import Coordinator
 from ckpt.errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
 from storage_backends import StorageBackend
@@ -135,6 +136,10 @@ class CkptCallback(TrainerCallback):
         coordinator: None for the embedded coordinator (the job's process group), a
             ``Coordinator``, or a ``redis://`` URL.
         save_on_sigterm: on SIGTERM, save the current step and exit with status 143.
+        sigterm_grace_seconds: with ``save_on_sigterm``, the longest the process lives
+            after the first SIGTERM before a watchdog ends it with status 143 (see
+            ``CheckpointManager``); keep it under the launcher's own grace. None: no
+            watchdog.
 
     A save made at step N lands after the Trainer's logging, evaluation and own saving
     for step N (before the next step begins, or at the end of the epoch or of training),
@@ -150,6 +155,7 @@ class CkptCallback(TrainerCallback):
         keep_last: int | None = 3,
         coordinator: Coordinator | str | None = None,
         save_on_sigterm: bool = True,
+        sigterm_grace_seconds: float | None = DEFAULT_SIGTERM_GRACE_S,
     ) -> None:
         if every_steps is not None and every_steps < 1:
             raise ValueError("every_steps must be a positive number of steps")
@@ -159,6 +165,7 @@ class CkptCallback(TrainerCallback):
         self.keep_last = keep_last
         self.coordinator = coordinator
         self.save_on_sigterm = save_on_sigterm
+        self.sigterm_grace_seconds = sigterm_grace_seconds
         self.resumed_step: int | None = None
         """The step ``resume_checkpoint`` restored, or None."""
         self._manager: CheckpointManager | None = None
@@ -355,6 +362,7 @@ class CkptCallback(TrainerCallback):
                 keep_last=self.keep_last,
                 coordinator=self.coordinator,
                 save_on_sigterm=self.save_on_sigterm,
+                sigterm_grace_seconds=self.sigterm_grace_seconds,
                 save_options=self.options,
             )
         return self._manager

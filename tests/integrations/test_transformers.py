@@ -435,6 +435,16 @@ def test_sigterm_saves_the_current_step_exits_and_resumes_exactly(
     assert_same_run(resumed, reference["bert"])
 
 
+def test_the_sigterm_grace_reaches_the_manager(tmp_path: Path) -> None:
+    """The watchdog's grace is the callback's (None: no watchdog)."""
+    for grace in (5.0, None):
+        callback = CkptCallback(str(tmp_path / "ckpt"), sigterm_grace_seconds=grace)
+        try:
+            assert callback._get_manager().sigterm_grace_seconds == grace
+        finally:
+            callback.close()
+
+
 class WhileHeld(TrainerCallback):
     """At the end of ``step``, records whether the save of an earlier step is still held in
     the background (its writes wait on the gate), then lets it finish."""
