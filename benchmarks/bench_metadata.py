@@ -62,6 +62,7 @@ it touches), and the table marks them ``~``. Nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import multiprocessing as mp
@@ -539,11 +540,13 @@ def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
                 infos.append(PieceInfo(spec.name, box.offsets, box.lengths, box.numel * 4))
         payloads.append(pickle.dumps(infos))
     base_rss = rss_bytes()
+    gc.disable()  # as ckpt.engine.PlanCache plans: no cyclic collections meanwhile
     t0 = time.perf_counter()
     per_rank = [pickle.loads(p) for p in payloads]
     t1 = time.perf_counter()
     plan = assign_writers(per_rank, min_split_bytes=max(MIN_SPLIT_BYTES, DEFAULT_CHUNK_BYTES))
     t2 = time.perf_counter()
+    gc.enable()
     plan.boxes_for(layout.world - 1)
     t3 = time.perf_counter()
     # How many ranks the planner spreads the replicated 0-d tensors (optimizer steps) over:
