@@ -49,7 +49,7 @@ forked process (for its peak RSS):
 - the save plan every rank computes before staging, in the training thread (the same
   O(world x tensors) shape, though not stored): what ``all_gather_object`` of every
   rank's ``ckpt.engine.describe`` hands each rank (pickled, padded to the largest), the
-  time to unpickle it, ``assign_writers`` and ``boxes_for``, and its peak RSS; and what a
+  time to unpickle it, ``assign_writers`` and this rank's part of it, and its peak RSS; and what a
   later save with the same layout costs instead (one digest per rank, ``PlanCache``).
 
 World sizes whose estimated memory (from the largest measured size, per piece) exceeds
@@ -530,7 +530,7 @@ def sparse_files(prefix: Path, files: dict[str, int]) -> None:
 def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
     """The save plan every rank computes before staging (in the training thread): the
     ``all_gather`` of every rank's ``describe`` (pickled by ``all_gather_object``, padded to
-    the largest), then ``assign_writers`` and ``boxes_for`` this rank."""
+    the largest), then ``assign_writers`` and this rank's part (``WritePlan.for_rank``)."""
     payloads = []
     for rank in range(layout.world):
         infos = []
@@ -539,6 +539,7 @@ def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
             if box is not None:
                 infos.append(PieceInfo(spec.name, box.offsets, box.lengths, box.numel * 4))
         payloads.append(pickle.dumps(infos))
+    last_rank_holds = [info.key for info in infos]
     base_rss = rss_bytes()
     gc.disable()  # as ckpt.engine.PlanCache plans: no cyclic collections meanwhile
     t0 = time.perf_counter()
@@ -547,7 +548,7 @@ def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
     plan = assign_writers(per_rank, min_split_bytes=max(MIN_SPLIT_BYTES, DEFAULT_CHUNK_BYTES))
     t2 = time.perf_counter()
     gc.enable()
-    plan.boxes_for(layout.world - 1)
+    plan.for_rank(layout.world - 1, last_rank_holds)
     t3 = time.perf_counter()
     # How many ranks the planner spreads the replicated 0-d tensors (optimizer steps) over:
     # a restoring rank needs every one of them.
@@ -787,6 +788,8 @@ def run_layout_v2(
             f"load average after {os.getloadavg()[0]:.1f}",
             file=sys.stderr,
         )
+        # The save plan does not depend on the format: measured here when v1 is not run.
+        plan = {} if "1" in args.format else in_child(planner_side, layout, tensors)
         pieces = count_pieces(layout, tensors)
         uneven = uneven_tensors(tensors, layout)
         rows.append(
@@ -800,7 +803,7 @@ def run_layout_v2(
                 world,
                 committer,
                 restorer,
-                {},
+                plan,
             )
         )
     return rows
@@ -910,7 +913,7 @@ def format_rows(rows: list[Row]) -> str:
     lines += ["", "save plan (every rank, before staging, in the training thread):"]
     head = (
         f"{'layout':<9} {'ranks':>5} {'gathered':>10} {'unpickle':>9} {'assign':>9} "
-        f"{'boxes_for':>9} {'RSS':>9} {'uneven':>6} {'0-d writers':>11} | "
+        f"{'own part':>9} {'RSS':>9} {'uneven':>6} {'0-d writers':>11} | "
         f"{'reused: gathered':>16} {'digest':>8}"
     )
     lines += [head, "-" * len(head)]
@@ -943,8 +946,8 @@ target: world size restored onto (same layout family); plan: recovery.plan_reads
   every tensor of the slowest of 3 sampled ranks; needed: piece JSON that plan uses;
   files: data files (= writers) those pieces lie in (maxima over the sampled ranks).
 gathered: bytes each rank receives from the planning all_gather_object (N payloads,
-  padded to the largest); unpickle, assign (assign_writers), boxes_for: each rank's
-  Python time; RSS: peak growth; uneven: sharded tensors whose shards differ in size;
+  padded to the largest); unpickle, assign (assign_writers), own part (WritePlan.for_rank,
+  what a rank keeps): each rank's Python time; RSS: peak growth; uneven: sharded tensors whose shards differ in size;
   0-d writers: ranks assign_writers spreads the replicated 0-d steps over.
   reused: a later save with an unchanged layout (ckpt.engine.PlanCache): gathered = the
   (digest, plan held) pairs each rank receives; digest = description_digest of one rank's

@@ -39,7 +39,7 @@ from ckpt.engine._job import (
     tell_the_others,
 )
 from ckpt.engine._options import SaveOptions
-from ckpt.engine._plan import MIN_SPLIT_BYTES, PlanCache, WritePlan, piece_key
+from ckpt.engine._plan import MIN_SPLIT_BYTES, PlanCache, RankPlan, WritePlan, piece_key
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
@@ -226,7 +226,7 @@ class Snapshotter:
         # Format v2: the layouts a rank describes are worked out while it stages and writes.
         self._describe = ThreadPoolExecutor(1, thread_name_prefix="ckpt-layouts")
         self._plans = PlanCache()
-        self._layouts: tuple[WritePlan, Future[dict[str, TensorEntry]]] | None = None
+        self._layouts: tuple[RankPlan, Future[dict[str, TensorEntry]]] | None = None
         self._retries = _StorageRetries()
         add_retry_observer(self._retries)
         self._pending: list[PendingSave] = []
@@ -368,12 +368,13 @@ class Snapshotter:
         start = time.perf_counter() if started is None else started
         options = options or self.options
         version = options.format_version if format_version is None else format_version
-        plan, reused = self._plans.agree(
+        plan, whole = self._plans.agree(
             coordinator, tensors, min_split_bytes=max(MIN_SPLIT_BYTES, options.chunk_bytes)
         )
-        if reused:
+        if whole is None:
             log.debug("step %d: the write plan of the last save still holds", step)
-        mine = plan.boxes_for(coordinator.rank)
+        layouts = self._described_layouts(step, coordinator.rank, plan, whole, tensors, version)
+        mine = plan.boxes
         to_write = [
             part_of(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine
         ]
@@ -423,9 +424,7 @@ class Snapshotter:
             user_metadata=metadata,
             on_committed=on_committed,
             started_unix=time.time() - (time.perf_counter() - start),
-            layouts=self._described_layouts(step, coordinator.rank, plan, tensors)
-            if version >= 2
-            else None,
+            layouts=layouts,
             index_path=(
                 f"{INDEX_DIR}/{coordinator.generation}-r{coordinator.rank:05d}-"
                 f"{uuid.uuid4().hex[:8]}.json"
@@ -445,14 +444,33 @@ class Snapshotter:
         return pending
 
     def _described_layouts(
-        self, step: int, rank: int, plan: WritePlan, tensors: Mapping[str, FlatTensor]
-    ) -> Future[dict[str, TensorEntry]]:
-        """The layouts this rank describes, worked out in the background once per plan."""
-        if self._layouts is not None and self._layouts[0] is plan:
-            known = self._layouts[1]
-            if not known.done() or known.exception() is None:
-                return known
-        future = self._describe.submit(described_layouts, step, rank, plan, tensors)
+        self,
+        step: int,
+        rank: int,
+        plan: RankPlan,
+        whole: WritePlan | None,
+        tensors: Mapping[str, FlatTensor],
+        version: int,
+    ) -> Future[dict[str, TensorEntry]] | None:
+        """Format v2: the layouts this rank describes, worked out in the background from the
+        whole plan when it was just made, else those worked out for ``plan`` before."""
+        if version < 2:
+            self._plans.forget()  # the next v2 save needs the whole plan for its layouts
+            return None
+        if whole is None:
+            assert self._layouts is not None and self._layouts[0] is plan
+            return self._layouts[1]
+        try:
+            future = self._describe.submit(described_layouts, step, rank, whole, tensors)
+        except BaseException:
+            self._plans.forget()
+            raise
+
+        def forget_failed(done: Future[dict[str, TensorEntry]]) -> None:
+            if done.cancelled() or done.exception() is not None:  # e.g. shards that do not tile
+                self._plans.forget()
+
+        future.add_done_callback(forget_failed)
         self._layouts = (plan, future)
         return future
 

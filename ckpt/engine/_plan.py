@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -122,6 +122,25 @@ class WritePlan:
         """The region of each piece that ``rank`` writes (at most one per piece)."""
         return {key: s.box for key, shares in self.shares.items() for s in shares if s.rank == rank}
 
+    def for_rank(self, rank: int, held: Iterable[PieceKey]) -> RankPlan:
+        """What ``rank`` needs of the plan, given the pieces it holds (no scan of the rest)."""
+        boxes = {}
+        for key in held:
+            for share in self.shares.get(key, ()):
+                if share.rank == rank:
+                    boxes[key] = share.box
+        return RankPlan(boxes, self.imbalance)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's part of a write plan: the region of each of its pieces that it writes
+    (pieces it writes nothing of are absent), and the plan's imbalance. Small enough to
+    keep between saves, unlike the whole plan (O(world x tensors))."""
+
+    boxes: dict[PieceKey, Box]
+    imbalance: float
+
 
 def assign_writers(
     per_rank: Sequence[Sequence[PieceInfo]], *, min_split_bytes: int = MIN_SPLIT_BYTES
@@ -136,17 +155,16 @@ def assign_writers(
         per_rank: each rank's pieces, as ``describe`` lists them.
         min_split_bytes: the smallest row range a replicated piece is cut into.
     """
-    # The hot loop of a first save at scale (millions of pieces): plain tuples and dicts.
-    holders: dict[PieceKey, list[int]] = {}
-    pieces: dict[PieceKey, PieceInfo] = {}
+    # The hot loop of a first save at scale (millions of pieces): plain tuples, one dict
+    # operation per piece.
+    seen: dict[PieceKey, list[Any]] = {}  # key -> [piece, holder, holder, ...]
     tensors: dict[str, tuple[str, tuple[int, ...] | None, int]] = {}
     for rank, described in enumerate(per_rank):
         for p in described:
             key = (p[0], p[1], p[2])
-            held = holders.get(key)
+            held = seen.get(key)
             if held is None:
-                holders[key] = [rank]
-                pieces[key] = p
+                seen[key] = [p, rank]
             else:
                 held.append(rank)
             known = tensors.setdefault(p[0], (p[4], p[5], rank))
@@ -158,14 +176,16 @@ def assign_writers(
                 )
     load = [0] * len(per_rank)
     shares: dict[PieceKey, tuple[Share, ...]] = {}
+    holders: dict[PieceKey, list[int]] = {}
     replicated = []
-    for key, ranks in holders.items():
-        piece = pieces[key]
-        if len(ranks) == 1:
-            shares[key] = (Share(ranks[0], Box(piece[1], piece[2]), piece[3]),)
-            load[ranks[0]] += piece[3]
+    for key, held in seen.items():
+        piece = held[0]
+        if len(held) == 2:
+            shares[key] = (Share(held[1], Box(piece[1], piece[2]), piece[3]),)
+            load[held[1]] += piece[3]
         else:
             replicated.append(piece)
+            holders[key] = held[1:]
     replicated.sort(key=lambda p: (len(holders[p.key]), -p.nbytes, p.key))
     level = _water_level(load, sum(p.nbytes for p in replicated))
     for piece in replicated:
@@ -287,21 +307,28 @@ def _gc_paused() -> Iterator[None]:
 
 
 class _Gathers(Protocol):
+    @property
+    def rank(self) -> int: ...
+
     def all_gather(self, obj: Any) -> list[Any]: ...
 
 
 class PlanCache:
-    """The last write plan a rank agreed on, reused while no rank's description changes.
+    """This rank's part of the last write plan, reused while no rank's description changes.
 
     ``agree`` is a collective (every rank calls it in the same order) and every rank takes
-    the same branch: a rank reuses its plan only when all ranks report holding the plan of
+    the same branch: a rank reuses its part only when all ranks report holding the plan of
     exactly the digests just exchanged, so a restarted rank (empty cache) makes everyone
-    plan afresh.
+    plan afresh. Only ``RankPlan`` is kept: at scale the whole plan takes gigabytes.
     """
 
     def __init__(self) -> None:
         self._key = ""
-        self._plan: WritePlan | None = None
+        self._mine: RankPlan | None = None
+
+    def forget(self) -> None:
+        """Plan afresh next time (with every rank)."""
+        self._key, self._mine = "", None
 
     def agree(
         self,
@@ -309,18 +336,20 @@ class PlanCache:
         tensors: Mapping[str, FlatTensor],
         *,
         min_split_bytes: int = MIN_SPLIT_BYTES,
-    ) -> tuple[WritePlan, bool]:
-        """(the plan, whether it is the cached one)."""
+    ) -> tuple[RankPlan, WritePlan | None]:
+        """This rank's part of the plan, and the whole plan when it was made now (None when
+        every rank reused its part)."""
         offers = coordinator.all_gather((description_digest(tensors, min_split_bytes), self._key))
         key = hashlib.blake2b(
             "\n".join(str(digest) for digest, _ in offers).encode(), digest_size=16
         ).hexdigest()
-        if self._plan is not None and all(held == key for _, held in offers):
-            return self._plan, True
-        self._key, self._plan = "", None  # a failed exchange leaves nothing half-agreed
+        if self._mine is not None and all(held == key for _, held in offers):
+            return self._mine, None
+        self.forget()  # a failed exchange leaves nothing half-agreed
         with _gc_paused():
             plan = assign_writers(
                 coordinator.all_gather(describe(tensors)), min_split_bytes=min_split_bytes
             )
-        self._key, self._plan = key, plan
-        return plan, False
+        mine = plan.for_rank(coordinator.rank, (piece_key(t) for t in tensors.values()))
+        self._key, self._mine = key, mine
+        return mine, plan

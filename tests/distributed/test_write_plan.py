@@ -562,21 +562,23 @@ def _cached_values(step: int, rows: int) -> dict[str, torch.Tensor]:
 
 
 def _save_with_cached_plans(rank: int, world: int, root: str) -> list[list[str]]:
-    """Five saves on 2 ranks: the same layout twice, a new shape, rank 1 restarted (a fresh
-    engine), the same layout again. What each save exchanged, per save."""
-    rows = {1: 96, 2: 96, 3: 80, 4: 80, 5: 80}
+    """Seven saves on 2 ranks: the same layout twice, a new shape, rank 1 restarted (a fresh
+    engine), the same layout again, in format v1 (no layouts: the next v2 save needs the
+    whole plan), in v2. What each save exchanged, per save."""
+    rows = {1: 96, 2: 96, 3: 80, 4: 80, 5: 80, 6: 80, 7: 80}
     engine = ckpt.Snapshotter()
     exchanged = []
     try:
-        for step in range(1, 6):
+        for step in range(1, 8):
             if step == 4 and rank == 1:
                 engine.close()
                 engine = ckpt.Snapshotter()
             coordinator = _CountingCoordinator(default_coordinator())
             state = _state(rank, world, ("sharded",), _cached_values(step, rows[step]))
-            result = engine.async_save(state, LocalBackend(root), step, coordinator).result(
-                TIMEOUT_S
-            )
+            options = ckpt.SaveOptions(format_version=1 if step == 6 else 2)
+            result = engine.async_save(
+                state, LocalBackend(root), step, coordinator, options=options
+            ).result(TIMEOUT_S)
             assert result.committed
             exchanged.append(coordinator.gathered)
     finally:
@@ -591,8 +593,9 @@ def test_a_save_with_the_last_layout_exchanges_one_digest_per_rank(tmp_path: Pat
     results = run_ranks(_save_with_cached_plans, 2, str(tmp_path), timeout_s=TIMEOUT_S)
     planned = ["digest", "pieces"]
     reused = ["digest"]
-    assert results[0] == results[1] == [planned, reused, planned, planned, reused]
-    for step, rows in {1: 96, 2: 96, 3: 80, 4: 80, 5: 80}.items():
+    exchanges = [planned, reused, planned, planned, reused, reused, planned]
+    assert results[0] == results[1] == exchanges
+    for step, rows in {1: 96, 2: 96, 3: 80, 4: 80, 5: 80, 6: 80, 7: 80}.items():
         expected = _cached_values(step, rows)
         target = {name: torch.zeros_like(value) for name, value in expected.items()}
         assert ckpt.load(target, str(tmp_path), step=step) == step
@@ -617,3 +620,18 @@ def test_the_plan_digest_covers_every_input_of_the_plan() -> None:
     for variant in variants:
         assert description_digest(flatten(variant)[0], MIN_SPLIT_BYTES) != digest, variant
     assert description_digest(flatten(base)[0], 2 * MIN_SPLIT_BYTES) != digest
+
+
+def test_a_ranks_part_of_the_plan_is_what_the_whole_plan_gives_it() -> None:
+    """``for_rank`` (what a rank keeps between saves) looks up only the rank's own pieces
+    and finds the same regions as a scan of the whole plan."""
+    per_rank = [
+        [*_replicated_world(1, [4 << 20, 12, 3 << 20])[0], _piece(f"own{rank}", 4096)]
+        for rank in range(4)
+    ]
+    plan = assign_writers(per_rank)
+    for rank, held in enumerate(per_rank):
+        mine = plan.for_rank(rank, [p.key for p in held])
+        assert mine.boxes == plan.boxes_for(rank)
+        assert mine.imbalance == plan.imbalance
+    assert len(plan.shares[per_rank[0][0].key]) > 1, "the 4 MiB replicated piece is cut"
