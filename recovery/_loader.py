@@ -56,7 +56,7 @@ from recovery._device_copy import (
     PinnedBufferPool,
 )
 from recovery._reshard import ReadRequest, plan_reads
-from storage_backends import StorageBackend
+from storage_backends import StorageBackend, open_reader
 
 log = logging.getLogger(__name__)
 
@@ -541,15 +541,20 @@ class Loader:
         chunks.sort(key=lambda x: x[0])
         step = max(1, self._options.read_step_bytes)
         checked = 0
-        for lo in range(0, len(host), step):
-            hi = min(lo + step, len(host))
-            with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
-                self._backend.read_into(path, job.start + lo, host[lo:hi])
-            # Hash what this step completed while it is still in the cache.
-            while checked < len(chunks) and chunks[checked][1] <= hi:
-                at, stop, seg, c = chunks[checked]
-                self._check_chunk(seg, c, host[at:stop], where)
-                checked += 1
+        with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
+            reader = open_reader(self._backend, path)
+        try:
+            for lo in range(0, len(host), step):
+                hi = min(lo + step, len(host))
+                with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
+                    reader.read_into(job.start + lo, host[lo:hi])
+                # Hash what this step completed while it is still in the cache.
+                while checked < len(chunks) and chunks[checked][1] <= hi:
+                    at, stop, seg, c = chunks[checked]
+                    self._check_chunk(seg, c, host[at:stop], where)
+                    checked += 1
+        finally:
+            reader.close()
         self._check_header(job, host, where)
         if job.direct is not None:
             return
