@@ -46,7 +46,7 @@ from storage_backends._errors import (
     StorageBackendError,
     StorageFullError,
 )
-from storage_backends._protocol import BytesLike
+from storage_backends._protocol import BlobReader, BytesLike
 
 _TMP_MARK = ".tmp-"
 # Linux moves at most this many bytes per write()/read() call.
@@ -525,7 +525,7 @@ class LocalBackend:
         finally:
             reader.close()
 
-    def open_reader(self, path: str) -> _LocalReader:
+    def open_reader(self, path: str) -> BlobReader:
         """``path`` opened once (the checks of ``read_into`` done once) for many ranged
         reads with ``preadv``; every read sees the file that was opened."""
         fd, size = self._open_object(path)
