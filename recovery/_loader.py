@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -56,7 +57,7 @@ from recovery._device_copy import (
     PinnedBufferPool,
 )
 from recovery._reshard import ReadRequest, plan_reads
-from storage_backends import StorageBackend, open_reader
+from storage_backends import OpensReaders, StorageBackend, open_reader
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ _ALIGN = 64
 # Pieces whose whole chunks for one target are fewer bytes than this are read through
 # the coalesced buffer path (one request for many small tensors) instead of one request each.
 _DIRECT_MIN_BYTES = 1 << 20
+_DEFAULT_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,11 @@ class LoadOptions:
     """How a load reads.
 
     Args:
-        io_threads: parallel readers.
+        io_threads: parallel readers. By default 4, and no more than the CPUs this process
+            may run on when the backend reads local files (it declares ``OpensReaders``):
+            such a read is a copy out of the page cache plus a hash, bound by the CPU, and
+            readers beyond the CPUs only take turns (on a 2-CPU machine 2 readers restore
+            faster than 4, warm, cold and with several ranks per machine).
         coalesce_gap_bytes: neighbouring ranges closer than this are read in one request.
         max_request_bytes: the largest single read request.
         read_step_bytes: each request is read in steps of this size, and the chunks a
@@ -80,11 +86,19 @@ class LoadOptions:
             the load reads into (bounded further by twice its largest request).
     """
 
-    io_threads: int = 4
+    io_threads: int | None = None
     coalesce_gap_bytes: int = 1 << 20
     max_request_bytes: int = 64 << 20
     read_step_bytes: int = 8 << 20
     device_buffer_bytes: int = DEFAULT_LIMIT_BYTES
+
+    def threads_for(self, backend: StorageBackend) -> int:
+        """The readers a load from ``backend`` runs (see ``io_threads``)."""
+        if self.io_threads is not None:
+            return max(1, self.io_threads)
+        if isinstance(backend, OpensReaders):
+            return max(1, min(_DEFAULT_THREADS, len(os.sched_getaffinity(0))))
+        return _DEFAULT_THREADS
 
 
 @dataclass
@@ -230,7 +244,7 @@ class Loader:
                     errors.append(exc)
                     return
 
-        helpers = min(self._options.io_threads, len(jobs)) - 1
+        helpers = min(self._options.threads_for(self._backend), len(jobs)) - 1
         if helpers > 0:
             with ThreadPoolExecutor(helpers, thread_name_prefix="ckpt-read") as pool:
                 futures = [pool.submit(reader) for _ in range(helpers)]
@@ -285,7 +299,8 @@ class Loader:
         jobs += self._header_jobs(self._manifest.headers, describe=True)
         read = sum(j.end - j.start for j in jobs)
         done = 0
-        with ThreadPoolExecutor(self._options.io_threads, thread_name_prefix="ckpt-verify") as pool:
+        threads = self._options.threads_for(self._backend)
+        with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-verify") as pool:
             futures = {pool.submit(self._run, job, ()): job for job in jobs}
             for future in as_completed(futures):
                 future.result()

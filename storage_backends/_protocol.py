@@ -197,7 +197,12 @@ class BlobReader(Protocol):
 
 @runtime_checkable
 class OpensReaders(Protocol):
-    """The capability of opening an object once for many ranged reads."""
+    """The capability of opening an object once for many ranged reads.
+
+    Declaring it also says that a read is local (a copy out of memory or off a local disk,
+    bound by this process's CPUs rather than by a round trip): the loader then runs no more
+    readers than there are CPUs, unless told otherwise.
+    """
 
     def open_reader(self, path: str) -> BlobReader:
         """Open ``path`` for reading; ``BlobNotFoundError`` when it does not exist."""

@@ -5,6 +5,7 @@ byte that reaches a target is verified either way (a corrupt chunk names its fil
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 from pathlib import Path
 
@@ -93,3 +94,48 @@ def test_corrupt_chunk_raises_naming_the_file(
     assert str(file) in str(info.value)
     with pytest.raises(ChecksumMismatchError):
         ckpt.load({"w": torch.empty(ROWS, COLS), "b": torch.empty(1000)}, root, step=STEP)
+
+
+class _PathOnly:
+    """A backend that reads by path only (it declares no ``OpensReaders``)."""
+
+    def __init__(self, inner: LocalBackend) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.ranges = 0
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.read(path, offset, length)
+
+    def size(self, path: str) -> int:
+        return self.inner.size(path)
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        self.ranges += 1
+        self.inner.read_into(path, offset, out)
+
+
+def test_readers_default_to_the_cpus_for_local_files_only(tmp_path: Path) -> None:
+    """By default a local load runs at most one reader per CPU, other backends 4; an
+    explicit ``io_threads`` is what runs."""
+    local = LocalBackend(tmp_path)
+    cpus = len(os.sched_getaffinity(0))
+    assert LoadOptions().threads_for(local) == min(4, cpus)
+    assert LoadOptions().threads_for(_PathOnly(local)) == 4  # type: ignore[arg-type]
+    assert LoadOptions(io_threads=7).threads_for(local) == 7
+
+
+def test_a_backend_without_readers_is_read_range_by_range(
+    saved: tuple[Path, torch.Tensor],
+) -> None:
+    """The loader reads through ``read_into`` of a backend that opens no readers, and the
+    result is the same."""
+    root, full = saved
+    backend = _PathOnly(LocalBackend(root, create=False))
+    manifest = read_manifest(backend, STEP)  # type: ignore[arg-type]
+    target = torch.zeros(ROWS, COLS)
+    Loader(backend, manifest, LoadOptions(read_step_bytes=CHUNK)).load(  # type: ignore[arg-type]
+        [Destination("w", target, ckpt.format.Box((0, 0), (ROWS, COLS)))]
+    )
+    assert torch.equal(target, full)
+    assert backend.ranges >= ROWS * COLS * 4 // CHUNK
