@@ -12,7 +12,8 @@ tensors as empty ``Shard(0)`` DTensors on an M-rank mesh and, per repeat, in an 
 that alternates between repeats, evict the page cache of both checkpoints (fsync +
 ``posix_fadvise(DONTNEED)`` per file) and time ``ckpt.restore`` and
 ``torch.distributed.checkpoint.load`` into those targets (both tools imported before the
-first timing). A timing starts and ends on a barrier; the reported time is the max over ranks, median over repeats. Read
+first timing). A timing starts and ends on a barrier; the reported time is the max over
+ranks, median over repeats, and every repeat's ckpt and DCP times are printed. Read
 amplification is ckpt's bytes read / bytes needed, summed over the ranks. Both results
 are compared bit for bit with the expected tensors after the first repeat.
 
