@@ -11,7 +11,8 @@ page-locked buffers, verified there, and copied on a load stream per device
 ranges of one file are coalesced into one request, which matters for object stores.
 Each request is read in steps of ``LoadOptions.read_step_bytes`` and the chunks a step
 completes are hashed right away, while they are still in the CPU cache; the reader
-threads pull requests from one queue, largest first, and the calling thread is one of them.
+threads (the calling thread among them) share one queue in which each reader keeps to one
+file and reads it in offset order (``_JobQueue``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ctypes
 import logging
 import math
 import os
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -177,6 +179,55 @@ class _Job:
     described: list[tuple[str, str, tuple[int, ...], int, int]] | None = None
 
 
+class _JobQueue:
+    """The jobs of a load, by file, each file's in offset order, shared by the readers.
+
+    A reader keeps to one file and reads it front to back, so that the kernel's readahead
+    sees one sequential stream per file (a disk delivers more that way than when readers
+    hop between files and offsets); when its file runs out it takes the file with the most
+    bytes left that no other reader has, and when every file left has a reader, the last
+    job of the one with the most bytes left (its reader keeps the front).
+    """
+
+    def __init__(self, jobs: Iterable[_Job]) -> None:
+        self._files: dict[str, deque[_Job]] = {}
+        self._left: dict[str, int] = defaultdict(int)
+        for job in sorted(jobs, key=lambda j: (j.file, j.start)):
+            self._files.setdefault(job.file, deque()).append(job)
+            self._left[job.file] += job.end - job.start
+        self._owner: dict[int, str] = {}  # reader -> its file
+        self._lock = threading.Lock()
+
+    def take(self, reader: int) -> _Job | None:
+        """The next job for ``reader``; None when there is none left."""
+        with self._lock:
+            file = self._owner.get(reader)
+            if file is None or not self._files.get(file):
+                file = self._choose(reader)
+                if file is None:
+                    return None
+            if self._owner.get(reader) == file:
+                job = self._files[file].popleft()
+            else:
+                job = self._files[file].pop()
+            self._left[file] -= job.end - job.start
+            if not self._files[file]:
+                del self._files[file]
+            return job
+
+    def _choose(self, reader: int) -> str | None:
+        if not self._files:
+            return None
+        taken = {f for r, f in self._owner.items() if r != reader}
+        free = [f for f in self._files if f not in taken]
+        if free:
+            file = max(free, key=self._left.__getitem__)
+            self._owner[reader] = file
+            return file
+        self._owner.pop(reader, None)
+        return max(self._files, key=self._left.__getitem__)
+
+
 def _bytes_view(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU uint8 tensor (no copy)."""
     return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
@@ -210,8 +261,6 @@ class Loader:
             r.region.numel * element_size(self._manifest.tensors[r.tensor].dtype) for r in requests
         )
         read = sum(j.end - j.start for j in jobs)
-        # Largest first keeps the threads busy until the end.
-        jobs.sort(key=lambda j: j.start - j.end)
         planned = time.perf_counter()
         device = self._device_copier(destinations)
         try:
@@ -229,14 +278,13 @@ class Loader:
     ) -> None:
         """Run ``jobs`` on ``io_threads`` readers (this thread among them) pulling from one
         queue; the first error stops the others at their next job and is raised."""
-        queue = deque(jobs)
+        queue = _JobQueue(jobs)
         errors: list[BaseException] = []
 
-        def reader() -> None:
+        def reader(me: int) -> None:
             while not errors:
-                try:
-                    job = queue.popleft()
-                except IndexError:
+                job = queue.take(me)
+                if job is None:
                     return
                 try:
                     self._run(job, destinations, device)
@@ -247,12 +295,12 @@ class Loader:
         helpers = min(self._options.threads_for(self._backend), len(jobs)) - 1
         if helpers > 0:
             with ThreadPoolExecutor(helpers, thread_name_prefix="ckpt-read") as pool:
-                futures = [pool.submit(reader) for _ in range(helpers)]
-                reader()
+                futures = [pool.submit(reader, i + 1) for i in range(helpers)]
+                reader(0)
                 for f in futures:
                     f.result()
         else:
-            reader()
+            reader(0)
         if errors:
             raise errors[0]
 

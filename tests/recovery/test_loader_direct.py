@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,50 @@ def test_a_backend_without_readers_is_read_range_by_range(
     )
     assert torch.equal(target, full)
     assert backend.ranges >= ROWS * COLS * 4 // CHUNK
+
+
+class _Recording(_PathOnly):
+    """Records which thread read which range."""
+
+    def __init__(self, inner: LocalBackend) -> None:
+        super().__init__(inner)
+        self.reads: list[tuple[int, str, int]] = []
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        self.reads.append((threading.get_ident(), path, offset))
+        super().read_into(path, offset, out)
+
+
+def test_readers_keep_to_one_file_in_offset_order(tmp_path: Path) -> None:
+    """Each reader starts on a file of its own and reads it front to back (one sequential
+    stream per file for the kernel's readahead); the load is exact."""
+    state = {
+        f"t{i}": torch.randn(256, 1024, generator=torch.Generator().manual_seed(i))
+        for i in range(8)
+    }
+    options = ckpt.SaveOptions(chunk_bytes=CHUNK, file_bytes=2 << 20)
+    ckpt.save(state, tmp_path, step=1, options=options)
+    backend = _Recording(LocalBackend(tmp_path, create=False))
+    manifest = read_manifest(backend, 1)  # type: ignore[arg-type]
+    targets = {name: torch.zeros_like(t) for name, t in state.items()}
+    destinations = [
+        Destination(name, t, ckpt.format.Box((0, 0), tuple(t.shape))) for name, t in targets.items()
+    ]
+    Loader(backend, manifest, LoadOptions(io_threads=2, read_step_bytes=CHUNK)).load(  # type: ignore[arg-type]
+        destinations
+    )
+    assert all(torch.equal(targets[n], state[n]) for n in state)
+    data = [(t, p, o) for t, p, o in backend.reads if "/data/" in p]
+    assert len({p for _, p, _ in data}) >= 2
+    by_thread: dict[int, list[tuple[str, int]]] = {}
+    for thread, path, offset in data:
+        by_thread.setdefault(thread, []).append((path, offset))
+    firsts = {reads[0][0] for reads in by_thread.values()}
+    assert len(firsts) == len(by_thread)  # no two readers start on the same file
+    for reads in by_thread.values():
+        run = []
+        for path, offset in reads:
+            if path != reads[0][0]:
+                break
+            run.append(offset)
+        assert run == sorted(run)
