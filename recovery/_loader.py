@@ -11,7 +11,8 @@ page-locked buffers, verified there, and copied on a load stream per device
 ranges of one file are coalesced into one request, which matters for object stores.
 Each request is read in steps of ``LoadOptions.read_step_bytes`` and the chunks a step
 completes are hashed right away, while they are still in the CPU cache; the reader
-threads pull requests from one queue, largest first, and the calling thread is one of them.
+threads (the calling thread among them) share one queue in which each reader keeps to one
+file and reads it in offset order (``_JobQueue``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -56,7 +59,7 @@ from recovery._device_copy import (
     PinnedBufferPool,
 )
 from recovery._reshard import ReadRequest, plan_reads
-from storage_backends import StorageBackend
+from storage_backends import OpensReaders, StorageBackend, open_reader
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ _ALIGN = 64
 # Pieces whose whole chunks for one target are fewer bytes than this are read through
 # the coalesced buffer path (one request for many small tensors) instead of one request each.
 _DIRECT_MIN_BYTES = 1 << 20
+_DEFAULT_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,11 @@ class LoadOptions:
     """How a load reads.
 
     Args:
-        io_threads: parallel readers.
+        io_threads: parallel readers. By default 4, and no more than the CPUs this process
+            may run on when the backend reads local files (it declares ``OpensReaders``):
+            such a read is a copy out of the page cache plus a hash, bound by the CPU, and
+            readers beyond the CPUs only take turns (on a 2-CPU machine 2 readers restore
+            faster than 4, warm, cold and with several ranks per machine).
         coalesce_gap_bytes: neighbouring ranges closer than this are read in one request.
         max_request_bytes: the largest single read request.
         read_step_bytes: each request is read in steps of this size, and the chunks a
@@ -80,11 +88,19 @@ class LoadOptions:
             the load reads into (bounded further by twice its largest request).
     """
 
-    io_threads: int = 4
+    io_threads: int | None = None
     coalesce_gap_bytes: int = 1 << 20
     max_request_bytes: int = 64 << 20
     read_step_bytes: int = 8 << 20
     device_buffer_bytes: int = DEFAULT_LIMIT_BYTES
+
+    def threads_for(self, backend: StorageBackend) -> int:
+        """The readers a load from ``backend`` runs (see ``io_threads``)."""
+        if self.io_threads is not None:
+            return max(1, self.io_threads)
+        if isinstance(backend, OpensReaders):
+            return max(1, min(_DEFAULT_THREADS, len(os.sched_getaffinity(0))))
+        return _DEFAULT_THREADS
 
 
 @dataclass
@@ -163,6 +179,55 @@ class _Job:
     described: list[tuple[str, str, tuple[int, ...], int, int]] | None = None
 
 
+class _JobQueue:
+    """The jobs of a load, by file, each file's in offset order, shared by the readers.
+
+    A reader keeps to one file and reads it front to back, so that the kernel's readahead
+    sees one sequential stream per file (a disk delivers more that way than when readers
+    hop between files and offsets); when its file runs out it takes the file with the most
+    bytes left that no other reader has, and when every file left has a reader, the last
+    job of the one with the most bytes left (its reader keeps the front).
+    """
+
+    def __init__(self, jobs: Iterable[_Job]) -> None:
+        self._files: dict[str, deque[_Job]] = {}
+        self._left: dict[str, int] = defaultdict(int)
+        for job in sorted(jobs, key=lambda j: (j.file, j.start)):
+            self._files.setdefault(job.file, deque()).append(job)
+            self._left[job.file] += job.end - job.start
+        self._owner: dict[int, str] = {}  # reader -> its file
+        self._lock = threading.Lock()
+
+    def take(self, reader: int) -> _Job | None:
+        """The next job for ``reader``; None when there is none left."""
+        with self._lock:
+            file = self._owner.get(reader)
+            if file is None or not self._files.get(file):
+                file = self._choose(reader)
+                if file is None:
+                    return None
+            if self._owner.get(reader) == file:
+                job = self._files[file].popleft()
+            else:
+                job = self._files[file].pop()
+            self._left[file] -= job.end - job.start
+            if not self._files[file]:
+                del self._files[file]
+            return job
+
+    def _choose(self, reader: int) -> str | None:
+        if not self._files:
+            return None
+        taken = {f for r, f in self._owner.items() if r != reader}
+        free = [f for f in self._files if f not in taken]
+        if free:
+            file = max(free, key=self._left.__getitem__)
+            self._owner[reader] = file
+            return file
+        self._owner.pop(reader, None)
+        return max(self._files, key=self._left.__getitem__)
+
+
 def _bytes_view(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU uint8 tensor (no copy)."""
     return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
@@ -196,8 +261,6 @@ class Loader:
             r.region.numel * element_size(self._manifest.tensors[r.tensor].dtype) for r in requests
         )
         read = sum(j.end - j.start for j in jobs)
-        # Largest first keeps the threads busy until the end.
-        jobs.sort(key=lambda j: j.start - j.end)
         planned = time.perf_counter()
         device = self._device_copier(destinations)
         try:
@@ -215,14 +278,13 @@ class Loader:
     ) -> None:
         """Run ``jobs`` on ``io_threads`` readers (this thread among them) pulling from one
         queue; the first error stops the others at their next job and is raised."""
-        queue = deque(jobs)
+        queue = _JobQueue(jobs)
         errors: list[BaseException] = []
 
-        def reader() -> None:
+        def reader(me: int) -> None:
             while not errors:
-                try:
-                    job = queue.popleft()
-                except IndexError:
+                job = queue.take(me)
+                if job is None:
                     return
                 try:
                     self._run(job, destinations, device)
@@ -230,15 +292,15 @@ class Loader:
                     errors.append(exc)
                     return
 
-        helpers = min(self._options.io_threads, len(jobs)) - 1
+        helpers = min(self._options.threads_for(self._backend), len(jobs)) - 1
         if helpers > 0:
             with ThreadPoolExecutor(helpers, thread_name_prefix="ckpt-read") as pool:
-                futures = [pool.submit(reader) for _ in range(helpers)]
-                reader()
+                futures = [pool.submit(reader, i + 1) for i in range(helpers)]
+                reader(0)
                 for f in futures:
                     f.result()
         else:
-            reader()
+            reader(0)
         if errors:
             raise errors[0]
 
@@ -285,7 +347,8 @@ class Loader:
         jobs += self._header_jobs(self._manifest.headers, describe=True)
         read = sum(j.end - j.start for j in jobs)
         done = 0
-        with ThreadPoolExecutor(self._options.io_threads, thread_name_prefix="ckpt-verify") as pool:
+        threads = self._options.threads_for(self._backend)
+        with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-verify") as pool:
             futures = {pool.submit(self._run, job, ()): job for job in jobs}
             for future in as_completed(futures):
                 future.result()
@@ -541,15 +604,20 @@ class Loader:
         chunks.sort(key=lambda x: x[0])
         step = max(1, self._options.read_step_bytes)
         checked = 0
-        for lo in range(0, len(host), step):
-            hi = min(lo + step, len(host))
-            with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
-                self._backend.read_into(path, job.start + lo, host[lo:hi])
-            # Hash what this step completed while it is still in the cache.
-            while checked < len(chunks) and chunks[checked][1] <= hi:
-                at, stop, seg, c = chunks[checked]
-                self._check_chunk(seg, c, host[at:stop], where)
-                checked += 1
+        with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
+            reader = open_reader(self._backend, path)
+        try:
+            for lo in range(0, len(host), step):
+                hi = min(lo + step, len(host))
+                with storage_errors(f"reading {where}", missing=CorruptCheckpointError):
+                    reader.read_into(job.start + lo, host[lo:hi])
+                # Hash what this step completed while it is still in the cache.
+                while checked < len(chunks) and chunks[checked][1] <= hi:
+                    at, stop, seg, c = chunks[checked]
+                    self._check_chunk(seg, c, host[at:stop], where)
+                    checked += 1
+        finally:
+            reader.close()
         self._check_header(job, host, where)
         if job.direct is not None:
             return

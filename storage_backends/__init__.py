@@ -20,7 +20,16 @@ from storage_backends._errors import (
     StorageFullError,
 )
 from storage_backends._local import LocalBackend
-from storage_backends._protocol import BlobStream, BytesLike, StorageBackend, Tiered, as_tiered
+from storage_backends._protocol import (
+    BlobReader,
+    BlobStream,
+    BytesLike,
+    OpensReaders,
+    StorageBackend,
+    Tiered,
+    as_tiered,
+    open_reader,
+)
 from storage_backends._retries import (
     RetryObserver,
     add_retry_observer,
@@ -36,10 +45,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BlobNotFoundError",
+    "BlobReader",
     "BlobStream",
     "BytesLike",
     "InvalidPathError",
     "LocalBackend",
+    "OpensReaders",
     "RetryObserver",
     "RetryPolicy",
     "RootNotFoundError",
@@ -53,6 +64,7 @@ __all__ = [
     "add_retry_observer",
     "as_tiered",
     "open_backend",
+    "open_reader",
     "remove_retry_observer",
     "report_retry",
 ]

@@ -31,9 +31,7 @@ one; files are opened ``O_NONBLOCK`` as well, in case one is swapped in meanwhil
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import mmap
 import os
 import stat
 import time
@@ -48,7 +46,7 @@ from storage_backends._errors import (
     StorageBackendError,
     StorageFullError,
 )
-from storage_backends._protocol import BytesLike
+from storage_backends._protocol import BlobReader, BytesLike
 
 _TMP_MARK = ".tmp-"
 # Linux moves at most this many bytes per write()/read() call.
@@ -56,12 +54,6 @@ _MAX_IO = 1 << 30
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-# Reads of at least this many bytes whose pages are in the page cache are copied from a
-# mapping of the file (the copy runs without the GIL): on Linux that moves cached bytes
-# about 1.5x faster than read(), whose copy is the kernel's. Uncached ranges use preadv,
-# which lets the kernel's readahead keep the disk busy.
-_MAPPED_MIN = 1 << 20
-_PROBE = 4096
 
 
 def _os_error(exc: OSError, path: str, action: str) -> StorageBackendError:
@@ -86,59 +78,6 @@ def _not_found(exc: OSError) -> bool:
 
 def _is_tmp(name: str) -> bool:
     return name.startswith(".") and _TMP_MARK in name
-
-
-def _cached(fd: int, offset: int, length: int) -> bool:
-    """Whether the first and last pages of the range are in the page cache (a read that
-    must not wait for the disk, ``RWF_NOWAIT``, gets them); False where that is unsupported."""
-    flag = getattr(os, "RWF_NOWAIT", None)
-    if flag is None:
-        return False
-    probe = bytearray(_PROBE)
-    for at in (offset, max(offset, offset + length - _PROBE)):
-        try:
-            if os.preadv(fd, [probe], at, flag) <= 0:
-                return False
-        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: this file system cannot say
-            return False
-    return True
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _copy_mapped(fd: int, offset: int, view: memoryview) -> None:
-    """Copy ``len(view)`` bytes at ``offset`` of the file into ``view`` through a read-only
-    shared mapping, prefaulted (mmap, memmove and munmap through ctypes release the GIL).
-    The size was checked against the open file; a file truncated meanwhile would fault
-    (SIGBUS), as with any mapped reader, which is why only reads of at least
-    ``_MAPPED_MIN`` bytes (checkpoint data, immutable once committed) are mapped."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    length = offset + len(view) - start
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    addr = _libc.mmap(None, length, mmap.PROT_READ, flags, fd, start)
-    if addr is None or addr == _MAP_FAILED:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    try:
-        dst = ctypes.c_char.from_buffer(view)
-        try:
-            ctypes.memmove(ctypes.addressof(dst), addr + offset - start, len(view))
-        finally:
-            del dst
-    finally:
-        _libc.munmap(addr, length)
 
 
 def _check_range(path: str, offset: int, length: int, size: int) -> None:
@@ -301,6 +240,43 @@ class _LocalStream:
                 pass
             finally:
                 self._close_dir()
+
+
+def _pread_all(fd: int, path: str, offset: int, view: memoryview) -> None:
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done : done + _MAX_IO]], offset + done)
+            if n == 0:
+                raise StorageBackendError(
+                    f"{path!r} ended at byte {offset + done}, expected {offset + len(view)}: "
+                    "the file is truncated",
+                    path=path,
+                )
+            done += n
+    except OSError as exc:
+        raise _os_error(exc, path, "reading") from exc
+
+
+class _LocalReader:
+    """An open data file read by byte ranges (``LocalBackend.open_reader``)."""
+
+    def __init__(self, fd: int, size: int, path: str) -> None:
+        self._fd = fd
+        self._size = size
+        self._path = path
+
+    def read_into(self, offset: int, out: BytesLike) -> None:
+        if self._fd < 0:
+            raise ValueError(f"reader of {self._path!r} is closed")
+        view = memoryview(out).cast("B")
+        _check_range(self._path, offset, len(view), self._size)
+        _pread_all(self._fd, self._path, offset, view)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
 
 class LocalBackend:
@@ -537,40 +513,23 @@ class LocalBackend:
                 length = size - offset
             _check_range(path, offset, length, size)
             buf = bytearray(length)
-            self._read_fd(fd, path, offset, memoryview(buf))
+            _pread_all(fd, path, offset, memoryview(buf))
             return bytes(buf)
         finally:
             os.close(fd)
 
     def read_into(self, path: str, offset: int, out: BytesLike) -> None:
-        view = memoryview(out).cast("B")
-        fd, size = self._open_object(path)
+        reader = self.open_reader(path)
         try:
-            _check_range(path, offset, len(view), size)
-            if len(view) >= _MAPPED_MIN and _cached(fd, offset, len(view)):
-                try:
-                    _copy_mapped(fd, offset, view)
-                except OSError as exc:
-                    raise _os_error(exc, path, "reading") from exc
-            else:
-                self._read_fd(fd, path, offset, view)
+            reader.read_into(offset, out)
         finally:
-            os.close(fd)
+            reader.close()
 
-    def _read_fd(self, fd: int, path: str, offset: int, view: memoryview) -> None:
-        try:
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done : done + _MAX_IO]], offset + done)
-                if n == 0:
-                    raise StorageBackendError(
-                        f"{path!r} ended at byte {offset + done}, expected {offset + len(view)}: "
-                        "the file is truncated",
-                        path=path,
-                    )
-                done += n
-        except OSError as exc:
-            raise _os_error(exc, path, "reading") from exc
+    def open_reader(self, path: str) -> BlobReader:
+        """``path`` opened once (the checks of ``read_into`` done once) for many ranged
+        reads with ``preadv``; every read sees the file that was opened."""
+        fd, size = self._open_object(path)
+        return _LocalReader(fd, size, path)
 
     def size(self, path: str) -> int:
         parts = self._parts(path)

@@ -31,6 +31,12 @@ Paths are relative to the backend's root, use ``/`` as separator and never conta
 ``..`` or a leading ``/``. Implementations raise ``StorageBackendError`` subclasses
 only, and say in ``retryable`` whether trying again may help.
 
+A backend that can open an object once for many ranged reads (``LocalBackend``: one file
+descriptor instead of resolving the path for every range) also declares ``OpensReaders``;
+the loader goes through ``open_reader(backend, path)``, which gives every other backend a
+reader that calls its ``read_into``. A backend declaring it must read through its readers
+exactly what its ``read_into`` would (a subclass that changes one changes both).
+
 A backend made of several media (``TieredBackend``) also declares ``Tiered``; code that
 treats tiers one by one (restore's fallback, per-tier retention) goes through
 ``as_tiered(backend)``, which views any other backend as a single tier.
@@ -173,3 +179,52 @@ def as_tiered(backend: StorageBackend) -> Tiered:
     """``backend``'s tiers and replication state: the backend itself when it is ``Tiered``,
     else a view of it as one tier with nothing to replicate."""
     return backend if isinstance(backend, Tiered) else _OneTier(backend)
+
+
+@runtime_checkable
+class BlobReader(Protocol):
+    """One object opened for ranged reads, used from one thread at a time, then closed.
+
+    All its reads see the same version of the object (one that is replaced meanwhile is
+    not mixed in)."""
+
+    def read_into(self, offset: int, out: BytesLike) -> None:
+        """Fill the writable buffer ``out`` with the bytes at ``offset``; short objects raise."""
+
+    def close(self) -> None:
+        """Release the object. Safe to call twice."""
+
+
+@runtime_checkable
+class OpensReaders(Protocol):
+    """The capability of opening an object once for many ranged reads.
+
+    Declaring it also says that a read is local (a copy out of memory or off a local disk,
+    bound by this process's CPUs rather than by a round trip): the loader then runs no more
+    readers than there are CPUs, unless told otherwise.
+    """
+
+    def open_reader(self, path: str) -> BlobReader:
+        """Open ``path`` for reading; ``BlobNotFoundError`` when it does not exist."""
+
+
+class _PathReader:
+    """A reader that asks the backend for each range by path."""
+
+    def __init__(self, backend: StorageBackend, path: str) -> None:
+        self._backend = backend
+        self._path = path
+
+    def read_into(self, offset: int, out: BytesLike) -> None:
+        self._backend.read_into(self._path, offset, out)
+
+    def close(self) -> None:
+        pass
+
+
+def open_reader(backend: StorageBackend, path: str) -> BlobReader:
+    """A reader of ``path``: the backend's own when it declares ``OpensReaders``, else one
+    that calls ``backend.read_into(path, ...)`` for every range (and opens nothing)."""
+    if isinstance(backend, OpensReaders):
+        return backend.open_reader(path)
+    return _PathReader(backend, path)

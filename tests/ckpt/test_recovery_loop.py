@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ckpt
-from storage_backends import LocalBackend, StorageBackendError
+from storage_backends import BlobReader, LocalBackend, StorageBackendError
 from tests.support.campaign import CampaignTable
 from tests.support.checks import assert_bit_identical
 from tests.support.gloo import run_ranks
@@ -81,13 +81,20 @@ class _UnreadableStep(LocalBackend):
         self.retryable = retryable
         self.failed_reads = 0
 
-    def read_into(self, path: str, offset: int, out: Any) -> None:
+    def _check(self, path: str) -> None:
         if path.startswith(self.bad_prefix):
             self.failed_reads += 1
             raise StorageBackendError(
                 f"reading {path!r} failed: Input/output error", path=path, retryable=self.retryable
             )
+
+    def read_into(self, path: str, offset: int, out: Any) -> None:
+        self._check(path)
         super().read_into(path, offset, out)
+
+    def open_reader(self, path: str) -> BlobReader:  # the loader's ranged reads
+        self._check(path)
+        return super().open_reader(path)
 
 
 @pytest.mark.parametrize("retryable", [True, False])

@@ -29,6 +29,7 @@ from storage_backends import (
     InvalidPathError,
     StorageBackend,
     StorageBackendError,
+    open_reader,
 )
 
 MiB = 1 << 20
@@ -360,6 +361,33 @@ class BackendConformance:
         backend.read_into("r/obj", 50, memoryview(whole)[10:60])
         assert whole[10:60] == ranged[50:100]
         assert whole[:10] == bytes(10) and whole[60:] == bytes(40)
+
+    def test_reader_reads_ranges_of_one_version(
+        self, backend: StorageBackend, ranged: bytes
+    ) -> None:
+        """``open_reader`` (the loader's ranged reads, on any backend) fills buffers like
+        ``read_into`` and raises the same errors past the end; closing twice is fine."""
+        reader = open_reader(backend, "r/obj")
+        try:
+            for offset, length in RANGES:
+                out = bytearray(length)
+                reader.read_into(offset, out)
+                assert out == ranged[offset : offset + length]
+            with pytest.raises(StorageBackendError) as info:
+                reader.read_into(len(ranged) - 5, bytearray(6))
+            assert not isinstance(info.value, BlobNotFoundError)
+        finally:
+            reader.close()
+            reader.close()
+
+    def test_reader_of_missing_object_raises_not_found(self, backend: StorageBackend) -> None:
+        """A reader of nothing raises ``BlobNotFoundError`` at the latest on its first read."""
+        with pytest.raises(BlobNotFoundError):
+            reader = open_reader(backend, "r/none")
+            try:
+                reader.read_into(0, bytearray(1))
+            finally:
+                reader.close()
 
     @pytest.mark.parametrize(
         "call",

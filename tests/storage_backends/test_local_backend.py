@@ -15,6 +15,7 @@ import storage_backends
 from storage_backends import (
     InvalidPathError,
     LocalBackend,
+    OpensReaders,
     StorageBackend,
     StorageBackendError,
     open_backend,
@@ -509,3 +510,20 @@ def test_a_hostile_deep_tree_is_refused_not_recursed(tmp_path: Path) -> None:
     with pytest.raises(StorageBackendError, match="nested more than"):
         backend.delete_prefix("step-000000001")
     assert (path / "f").exists()
+
+
+def test_reader_keeps_reading_the_file_it_opened(local: LocalBackend) -> None:
+    """A local reader is one open file: a replace meanwhile does not mix versions, and the
+    backend declares the capability the loader uses."""
+    assert isinstance(local, OpensReaders)
+    local.write("step/data.bin", b"a" * 100)
+    reader = local.open_reader("step/data.bin")
+    try:
+        local.write("step/data.bin", b"b" * 50)
+        out = bytearray(10)
+        reader.read_into(90, out)
+        assert out == b"a" * 10
+    finally:
+        reader.close()
+    with pytest.raises(ValueError, match="closed"):
+        reader.read_into(0, bytearray(1))
