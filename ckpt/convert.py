@@ -123,8 +123,6 @@ class OfflineRanks:
         return None
 
     def all_gather(self, obj: Any) -> list[Any]:
-        if isinstance(obj, tuple):  # the engine's plan digest: no writer holds a plan
-            return [("", "")] * len(self._descriptions)
         return list(self._descriptions)
 
     def any_rank(self, flags: Sequence[bool]) -> list[bool]:
@@ -234,6 +232,7 @@ def relayout(
                     **manifest.user_metadata,
                     "converted_from": f"{src.url} step {manifest.step}",
                 },
+                reuse_plan=False,
             )
             pending.result()
     finally:

@@ -205,7 +205,14 @@ def import_dcp(
                 # Format v1: a rank's data may come in several batches, each its own writer,
                 # and v2 has one index file per rank.
                 engine.save_flat(
-                    flat, json_tree, dst, step, writers, user_metadata=note, format_version=1
+                    flat,
+                    json_tree,
+                    dst,
+                    step,
+                    writers,
+                    user_metadata=note,
+                    format_version=1,
+                    reuse_plan=False,
                 ).result()
             done += sum(t.nbytes for t in batch.tensors)
             progress(done, total, f"batch {index + 1}/{len(batches)}")

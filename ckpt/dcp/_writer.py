@@ -118,10 +118,7 @@ class _DcpRank:
         return None
 
     def all_gather(self, obj: Any) -> list[Any]:
-        # The engine exchanges a plan digest (a pair: the lower ranks hold no plan) and
-        # its pieces (a list: the lower ranks hold none).
-        blank: Any = ("", "") if isinstance(obj, tuple) else []
-        return [blank for _ in range(self.rank)] + [obj]
+        return [[] for _ in range(self.rank)] + [obj]
 
     def any_rank(self, flags: Sequence[bool]) -> list[bool]:
         return list(flags)
@@ -290,6 +287,7 @@ class Writer(StorageWriter):
             user_metadata=self._user_metadata,
             options=self._options,
             format_version=1,  # finish() merges the ranks' pieces itself
+            reuse_plan=False,
         )
 
         def done(_: PyFuture[Any]) -> None:

@@ -39,7 +39,14 @@ from ckpt.engine._job import (
     tell_the_others,
 )
 from ckpt.engine._options import SaveOptions
-from ckpt.engine._plan import MIN_SPLIT_BYTES, PlanCache, RankPlan, WritePlan, piece_key
+from ckpt.engine._plan import (
+    MIN_SPLIT_BYTES,
+    PlanCache,
+    RankPlan,
+    WritePlan,
+    make_plan,
+    piece_key,
+)
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
@@ -359,21 +366,31 @@ class Snapshotter:
         overlap_writes: bool = False,
         options: SaveOptions | None = None,
         format_version: int | None = None,
+        reuse_plan: bool = True,
     ) -> PendingSave:
         """``async_save`` of a state that is already flattened (offline conversion uses it).
 
         ``format_version`` (default: the options') 1 makes this rank report its pieces to
         the committer instead of writing an index file (the DCP writer merges the reports
-        itself)."""
+        itself). ``reuse_plan=False`` plans this save alone, leaving the plan kept for the
+        next save as it is: for writers that are not the ranks of a job saving again (the
+        DCP writer, offline conversion)."""
         start = time.perf_counter() if started is None else started
         options = options or self.options
         version = options.format_version if format_version is None else format_version
-        plan, whole = self._plans.agree(
-            coordinator, tensors, min_split_bytes=max(MIN_SPLIT_BYTES, options.chunk_bytes)
-        )
-        if whole is None:
-            log.debug("step %d: the write plan of the last save still holds", step)
-        layouts = self._described_layouts(step, coordinator.rank, plan, whole, tensors, version)
+        min_split = max(MIN_SPLIT_BYTES, options.chunk_bytes)
+        if reuse_plan:
+            plan, whole = self._plans.agree(coordinator, tensors, min_split_bytes=min_split)
+            if whole is None:
+                log.debug("step %d: the write plan of the last save still holds", step)
+            layouts = self._described_layouts(step, coordinator.rank, plan, whole, tensors, version)
+        else:
+            plan, whole = make_plan(coordinator, tensors, min_split_bytes=min_split)
+            layouts = (
+                self._describe.submit(described_layouts, step, coordinator.rank, whole, tensors)
+                if version >= 2
+                else None
+            )
         mine = plan.boxes
         to_write = [
             part_of(t, mine[piece_key(t)]) for t in tensors.values() if piece_key(t) in mine

@@ -36,8 +36,9 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
+from ckpt.coordination import Coordinator
 from ckpt.engine._flatten import FlatTensor
 from ckpt.errors import CoordinationError
 from ckpt.format import Box
@@ -306,11 +307,16 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-class _Gathers(Protocol):
-    @property
-    def rank(self) -> int: ...
-
-    def all_gather(self, obj: Any) -> list[Any]: ...
+def make_plan(
+    coordinator: Coordinator, tensors: Mapping[str, FlatTensor], *, min_split_bytes: int
+) -> tuple[RankPlan, WritePlan]:
+    """Exchange every rank's pieces and plan (a collective): this rank's part, and the
+    whole plan."""
+    with _gc_paused():
+        plan = assign_writers(
+            coordinator.all_gather(describe(tensors)), min_split_bytes=min_split_bytes
+        )
+    return plan.for_rank(coordinator.rank, (piece_key(t) for t in tensors.values())), plan
 
 
 class PlanCache:
@@ -332,7 +338,7 @@ class PlanCache:
 
     def agree(
         self,
-        coordinator: _Gathers,
+        coordinator: Coordinator,
         tensors: Mapping[str, FlatTensor],
         *,
         min_split_bytes: int = MIN_SPLIT_BYTES,
@@ -346,10 +352,6 @@ class PlanCache:
         if self._mine is not None and all(held == key for _, held in offers):
             return self._mine, None
         self.forget()  # a failed exchange leaves nothing half-agreed
-        with _gc_paused():
-            plan = assign_writers(
-                coordinator.all_gather(describe(tensors)), min_split_bytes=min_split_bytes
-            )
-        mine = plan.for_rank(coordinator.rank, (piece_key(t) for t in tensors.values()))
+        mine, plan = make_plan(coordinator, tensors, min_split_bytes=min_split_bytes)
         self._key, self._mine = key, mine
         return mine, plan

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.coordination import default_coordinator, merge_indexes
+from ckpt.coordination import LocalCoordinator, default_coordinator, merge_indexes
 from ckpt.engine import (
     MIN_SPLIT_BYTES,
     PieceInfo,
@@ -635,3 +635,31 @@ def test_a_ranks_part_of_the_plan_is_what_the_whole_plan_gives_it() -> None:
         assert mine.boxes == plan.boxes_for(rank)
         assert mine.imbalance == plan.imbalance
     assert len(plan.shares[per_rank[0][0].key]) > 1, "the 4 MiB replicated piece is cut"
+
+
+def test_a_save_planned_alone_leaves_the_kept_plan(tmp_path: Path) -> None:
+    """``save_flat(reuse_plan=False)`` (the DCP writer, offline conversion) exchanges only its
+    pieces, and the next ordinary save still reuses the plan it kept."""
+    engine = ckpt.Snapshotter()
+    backend = LocalBackend(tmp_path)
+    state = _state(0, 1, (), _cached_values(1, 96))
+    exchanged = []
+    try:
+        for step, alone in ((1, False), (2, True), (3, False)):
+            coordinator = _CountingCoordinator(LocalCoordinator())
+            if alone:
+                tensors, tree = flatten(state)
+                pending = engine.save_flat(
+                    tensors, tree, backend, step, coordinator, reuse_plan=False
+                )
+            else:
+                pending = engine.async_save(state, backend, step, coordinator)
+            assert pending.result(TIMEOUT_S).committed
+            exchanged.append(coordinator.gathered)
+    finally:
+        engine.close()
+    assert exchanged == [["digest", "pieces"], ["pieces"], ["digest"]]
+    for step in (1, 2, 3):
+        target = {name: torch.zeros_like(v) for name, v in _cached_values(1, 96).items()}
+        assert ckpt.load(target, str(tmp_path), step=step) == step
+        assert _mismatches(target, _cached_values(1, 96), 0, 1) == []
