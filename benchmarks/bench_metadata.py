@@ -705,6 +705,28 @@ class Row:
     save_plan: dict[str, Any]
 
 
+def measured_row(
+    name: str,
+    layout: Layout,
+    tensors: list[TensorSpec],
+    committer: dict[str, Any],
+    restorer: dict[str, Any],
+    save_plan: dict[str, Any],
+) -> Row:
+    return Row(
+        name,
+        layout.world,
+        len(tensors),
+        count_pieces(layout, tensors),
+        uneven_tensors(tensors, layout),
+        True,
+        layout.world,
+        committer,
+        restorer,
+        save_plan,
+    )
+
+
 def measure(
     layout: Layout, tensors: list[TensorSpec], workdir: Path
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -790,22 +812,7 @@ def run_layout_v2(
         )
         # The save plan does not depend on the format: measured here when v1 is not run.
         plan = {} if "1" in args.format else in_child(planner_side, layout, tensors)
-        pieces = count_pieces(layout, tensors)
-        uneven = uneven_tensors(tensors, layout)
-        rows.append(
-            Row(
-                f"{layout.name} v2",
-                world,
-                len(tensors),
-                pieces,
-                uneven,
-                True,
-                world,
-                committer,
-                restorer,
-                plan,
-            )
-        )
+        rows.append(measured_row(f"{layout.name} v2", layout, tensors, committer, restorer, plan))
     return rows
 
 
@@ -842,21 +849,7 @@ def run_layout(
             f"{os.getloadavg()[0]:.1f}",
             file=sys.stderr,
         )
-        uneven = uneven_tensors(tensors, layout)
-        rows.append(
-            Row(
-                layout.name,
-                world,
-                len(tensors),
-                pieces,
-                uneven,
-                True,
-                world,
-                committer,
-                restorer,
-                save_plan,
-            )
-        )
+        rows.append(measured_row(layout.name, layout, tensors, committer, restorer, save_plan))
     return rows
 
 
