@@ -597,17 +597,8 @@ def test_sigterm_finishes_the_save_in_flight_saves_and_exits_143(
 
 
 def test_sigterm_in_a_real_process(root: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.workers.sigterm", str(root)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-    )
+    proc = _sigterm_worker(root, "save")
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "READY", proc.communicate(timeout=60)[1]
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
