@@ -161,6 +161,7 @@ class RestoreReport:
         planning_seconds: matching the state to the manifest and planning the reads.
         read_seconds: reading, verifying and copying tensor bytes into the state.
         apply_seconds: ``load_state_dict`` of modules, optimizers and other objects.
+        manifest: the loaded step's manifest (its user metadata, layouts and timings).
     """
 
     step: int
@@ -174,6 +175,7 @@ class RestoreReport:
     planning_seconds: float = 0.0
     read_seconds: float = 0.0
     apply_seconds: float = 0.0
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
 
 
 def load(
@@ -261,13 +263,11 @@ def _restore(
 ) -> RestoreReport:
     """``load`` that reports which steps it skipped and what it read."""
 
-    def fill(tier: StorageBackend, manifest: Manifest) -> tuple[_Loaded, SaveTimings | None]:
-        return load_manifest(state, tier, manifest, strict=strict, options=options), (
-            manifest.timings
-        )
+    def fill(tier: StorageBackend, manifest: Manifest) -> tuple[_Loaded, Manifest]:
+        return load_manifest(state, tier, manifest, strict=strict, options=options), manifest
 
     began = time.perf_counter()
-    found, skipped, (loaded, timings) = first_loadable(
+    found, skipped, (loaded, manifest) = first_loadable(
         open_url(url, create=False), step, fill, coordinator=coordinator
     )
     elapsed = time.perf_counter() - began
@@ -289,11 +289,12 @@ def _restore(
         tuple(loaded.plan.missing),
         tuple(loaded.plan.unexpected),
         loaded.plan.loads_nothing,
-        timings,
+        manifest.timings,
         discovery,
         planning,
         reads,
         loaded.apply_seconds,
+        manifest,
     )
 
 

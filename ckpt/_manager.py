@@ -238,6 +238,8 @@ class CheckpointManager:
             # Plain values were replaced in the copy that carries the RNG entry.
             state.update({key: value for key, value in full.items() if key != RNG_KEY})
         self.last_restore = report
+        if report.manifest is not None:
+            self._snapshotter.reuse_plan_of(report.manifest)
         self.metrics.restores_fallbacks += len(report.skipped)
         # The job continues from an older step: the skipped ones it reaches again are replaced.
         self._replaceable = {skipped for skipped, _ in report.skipped if skipped > report.step}

@@ -53,7 +53,7 @@ def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> Non
         ("2d tp2 v2", 8, True),
         ("2d tp2 v2", 16, True),
     ]
-    assert "16~" in done.stdout and "format v2" in done.stdout
+    assert "16~" in done.stdout and "format v2" in done.stdout and "seeded plan" in done.stdout
     for row in (r for r in rows if r["measured"]):
         # The manifest a rank reads is the one the committer published, and every
         # sampled rank's plan on every target world found pieces to read.
@@ -65,6 +65,8 @@ def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> Non
             # A restoring rank reads only some writers' index files, never all of them.
             plans = row["restorer"]["plans"].values()
             assert all(0 < p["needed_files"] < row["world"] for p in plans)
+            # The first save after a restore takes its plan from the manifest's layouts.
+            assert row["restorer"]["seeded_s"] > 0
         else:
             assert row["restorer"]["pieces"] == row["pieces"]
     assert list(tmp_path.iterdir()) == [out]  # the sparse checkpoint is gone

@@ -21,6 +21,7 @@ from ckpt.format import (
     Box,
     FileHeader,
     Manifest,
+    PlanRecord,
     RankTiming,
     SaveTimings,
     ShardIndex,
@@ -119,6 +120,7 @@ class ManifestBuilder:
         # Format v2: each rank's index file, and the layouts its report describes.
         self._writers: dict[int, WriterRef] = {}
         self._layouts: dict[str, TensorEntry] = {}
+        self._plans: set[PlanRecord | None] = set()
 
     @property
     def files(self) -> Mapping[str, int]:
@@ -181,6 +183,7 @@ class ManifestBuilder:
                 )
         self.ranks.add(report.rank)
         self._writers[report.rank] = writer
+        self._plans.add(report.plan)
         if report.timing is not None:  # stored bytes: its data files, as in v1
             data = sum(report.files.values()) - report.files.get(writer.index, 0)
             self._timings[report.rank] = (report.timing, data)
@@ -196,6 +199,10 @@ class ManifestBuilder:
                 "index files"
             )
         return tuple(self._writers[r] for r in range(world_size))
+
+    def _plan(self) -> PlanRecord | None:
+        """The write plan every rank reported saving with, if they all reported the same."""
+        return next(iter(self._plans)) if len(self._plans) == 1 else None
 
     def render(
         self,
@@ -229,6 +236,7 @@ class ManifestBuilder:
             headers=dict(sorted(self._headers.items())),
             timings=self.timings(world_size, commit_seconds),
             writers=self._writer_refs(world_size) if v2 else (),
+            plan=self._plan(),
         )
         if v2:
             tensors = ((name, encode_entry(e)) for name, e in self._layouts.items())
@@ -277,6 +285,7 @@ class ManifestBuilder:
             headers=dict(sorted(self._headers.items())),
             timings=self.timings(world_size, commit_seconds),
             writers=writers,
+            plan=self._plan() if writers else None,
         )
 
     def timings(self, world_size: int, commit_seconds: float | None) -> SaveTimings | None:

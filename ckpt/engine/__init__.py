@@ -6,7 +6,8 @@ checksums and writes the data files in background threads, *commit* reports the 
 to the coordinator, which publishes the manifest. The building blocks are public for
 tools and tests: ``flatten`` (state -> named tensors + JSON tree), ``assign_writers``
 (the write plan: replicated data written once, writers balanced by bytes; reused while
-``description_digest`` of every rank is unchanged) and the staging buffers.
+``description_digest`` of every rank is unchanged, and after a restart taken from the
+restored manifest: ``seeded_part``) and the staging buffers.
 """
 
 from ckpt.engine._default import default_snapshotter
@@ -23,6 +24,7 @@ from ckpt.engine._plan import (
     assign_writers,
     describe,
     description_digest,
+    seeded_part,
 )
 from ckpt.engine._staging import StagingBuffer, StagingPool
 
@@ -48,5 +50,6 @@ __all__ = [
     "description_digest",
     "flatten",
     "local_geometry",
+    "seeded_part",
     "state_tree",
 ]

@@ -50,7 +50,7 @@ from ckpt.engine._plan import (
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
-from ckpt.format import INDEX_DIR, Manifest, RankTiming, TensorEntry
+from ckpt.format import INDEX_DIR, Manifest, PlanRecord, RankTiming, TensorEntry
 from storage_backends import StorageBackend, add_retry_observer, remove_retry_observer
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,13 @@ class Snapshotter:
         self._pool.reserve(need if budget is None else min(need, budget))
         return self._pool.reserved_bytes
 
+    def reuse_plan_of(self, manifest: Manifest) -> None:
+        """Let the next save reuse the write plan ``manifest`` was saved with, when every rank
+        describes exactly what that save's ranks did (a job restored on the same world size
+        with the same model); otherwise it plans afresh, as it would have. Call it on every
+        rank with the manifest they all restored (``CheckpointManager.restore`` does)."""
+        self._plans.seed(manifest)
+
     def busy(self) -> bool:
         """Whether a save is still running in the background."""
         with self._lock:
@@ -448,6 +455,11 @@ class Snapshotter:
                 if version >= 2
                 else ""
             ),
+            plan=(
+                PlanRecord(self._plans.key, max(1.0, plan.imbalance))
+                if reuse_plan and version >= 2
+                else None
+            ),
         )
         retries = self._retries.count
         with span("ckpt.stage"):
@@ -475,7 +487,11 @@ class Snapshotter:
             self._plans.forget()  # the next v2 save needs the whole plan for its layouts
             return None
         if whole is None:
-            assert self._layouts is not None and self._layouts[0] is plan
+            if self._layouts is None or self._layouts[0] is not plan:
+                assert plan.described is not None  # seeded from a restored manifest
+                known: Future[dict[str, TensorEntry]] = Future()
+                known.set_result(dict(plan.described))
+                self._layouts = (plan, known)
             return self._layouts[1]
         try:
             future = self._describe.submit(described_layouts, step, rank, whole, tensors)

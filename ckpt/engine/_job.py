@@ -59,6 +59,7 @@ from ckpt.format import (
     Box,
     FileHeader,
     Manifest,
+    PlanRecord,
     RankTiming,
     ShardIndex,
     StoredPiece,
@@ -361,6 +362,8 @@ class SaveJob:
             out in the background); None: format v1, the rank reports its pieces to the
             committer.
         index_path: this rank's index file (format v2), relative to the step prefix.
+        plan: format v2: the write plan the save was made with, for the manifest (None
+            for a save planned alone).
     """
 
     step: int
@@ -378,6 +381,7 @@ class SaveJob:
     started_unix: float = 0.0
     layouts: Future[dict[str, TensorEntry]] | None = None
     index_path: str = ""
+    plan: PlanRecord | None = None
     host: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -617,6 +621,7 @@ def writer_report(
         state=job.tree,
         timing=timing,
         writer=WriterRef(job.rank, job.index_path, len(data), seal_digest(data)),
+        plan=job.plan,
     )
 
 

@@ -5,7 +5,8 @@ docs/FORMAT.md is the contract; this package is its one implementation. What it 
 * the schema: ``Manifest`` (the commit point of a step), ``TensorEntry`` (a global tensor),
   ``StoredPiece`` (a region of it in a data file), ``FileHeader`` (a raw data file's
   safetensors header), ``ShardIndex`` (one rank's report, and in v2 its index file),
-  ``WriterRef`` (a v2 manifest's pin of an index file), ``Layout`` (in v2, which writer
+  ``WriterRef`` (a v2 manifest's pin of an index file), ``PlanRecord`` (in v2, the write
+  plan a save was made with), ``Layout`` (in v2, which writer
   holds which region of a tensor; ``infer_layout`` makes one), each
   with ``from_bytes`` (validated; ``CorruptCheckpointError`` / ``UnsupportedFormatError``
   naming the file and field) and ``to_bytes``; ``RankTiming`` (a rank's phase times, in
@@ -76,6 +77,7 @@ from ckpt.format._schema import (
     MAX_TREE_DEPTH,
     FileHeader,
     Manifest,
+    PlanRecord,
     RankTiming,
     SaveTimings,
     ShardIndex,
@@ -130,6 +132,7 @@ __all__ = [
     "writers_needed",
     "FileHeader",
     "Manifest",
+    "PlanRecord",
     "RankTiming",
     "SaveTimings",
     "ShardIndex",

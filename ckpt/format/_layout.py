@@ -117,6 +117,14 @@ class Layout(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, array_li
         return None
 
     @property
+    def lowest_writer(self) -> int | None:
+        """The lowest writer the layout names (None when nobody writes: an empty tensor)."""
+        if self.regions is not None:
+            return min((writer for _, _, writer in self.regions), default=None)
+        ends = [(first, first + step * (count - 1)) for first, step, count in self.writers]
+        return min((min(run) for run in ends), default=None)
+
+    @property
     def writer_ranks(self) -> set[int]:
         """Every writer the layout names."""
         if self.regions is not None:
@@ -125,14 +133,27 @@ class Layout(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, array_li
 
     def writers_overlapping(self, shape: tuple[int, ...], region: Box) -> set[int]:
         """The writers holding some element of ``region``."""
+        return {writer for _, writer in self._cells_overlapping(shape, region)}
+
+    def region_of(self, shape: tuple[int, ...], writer: int, within: Box) -> Box | None:
+        """The one region ``writer`` holds that overlaps ``within``, when it lies inside
+        ``within``; None when it holds none there, or more than one, or one that reaches
+        outside (what a rank holds and writes part of never looks like that)."""
+        found = [box for box, w in self._cells_overlapping(shape, within) if w == writer]
+        if len(found) != 1 or not _inside(found[0], within):
+            return None
+        return found[0]
+
+    def _cells_overlapping(self, shape: tuple[int, ...], region: Box) -> Iterator[tuple[Box, int]]:
+        """Each region (and its writer) holding some element of ``region``."""
         if region.numel == 0:
-            return set()
+            return
         if self.regions is not None:
-            return {
-                writer
-                for offsets, lengths, writer in self.regions
-                if Box(offsets, lengths).intersect(region) is not None
-            }
+            for offsets, lengths, writer in self.regions:
+                box = Box(offsets, lengths)
+                if box.intersect(region) is not None:
+                    yield box, writer
+            return
         assert self.grid is not None
         ranges = [
             range(
@@ -142,13 +163,13 @@ class Layout(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, array_li
             for dim, runs in self.grid
         ]
         counts = [sum(count for _, count in runs) for _, runs in self.grid]
-        found = set()
         for cell in itertools.product(*ranges):
             flat = 0
-            for i, n in zip(cell, counts):
+            starts, sizes = [0] * len(shape), list(shape)
+            for (dim, runs), i, n in zip(self.grid, cell, counts):
                 flat = flat * n + i
-            found.add(_writer_of(self.writers, flat))
-        return found
+                starts[dim], sizes[dim] = _cell_bounds(runs, i)
+            yield Box(tuple(starts), tuple(sizes)), _writer_of(self.writers, flat)
 
     def holds(self, writer: int, box: Box) -> bool:
         """``box`` lies inside one region that ``writer`` holds."""

@@ -203,6 +203,21 @@ def _rounded(seconds: float) -> float:
     return round(max(0.0, seconds), 4)
 
 
+class PlanRecord(msgspec.Struct, frozen=True, gc=False):
+    """The write plan a v2 save was made with, so that the job's first save after a
+    restart on the same world size can reuse it instead of planning again.
+
+    Attributes:
+        key: the digest of what every rank described to the planner (each tensor's name,
+            dtype, global shape and held region, in rank order); a save whose ranks
+            describe exactly this again makes exactly the layouts of this manifest.
+        imbalance: the busiest writer's planned bytes over the mean.
+    """
+
+    key: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+    imbalance: Annotated[float, msgspec.Meta(ge=1.0, le=1e9)]
+
+
 class WriterRef(msgspec.Struct, frozen=True, gc=False):
     """A writer's index file, as a v2 manifest pins it.
 
@@ -236,6 +251,7 @@ class ShardIndex(msgspec.Struct, frozen=True):
     headers: dict[str, FileHeader] = {}
     timing: RankTiming | None = None
     writer: WriterRef | None = None
+    plan: PlanRecord | None = None
 
     def to_bytes(self) -> bytes:
         if self.state is not None:
@@ -253,6 +269,7 @@ class ShardIndex(msgspec.Struct, frozen=True):
                 _dumps(self.state).encode(),
                 b',"timing":%s' % _ENCODER.encode(self.timing) if self.timing else b"",
                 b',"writer":%s' % _ENCODER.encode(self.writer) if self.writer else b"",
+                b',"plan":%s' % _ENCODER.encode(self.plan) if self.plan else b"",
                 b"}",
             )
         )
@@ -312,6 +329,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, FileHeader] = {}
     timings: SaveTimings | None = None
     writers: tuple[WriterRef, ...] = ()
+    plan: PlanRecord | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -358,6 +376,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             headers={} if self.writers else self.headers,
             timings=self.timings,
             writers=self.writers,
+            plan=self.plan,
         )
 
     @classmethod
@@ -397,8 +416,14 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         if version >= 2:
             _check_layouts(manifest, where)
             return manifest
-        if manifest.writers or any(e.layout is not None for e in manifest.tensors.values()):
-            raise CorruptCheckpointError(f"{where}: a format v1 manifest lists writers or layouts")
+        if (
+            manifest.writers
+            or manifest.plan is not None
+            or any(e.layout is not None for e in manifest.tensors.values())
+        ):
+            raise CorruptCheckpointError(
+                f"{where}: a format v1 manifest lists writers, layouts or a write plan"
+            )
         check_tensors(
             manifest.tensors,
             manifest.files,
@@ -480,11 +505,12 @@ def manifest_header(
     headers: Mapping[str, FileHeader] | None = None,
     timings: SaveTimings | None = None,
     writers: Sequence[WriterRef] = (),
+    plan: PlanRecord | None = None,
 ) -> dict[str, Any]:
     """Every field of a stored manifest but the tensors, in the order it is written.
 
-    ``timings`` is written only when known, so a manifest without them is the same
-    document as before the field existed.
+    ``timings`` and ``plan`` (v2 only) are written only when known, so a manifest without
+    them is the same document as before the fields existed.
 
     Raises:
         InvalidStateError: a tree nests deeper than readers accept (``MAX_TREE_DEPTH``).
@@ -510,6 +536,8 @@ def manifest_header(
         header["timings"] = msgspec.to_builtins(timings)
     if writers:
         header["writers"] = msgspec.to_builtins(list(writers))
+        if plan is not None:
+            header["plan"] = msgspec.to_builtins(plan)
     return header
 
 

@@ -46,6 +46,11 @@ def test_an_even_shard_on_dim_0_is_one_run_of_sizes_and_one_of_writers() -> None
     assert layout.holds(1, Box((256, 0), (10, 16)))
     assert not layout.holds(2, Box((256, 0), (10, 16)))
     assert not layout.holds(1, Box((500, 0), (20, 16)))  # crosses into rank 2's cell
+    # What a rank holding rows 256..767 writes of them (the planner's part, from the layout)
+    assert layout.region_of(shape, 1, Box((256, 0), (512, 16))) == Box((256, 0), (256, 16))
+    assert layout.region_of(shape, 3, Box((256, 0), (512, 16))) is None  # holds none there
+    assert layout.region_of(shape, 1, Box((300, 0), (100, 16))) is None  # reaches outside
+    assert layout.lowest_writer == 0
 
 
 def test_a_short_last_shard_and_empty_ranks_stay_compact() -> None:
@@ -70,6 +75,8 @@ def test_a_2d_grid_with_strided_writers() -> None:
     assert _cells(shape, layout) == sorted(cells)
     assert layout.writers == ((0, 2, 3), (1, 2, 3))
     assert layout.writers_overlapping(shape, Box((3, 1), (2, 2))) == {0, 2, 1, 3}
+    assert layout.region_of(shape, 3, Box((0, 0), shape)) == Box((4, 2), (4, 2))
+    assert infer_layout(shape, [(o, n, w + 5) for o, n, w in cells]).lowest_writer == 5
 
 
 def test_whole_tensors_scalars_and_empty_tensors() -> None:
@@ -77,9 +84,13 @@ def test_whole_tensors_scalars_and_empty_tensors() -> None:
     scalar = infer_layout((), [((), (), 1)])
     scalar.check((), 2, "t")
     assert scalar.writers_overlapping((), Box((), ())) == {1}
+    assert scalar.region_of((), 1, Box((), ())) == Box((), ())
+    assert scalar.region_of((), 0, Box((), ())) is None
     empty = infer_layout((0, 4), [])
     empty.check((0, 4), 2, "t")
     assert list(empty.cells((0, 4))) == []
+    assert empty.lowest_writer is None
+    assert empty.region_of((0, 4), 0, Box((0, 0), (0, 4))) is None
 
 
 def test_what_is_not_a_grid_is_listed_by_regions() -> None:
@@ -89,6 +100,9 @@ def test_what_is_not_a_grid_is_listed_by_regions() -> None:
     assert layout.grid is None and layout.regions is not None
     layout.check(shape, 3, "t")
     assert layout.writers_overlapping(shape, Box((5, 3), (2, 1))) == {0, 2}
+    assert layout.region_of(shape, 2, Box((6, 0), (4, 4))) == Box((6, 2), (4, 2))
+    assert layout.region_of(shape, 0, Box((0, 0), (10, 4))) == Box((0, 0), (6, 4))
+    assert layout.lowest_writer == 0
 
 
 @pytest.mark.parametrize(
@@ -183,6 +197,23 @@ def test_a_layout_that_gives_a_piece_to_another_writer_is_refused(tmp_path: Path
     state = _blank()
     with pytest.raises(ckpt.CorruptCheckpointError, match="outside what the layout gives"):
         ckpt.load(state, root, step=1)
+
+
+@pytest.mark.parametrize(
+    "plan", [{"key": "XYZ", "imbalance": 1.0}, {"key": "0" * 32, "imbalance": 0.5}, [1, 2]]
+)
+def test_a_malformed_plan_record_is_corrupt(tmp_path: Path, plan: Any) -> None:
+    root = tmp_path / "ckpts"
+    save_with(_state(), root, 1)
+    save_with(_state(), root, 2)
+    doc = json.loads(manifest_path(root, 2).read_bytes())
+    assert set(doc["plan"]) == {"key", "imbalance"}  # recorded by every v2 save
+    doc["plan"] = plan
+    write_manifest(root, 2, doc)
+    state = _blank()
+    report = ckpt.restore(state, root)
+    assert report.step == 1 and [s for s, _ in report.skipped] == [2]
+    assert "plan" in report.skipped[0][1]
 
 
 # -- restoring ranks read only the index files they need --------------------------

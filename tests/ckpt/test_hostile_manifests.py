@@ -220,6 +220,7 @@ HOSTILE: dict[str, Callable[[bytes], bytes]] = {
     "format-version-0": _set("format_version", value=0),
     "format-version-negative": _set("format_version", value=-1),
     "format-version-true": _set("format_version", value=True),
+    "write-plan-in-v1": _set("plan", value={"key": "0" * 32, "imbalance": 1.0}),
     "overlapping-pieces": _doc(_overlap),
     "piece-outside-shape": _doc(lambda d: piece(d, "w").update(offsets=[1, 0])),
     "ndim-65": _doc(lambda d: d["tensors"]["b"].update(shape=[1] * 65)),

@@ -663,3 +663,83 @@ def test_a_save_planned_alone_leaves_the_kept_plan(tmp_path: Path) -> None:
         target = {name: torch.zeros_like(v) for name, v in _cached_values(1, 96).items()}
         assert ckpt.load(target, str(tmp_path), step=step) == step
         assert _mismatches(target, _cached_values(1, 96), 0, 1) == []
+
+
+# -- the plan of a restored checkpoint, reused by the first save after a restart -------
+
+SEEDED_SHAPES = {"sharded": (96, 64), "replicated": (4096, 1024), "bias": (64,)}  # 16 MiB: cut
+
+
+def _seeded_values(step: int, rows: int = 96) -> dict[str, torch.Tensor]:
+    shapes = {**SEEDED_SHAPES, "sharded": (rows, 64)}
+    return {n: global_value(f"{n}{step}", s, torch.float32) for n, s in shapes.items()}
+
+
+def _restart_and_save(rank: int, world: int, root: str) -> list[list[str]]:
+    """Step 1 saved by one engine; then, as after a restart, fresh engines restore the step
+    before and save: the same layout (2), rank 1 not seeded (3), a changed shape (4). Then
+    two CheckpointManagers in another root: one saves step 1, the next restores it and
+    saves step 2. What each save exchanged."""
+    exchanged = []
+
+    def save(engine: ckpt.Snapshotter, step: int) -> None:
+        coordinator = _CountingCoordinator(default_coordinator())
+        state = _state(rank, world, ("sharded",), _seeded_values(step, 80 if step == 4 else 96))
+        assert engine.async_save(state, LocalBackend(root), step, coordinator).result(TIMEOUT_S)
+        exchanged.append(coordinator.gathered)
+
+    engine = ckpt.Snapshotter()
+    for step in range(1, 5):
+        try:
+            save(engine, step)
+        finally:
+            engine.close()
+        if step == 4:
+            break
+        engine = ckpt.Snapshotter()  # a restart: nothing kept
+        target = _state(rank, world, ("sharded",), _seeded_values(step))
+        report = ckpt.restore(target, root, step=step, coordinator=default_coordinator())
+        assert report.manifest is not None and report.manifest.step == step
+        if not (step == 2 and rank == 1):
+            engine.reuse_plan_of(report.manifest)
+
+    managed = f"{root}/managed"
+    for step in (1, 2):
+        coordinator = _CountingCoordinator(default_coordinator())
+        with ckpt.CheckpointManager(managed, coordinator=coordinator, every_steps=1) as mgr:
+            state = _state(rank, world, ("sharded",), _seeded_values(step))
+            assert mgr.restore(state) == (None if step == 1 else 1)
+            coordinator.gathered.clear()
+            assert mgr.save(step, state).result(TIMEOUT_S).committed
+        exchanged.append(coordinator.gathered)
+    return exchanged
+
+
+def test_the_first_save_after_a_restart_reuses_the_restored_plan(tmp_path: Path) -> None:
+    """A v2 manifest records the key of the plan it was saved with; a job restored from it
+    on the same world size with the same layout saves without exchanging pieces (through a
+    CheckpointManager, and through an engine given the manifest). A rank not seeded, or a
+    changed layout, makes every rank plan afresh. The layouts come out identical and every
+    step restores bit for bit."""
+    results = run_ranks(_restart_and_save, 2, str(tmp_path), timeout_s=TIMEOUT_S)
+    planned, reused = ["digest", "pieces"], ["digest"]
+    assert results[0] == results[1] == [planned, reused, planned, planned, planned, reused]
+    backend = LocalBackend(tmp_path)
+    manifests = {step: read_manifest(backend, step) for step in range(1, 5)}
+    first = manifests[1]
+    assert first.plan is not None
+    layout = first.tensors["replicated"].layout
+    assert layout is not None and layout.writer_ranks == {0, 1}, "cut between the ranks"
+    for step in (2, 3):
+        assert manifests[step].plan == first.plan
+        assert {n: e.layout for n, e in manifests[step].tensors.items()} == {
+            n: e.layout for n, e in first.tensors.items()
+        }
+    assert manifests[4].plan is not None and manifests[4].plan.key != first.plan.key
+    managed = LocalBackend(tmp_path / "managed")
+    assert read_manifest(managed, 2).plan == read_manifest(managed, 1).plan is not None
+    for step in range(1, 5):
+        expected = _seeded_values(step, 80 if step == 4 else 96)
+        target = {name: torch.zeros_like(value) for name, value in expected.items()}
+        assert ckpt.load(target, str(tmp_path), step=step) == step
+        assert _mismatches(target, expected, 0, 1) == [], step
