@@ -15,6 +15,7 @@ the weights and optimizer state the 2-rank job saved.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -78,6 +79,17 @@ def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
 
 def train(args: argparse.Namespace) -> None:
     dist.init_process_group(args.backend, timeout=timedelta(seconds=120))
+    try:
+        run(args)
+    finally:
+        # FSDP2 modules reach their mesh's process groups through reference cycles: free
+        # them while the interpreter is whole, not during its shutdown, where gloo's
+        # threads releasing tensors abort the process (pytorch/pytorch#179291).
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = "cuda" if args.backend == "nccl" else "cpu"
     if device == "cuda":
@@ -104,7 +116,6 @@ def train(args: argparse.Namespace) -> None:
                     value = fingerprint(model, optimizer)
                     record(args.fingerprints, f"saved {step} on {world}", value)
                 break
-    dist.destroy_process_group()
 
 
 def record(path: str, what: str, value: str) -> None:
