@@ -25,6 +25,7 @@ from ckpt._open import open_url
 from ckpt._unflatten import LoadPlan, module_names, plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
+from ckpt.engine._default import restored
 from ckpt.engine._spans import span
 from ckpt.errors import (
     CheckpointError,
@@ -227,7 +228,10 @@ def restore(
 
     ``coordinator`` is None (this process alone), a coordinator, or a ``redis://`` /
     ``rediss://`` URL (the coordinator made from it is closed before returning).
-    Nothing is created: a root that does not exist is ``CheckpointNotFoundError``.
+    Nothing is created: a root that does not exist is ``CheckpointNotFoundError``. The
+    next ``async_save``/``save`` of this process reuses the restored step's write plan
+    when every rank describes exactly what its ranks did (no exchange of every rank's
+    pieces: at thousands of ranks, seconds); ``CheckpointManager`` does the same.
     """
     began = time.perf_counter()
     backend = open_url(url, create=False)
@@ -245,6 +249,8 @@ def restore(
             finally:
                 made.close()
     elapsed = time.perf_counter() - began
+    if report.manifest is not None:
+        restored(report.manifest)  # a module-level save next may reuse its write plan
     record_restore(backend, elapsed, len(report.skipped))
     # Discovery is the rest of the call: opening the storage, finding the step, and what
     # a first restore in a process imports on the way.

@@ -677,8 +677,9 @@ def _seeded_values(step: int, rows: int = 96) -> dict[str, torch.Tensor]:
 
 def _restart_and_save(rank: int, world: int, root: str) -> list[list[str]]:
     """Step 1 saved by one engine; then, as after a restart, fresh engines restore the step
-    before and save: the same layout (2), rank 1 not seeded (3), a changed shape (4). Then
-    two CheckpointManagers in another root: one saves step 1, the next restores it and
+    before and save: the same layout (2), rank 1 not seeded (3), a changed shape (4); then
+    a module-level save (5) in the layout of step 3, the last one restored. Then two
+    CheckpointManagers in another root: one saves step 1, the next restores it and
     saves step 2. What each save exchanged."""
     exchanged = []
 
@@ -702,6 +703,12 @@ def _restart_and_save(rank: int, world: int, root: str) -> list[list[str]]:
         assert report.manifest is not None and report.manifest.step == step
         if not (step == 2 and rank == 1):
             engine.reuse_plan_of(report.manifest)
+    # Module-level saves: the default engine, made after those restores, takes the plan of
+    # the last one (step 3's, the layout of steps 1-3), as ``ckpt.restore`` says.
+    coordinator = _CountingCoordinator(default_coordinator())
+    state = _state(rank, world, ("sharded",), _seeded_values(5))
+    assert ckpt.async_save(state, root, step=5, coordinator=coordinator).result(TIMEOUT_S)
+    exchanged.append(coordinator.gathered)
 
     managed = f"{root}/managed"
     for step in (1, 2):
@@ -718,12 +725,13 @@ def _restart_and_save(rank: int, world: int, root: str) -> list[list[str]]:
 def test_the_first_save_after_a_restart_reuses_the_restored_plan(tmp_path: Path) -> None:
     """A v2 manifest records the key of the plan it was saved with; a job restored from it
     on the same world size with the same layout saves without exchanging pieces (through a
-    CheckpointManager, and through an engine given the manifest). A rank not seeded, or a
+    CheckpointManager, through an engine given the manifest, and through a module-level save
+    after ckpt.restore). A rank not seeded, or a
     changed layout, makes every rank plan afresh. The layouts come out identical and every
     step restores bit for bit."""
     results = run_ranks(_restart_and_save, 2, str(tmp_path), timeout_s=TIMEOUT_S)
     planned, reused = ["digest", "pieces"], ["digest"]
-    assert results[0] == results[1] == [planned, reused, planned, planned, planned, reused]
+    assert results[0] == results[1] == [planned, reused, planned, planned, reused, planned, reused]
     backend = LocalBackend(tmp_path)
     manifests = {step: read_manifest(backend, step) for step in range(1, 5)}
     first = manifests[1]
@@ -738,7 +746,8 @@ def test_the_first_save_after_a_restart_reuses_the_restored_plan(tmp_path: Path)
     assert manifests[4].plan is not None and manifests[4].plan.key != first.plan.key
     managed = LocalBackend(tmp_path / "managed")
     assert read_manifest(managed, 2).plan == read_manifest(managed, 1).plan is not None
-    for step in range(1, 5):
+    assert read_manifest(backend, 5).plan == first.plan
+    for step in range(1, 6):
         expected = _seeded_values(step, 80 if step == 4 else 96)
         target = {name: torch.zeros_like(value) for name, value in expected.items()}
         assert ckpt.load(target, str(tmp_path), step=step) == step
