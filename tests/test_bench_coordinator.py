@@ -4,50 +4,25 @@ redis-server, format v2 and v1 reports interleaved."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.benchmarks import run_benchmark
 from tests.support.redis_server import redis_server_binary
-from tests.support.workers import REPO_ROOT
 
 
 @pytest.mark.skipif(redis_server_binary() is None, reason="needs redis-server on PATH")
 def test_bench_coordinator_commits_both_formats_on_a_tiny_world(tmp_path: Path) -> None:
-    out = tmp_path / "steps.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_coordinator",
-            "--ranks",
-            "8",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--real-ranks",
-            "3",
-            "--heartbeat-seconds",
-            "0",
-            "--spread-seconds",
-            "0",
-            "--format",
-            "2,1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    run = run_benchmark(
+        "bench_coordinator",
+        *("--ranks", "8", "--steps", "1", "--warmup", "0", "--real-ranks", "3"),
+        *("--heartbeat-seconds", "0", "--spread-seconds", "0", "--format", "2,1"),
         timeout=120,
-        cwd=REPO_ROOT,
+        json_out=tmp_path / "steps.json",
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "format v2" in done.stdout and "format v1" in done.stdout
-    steps = json.loads(out.read_text())["steps"]
+    assert "format v2" in run.stdout and "format v1" in run.stdout
+    steps = run.data["steps"]
     assert sorted(steps) == ["8/0.0/v1", "8/0.0/v2"]
     for key, (step,) in steps.items():
         assert step["format"] == int(key[-1])

@@ -4,30 +4,25 @@ that restores and trains on. Behaviour only: the figures are not judged."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support.benchmarks import run_benchmark
 
 
 def run_bench(tmp_path: Path, mode: str, timeout: float) -> dict[str, Any]:
-    out = tmp_path / "goodput.json"
-    cmd = [sys.executable, "-m", "benchmarks.bench_goodput", mode, "--json", str(out)]
-    done = subprocess.run(
-        [*cmd, "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
+    run = run_benchmark(
+        "bench_goodput",
+        mode,
+        "--dir",
+        tmp_path,
         timeout=timeout,
-        cwd=REPO_ROOT,
+        json_out=tmp_path / "goodput.json",
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "| contender |" in done.stdout and "| GPUs |" in done.stdout
-    data: dict[str, Any] = json.loads(out.read_text())
+    assert "| contender |" in run.stdout and "| GPUs |" in run.stdout
+    data: dict[str, Any] = run.data
     return data
 
 

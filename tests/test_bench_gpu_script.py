@@ -4,36 +4,22 @@ here first, on CPU tensors (``--cpu-dry-run``), so it cannot fail there on a typ
 from __future__ import annotations
 
 import subprocess
-import sys
 
+from tests.support.benchmarks import run_benchmark
 from tests.support.workers import REPO_ROOT
 
 
 def test_bench_gpu_runs_every_step_in_a_cpu_dry_run() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_gpu",
-            "--gib",
-            "0.01",
-            "--repeats",
-            "1",
-            "--cpu-dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO_ROOT,
+    run = run_benchmark(
+        "bench_gpu", "--gib", "0.01", "--repeats", "1", "--cpu-dry-run", timeout=240
     )
-    assert done.returncode == 0, done.stderr[-4000:]
     for line in (
         "ckpt async_save stall",
         "first save stall after prepare",
         "page-locked staging",
         "ckpt.load into device tensors",
     ):
-        assert line in done.stdout
+        assert line in run.stdout
 
 
 def test_gpu_check_script_parses() -> None:

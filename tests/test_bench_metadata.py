@@ -3,43 +3,22 @@ reports merged by the real committer, published, discovered and planned on three
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.support.workers import REPO_ROOT
+from tests.support.benchmarks import run_benchmark
 
 
 def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_metadata",
-            "--quick",
-            "--ranks",
-            "8,16",
-            "--memory-gib",
-            "0.0005",
-            "--tensors",
-            "20",
-            "--tp",
-            "2",
-            "--dir",
-            str(tmp_path),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    run = run_benchmark(
+        "bench_metadata",
+        *("--quick", "--ranks", "8,16", "--memory-gib", "0.0005", "--tensors", "20"),
+        *("--tp", "2", "--dir", tmp_path),
         timeout=120,
-        cwd=REPO_ROOT,
+        json_out=out,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "manifest" in done.stdout and "discover" in done.stdout
-    rows = json.loads(out.read_text())
+    assert "manifest" in run.stdout and "discover" in run.stdout
+    rows = run.data
     # 16 ranks would need more than the 0.5 MiB allowed: extrapolated from 8, and said so.
     # Format v1 at 16 ranks would need more than the 0.5 MiB allowed: extrapolated from 8,
     # and said so; format v2 is always measured (a rank's metadata grows with its pieces).
@@ -53,7 +32,7 @@ def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> Non
         ("2d tp2 v2", 8, True),
         ("2d tp2 v2", 16, True),
     ]
-    assert "16~" in done.stdout and "format v2" in done.stdout and "seeded plan" in done.stdout
+    assert "16~" in run.stdout and "format v2" in run.stdout and "seeded plan" in run.stdout
     for row in (r for r in rows if r["measured"]):
         # The manifest a rank reads is the one the committer published, and every
         # sampled rank's plan on every target world found pieces to read.
