@@ -10,6 +10,8 @@ import pytest
 
 from tests.support.benchmarks import run_benchmark
 
+pytestmark = pytest.mark.long
+
 
 def test_bench_local_runs_every_contender(tmp_path: Path) -> None:
     run = run_benchmark(
