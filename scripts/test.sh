@@ -40,11 +40,8 @@ echo "== pytest"
 set +e
 # Two pytest workers, one test file each at a time (module fixtures are built once): most
 # tests wait on subprocesses, servers and fsync, so two workers finish in about 3/4 of the
-# time even on 2 cores. Files are handed out in collection order, where tests/conftest.py
-# puts the files marked long first (xdist would otherwise start the files with the most
-# tests first and leave the torchrun jobs to the end). CKPT_TEST_WORKERS=0 runs everything
-# in this process.
-"$VPY" -m pytest -n "${CKPT_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# time even on 2 cores. CKPT_TEST_WORKERS=0 runs everything in this process.
+"$VPY" -m pytest -n "${CKPT_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

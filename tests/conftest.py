@@ -26,10 +26,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files marked ``long`` run first, so that the pytest-xdist workers (each takes whole
-    files) finish together instead of one running a torchrun job alone at the end. Without
-    --full, every test marked ``slow`` is skipped (and says how to run it)."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable
+    """Without --full, every test marked ``slow`` is skipped (and says how to run it)."""
     if config.getoption("--full"):
         return
     skip = pytest.mark.skip(reason="slow: run with --full")

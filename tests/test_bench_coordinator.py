@@ -11,8 +11,6 @@ import pytest
 from tests.support.benchmarks import run_benchmark
 from tests.support.redis_server import redis_server_binary
 
-pytestmark = pytest.mark.long
-
 
 @pytest.mark.skipif(redis_server_binary() is None, reason="needs redis-server on PATH")
 def test_bench_coordinator_commits_both_formats_on_a_tiny_world(tmp_path: Path) -> None:

@@ -11,8 +11,6 @@ import pytest
 
 from tests.support.benchmarks import run_benchmark
 
-pytestmark = pytest.mark.long
-
 
 def run_bench(tmp_path: Path, mode: str, timeout: float) -> dict[str, Any]:
     run = run_benchmark(

@@ -1,6 +1,7 @@
 """The I/O benchmarks run end to end on tiny states, so that they cannot rot between the runs
 their tables come from: every contender saves and loads, and the loads are checked bit for
-bit by the benchmarks themselves. Behaviour only: the figures are not judged."""
+bit by the benchmarks themselves. Behaviour only: the figures are not judged. CI runs the
+local and S3 ones; the others (tens of seconds each here) run with --full."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.benchmarks import run_benchmark
-
-pytestmark = pytest.mark.long
 
 
 def test_bench_local_runs_every_contender(tmp_path: Path) -> None:
@@ -39,6 +38,7 @@ def test_bench_reshard_loads_every_pair_bit_identical(tmp_path: Path) -> None:
     assert "PASS  both loads bit-identical to the expected tensors" in run.stdout
 
 
+@pytest.mark.slow
 def test_bench_distributed_verifies_its_warm_up_saves(tmp_path: Path) -> None:
     run = run_benchmark(
         "bench_distributed",
@@ -50,6 +50,7 @@ def test_bench_distributed_verifies_its_warm_up_saves(tmp_path: Path) -> None:
     assert all(run.data["2"]["verified"].values())
 
 
+@pytest.mark.slow
 def test_bench_budget_saves_under_each_budget(tmp_path: Path) -> None:
     run = run_benchmark(
         "bench_budget",
@@ -66,6 +67,7 @@ def test_bench_s3_against_moto(tmp_path: Path) -> None:
     assert "S3 restore >= 1.0x its download" in run.stdout
 
 
+@pytest.mark.slow
 def test_bench_metrics_measures_both_modes() -> None:
     run = run_benchmark(
         "bench_metrics", "--tensors", "10", "--rounds", "1", "--saves", "2", timeout=240

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.support.benchmarks import run_benchmark
-
-pytestmark = pytest.mark.long
 
 
 def test_bench_restore_e2e_quick_mode(tmp_path: Path) -> None:

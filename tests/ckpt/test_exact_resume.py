@@ -39,8 +39,6 @@ from storage_backends import LocalBackend
 from tests.support.checks import assert_all_bit_identical
 from tests.support.workers import REPO_ROOT
 
-pytestmark = pytest.mark.long
-
 STEPS = 24
 EVERY = 4
 SLOW_SAVE_MS = 15.0

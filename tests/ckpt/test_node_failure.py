@@ -17,8 +17,6 @@ import pytest
 from ckpt.demo import run_demo
 from tests.support.redis_server import RedisServer, redis_server_binary
 
-pytestmark = pytest.mark.long
-
 
 def test_workers_killed_mid_step_resume_on_fewer(tmp_path: Path, full: bool) -> None:
     """SIGKILL one worker after a step, relaunch with one worker fewer: resharded restore.

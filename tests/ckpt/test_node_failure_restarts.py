@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from ckpt.demo import run_demo
-
-pytestmark = pytest.mark.long
 
 
 def test_a_worker_killed_mid_save_resumes(tmp_path: Path, full: bool) -> None:
