@@ -400,7 +400,7 @@ def seeded_part(
         entry = manifest.tensors.get(name)
         if entry is None or entry.layout is None:
             return None
-        if (entry.dtype, tuple(entry.shape)) != (t.dtype, tuple(t.global_shape)):
+        if (entry.dtype, entry.shape) != (t.dtype, t.global_shape):
             return None
         if t.local.numel() > 0:
             region = entry.layout.region_of(entry.shape, rank, t.box)

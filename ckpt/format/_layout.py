@@ -133,27 +133,37 @@ class Layout(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, array_li
 
     def writers_overlapping(self, shape: tuple[int, ...], region: Box) -> set[int]:
         """The writers holding some element of ``region``."""
-        return {writer for _, writer in self._cells_overlapping(shape, region)}
+        if region.numel == 0:
+            return set()
+        if self.regions is not None:
+            return {
+                writer
+                for offsets, lengths, writer in self.regions
+                if Box(offsets, lengths).intersect(region) is not None
+            }
+        return {writer for _, writer in self._grid_cells(region)}
 
     def region_of(self, shape: tuple[int, ...], writer: int, within: Box) -> Box | None:
         """The one region ``writer`` holds that overlaps ``within``, when it lies inside
         ``within``; None when it holds none there, or more than one, or one that reaches
         outside (what a rank holds and writes part of never looks like that)."""
-        found = [box for box, w in self._cells_overlapping(shape, within) if w == writer]
+        if within.numel == 0:
+            return None
+        if self.regions is not None:
+            found = [
+                Box(offsets, lengths)
+                for offsets, lengths, w in self.regions
+                if w == writer and Box(offsets, lengths).intersect(within) is not None
+            ]
+        else:
+            found = [self._cell_box(shape, c) for c, w in self._grid_cells(within) if w == writer]
         if len(found) != 1 or not _inside(found[0], within):
             return None
         return found[0]
 
-    def _cells_overlapping(self, shape: tuple[int, ...], region: Box) -> Iterator[tuple[Box, int]]:
-        """Each region (and its writer) holding some element of ``region``."""
-        if region.numel == 0:
-            return
-        if self.regions is not None:
-            for offsets, lengths, writer in self.regions:
-                box = Box(offsets, lengths)
-                if box.intersect(region) is not None:
-                    yield box, writer
-            return
+    def _grid_cells(self, region: Box) -> Iterator[tuple[tuple[int, ...], int]]:
+        """Each grid cell (its index along every cut dimension) overlapping the non-empty
+        ``region``, and its writer."""
         assert self.grid is not None
         ranges = [
             range(
@@ -165,11 +175,17 @@ class Layout(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, array_li
         counts = [sum(count for _, count in runs) for _, runs in self.grid]
         for cell in itertools.product(*ranges):
             flat = 0
-            starts, sizes = [0] * len(shape), list(shape)
-            for (dim, runs), i, n in zip(self.grid, cell, counts):
+            for i, n in zip(cell, counts):
                 flat = flat * n + i
-                starts[dim], sizes[dim] = _cell_bounds(runs, i)
-            yield Box(tuple(starts), tuple(sizes)), _writer_of(self.writers, flat)
+            yield cell, _writer_of(self.writers, flat)
+
+    def _cell_box(self, shape: tuple[int, ...], cell: tuple[int, ...]) -> Box:
+        """The region of the grid cell with index ``cell`` along every cut dimension."""
+        assert self.grid is not None
+        starts, sizes = [0] * len(shape), list(shape)
+        for (dim, runs), i in zip(self.grid, cell):
+            starts[dim], sizes[dim] = _cell_bounds(runs, i)
+        return Box(tuple(starts), tuple(sizes))
 
     def holds(self, writer: int, box: Box) -> bool:
         """``box`` lies inside one region that ``writer`` holds."""
