@@ -87,11 +87,16 @@ from benchmarks._harness import git_revision, human_bytes, rss_bytes
 from ckpt.coordination import ManifestBuilder, publish_bytes
 from ckpt.engine import (
     MIN_SPLIT_BYTES,
+    REPLICATED,
+    MeshRanks,
     PieceInfo,
+    Rule,
+    Rules,
     ShardedTensor,
     assign_writers,
     description_digest,
     flatten,
+    plan_rules,
     seeded_part,
 )
 from ckpt.format import (
@@ -575,6 +580,7 @@ def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
     digest = description_digest(flat, max(MIN_SPLIT_BYTES, DEFAULT_CHUNK_BYTES))
     t5 = time.perf_counter()
     return {
+        **rules_side(layout, tensors),
         "reuse_gather_bytes": layout.world * len(pickle.dumps((digest, digest))),
         "digest_s": t5 - t4,
         "gather_bytes": layout.world * max(len(p) for p in payloads),
@@ -583,6 +589,74 @@ def planner_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
         "boxes_for_s": t3 - t2,
         "plan_rss": peak_rss() - base_rss,
         "scalar_writers": len(scalar_writers),
+    }
+
+
+def layout_rule(layout: Layout, spec: TensorSpec) -> tuple[MeshRanks | None, tuple[int, ...]]:
+    """The mesh and shards of ``spec`` in ``layout``, as DTensor placements would give
+    them (None: a 0-d step every rank holds whole)."""
+    if spec.scalar:
+        return None, ()
+    if layout.tp == 1:
+        return MeshRanks((layout.world,), tuple(range(layout.world))), (0,)
+    dps = layout.world // layout.tp
+    by_dp = MeshRanks((dps, layout.tp), tuple(range(layout.world)))
+    if spec.tp_dim is None:
+        return by_dp, (0, REPLICATED)
+    if spec.tp_dim == 0:  # tp splits the rows first, dp splits each tp block
+        by_tp = tuple(dp * layout.tp + t for t in range(layout.tp) for dp in range(dps))
+        return MeshRanks((layout.tp, dps), by_tp), (0, 0)
+    return by_dp, (0, spec.tp_dim)
+
+
+def rules_side(layout: Layout, tensors: list[TensorSpec]) -> dict[str, Any]:
+    """The first save planned from rules (``ckpt.engine.regular_plan``): every rank holds
+    the same rules here, so one rank's rules and one (digest, bytes held alone) pair per
+    rank are exchanged; then each rank plans (``plan_rules``), takes its part, and the
+    describing rank (rank 0, in its persist thread) infers its layouts."""
+    meshes: dict[MeshRanks, int] = {}
+    described = []
+    for spec in sorted(tensors, key=lambda s: s.name):
+        mesh, shards = layout_rule(layout, spec)
+        index = -1 if mesh is None else meshes.setdefault(mesh, len(meshes))
+        described.append((spec.name, Rule("float32", spec.shape, index, shards)))
+    digest = "0" * 32
+    unique = [0] * layout.world
+    for spec in tensors:
+        if spec.scalar or (layout.tp > 1 and spec.tp_dim is None):
+            continue
+        for rank in range(layout.world):
+            box, _ = layout.boxes(spec, rank)
+            if box is not None:
+                unique[rank] += box.numel * 4
+    rules = Rules(tuple(meshes), tuple(described), unique[0], digest)
+    gathered = layout.world * len(pickle.dumps((digest, max(unique)))) + len(pickle.dumps(rules))
+    min_split = max(MIN_SPLIT_BYTES, DEFAULT_CHUNK_BYTES)
+    t0 = time.perf_counter()
+    plan = plan_rules(
+        {digest: rules}, {digest: list(range(layout.world))}, unique, min_split_bytes=min_split
+    )
+    t1 = time.perf_counter()
+    if plan is None:
+        raise SystemExit(f"{layout.name}: the rules of the simulated state contradict each other")
+    part_s = 0.0
+    for rank in sorted({0, layout.world - 1}):
+        own = flatten(own_tensors(layout, tensors, rank))[0]
+        t2 = time.perf_counter()
+        plan.part_of(rank, own)
+        part_s = max(part_s, time.perf_counter() - t2)
+    t3 = time.perf_counter()
+    described_by_0 = 0
+    for spec in tensors:
+        if plan.written_layout(spec.name, 0, spec.shape) is not None:
+            described_by_0 += 1
+    t4 = time.perf_counter()
+    return {
+        "rules_gather_bytes": gathered,
+        "rules_plan_s": t1 - t0,
+        "rules_part_s": part_s,
+        "rules_describe_s": t4 - t3,
+        "rules_described": described_by_0,
     }
 
 
@@ -928,7 +1002,8 @@ def format_rows(rows: list[Row]) -> str:
     head = (
         f"{'layout':<9} {'ranks':>5} {'gathered':>10} {'unpickle':>9} {'assign':>9} "
         f"{'own part':>9} {'RSS':>9} {'uneven':>6} {'0-d writers':>11} | "
-        f"{'reused: gathered':>16} {'digest':>8}"
+        f"{'reused: gathered':>16} {'digest':>8} | {'rules: gathered':>15} {'plan':>8} "
+        f"{'own part':>9} {'describe':>8}"
     )
     lines += [head, "-" * len(head)]
     for r in rows:
@@ -940,7 +1015,9 @@ def format_rows(rows: list[Row]) -> str:
             f"{r.layout:<9} {r.world:>5}{mark}{human_bytes(p['gather_bytes']):>10} "
             f"{p['unpickle_s']:>8.2f}s {p['assign_s']:>8.2f}s {p['boxes_for_s']:>8.2f}s "
             f"{human_bytes(p['plan_rss']):>9} {r.uneven:>6} {p['scalar_writers']:>11} | "
-            f"{human_bytes(p['reuse_gather_bytes']):>16} {p['digest_s'] * 1e3:>6.1f}ms"
+            f"{human_bytes(p['reuse_gather_bytes']):>16} {p['digest_s'] * 1e3:>6.1f}ms | "
+            f"{human_bytes(p['rules_gather_bytes']):>15} {p['rules_plan_s']:>7.2f}s "
+            f"{p['rules_part_s']:>8.2f}s {p['rules_describe_s']:>7.2f}s"
         )
     return "\n".join(lines)
 
@@ -967,6 +1044,12 @@ gathered: bytes each rank receives from the planning all_gather_object (N payloa
   (digest, plan held) pairs each rank receives; digest = description_digest of one rank's
   own tensors. The full exchange and assignment run only on the first save, after a rank
   restarts, or when a layout changes.
+  rules: the same first save planned from rules (ckpt.engine.regular_plan, what the engine
+  does when every tensor is a DTensor, a plain tensor or a block of rows per rank):
+  gathered = one (digest, bytes held alone) pair per rank + one rank's rules; plan =
+  plan_rules (the replicated pieces, from the rules); own part = RegularPlan.part_of
+  (slower of ranks 0 and N-1); describe = rank 0's layouts from the plan
+  (RegularPlan.written_layout, in its persist thread). The plan is the one assign_writers makes.
 ~: extrapolated linearly in pieces from the largest measured world (not run).
 v2 rows: report = what a rank sends the committer (its index file is on storage); read =
   the manifest; reqs = 1 GET + 1 listing; plan = reading and checking the index files the

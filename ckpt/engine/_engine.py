@@ -39,14 +39,8 @@ from ckpt.engine._job import (
     tell_the_others,
 )
 from ckpt.engine._options import SaveOptions
-from ckpt.engine._plan import (
-    MIN_SPLIT_BYTES,
-    PlanCache,
-    RankPlan,
-    WritePlan,
-    make_plan,
-    piece_key,
-)
+from ckpt.engine._plan import MIN_SPLIT_BYTES, RankPlan, WholePlan, make_plan, piece_key
+from ckpt.engine._plan_cache import PlanCache
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
@@ -477,7 +471,7 @@ class Snapshotter:
         step: int,
         rank: int,
         plan: RankPlan,
-        whole: WritePlan | None,
+        whole: WholePlan | None,
         tensors: Mapping[str, FlatTensor],
         version: int,
     ) -> Future[dict[str, TensorEntry]] | None:

@@ -55,9 +55,18 @@ class ShardedTensor:
             )
 
 
+@dataclass(frozen=True)
+class MeshPlacement:
+    """A DTensor's device mesh and placements: what says which region every rank holds."""
+
+    mesh: Any  # torch.distributed.device_mesh.DeviceMesh
+    placements: tuple[Any, ...]  # torch.distributed.tensor.Placement, one per mesh dim
+
+
 @dataclass
 class FlatTensor:
-    """One tensor of the state as this rank sees it."""
+    """One tensor of the state as this rank sees it (``spread``: a DTensor's mesh and
+    placements, None for other tensors)."""
 
     name: str
     local: torch.Tensor
@@ -65,6 +74,7 @@ class FlatTensor:
     box: Box
     replicated: bool
     dtype: str
+    spread: MeshPlacement | None = None
 
     @property
     def nbytes(self) -> int:
@@ -109,6 +119,14 @@ def _dtensor_geometry(
     replicated = any(p.is_replicate() for p in value.placements)
     box = Box(tuple(int(o) for o in global_offset), tuple(int(n) for n in local_shape))
     return value.to_local(), tuple(value.shape), box, replicated
+
+
+def mesh_placement(value: Any) -> MeshPlacement | None:
+    """The mesh and placements of ``value`` when it is a DTensor, else None."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None or not isinstance(value, dtensor_module.DTensor):
+        return None
+    return MeshPlacement(value.device_mesh, tuple(value.placements))
 
 
 COMPILED_PREFIX = "_orig_mod"
@@ -263,7 +281,7 @@ class _TreeEncoder:
             check_storable(value, path)  # before its geometry: a nested tensor has no shape
         geometry = local_geometry(value)
         if geometry is not None:
-            return self._tensor(geometry, path)
+            return self._tensor(geometry, path, mesh_placement(value))
         if value is None or isinstance(value, (bool, str, float)):
             return value
         if isinstance(value, int):
@@ -295,7 +313,10 @@ class _TreeEncoder:
         )
 
     def _tensor(
-        self, geometry: tuple[torch.Tensor, tuple[int, ...], Box, bool], path: str
+        self,
+        geometry: tuple[torch.Tensor, tuple[int, ...], Box, bool],
+        path: str,
+        spread: MeshPlacement | None = None,
     ) -> dict[str, str]:
         if path in self.tensors:
             raise InvalidStateError(
@@ -311,7 +332,7 @@ class _TreeEncoder:
         # A conjugate or negative view is a flag on shared memory; store the values it shows.
         local = local.detach().resolve_conj().resolve_neg()
         name = dtype_name(local.dtype)
-        self.tensors[path] = FlatTensor(path, local, global_shape, box, replicated, name)
+        self.tensors[path] = FlatTensor(path, local, global_shape, box, replicated, name, spread)
         return {TENSOR_REF: path}
 
     def _ndarray(self, value: np.ndarray[Any, Any], path: str) -> dict[str, str]:

@@ -45,7 +45,7 @@ import torch
 from ckpt.coordination import Coordinator, data_files_vanished
 from ckpt.engine._flatten import FlatTensor
 from ckpt.engine._options import SaveOptions
-from ckpt.engine._plan import WritePlan
+from ckpt.engine._plan import WholePlan
 from ckpt.engine._staging import StagingBuffer, StagingPool, align
 from ckpt.errors import (
     AlreadyCommittedError,
@@ -68,7 +68,6 @@ from ckpt.format import (
     checksum,
     chunk_checksums,
     compress_chunks,
-    infer_layout,
     safetensors_header,
     seal_digest,
     step_prefix,
@@ -626,20 +625,15 @@ def writer_report(
 
 
 def described_layouts(
-    step: int, rank: int, plan: WritePlan, tensors: Mapping[str, FlatTensor]
+    step: int, rank: int, plan: WholePlan, tensors: Mapping[str, FlatTensor]
 ) -> dict[str, TensorEntry]:
     """The tensors whose layout ``rank`` reports: those it is the lowest writer of, and
     those nobody writes (empty ones) that it holds. Every rank holds the whole plan."""
-    cells: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
-    for (name, _, _), shares in plan.shares.items():
-        held = cells.setdefault(name, [])
-        held.extend((s.box.offsets, s.box.lengths, s.rank) for s in shares)
     described = {}
     for name, t in tensors.items():
-        written = cells.get(name, [])
-        if written and min(c[2] for c in written) != rank:
+        layout = plan.written_layout(name, rank, t.global_shape)
+        if layout is None:
             continue
-        layout = infer_layout(t.global_shape, written)
         try:
             layout.check(t.global_shape, len(plan.bytes_per_rank), f"tensor {name!r}")
         except CorruptCheckpointError as exc:

@@ -23,12 +23,9 @@ busiest writer stays within about half of ``min_split_bytes`` of the level whene
 replicated data can even the ranks out.
 
 The exchange and the assignment grow with world x tensors (at 4096 ranks and ~700 tensors
-each, hundreds of MiB and about a minute), while a training job saves the same layout
-every time. ``PlanCache`` keeps the last plan: each save first exchanges one digest per
-rank of what it would describe, and the full exchange only runs when a digest changed
-(or a rank has no plan for them). After a restart, a format v2 manifest gives the plan
-back: it records the plan's key, and its layouts say who wrote which region
-(``PlanCache.seed``), so a job restored on the same world size does not plan again.
+each, hundreds of MiB and about a minute). ``ckpt.engine._regular`` makes the same plan from
+rank-independent rules when the state follows them, and ``ckpt.engine._plan_cache`` keeps a
+plan for as long as the layout stays the same, across restarts too.
 """
 
 from __future__ import annotations
@@ -38,12 +35,14 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from functools import cached_property
+from typing import Any, NamedTuple, Protocol
 
 from ckpt.coordination import Coordinator
 from ckpt.engine._flatten import FlatTensor
 from ckpt.errors import CoordinationError
-from ckpt.format import Box, Manifest, TensorEntry
+from ckpt.format import Box, Layout, TensorEntry, infer_layout
+from ckpt.format._layout import Cell
 
 PieceKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # name, offsets, lengths
 
@@ -118,6 +117,22 @@ class WritePlan:
             return 1.0
         return max(self.bytes_per_rank) / (total / len(self.bytes_per_rank))
 
+    @cached_property
+    def _cells(self) -> dict[str, list[Cell]]:
+        cells: dict[str, list[Cell]] = {}
+        for (name, _, _), shares in self.shares.items():
+            held = cells.setdefault(name, [])
+            held.extend((s.box.offsets, s.box.lengths, s.rank) for s in shares)
+        return cells
+
+    def written_layout(self, name: str, rank: int, shape: tuple[int, ...]) -> Layout | None:
+        """The layout of tensor ``name`` (of global ``shape``) when ``rank`` is its lowest
+        writer (or nobody writes it), else None."""
+        cells = self._cells.get(name, [])
+        if cells and min(c[2] for c in cells) != rank:
+            return None
+        return infer_layout(shape, cells)
+
     def writers(self, key: PieceKey) -> tuple[int, ...]:
         return tuple(s.rank for s in self.shares[key])
 
@@ -133,6 +148,15 @@ class WritePlan:
                 if share.rank == rank:
                     boxes[key] = share.box
         return RankPlan(boxes, self.imbalance)
+
+
+class WholePlan(Protocol):
+    """The whole plan of a save, as the layouts a rank describes need it."""
+
+    @property
+    def bytes_per_rank(self) -> tuple[int, ...]: ...
+
+    def written_layout(self, name: str, rank: int, shape: tuple[int, ...]) -> Layout | None: ...
 
 
 @dataclass(frozen=True)
@@ -192,13 +216,27 @@ def assign_writers(
         else:
             replicated.append(piece)
             holders[key] = held[1:]
+    shares.update(share_replicated(replicated, holders, load, min_split_bytes))
+    return WritePlan(shares, tuple(load))
+
+
+def share_replicated(
+    replicated: list[PieceInfo],
+    holders: Mapping[PieceKey, list[int]],
+    load: list[int],
+    min_split_bytes: int,
+) -> dict[PieceKey, tuple[Share, ...]]:
+    """Rule 2 and 3 of the module's: the shares of the pieces several ranks hold (each
+    with its holders in rank order), given the bytes each rank writes of the pieces only
+    it holds; ``load`` ends as every rank's bytes to write."""
+    shares = {}
     replicated.sort(key=lambda p: (len(holders[p.key]), -p.nbytes, p.key))
     level = _water_level(load, sum(p.nbytes for p in replicated))
     for piece in replicated:
         shares[piece.key] = _share_out(piece, holders[piece.key], load, level, min_split_bytes)
         for s in shares[piece.key]:
             load[s.rank] += s.nbytes
-    return WritePlan(shares, tuple(load))
+    return shares
 
 
 def _whole(piece: PieceInfo, rank: int) -> Share:
@@ -322,91 +360,3 @@ def make_plan(
             coordinator.all_gather(describe(tensors)), min_split_bytes=min_split_bytes
         )
     return plan.for_rank(coordinator.rank, (piece_key(t) for t in tensors.values())), plan
-
-
-class PlanCache:
-    """This rank's part of the last write plan, reused while no rank's description changes.
-
-    ``agree`` is a collective (every rank calls it in the same order) and every rank takes
-    the same branch: a rank reuses its part only when all ranks report holding the plan of
-    exactly the digests just exchanged, so a restarted rank (empty cache) makes everyone
-    plan afresh, unless every rank was seeded with the plan of a restored manifest. Only
-    ``RankPlan`` is kept: at scale the whole plan takes gigabytes.
-    """
-
-    def __init__(self) -> None:
-        self._key = ""
-        self._mine: RankPlan | None = None
-        self._seed: Manifest | None = None
-
-    @property
-    def key(self) -> str:
-        """The key of the plan the last ``agree`` settled on ("" before any)."""
-        return self._key
-
-    def forget(self) -> None:
-        """Plan afresh next time (with every rank)."""
-        self._key, self._mine, self._seed = "", None, None
-
-    def seed(self, manifest: Manifest) -> None:
-        """Offer the plan ``manifest`` was saved with to the next ``agree``: used when every
-        rank describes exactly what that save's ranks described (so the plan would come out
-        the same), else everyone plans afresh. Manifests without a recorded plan (format 1,
-        the DCP writer, offline conversion) leave the cache as it is."""
-        if manifest.plan is not None and manifest.writers:
-            self._key, self._mine, self._seed = manifest.plan.key, None, manifest
-
-    def agree(
-        self,
-        coordinator: Coordinator,
-        tensors: Mapping[str, FlatTensor],
-        *,
-        min_split_bytes: int = MIN_SPLIT_BYTES,
-    ) -> tuple[RankPlan, WritePlan | None]:
-        """This rank's part of the plan, and the whole plan when it was made now (None when
-        every rank reused its part)."""
-        held = self._mine
-        if held is None and self._seed is not None:
-            held = seeded_part(self._seed, coordinator.rank, tensors)
-        offers = coordinator.all_gather(
-            (description_digest(tensors, min_split_bytes), self._key if held is not None else "")
-        )
-        key = hashlib.blake2b(
-            "\n".join(str(digest) for digest, _ in offers).encode(), digest_size=16
-        ).hexdigest()
-        if held is not None and all(offered == key for _, offered in offers):
-            self._mine, self._seed = held, None
-            return held, None
-        self.forget()  # a failed exchange leaves nothing half-agreed
-        mine, plan = make_plan(coordinator, tensors, min_split_bytes=min_split_bytes)
-        self._key, self._mine = key, mine
-        return mine, plan
-
-
-def seeded_part(
-    manifest: Manifest, rank: int, tensors: Mapping[str, FlatTensor]
-) -> RankPlan | None:
-    """``rank``'s part of the plan ``manifest``'s layouts record, for ``tensors``; None
-    when they do not fit (then the rank offers no plan and every rank plans afresh).
-
-    ``agree`` uses it only when every rank's description matches the plan's key, so the
-    layouts are those the planner would make now: each region a rank writes lies inside
-    what it holds, and the lowest writer of a tensor (or, of one nobody writes, each
-    holder) describes its layout."""
-    assert manifest.plan is not None
-    boxes: dict[PieceKey, Box] = {}
-    described: dict[str, TensorEntry] = {}
-    for name, t in tensors.items():
-        entry = manifest.tensors.get(name)
-        if entry is None or entry.layout is None:
-            return None
-        if (entry.dtype, entry.shape) != (t.dtype, t.global_shape):
-            return None
-        if t.local.numel() > 0:
-            region = entry.layout.region_of(entry.shape, rank, t.box)
-            if region is not None:
-                boxes[piece_key(t)] = region
-        lowest = entry.layout.lowest_writer
-        if lowest is None or lowest == rank:
-            described[name] = TensorEntry(entry.dtype, entry.shape, (), entry.layout)
-    return RankPlan(boxes, manifest.plan.imbalance, described)

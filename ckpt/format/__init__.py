@@ -58,7 +58,7 @@ from ckpt.format._dtypes import (
     torch_dtype,
 )
 from ckpt.format._geometry import Box, first_overlap, row_span
-from ckpt.format._layout import Layout, infer_layout
+from ckpt.format._layout import Layout, grid_layout, infer_layout
 from ckpt.format._paths import (
     DATA_DIR,
     DEFAULT_CHUNK_BYTES,
@@ -124,6 +124,7 @@ __all__ = [
     "Box",
     "Layout",
     "WriterRef",
+    "grid_layout",
     "infer_layout",
     "page_lock",
     "page_unlock",

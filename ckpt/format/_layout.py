@@ -267,9 +267,18 @@ def infer_layout(shape: tuple[int, ...], cells: Sequence[Cell]) -> Layout:
         if writers[flat] is not None:
             return _regions(cells)
         writers[flat] = writer
+    return grid_layout(
+        [(dim, sizes) for dim, sizes, _ in cut], [w for w in writers if w is not None]
+    )
+
+
+def grid_layout(cuts: Sequence[tuple[int, Sequence[int]]], writers: Sequence[int]) -> Layout:
+    """The grid layout cut along each ``(dimension, cell sizes)`` of ``cuts`` (ascending
+    dimensions, each cut in two or more), its cells held by ``writers`` (row-major): what
+    ``infer_layout`` gives for those cells."""
     return Layout(
-        grid=tuple((dim, _sizes_runs(sizes)) for dim, sizes, _ in cut),
-        writers=_writer_runs([w for w in writers if w is not None]),
+        grid=tuple((dim, _sizes_runs(list(sizes))) for dim, sizes in cuts),
+        writers=_writer_runs(list(writers)),
     )
 
 

@@ -25,6 +25,7 @@ from ckpt.engine import (
     MIN_SPLIT_BYTES,
     PieceInfo,
     PieceKey,
+    Rules,
     WritePlan,
     assign_writers,
     describe,
@@ -549,8 +550,13 @@ class _CountingCoordinator:
     def all_gather(self, obj: Any) -> list[Any]:
         if isinstance(obj, list):
             self.gathered.append("pieces")
+        elif isinstance(obj, tuple) and isinstance(obj[1], int):
+            self.gathered.append("rules digest")
         elif isinstance(obj, tuple):
             self.gathered.append("digest")
+        elif self.gathered[-1:] == ["rules digest"]:
+            assert obj is None or isinstance(obj, Rules)  # one rank speaks for those alike
+            self.gathered.append("rules")
         return list(self._inner.all_gather(obj))
 
 
@@ -591,7 +597,7 @@ def test_a_save_with_the_last_layout_exchanges_one_digest_per_rank(tmp_path: Pat
     rank has no plan (restarted); every rank takes the same branch, and every step
     restores bit for bit."""
     results = run_ranks(_save_with_cached_plans, 2, str(tmp_path), timeout_s=TIMEOUT_S)
-    planned = ["digest", "pieces"]
+    planned = ["digest", "rules digest", "rules"]
     reused = ["digest"]
     exchanges = [planned, reused, planned, planned, reused, reused, planned]
     assert results[0] == results[1] == exchanges
@@ -658,7 +664,7 @@ def test_a_save_planned_alone_leaves_the_kept_plan(tmp_path: Path) -> None:
             exchanged.append(coordinator.gathered)
     finally:
         engine.close()
-    assert exchanged == [["digest", "pieces"], ["pieces"], ["digest"]]
+    assert exchanged == [["digest", "rules digest", "rules"], ["pieces"], ["digest"]]
     for step in (1, 2, 3):
         target = {name: torch.zeros_like(v) for name, v in _cached_values(1, 96).items()}
         assert ckpt.load(target, str(tmp_path), step=step) == step
@@ -730,7 +736,7 @@ def test_the_first_save_after_a_restart_reuses_the_restored_plan(tmp_path: Path)
     changed layout, makes every rank plan afresh. The layouts come out identical and every
     step restores bit for bit."""
     results = run_ranks(_restart_and_save, 2, str(tmp_path), timeout_s=TIMEOUT_S)
-    planned, reused = ["digest", "pieces"], ["digest"]
+    planned, reused = ["digest", "rules digest", "rules"], ["digest"]
     assert results[0] == results[1] == [planned, reused, planned, planned, reused, planned, reused]
     backend = LocalBackend(tmp_path)
     manifests = {step: read_manifest(backend, step) for step in range(1, 5)}

@@ -1,0 +1,125 @@
+"""A first save planned from rules (``ckpt.engine._regular``) on 4 real gloo ranks.
+
+The state of ``tests.distributed.sharded`` without its Megatron-style shards: DTensors on a
+1-D mesh and on a 2x2 mesh (HSDP's Replicate x Shard, a dimension split twice, uneven and
+empty shards), a tensor-parallel module, an FSDP2 model with Adam, plain tensors, plus
+pipeline stages (DTensors on the two halves of the mesh, each holding other tensors) and
+the RNG rows of every rank. Each rank plans it both ways and gets the same part, the same
+bytes per rank and the same layouts to describe; the save itself exchanges rules, not
+pieces, and restores bit for bit. With the Megatron shards (column blocks, copies across
+data-parallel groups) the ranks have no rules, and the save plans from the pieces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ckpt
+from ckpt.coordination import default_coordinator
+from ckpt.engine import described_layouts, flatten, make_plan, regular_plan, rules_of
+from ckpt.format import read_manifest
+from storage_backends import LocalBackend
+from tests.distributed.sharded import (
+    build_state,
+    full_values,
+    global_value,
+    mismatches,
+    zero_state,
+)
+from tests.distributed.test_write_plan import _CountingCoordinator
+from tests.support.gloo import run_ranks
+
+TIMEOUT_S = 120.0
+SPLIT = 4096  # small: the replicated tensors of this state get cut between their holders
+
+
+def _stages(rank: int) -> dict[str, Any]:
+    """Two pipeline stages: ranks 0-1 hold stage 0's tensors, ranks 2-3 stage 1's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))["dp"]
+    stage = rank // 2
+    shape = (4096, 3) if stage else (33, 7)
+    return {
+        f"stage{stage}": {
+            "w": distribute_tensor(
+                global_value(f"w{stage}", shape, torch.float32), mesh, [Shard(0)]
+            ),
+            "norm": distribute_tensor(
+                global_value(f"norm{stage}", (2048,), torch.float32), mesh, [Replicate()]
+            ),
+            "head": global_value(f"head{stage}", (5,), torch.float32),
+        }
+    }
+
+
+def _regular_state(rank: int, world: int) -> dict[str, Any]:
+    state = build_state(rank, world, "a")
+    del state["megatron"]
+    return {**state, **_stages(rank), "rng": ckpt.RNGState()}
+
+
+def _both_plans(rank: int, world: int, root: str) -> dict[str, Any]:
+    state = _regular_state(rank, world)
+    tensors = flatten(state)[0]
+    rules = rules_of(tensors, rank, world)
+    assert rules is not None, "every tensor of this state follows a rule"
+    coordinator = default_coordinator()
+    made = regular_plan(coordinator, tensors, rules, min_split_bytes=SPLIT)
+    assert made is not None
+    mine, whole = made
+    pieces_mine, pieces = make_plan(coordinator, tensors, min_split_bytes=SPLIT)
+    same = {
+        "part": mine.boxes == pieces_mine.boxes,
+        "bytes": whole.bytes_per_rank == pieces.bytes_per_rank,
+        "layouts": described_layouts(1, rank, whole, tensors)
+        == described_layouts(1, rank, pieces, tensors),
+    }
+    cut = {key[0] for key, shares in whole.shares.items() if len(shares) > 1}
+
+    # Only rank 0's JSON tree is stored, so a load finds stage 1's tensors in the manifest
+    # but not in the tree: the stages are checked in the manifest, the rest loaded back.
+    loaded = {k: v for k, v in state.items() if k != "rng" and not k.startswith("stage")}
+    expected = full_values(loaded)
+    counting = _CountingCoordinator(default_coordinator())
+    engine = ckpt.Snapshotter()
+    try:
+        assert engine.async_save(state, LocalBackend(root), 1, counting).result(TIMEOUT_S)
+    finally:
+        engine.close()
+    zero_state(loaded)
+    ckpt.load(loaded, root, step=1, strict=False)
+    problems = mismatches(loaded, expected)
+
+    irregular = build_state(rank, world, "a")
+    assert rules_of(flatten(irregular)[0], rank, world) is None
+    fallback = _CountingCoordinator(default_coordinator())
+    ckpt.save(irregular, f"{root}-irregular", step=1, coordinator=fallback)
+    return {
+        "same": same,
+        "cut": sorted(cut),
+        "exchanged": counting.gathered,
+        "problems": problems,
+        "fallback": fallback.gathered,
+    }
+
+
+def test_four_ranks_plan_from_rules_as_from_pieces(tmp_path: Path) -> None:
+    root = str(tmp_path / "regular")
+    results = run_ranks(_both_plans, 4, root, timeout_s=TIMEOUT_S)
+    for rank, result in enumerate(results):
+        assert result["same"] == {"part": True, "bytes": True, "layouts": True}, rank
+        assert result["exchanged"] == ["digest", "rules digest", "rules"], rank
+        assert "pieces" in result["fallback"], rank
+        assert result["problems"] == [], rank
+    assert "stage1.norm" in results[0]["cut"], "a replicated tensor was cut between its holders"
+    manifest = read_manifest(LocalBackend(root), 1)
+    assert manifest.plan is not None and manifest.world_size == 4
+    for name in ("stage0.w", "stage0.norm", "stage1.w", "stage1.norm", "stage1.head"):
+        layout = manifest.tensors[name].layout
+        assert layout is not None
+        assert layout.writer_ranks <= ({0, 1} if name.startswith("stage0") else {2, 3})
