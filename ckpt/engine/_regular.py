@@ -12,7 +12,8 @@ out the replicated pieces and their holders from the rules. The result is exactl
 ``assign_writers`` makes of the gathered pieces.
 
 A rank that cannot describe its tensors by rules (a ``ShardedTensor`` of another shape,
-strided shards), or rules that contradict each other, make every rank plan from the pieces.
+FSDP2 over tensor parallelism on rows that do not divide evenly), or rules that contradict
+each other, make every rank plan from the pieces.
 """
 
 from __future__ import annotations
@@ -99,20 +100,28 @@ def _copies(mesh: MeshRanks, shards: tuple[int, ...]) -> int:
 
 
 def _mesh_rule(
-    t: FlatTensor, rank: int, world: int, known: dict[int, MeshRanks]
+    t: FlatTensor,
+    rank: int,
+    world: int,
+    known: dict[int, MeshRanks],
+    known_orders: dict[tuple[MeshRanks, tuple[int, ...]], MeshRanks],
 ) -> tuple[MeshRanks, tuple[int, ...]] | None:
     """The mesh and shards of a DTensor or of a ``ShardedTensor`` of rank-ordered blocks of
     rows, when they give exactly ``t``'s region on ``rank``."""
     if t.spread is not None:
         from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.placement_types import _StridedShard
 
         shards = []
+        strided = []
         for p in t.spread.placements:
-            if type(p) is Shard:
+            if isinstance(p, (Shard, _StridedShard)):
                 shards.append(p.dim)
+                strided.append(isinstance(p, _StridedShard))
             elif isinstance(p, Replicate):
                 shards.append(REPLICATED)
-            else:  # strided shards: a region the chunk rule does not give
+                strided.append(False)
+            else:
                 return None
         device_mesh = t.spread.mesh
         mesh = known.get(id(device_mesh))
@@ -123,6 +132,18 @@ def _mesh_rule(
         at = device_mesh.get_coordinate()
         if at is None or mesh.ranks[int(np.ravel_multi_index(at, mesh.shape))] != rank:
             return None
+        if any(strided):
+            # FSDP2 over tensor parallelism: a strided shard splits the blocks the plain
+            # shards of its dimension cut, as if its mesh dimension came after theirs.
+            order = sorted(range(len(shards)), key=lambda m: strided[m])
+            reordered = known_orders.get((mesh, tuple(order)))
+            if reordered is None:
+                ranks = mesh.grid().transpose(order)
+                reordered = MeshRanks(tuple(ranks.shape), tuple(ranks.reshape(-1).tolist()))
+                known_orders[mesh, tuple(order)] = reordered
+            mesh = reordered
+            shards = [shards[m] for m in order]
+            at = [at[m] for m in order]
     elif not t.replicated and t.global_shape:
         mesh, shards, at = MeshRanks((world,), tuple(range(world))), [0], [rank]
     else:
@@ -136,6 +157,7 @@ def rules_of(tensors: Mapping[str, FlatTensor], rank: int, world: int) -> Rules 
     """``rank``'s tensors as rules, or None when one of them follows none."""
     meshes: dict[MeshRanks, int] = {}
     known: dict[int, MeshRanks] = {}
+    known_orders: dict[tuple[MeshRanks, tuple[int, ...]], MeshRanks] = {}
     described = []
     unique = 0
     for name in sorted(tensors):
@@ -145,7 +167,7 @@ def rules_of(tensors: Mapping[str, FlatTensor], rank: int, world: int) -> Rules 
                 return None
             described.append((name, Rule(t.dtype, t.global_shape, -1, ())))
             continue
-        found = _mesh_rule(t, rank, world, known)
+        found = _mesh_rule(t, rank, world, known, known_orders)
         if found is None:
             return None
         mesh, shards = found

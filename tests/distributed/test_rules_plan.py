@@ -3,6 +3,7 @@
 The state of ``tests.distributed.sharded`` without its Megatron-style shards: DTensors on a
 1-D mesh and on a 2x2 mesh (HSDP's Replicate x Shard, a dimension split twice, uneven and
 empty shards), a tensor-parallel module, an FSDP2 model with Adam, plain tensors, plus
+FSDP2 over tensor parallelism (strided shards),
 pipeline stages (DTensors on the two halves of the mesh, each holding other tensors) and
 the RNG rows of every rank. Each rank plans it both ways and gets the same part, the same
 bytes per rank and the same layouts to describe; the save itself exchanges rules, not
@@ -57,10 +58,30 @@ def _stages(rank: int) -> dict[str, Any]:
     }
 
 
+def _fsdp_over_tp() -> Any:
+    """FSDP2 over tensor parallelism on a (dp, tp) mesh, as torchtitan builds it: the
+    column-parallel weight's rows are split by tp, then by dp (a strided shard)."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
 def _regular_state(rank: int, world: int) -> dict[str, Any]:
     state = build_state(rank, world, "a")
     del state["megatron"]
-    return {**state, **_stages(rank), "rng": ckpt.RNGState()}
+    return {**state, **_stages(rank), "fsdp_tp": _fsdp_over_tp(), "rng": ckpt.RNGState()}
 
 
 def _both_plans(rank: int, world: int, root: str) -> dict[str, Any]:
@@ -68,6 +89,9 @@ def _both_plans(rank: int, world: int, root: str) -> dict[str, Any]:
     tensors = flatten(state)[0]
     rules = rules_of(tensors, rank, world)
     assert rules is not None, "every tensor of this state follows a rule"
+    spread = tensors["fsdp_tp.0.weight"].spread
+    assert spread is not None
+    assert any(type(p).__name__ == "_StridedShard" for p in spread.placements)
     coordinator = default_coordinator()
     made = regular_plan(coordinator, tensors, rules, min_split_bytes=SPLIT)
     assert made is not None
