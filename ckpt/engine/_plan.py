@@ -247,7 +247,7 @@ def _share_out(
     piece: PieceInfo, holders: list[int], load: list[int], level: int, min_split_bytes: int
 ) -> tuple[Share, ...]:
     """``piece`` whole for its least loaded holder, or row ranges for several, towards ``level``."""
-    least = min(holders, key=lambda r: (load[r], r))
+    least = min(holders, key=load.__getitem__)  # holders ascend: ties go to the lowest rank
     cut = _cut_sizes(piece, min_split_bytes)
     if cut is None:
         return (_whole(piece, least),)
@@ -256,7 +256,7 @@ def _share_out(
         return (_whole(piece, least),)
     level = max(level, _water_level([load[r] for r in holders], piece.nbytes))
     counts = _fill(
-        sorted(holders, key=lambda r: (load[r], r)),
+        sorted(holders, key=load.__getitem__),
         load,
         level,
         piece.lengths[0],
