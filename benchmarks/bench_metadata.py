@@ -49,8 +49,10 @@ forked process (for its peak RSS):
 - the save plan every rank computes before staging, in the training thread (the same
   O(world x tensors) shape, though not stored): what ``all_gather_object`` of every
   rank's ``ckpt.engine.describe`` hands each rank (pickled, padded to the largest), the
-  time to unpickle it, ``assign_writers`` and this rank's part of it, and its peak RSS; and what a
-  later save with the same layout costs instead (one digest per rank, ``PlanCache``).
+  time to unpickle it, ``assign_writers`` and this rank's part of it, and its peak RSS; what a
+  later save with the same layout costs instead (one digest per rank, ``PlanCache``); and
+  the same first save planned from the tensors' layout rules (``rules_side``: what the
+  engine does when every tensor is a DTensor, a plain tensor or a block of rows per rank).
 
 World sizes whose estimated memory (from the largest measured size, per piece) exceeds
 ``--memory-gib`` are not run: their numbers are extrapolated linearly in the number of
