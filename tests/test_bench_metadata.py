@@ -33,6 +33,7 @@ def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> Non
         ("2d tp2 v2", 16, True),
     ]
     assert "16~" in run.stdout and "format v2" in run.stdout and "seeded plan" in run.stdout
+    assert "rules: gathered" in run.stdout
     for row in (r for r in rows if r["measured"]):
         # The manifest a rank reads is the one the committer published, and every
         # sampled rank's plan on every target world found pieces to read.
@@ -48,4 +49,10 @@ def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> Non
             assert row["restorer"]["seeded_s"] > 0
         else:
             assert row["restorer"]["pieces"] == row["pieces"]
+        if row["save_plan"]:
+            # The first save planned from rules: one pair per rank + one rank's rules, far
+            # less than every rank's pieces; the describing rank had layouts to describe.
+            plan = row["save_plan"]
+            assert 0 < plan["rules_gather_bytes"] < plan["gather_bytes"]
+            assert plan["rules_described"] > 0
     assert list(tmp_path.iterdir()) == [out]  # the sparse checkpoint is gone
