@@ -230,9 +230,9 @@ class RegularPlan:
             held.extend((s.box.offsets, s.box.lengths, s.rank) for s in shares)
         return cells
 
-    def written_layout(self, name: str, rank: int, shape: tuple[int, ...] = ()) -> Layout | None:
+    def written_layout(self, name: str, rank: int, shape: tuple[int, ...]) -> Layout | None:
         """The layout of tensor ``name`` when ``rank`` is its lowest writer (or nobody
-        writes it), else None (``shape``: known from the rules)."""
+        writes it), else None (``shape`` is the rules' own, taken as ``WritePlan`` takes it)."""
         t = self.tensors[name]
         if t.mesh is not None and _copies(t.mesh, t.shards) == 1:
             if math.prod(t.shape) == 0:

@@ -20,8 +20,8 @@ from tests.support.redis_server import RedisServer, redis_server_binary
 
 def test_workers_killed_mid_step_resume_on_fewer(tmp_path: Path, full: bool) -> None:
     """SIGKILL one worker after a step, relaunch with one worker fewer: resharded restore.
-    3 -> 2 workers in CI, 4 -> 3 with --full."""
-    nproc, resume_nproc = (4, 3) if full else (3, 2)
+    2 -> 1 workers in CI, 4 -> 3 with --full."""
+    nproc, resume_nproc = (4, 3) if full else (2, 1)
     result = run_demo(
         str(tmp_path / "demo"),
         steps=16 if full else 12,
