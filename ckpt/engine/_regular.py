@@ -22,16 +22,22 @@ import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ckpt.coordination import Coordinator
 from ckpt.engine._flatten import FlatTensor
-from ckpt.engine._plan import PieceInfo, PieceKey, RankPlan, Share, piece_key, share_replicated
+from ckpt.engine._plan import (
+    PieceInfo,
+    PieceKey,
+    RankPlan,
+    Share,
+    WritePlan,
+    piece_key,
+    share_replicated,
+)
 from ckpt.format import Box, Layout, element_size, grid_layout, infer_layout
-from ckpt.format._layout import Cell
 
 REPLICATED = -1
 """In ``Rule.shards``: a mesh dimension along which every rank holds the same region."""
@@ -190,21 +196,26 @@ class _Tensor(NamedTuple):
     holders: list[int]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegularPlan:
-    """The whole plan of a save planned from rules: the shares of the replicated pieces and
-    the bytes each rank writes; every other piece is written by the one rank holding it."""
+    """The whole plan of a save planned from rules: ``replicated`` holds the shares of the
+    pieces several ranks hold and every rank's bytes to write; every other piece is
+    written by the one rank holding it."""
 
     tensors: dict[str, _Tensor]
-    shares: dict[PieceKey, tuple[Share, ...]]
-    bytes_per_rank: tuple[int, ...]
+    replicated: WritePlan
+
+    @property
+    def shares(self) -> dict[PieceKey, tuple[Share, ...]]:
+        return self.replicated.shares
+
+    @property
+    def bytes_per_rank(self) -> tuple[int, ...]:
+        return self.replicated.bytes_per_rank
 
     @property
     def imbalance(self) -> float:
-        total = sum(self.bytes_per_rank)
-        if not total:
-            return 1.0
-        return max(self.bytes_per_rank) / (total / len(self.bytes_per_rank))
+        return self.replicated.imbalance
 
     def part_of(self, rank: int, tensors: Mapping[str, FlatTensor]) -> RankPlan:
         """What ``rank``, holding ``tensors``, writes of the plan."""
@@ -222,32 +233,24 @@ class RegularPlan:
                         mine[key] = share.box
         return RankPlan(mine, self.imbalance)
 
-    @cached_property
-    def _replicated_cells(self) -> dict[str, list[Cell]]:
-        cells: dict[str, list[Cell]] = {}
-        for (name, _, _), shares in self.shares.items():
-            held = cells.setdefault(name, [])
-            held.extend((s.box.offsets, s.box.lengths, s.rank) for s in shares)
-        return cells
-
     def written_layout(self, name: str, rank: int, shape: tuple[int, ...]) -> Layout | None:
-        """The layout of tensor ``name`` when ``rank`` is its lowest writer (or nobody
-        writes it), else None (``shape`` is the rules' own, taken as ``WritePlan`` takes it)."""
+        """The layout of tensor ``name`` (of global ``shape``) when ``rank`` is its lowest
+        writer (or nobody writes it), else None."""
         t = self.tensors[name]
-        if t.mesh is not None and _copies(t.mesh, t.shards) == 1:
-            if math.prod(t.shape) == 0:
-                return Layout(grid=())
-            writers, cuts = _unique_grid(t)
-            if int(writers.min()) != rank:
-                return None
-            return grid_layout([c for c in cuts if len(c[1]) > 1], writers.reshape(-1).tolist())
         if t.mesh is None and len(t.holders) == 1 and math.prod(t.shape) > 0:
-            cells = [((0,) * len(t.shape), t.shape, t.holders[0])]
-        else:
-            cells = self._replicated_cells.get(name, [])
-        if cells and min(c[2] for c in cells) != rank:
+            return (
+                infer_layout(shape, [((0,) * len(shape), shape, rank)])
+                if t.holders == [rank]
+                else None
+            )
+        if t.mesh is None or _copies(t.mesh, t.shards) > 1:
+            return self.replicated.written_layout(name, rank, shape)
+        if math.prod(t.shape) == 0:
+            return Layout(grid=())
+        writers, cuts = _unique_grid(t)
+        if int(writers.min()) != rank:
             return None
-        return infer_layout(t.shape, cells)
+        return grid_layout([c for c in cuts if len(c[1]) > 1], writers.reshape(-1).tolist())
 
 
 def _unique_grid(t: _Tensor) -> tuple[np.ndarray[Any, Any], list[tuple[int, list[int]]]]:
@@ -387,4 +390,4 @@ def plan_rules(
             replicated.append(piece)
             holders[piece.key] = held
     shares = share_replicated(replicated, holders, load, min_split_bytes)
-    return RegularPlan(job, shares, tuple(load))
+    return RegularPlan(job, WritePlan(shares, tuple(load)))
