@@ -13,7 +13,14 @@ restored manifest: ``seeded_part``) and the staging buffers.
 
 from ckpt.engine._default import default_snapshotter
 from ckpt.engine._engine import PendingSave, SaveResult, Snapshotter
-from ckpt.engine._flatten import FlatTensor, ShardedTensor, flatten, local_geometry, state_tree
+from ckpt.engine._flatten import (
+    FlatTensor,
+    MeshPlacement,
+    ShardedTensor,
+    flatten,
+    local_geometry,
+    state_tree,
+)
 from ckpt.engine._job import described_layouts
 from ckpt.engine._options import Compression, SaveOptions
 from ckpt.engine._plan import (
@@ -46,6 +53,7 @@ __all__ = [
     "REPLICATED",
     "Compression",
     "FlatTensor",
+    "MeshPlacement",
     "MeshRanks",
     "PendingSave",
     "PieceInfo",

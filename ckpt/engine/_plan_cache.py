@@ -12,6 +12,7 @@ from every rank's pieces (``make_plan``): the same plan either way.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 
 from ckpt.coordination import Coordinator
@@ -27,6 +28,8 @@ from ckpt.engine._plan import (
 )
 from ckpt.engine._regular import RegularPlan, regular_plan, rules_of
 from ckpt.format import Box, Manifest, TensorEntry
+
+log = logging.getLogger(__name__)
 
 
 class PlanCache:
@@ -93,7 +96,16 @@ def plan_now(
 ) -> tuple[RankPlan, WritePlan | RegularPlan]:
     """Plan this save with every rank (a collective): from the ranks' rules when they all
     have some that agree, else from their pieces."""
-    rules = rules_of(tensors, coordinator.rank, coordinator.world_size)
+    try:
+        rules = rules_of(tensors, coordinator.rank, coordinator.world_size)
+    except Exception:  # a layout the rules misread must not leave the others waiting
+        log.warning(
+            "rank %d: could not describe its tensors by layout rules; every rank plans this "
+            "save from its pieces instead",
+            coordinator.rank,
+            exc_info=True,
+        )
+        rules = None
     made = regular_plan(coordinator, tensors, rules, min_split_bytes=min_split_bytes)
     if made is not None:
         return made

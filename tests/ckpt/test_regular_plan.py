@@ -20,9 +20,11 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
+from ckpt.coordination import LocalCoordinator
 from ckpt.engine import (
     REPLICATED,
     FlatTensor,
+    MeshPlacement,
     MeshRanks,
     PieceInfo,
     RegularPlan,
@@ -33,6 +35,7 @@ from ckpt.engine import (
     assign_writers,
     box_at,
     flatten,
+    plan_now,
     plan_rules,
     rules_of,
 )
@@ -298,3 +301,23 @@ def test_plain_tensors_and_blocks_of_rows_by_rank_have_rules() -> None:
 )
 def test_other_sharded_tensors_have_none(odd: ShardedTensor) -> None:
     assert rules_of(_tensors({"plain": torch.zeros(2), "odd": odd}), 1, 4) is None
+
+
+class _BrokenMesh:
+    """A mesh whose ranks cannot be read: a layout the rules misread."""
+
+    @property
+    def mesh(self) -> torch.Tensor:
+        raise RuntimeError("no ranks here")
+
+
+def test_a_rank_whose_rules_fail_plans_from_pieces(caplog: pytest.LogCaptureFixture) -> None:
+    t = flatten({"w": torch.ones(4, 2)})[0]["w"]
+    broken = FlatTensor(
+        "w", t.local, t.global_shape, t.box, False, t.dtype, MeshPlacement(_BrokenMesh(), ())
+    )
+    with caplog.at_level("WARNING", logger="ckpt"):
+        mine, whole = plan_now(LocalCoordinator(), {"w": broken}, min_split_bytes=SPLIT)
+    assert isinstance(whole, WritePlan)
+    assert mine.boxes == {("w", (0, 0), (4, 2)): Box((0, 0), (4, 2))}
+    assert "plans this save from its pieces" in caplog.text
