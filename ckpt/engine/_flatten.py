@@ -12,11 +12,14 @@ import base64
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 from ckpt.errors import InvalidStateError
 from ckpt.format import BYTES_REF as BYTES_REF
@@ -98,13 +101,17 @@ def local_geometry(value: Any) -> tuple[torch.Tensor, tuple[int, ...], Box, bool
     return value, tuple(value.shape), Box.full(value.shape), True
 
 
-def _dtensor_geometry(
-    value: torch.Tensor,
-) -> tuple[torch.Tensor, tuple[int, ...], Box, bool] | None:
+def _is_dtensor(value: Any) -> TypeGuard[DTensor]:
     # No DTensor exists before its module is imported; importing it here would cost the
     # first save of a job without DTensors half a second.
     dtensor_module = sys.modules.get("torch.distributed.tensor")
-    if dtensor_module is None or not isinstance(value, dtensor_module.DTensor):
+    return dtensor_module is not None and isinstance(value, dtensor_module.DTensor)
+
+
+def _dtensor_geometry(
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[int, ...], Box, bool] | None:
+    if not _is_dtensor(value):
         return None
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -123,8 +130,7 @@ def _dtensor_geometry(
 
 def mesh_placement(value: Any) -> MeshPlacement | None:
     """The mesh and placements of ``value`` when it is a DTensor, else None."""
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    if dtensor_module is None or not isinstance(value, dtensor_module.DTensor):
+    if not _is_dtensor(value):
         return None
     return MeshPlacement(value.device_mesh, tuple(value.placements))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt.demo import run_demo
+from tests.support.demo import sized_demo
 from tests.support.redis_server import RedisServer, redis_server_binary
 
 
@@ -22,14 +22,12 @@ def test_workers_killed_mid_step_resume_on_fewer(tmp_path: Path, full: bool) -> 
     """SIGKILL one worker after a step, relaunch with one worker fewer: resharded restore.
     2 -> 1 workers in CI, 4 -> 3 with --full."""
     nproc, resume_nproc = (4, 3) if full else (2, 1)
-    result = run_demo(
-        str(tmp_path / "demo"),
-        steps=16 if full else 12,
-        every=4 if full else 3,
+    result = sized_demo(
+        tmp_path / "demo",
+        full=full,
         nproc=nproc,
         resume_nproc=resume_nproc,
         seed=3,
-        echo=lambda *_: None,
     )
     assert result.restored_step is not None
     assert result.restored_step < result.crash_step
@@ -46,15 +44,13 @@ def test_redis_coordinated_workers_killed_mid_step_resume_on_more(
     if redis_server_binary() is None:
         pytest.skip("redis-server is not installed")
     with RedisServer(tmp_path / "redis") as server:
-        result = run_demo(
-            str(tmp_path / "demo"),
-            steps=16 if full else 12,
-            every=4 if full else 3,
+        result = sized_demo(
+            tmp_path / "demo",
+            full=full,
             nproc=nproc,
             resume_nproc=resume_nproc,
             seed=11,
             coordinator=server.url(),
-            echo=lambda *_: None,
         )
     assert result.restored_step is not None
     assert result.restored_step < result.crash_step

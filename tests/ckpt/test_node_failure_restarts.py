@@ -9,21 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckpt.demo import run_demo
+from tests.support.demo import sized_demo
 
 
 def test_a_worker_killed_mid_save_resumes(tmp_path: Path, full: bool) -> None:
     """SIGKILL a worker while its checkpoint is being written and relaunch the job
     (``ckpt demo --kill-during save``): 2 workers again by default, 4 -> 3 with --full."""
     nproc, resume_nproc = (4, 3) if full else (2, 2)
-    result = run_demo(
-        str(tmp_path / "demo"),
-        steps=16 if full else 12,
-        every=4 if full else 3,
+    result = sized_demo(
+        tmp_path / "demo",
+        full=full,
         nproc=nproc,
         resume_nproc=resume_nproc,
         seed=5,
         kill_during="save",
-        echo=lambda *_: None,
     )
     assert result.identical
 
