@@ -513,7 +513,9 @@ def load_manifest(
         hint = getattr(value, "checkpoint_load_hint", None)
         if callable(hint):
             hint(manifest.world_size)
-    plan = plan_load(state, manifest.state, stored, strict=strict)
+    plan = plan_load(
+        state, manifest.state, stored, strict=strict, partial_maps=manifest.partial_maps
+    )
     with storage_errors(
         f"loading step {manifest.step} from {backend.url}", missing=CorruptCheckpointError
     ):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,9 @@ class LoadPlan:
             kind (an error when strict; otherwise the state keeps its own value).
         values: how many plain values (numbers, strings, bytes, dtypes) of the checkpoint
             the load puts into the state.
+        elsewhere: keys of the checkpoint that the state lacks where the saving ranks held
+            different keys (``Manifest.partial_maps``: another pipeline stage's): not loaded
+            here, and not an error.
     """
 
     destinations: list[Destination] = field(default_factory=list)
@@ -63,6 +66,7 @@ class LoadPlan:
     mismatched: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     values: int = 0
+    elsewhere: list[str] = field(default_factory=list)
 
     @property
     def loads_nothing(self) -> bool:
@@ -76,6 +80,7 @@ def plan_load(
     stored_tensors: Mapping[str, tuple[str, tuple[int, ...]]],
     *,
     strict: bool = True,
+    partial_maps: Iterable[Sequence[str]] = (),
 ) -> LoadPlan:
     """Match the stored tree with ``state``; collect destinations and every mismatch.
 
@@ -89,12 +94,15 @@ def plan_load(
         strict: whether keys present on one side only, and a tensor on one side where
             the other holds a value of another kind, are errors. Without it the state
             keeps its own tensors (and values) there, and the keys are logged.
+        partial_maps: the manifest's mappings whose keys the saving ranks held in part
+            (pipeline stages): keys there that ``state`` lacks are another rank's, left alone.
 
     Raises:
         StateMismatchError: listing missing and unexpected keys, tensors meeting values of
             another kind, shape and dtype mismatches.
     """
     plan = LoadPlan()
+    partial = {_joined(p) for p in partial_maps}
     for key, value in state.items():
         if key not in stored_tree:
             plan.missing.append(key)
@@ -106,11 +114,12 @@ def plan_load(
         if isinstance(value, nn.Module):
             stored = _plain_names(stored)  # written before compiled names were left out
         whole = {join_path(key, ".".join(p)) for p in _saved_maps(value)}
-        merged = _Merge(stored_tensors, plan, allow_new, whole).merge(stored, target, key)
+        merged = _Merge(stored_tensors, plan, allow_new, whole, partial).merge(stored, target, key)
         if isinstance(value, torch.optim.Optimizer):
             _check_param_groups(key, merged, target, plan)
         plan.trees[key] = merged
-    plan.unexpected.extend(k for k in stored_tree if k not in state)
+    others = plan.elsewhere if "" in partial else plan.unexpected
+    others.extend(k for k in stored_tree if k not in state)
     problems = []
     if plan.mismatched:
         problems.append("mismatched: " + "; ".join(plan.mismatched))
@@ -145,6 +154,13 @@ def plan_load(
             "loaded: %s",
             len(plan.unexpected),
             _listed(plan.unexpected),
+        )
+    if plan.elsewhere:
+        log.info(
+            "%d key(s) of the checkpoint belong to other ranks' parts of the state (e.g. "
+            "other pipeline stages) and were not loaded here: %s",
+            len(plan.elsewhere),
+            _listed(plan.elsewhere),
         )
     if plan.loads_nothing and (plan.missing or plan.unexpected or plan.conflicts):
         log.warning(
@@ -188,6 +204,11 @@ def _listed(names: list[str], limit: int = 20) -> str:
     """``names`` for a log line: the first ``limit`` of them, and how many more."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _joined(path: Sequence[str]) -> str:
+    """A stored key path as the load names places (``join_path``); "" for the root."""
+    return ".".join(path)
 
 
 def _saved_maps(value: Any) -> tuple[tuple[str, ...], ...]:
@@ -235,6 +256,8 @@ class _Merge:
             e.g. the moments of an optimizer that never stepped); modules may not.
         saved_maps: paths of mappings whose keys the checkpoint defines: keys only the
             target holds there are dropped, not missing (an optimizer's per-parameter state).
+        partial: paths of mappings whose keys the saving ranks held in part: keys only the
+            checkpoint holds there are another rank's (``LoadPlan.elsewhere``).
         fresh: the tensors allocated where the target has none, by stored name.
     """
 
@@ -242,6 +265,7 @@ class _Merge:
     plan: LoadPlan
     allow_new: bool
     saved_maps: set[str] = field(default_factory=set)
+    partial: set[str] = field(default_factory=set)
     fresh: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def merge(self, stored: Any, target: Any, path: str) -> Any:
@@ -333,7 +357,11 @@ class _Merge:
     def _mapping(self, stored: list[tuple[Any, Any]], target: Any, path: str) -> dict[Any, Any]:
         target_map = target if isinstance(target, Mapping) else {}
         out = {}
+        elsewhere = path in self.partial and isinstance(target, Mapping)
         for k, v in stored:
+            if elsewhere and k not in target_map:
+                self.plan.elsewhere.append(join_path(path, k))
+                continue
             merged = self.merge(v, target_map.get(k, _ABSENT), join_path(path, k))
             if merged is not _DROP:
                 out[k] = merged

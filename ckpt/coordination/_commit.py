@@ -29,6 +29,7 @@ from ckpt.format import (
     TensorEntry,
     WriterRef,
     manifest_path,
+    merge_trees,
     step_prefix,
 )
 from ckpt.format._schema import (
@@ -115,7 +116,8 @@ class ManifestBuilder:
         self._tensors: dict[str, _TensorParts] = {}
         self._files: dict[str, int] = {}
         self._headers: dict[str, FileHeader] = {}
-        self._state: tuple[int, dict[str, Any]] | None = None
+        # The state trees of the ranks that sent one: rank 0's, and pipeline stages' own.
+        self._states: dict[int, dict[str, Any]] = {}
         self._timings: dict[int, tuple[RankTiming, int]] = {}
         # Format v2: each rank's index file, and the layouts its report describes.
         self._writers: dict[int, WriterRef] = {}
@@ -155,8 +157,8 @@ class ManifestBuilder:
             self._timings[report.rank] = (report.timing, sum(report.files.values()))
         self._files.update(report.files)
         self._headers.update(report.headers)
-        if report.state is not None and (self._state is None or report.rank < self._state[0]):
-            self._state = (report.rank, report.state)
+        if report.state is not None:
+            self._states[report.rank] = report.state
         for name, entry in report.tensors.items():
             parts = self._tensors.get(name)
             if parts is None:
@@ -188,8 +190,8 @@ class ManifestBuilder:
             data = sum(report.files.values()) - report.files.get(writer.index, 0)
             self._timings[report.rank] = (report.timing, data)
         self._files.update(report.files)
-        if report.state is not None and (self._state is None or report.rank < self._state[0]):
-            self._state = (report.rank, report.state)
+        if report.state is not None:
+            self._states[report.rank] = report.state
         self._layouts.update(report.tensors)
 
     def _writer_refs(self, world_size: int) -> tuple[WriterRef, ...]:
@@ -223,6 +225,7 @@ class ManifestBuilder:
         v2 = bool(self._writers)
         if not v2:
             self._check_covered()
+        state, partial = self._state_value()
         header = manifest_header(
             step=self.step,
             generation=generation,
@@ -230,7 +233,8 @@ class ManifestBuilder:
             created_unix=created_unix,
             chunk_bytes=chunk_bytes,
             files=dict(sorted(self._files.items())),
-            state=self._state_value(),
+            state=state,
+            partial_maps=partial,
             layout=dict(layout or {}),
             user_metadata=dict(user_metadata or {}),
             headers=dict(sorted(self._headers.items())),
@@ -271,6 +275,7 @@ class ManifestBuilder:
                 name: TensorEntry(t.dtype, t.shape, tuple(t.pieces))
                 for name, t in self._tensors.items()
             }
+        state, partial = self._state_value()
         return Manifest(
             step=self.step,
             generation=generation,
@@ -278,7 +283,8 @@ class ManifestBuilder:
             chunk_bytes=chunk_bytes,
             tensors=tensors,
             files=dict(sorted(self._files.items())),
-            state=self._state_value(),
+            state=state,
+            partial_maps=tuple(tuple(p) for p in partial),
             created_unix=time.time() if created_unix is None else created_unix,
             user_metadata=dict(user_metadata or {}),
             layout=dict(layout or {}),
@@ -300,8 +306,12 @@ class ManifestBuilder:
             [timing for timing, _ in ranks], [nbytes for _, nbytes in ranks], commit_seconds
         )
 
-    def _state_value(self) -> dict[str, Any]:
-        return self._state[1] if self._state else {}
+    def _state_value(self) -> tuple[dict[str, Any], list[list[str]]]:
+        """The saved state tree: the union of the trees reported, the lower rank's value
+        where two hold the same place; and the mappings not every tree held in full."""
+        if len(self._states) <= 1:
+            return next(iter(self._states.values()), {}), []
+        return merge_trees([self._states[r] for r in sorted(self._states)])
 
     def _check_covered(self) -> None:
         # Readers refuse a tensor whose pieces do not tile it; never commit one. Overlaps

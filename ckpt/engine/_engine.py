@@ -44,7 +44,14 @@ from ckpt.engine._plan_cache import PlanCache
 from ckpt.engine._spans import span
 from ckpt.engine._staging import StagingPool, align
 from ckpt.errors import CheckpointError, InvalidStateError, SaveAbortedError
-from ckpt.format import INDEX_DIR, Manifest, PlanRecord, RankTiming, TensorEntry
+from ckpt.format import (
+    INDEX_DIR,
+    Manifest,
+    PlanRecord,
+    RankTiming,
+    TensorEntry,
+    tree_shape_digest,
+)
 from storage_backends import StorageBackend, add_retry_observer, remove_retry_observer
 
 log = logging.getLogger(__name__)
@@ -380,8 +387,11 @@ class Snapshotter:
         options = options or self.options
         version = options.format_version if format_version is None else format_version
         min_split = max(MIN_SPLIT_BYTES, options.chunk_bytes)
+        sends_tree = coordinator.rank == 0
         if reuse_plan:
-            plan, whole = self._plans.agree(coordinator, tensors, min_split_bytes=min_split)
+            plan, whole, sends_tree = self._plans.agree(
+                coordinator, tensors, tree_digest=tree_shape_digest(tree), min_split_bytes=min_split
+            )
             if whole is None:
                 log.debug("step %d: the write plan of the last save still holds", step)
             layouts = self._described_layouts(step, coordinator.rank, plan, whole, tensors, version)
@@ -435,7 +445,7 @@ class Snapshotter:
             coordinator=coordinator,
             options=options,
             tensors=tensors,
-            tree=tree if coordinator.rank == 0 else None,
+            tree=tree if sends_tree else None,
             files=tuple(files),
             buffer=buffer,
             imbalance=plan.imbalance,

@@ -350,7 +350,8 @@ class SaveJob:
         options: layout and I/O settings.
         tensors: every piece this rank holds (the index lists those it does not write
             with no stored piece).
-        tree: the state's structure and plain values (rank 0 only).
+        tree: the state's structure and plain values (only on the ranks that send it:
+            rank 0 and the first rank of each differing tree, see ``Agreed``).
         files: this rank's data files.
         buffer: the staging buffer the files' pieces are copied into.
         imbalance: the busiest rank's planned bytes over the mean.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from ckpt.coordination import Coordinator
 from ckpt.engine._flatten import FlatTensor
@@ -30,6 +31,22 @@ from ckpt.engine._regular import RegularPlan, regular_plan, rules_of
 from ckpt.format import Box, Manifest, TensorEntry
 
 log = logging.getLogger(__name__)
+
+
+class Agreed(NamedTuple):
+    """What ``PlanCache.agree`` settled for this rank's save.
+
+    Attributes:
+        part: this rank's part of the plan.
+        whole: the whole plan when it was made now (None when every rank reused its part).
+        sends_tree: whether this rank reports its state tree: it is the lowest rank whose
+            tree has its keys (rank 0, and the first rank of each pipeline stage whose
+            state differs); the committer stores their union.
+    """
+
+    part: RankPlan
+    whole: WritePlan | RegularPlan | None
+    sends_tree: bool
 
 
 class PlanCache:
@@ -69,26 +86,32 @@ class PlanCache:
         coordinator: Coordinator,
         tensors: Mapping[str, FlatTensor],
         *,
+        tree_digest: str = "",
         min_split_bytes: int = MIN_SPLIT_BYTES,
-    ) -> tuple[RankPlan, WritePlan | RegularPlan | None]:
-        """This rank's part of the plan, and the whole plan when it was made now (None when
-        every rank reused its part)."""
+    ) -> Agreed:
+        """This rank's part of the plan, the whole plan when it was made now, and whether
+        this rank sends its state tree (``tree_digest``: ``tree_shape_digest`` of it)."""
         held = self._mine
         if held is None and self._seed is not None:
             held = seeded_part(self._seed, coordinator.rank, tensors)
         offers = coordinator.all_gather(
-            (description_digest(tensors, min_split_bytes), self._key if held is not None else "")
+            (
+                description_digest(tensors, min_split_bytes),
+                self._key if held is not None else "",
+                tree_digest,
+            )
         )
+        sends_tree = tree_digest not in {tree for _, _, tree in offers[: coordinator.rank]}
         key = hashlib.blake2b(
-            "\n".join(str(digest) for digest, _ in offers).encode(), digest_size=16
+            "\n".join(str(digest) for digest, _, _ in offers).encode(), digest_size=16
         ).hexdigest()
-        if held is not None and all(offered == key for _, offered in offers):
+        if held is not None and all(offered == key for _, offered, _ in offers):
             self._mine, self._seed = held, None
-            return held, None
+            return Agreed(held, None, sends_tree)
         self.forget()  # a failed exchange leaves nothing half-agreed
         mine, plan = plan_now(coordinator, tensors, min_split_bytes=min_split_bytes)
         self._key, self._mine = key, mine
-        return mine, plan
+        return Agreed(mine, plan, sends_tree)
 
 
 def plan_now(

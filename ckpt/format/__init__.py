@@ -95,6 +95,8 @@ from ckpt.format._tree import (
     TENSOR_REF,
     TUPLE_REF,
     check_state_markers,
+    merge_trees,
+    tree_shape_digest,
 )
 from ckpt.format._writers import load_pieces, writers_needed
 
@@ -107,6 +109,8 @@ __all__ = [
     "TENSOR_REF",
     "TUPLE_REF",
     "check_state_markers",
+    "merge_trees",
+    "tree_shape_digest",
     "CHECKSUM_ALGORITHM",
     "CODECS",
     "DATA_DIR",

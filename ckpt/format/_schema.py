@@ -34,7 +34,7 @@ from ckpt.format._geometry import Box, first_overlap
 from ckpt.format._layout import Layout
 from ckpt.format._paths import safe_relative_path
 from ckpt.format._seal import seal_manifest, verify_manifest_seal
-from ckpt.format._tree import check_state_markers, tree_depth_exceeds
+from ckpt.format._tree import check_partial_maps, check_state_markers, tree_depth_exceeds
 
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 2
@@ -323,6 +323,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     tensors: dict[str, TensorEntry]
     files: dict[str, _Count]
     state: dict[str, Any]
+    partial_maps: tuple[tuple[str, ...], ...] = ()
     created_unix: _Timestamp = 0.0
     user_metadata: dict[str, Any] = {}
     layout: dict[str, Any] = {}
@@ -371,6 +372,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             chunk_bytes=self.chunk_bytes,
             files=self.files,
             state=self.state,
+            partial_maps=self.partial_maps,
             layout=self.layout,
             user_metadata=self.user_metadata,
             headers={} if self.writers else self.headers,
@@ -410,6 +412,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             user_metadata=manifest.user_metadata,
         )
         check_state_markers(manifest.state, manifest.tensors, where)
+        check_partial_maps(manifest.state, manifest.partial_maps, where)
         if manifest.timings is not None:
             manifest.timings.check(manifest.world_size, where)
         _check_files(manifest.files, manifest.headers, where)
@@ -502,6 +505,7 @@ def manifest_header(
     state: Mapping[str, Any],
     layout: Mapping[str, Any],
     user_metadata: Mapping[str, Any],
+    partial_maps: Sequence[Sequence[str]] = (),
     headers: Mapping[str, FileHeader] | None = None,
     timings: SaveTimings | None = None,
     writers: Sequence[WriterRef] = (),
@@ -509,8 +513,8 @@ def manifest_header(
 ) -> dict[str, Any]:
     """Every field of a stored manifest but the tensors, in the order it is written.
 
-    ``timings`` and ``plan`` (v2 only) are written only when known, so a manifest without
-    them is the same document as before the fields existed.
+    ``partial_maps``, ``timings`` and ``plan`` (v2 only) are written only when there are
+    any, so a manifest without them is the same document as before the fields existed.
 
     Raises:
         InvalidStateError: a tree nests deeper than readers accept (``MAX_TREE_DEPTH``).
@@ -529,6 +533,7 @@ def manifest_header(
         "files": files,
         "headers": {path: msgspec.to_builtins(h) for path, h in (headers or {}).items()},
         "state": state,
+        **({"partial_maps": [list(p) for p in partial_maps]} if partial_maps else {}),
         "layout": layout,
         "user_metadata": user_metadata,
     }
