@@ -184,8 +184,12 @@ def test_a_plain_dict_target_gets_no_fresh_tensors_for_other_stages() -> None:
 def _trained(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    groups: list[dict[str, Any]] = [
+        {"params": model[0].parameters()},
+        {"params": model[1].parameters(), "lr": lr * 2},
+    ]
     opt = torch.optim.Adam(
-        [{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": lr * 2}],
+        groups,
         lr=lr,
         betas=(0.8, 0.9),
     )
