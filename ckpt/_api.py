@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from ckpt._unflatten import LoadPlan, module_names, plan_load
 from ckpt.coordination import Coordinator, resolve_coordinator
 from ckpt.engine import PendingSave, SaveOptions, SaveResult, ShardedTensor, default_snapshotter
 from ckpt.engine._default import restored
+from ckpt.engine._flatten import join_path
 from ckpt.engine._spans import span
 from ckpt.errors import (
     CheckpointError,
@@ -498,6 +500,14 @@ class _Loaded:
     apply_seconds: float = 0.0  # load_state_dict and plain values, after the reads
 
 
+def _stored_shape(
+    stored: Mapping[str, tuple[str, tuple[int, ...]]], key: str, name: str
+) -> tuple[int, ...] | None:
+    """The global shape of tensor ``name`` of the state saved under ``key``, if stored."""
+    entry = stored.get(join_path(key, name))
+    return None if entry is None else entry[1]
+
+
 def load_manifest(
     state: Mapping[str, Any],
     backend: StorageBackend,
@@ -509,10 +519,10 @@ def load_manifest(
     """Fill ``state`` from one validated manifest."""
     began = time.perf_counter()
     stored = {name: (entry.dtype, entry.shape) for name, entry in manifest.tensors.items()}
-    for value in state.values():
+    for key, value in state.items():
         hint = getattr(value, "checkpoint_load_hint", None)
         if callable(hint):
-            hint(manifest.world_size)
+            hint(functools.partial(_stored_shape, stored, key))
     plan = plan_load(
         state, manifest.state, stored, strict=strict, partial_maps=manifest.partial_maps
     )

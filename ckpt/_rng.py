@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -116,9 +117,12 @@ class RNGState:
     def __init__(self) -> None:
         self._saved_world: int | None = None
 
-    def checkpoint_load_hint(self, saved_world_size: int) -> None:
-        """Told by the loader how many ranks wrote the checkpoint about to be loaded."""
-        self._saved_world = saved_world_size
+    def checkpoint_load_hint(self, stored_shape: Callable[[str], tuple[int, ...] | None]) -> None:
+        """Told by the loader, before a load, the stored global shape of each tensor of
+        this object's saved state (by name below it): one row per rank that saved RNG
+        states (the manifest's world size, unless ``ckpt convert`` rewrote it)."""
+        shape = stored_shape("per_rank")
+        self._saved_world = shape[0] if shape is not None and len(shape) == 2 else None
 
     def state_dict(self) -> dict[str, Any]:
         rank, world = _rank_and_world()

@@ -52,7 +52,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 try:
@@ -94,8 +94,8 @@ class _DeferredRNG:
         self._rng = RNGState()
         self._saved: dict[str, Any] | None = None
 
-    def checkpoint_load_hint(self, saved_world_size: int) -> None:
-        self._rng.checkpoint_load_hint(saved_world_size)
+    def checkpoint_load_hint(self, stored_shape: Callable[[str], tuple[int, ...] | None]) -> None:
+        self._rng.checkpoint_load_hint(stored_shape)
 
     def state_dict(self) -> dict[str, Any]:
         return self._rng.state_dict()

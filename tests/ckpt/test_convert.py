@@ -171,6 +171,19 @@ def test_relayout_of_a_relayout_loads_back(source: Path, tmp_path: Path) -> None
     _assert_loads_back(tmp_path / "b")
 
 
+def test_rng_states_load_after_a_relayout(tmp_path: Path) -> None:
+    """The RNG rows are those of the ranks that trained, whatever world size a relayout
+    gives the manifest: a load takes its row from the stored rows, not from it."""
+    torch.manual_seed(11)
+    ckpt.save({"rng": ckpt.RNGState()}, tmp_path / "src", step=1)
+    expected = torch.rand(3)
+    relayout(LocalBackend(tmp_path / "src"), LocalBackend(tmp_path / "dst"), world_size=2)
+    assert read_manifest(LocalBackend(tmp_path / "dst"), 1).world_size == 2
+    torch.manual_seed(0)
+    ckpt.load({"rng": ckpt.RNGState()}, tmp_path / "dst")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_relayout_refuses_zero_ranks(source: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="world_size"):
         relayout(LocalBackend(source), LocalBackend(tmp_path / "dst"), world_size=0)
