@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 
 from ckpt.coordination import merge_indexes, new_generation, publish
@@ -104,12 +105,19 @@ class OfflineRanks:
 
     There is one writer per entry of ``descriptions`` (what it holds): one per rank of a
     ``world_size`` layout, or more when each rank's data is written in several bounded
-    passes. The manifest names ``world_size``; writer 0 carries the state tree.
+    passes. The manifest names ``world_size``; writer 0 carries the state tree, and
+    ``partial_maps`` (the source's: which of its mappings the saving ranks held in part).
     """
 
-    def __init__(self, world_size: int, descriptions: list[list[PieceInfo]]) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        descriptions: list[list[PieceInfo]],
+        partial_maps: tuple[tuple[str, ...], ...] = (),
+    ) -> None:
         self._world = world_size
         self._descriptions = descriptions
+        self._partial_maps = partial_maps
         self._indexes: list[ShardIndex] = []
         self.rank = 0
         self.generation = new_generation()
@@ -148,6 +156,8 @@ class OfflineRanks:
             indexes=self._indexes,
             user_metadata=user_metadata,
         )
+        if self._partial_maps:
+            manifest = msgspec.structs.replace(manifest, partial_maps=self._partial_maps)
         publish(backend, manifest)
         return manifest
 
@@ -207,7 +217,7 @@ def relayout(
         ]
         for r in range(world_size)
     ]
-    ranks = OfflineRanks(world_size, descriptions)
+    ranks = OfflineRanks(world_size, descriptions, manifest.partial_maps)
     # Tensor bytes, as counted below (file sizes would add headers: the bar never reached 100%).
     total = sum(entry.nbytes for entry in manifest.tensors.values())
     done = 0

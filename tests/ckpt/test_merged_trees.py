@@ -9,6 +9,7 @@ groups by name (with the list form earlier checkpoints hold still loading).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 
 import ckpt
-from ckpt._unflatten import plan_load
 from ckpt.coordination import ManifestBuilder
 from ckpt.errors import CorruptCheckpointError, StateMismatchError
 from ckpt.format import Manifest, ShardIndex, merge_trees, read_manifest, tree_shape_digest
@@ -119,11 +119,6 @@ def test_a_partial_map_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
 
 # -- loading a merged tree -------------------------------------------------------------
 
-SHAPES = {
-    name: ("float32", (2,))
-    for name in ("model.embed.w", "model.l0.w", "model.l1.w", "model.head.w")
-}
-
 
 class Stage(nn.Module):
     """A module whose state holds exactly ``names`` (e.g. ``l1.w``), tensors of 2 elements."""
@@ -137,45 +132,70 @@ class Stage(nn.Module):
             getattr(self, holder).register_parameter(param, nn.Parameter(torch.zeros(2)))
 
 
-def _stage1_state() -> dict[str, Any]:
-    return {"model": {"l1.w": torch.zeros(2), "head.w": torch.zeros(2)}, "step": 0, "sched": {}}
+NAMES = ("embed.w", "l0.w", "l1.w", "head.w")
 
 
-def test_a_stage_loads_its_own_part_strictly_and_leaves_the_rest() -> None:
-    merged, partial = merge_trees([STAGE0, STAGE1])
-    state = _stage1_state()
-    plan = plan_load(state, merged, SHAPES, partial_maps=partial)
-    assert sorted(d.name for d in plan.destinations) == ["model.head.w", "model.l1.w"]
-    assert sorted(plan.elsewhere) == ["model.embed.w", "model.l0.w", "stage1"]
-    assert plan.unexpected == [] and plan.missing == []
+def _two_stages(root: Path, *partial: list[str]) -> None:
+    """A checkpoint as two stages save it: stage 0 holds embed and l0, stage 1 l1, head
+    and its own schedule; ``partial``: the mappings the stages held in part."""
+    values = {name: torch.full((2,), float(i + 1)) for i, name in enumerate(NAMES)}
+    whole = {
+        "model": values,
+        "sched": {"w": torch.ones(2), "stage1": {"microbatches": 4}},
+        "step": 7,
+    }
+    ckpt.save(whole, root, step=1)
+    if partial:
+        doc = read_manifest_doc(root, 1)
+        write_manifest(root, 1, {**doc, "partial_maps": list(partial)})
 
 
-def test_without_partial_maps_the_other_stage_is_unexpected() -> None:
-    merged, _ = merge_trees([STAGE0, STAGE1])
+def test_a_stage_loads_its_own_part_strictly_and_leaves_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _two_stages(tmp_path, ["model"], ["sched"])
+    stage = Stage("l1.w", "head.w")
+    state: dict[str, Any] = {"model": stage, "sched": {"w": torch.zeros(2)}, "step": 0}
+    with caplog.at_level(logging.INFO):
+        ckpt.load(state, tmp_path)
+    loaded = stage.state_dict()
+    assert loaded["l1.w"].tolist() == [3.0, 3.0] and loaded["head.w"].tolist() == [4.0, 4.0]
+    assert state["step"] == 7 and state["sched"]["w"].tolist() == [1.0, 1.0]
+    assert "stage1" not in state["sched"]  # another stage's value, left to it
+    assert "3 key(s) of the checkpoint belong to other ranks' parts" in caplog.text
+
+
+def test_without_partial_maps_the_other_stage_is_unexpected(tmp_path: Path) -> None:
+    _two_stages(tmp_path)
+    state: dict[str, Any] = {"model": Stage("l1.w", "head.w"), "sched": {}, "step": 0}
     with pytest.raises(StateMismatchError, match=r"not in the state: model\.embed\.w"):
-        plan_load({"model": Stage("l1.w", "head.w")}, merged, SHAPES)
+        ckpt.load(state, tmp_path)
 
 
-def test_partial_maps_still_refuse_what_is_missing_or_unexpected_elsewhere() -> None:
-    merged, partial = merge_trees([STAGE0, STAGE1])
-    missing = {**_stage1_state(), "model": {"l1.w": torch.zeros(2), "l9.w": torch.zeros(2)}}
+def test_partial_maps_still_refuse_what_is_missing_or_unexpected_elsewhere(
+    tmp_path: Path,
+) -> None:
+    _two_stages(tmp_path, ["model"])
+    missing: dict[str, Any] = {"model": Stage("l1.w", "l9.w"), "sched": {}, "step": 0}
     with pytest.raises(StateMismatchError, match=r"missing from the checkpoint: model\.l9\.w"):
-        plan_load(missing, merged, SHAPES, partial_maps=partial)
-    # "sched" is a mapping every tree held in full: a key only the checkpoint has there
-    # is still unexpected (here: a stored tensor the module lacks).
-    tree = {**merged, "sched": {"w": {"__tensor__": "model.l0.w"}}}
-    state = {**_stage1_state(), "sched": Stage()}
+        ckpt.load(missing, tmp_path)
+    # "sched" is not listed: a tensor only the checkpoint holds there is still unexpected.
+    unexpected: dict[str, Any] = {"model": Stage("l1.w"), "sched": Stage(), "step": 0}
     with pytest.raises(StateMismatchError, match=r"sched\.w"):
-        plan_load(state, tree, SHAPES, partial_maps=partial)
+        ckpt.load(unexpected, tmp_path)
 
 
-def test_a_plain_dict_target_gets_no_fresh_tensors_for_other_stages() -> None:
-    """An optimizer's state would allocate tensors the target lacks: not another stage's."""
-    merged, partial = merge_trees([STAGE0, STAGE1])
-    plan = plan_load({"model": {}}, {"model": merged["model"]}, SHAPES, partial_maps=partial)
-    assert plan.destinations == [] and len(plan.elsewhere) == 4
-    fresh = plan_load({"model": {}}, {"model": merged["model"]}, SHAPES)
-    assert len(fresh.destinations) == 4  # without partial maps: what the checkpoint holds
+def test_a_plain_dict_gets_no_fresh_tensors_of_other_stages(tmp_path: Path) -> None:
+    """A plain mapping may take tensors it lacks (an optimizer that never stepped), but not
+    another stage's."""
+    _two_stages(tmp_path, ["model"])
+    state: dict[str, Any] = {"model": {"l1.w": torch.zeros(2)}, "sched": {}, "step": 0}
+    ckpt.load(state, tmp_path)
+    assert list(state["model"]) == ["l1.w"] and state["model"]["l1.w"].tolist() == [3.0, 3.0]
+    _two_stages(tmp_path / "whole")
+    state = {"model": {"l1.w": torch.zeros(2)}, "sched": {}, "step": 0}
+    ckpt.load(state, tmp_path / "whole")
+    assert sorted(state["model"]) == sorted(NAMES)  # without partial maps: all it holds
 
 
 # -- ModelOptimizerState's parameter groups ---------------------------------------------

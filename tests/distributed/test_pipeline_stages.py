@@ -9,7 +9,8 @@ stores the union of the stages' trees, so that:
   reading or allocating the other stage's;
 - 2 ranks (one per stage, no data parallelism) restore it strictly;
 - one process holding the whole model (one optimizer group per former stage) restores
-  every stage's parameters, moments and learning rate.
+  every stage's parameters, moments and learning rate;
+- ``ckpt convert`` to another world size keeps what the stages held in part.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ckpt
+from ckpt.convert import relayout
 from ckpt.format import read_manifest
 from storage_backends import LocalBackend
 from tests.distributed.sharded import (
@@ -252,3 +254,20 @@ def test_one_process_with_the_whole_model_restores_every_stage(
     assert [g["lr"] for g in opt.param_groups] == [LR[0], LR[1]]
     assert state["schedule"] == {"stage0": {"microbatches": 4}, "stage1": {"microbatches": 5}}
     assert "parameter group" not in caplog.text  # every group found its saved settings
+
+
+def test_an_offline_relayout_keeps_the_stages_apart(
+    saved: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    dst = tmp_path_factory.mktemp("pp-relayout")
+    relayout(LocalBackend(saved["root"]), LocalBackend(dst), world_size=2)
+    source = read_manifest(LocalBackend(saved["root"]), STEP)
+    converted = read_manifest(LocalBackend(dst), STEP)
+    assert converted.world_size == 2 and converted.state == source.state
+    assert converted.partial_maps == source.partial_maps != ()
+    results = run_ranks(
+        _restore_one_rank_per_stage, 2, str(dst), str(saved["expected"]), timeout_s=TIMEOUT_S
+    )
+    for stage, result in enumerate(results):
+        assert result["problems"] == [], stage
+        assert result["lrs"] == [LR[stage]]
