@@ -3,16 +3,17 @@
 ``make_plan`` gathers the pieces of every rank: at 4096 ranks and ~700 tensors each,
 hundreds of MiB per rank and tens of seconds of planning in the training thread. Most
 states are regular, though: each tensor is a DTensor whose mesh and placements say which
-region every rank holds, a plain tensor that each rank holding it holds whole, or a
-``ShardedTensor`` of one block of rows per rank (the RNG states). Each rank then describes
+region every rank holds, a ``ShardedTensor`` given a mesh and placements likewise, a plain
+tensor that each rank holding it holds whole, or a ``ShardedTensor`` of one block of rows
+per rank (the RNG states). Each rank then describes
 its tensors by rules that do not depend on the rank (``Rules``). The ranks exchange a digest
 of their rules and the bytes they hold alone; one rank of each group with the same rules
 (all ranks, or those of one pipeline stage) sends the rules themselves, and every rank works
 out the replicated pieces and their holders from the rules. The result is exactly the plan
 ``assign_writers`` makes of the gathered pieces.
 
-A rank that cannot describe its tensors by rules (a ``ShardedTensor`` of another shape,
-FSDP2 over tensor parallelism on rows that do not divide evenly), or rules that contradict
+A rank that cannot describe its tensors by rules (a ``ShardedTensor`` of another shape
+without its mesh, FSDP2 over tensor parallelism on rows that do not divide evenly), or rules that contradict
 each other, make every rank plan from the pieces.
 """
 

@@ -8,7 +8,8 @@ pipeline stages (DTensors on the two halves of the mesh, each holding other tens
 the RNG rows of every rank. Each rank plans it both ways and gets the same part, the same
 bytes per rank and the same layouts to describe; the save itself exchanges rules, not
 pieces, and restores bit for bit. With the Megatron shards (column blocks, copies across
-data-parallel groups) the ranks have no rules, and the save plans from the pieces.
+data-parallel groups) the ranks have no rules, and the save plans from the pieces, unless
+the shards name their mesh and placements: then they plan from rules too.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch
 import ckpt
 from ckpt.coordination import default_coordinator
 from ckpt.engine import described_layouts, flatten, make_plan, regular_plan, rules_of
+from ckpt.errors import InvalidStateError
 from ckpt.format import read_manifest
 from storage_backends import LocalBackend
 from tests.distributed.sharded import (
     build_state,
+    chunk,
     full_values,
     global_value,
     mismatches,
@@ -146,3 +149,97 @@ def test_four_ranks_plan_from_rules_as_from_pieces(tmp_path: Path) -> None:
         layout = manifest.tensors[name].layout
         assert layout is not None
         assert layout.writer_ranks <= ({0, 1} if name.startswith("stage0") else {2, 3})
+
+
+def _megatron_shard(
+    name: str, shape: tuple[int, int], mesh: Any, spec: tuple[str, ...], **overrides: Any
+) -> ckpt.ShardedTensor:
+    """A Megatron-style shard: the ``torch.chunk`` block ``spec`` gives this rank of
+    ``mesh`` ("R" replicates, "S<dim>" splits), with the mesh and placements named."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(Replicate() if p == "R" else Shard(int(p[1:])) for p in spec)
+    at = mesh.get_coordinate()
+    offsets, lengths = [0, 0], list(shape)
+    for placement, index, parts in zip(placements, at, mesh.shape):
+        if isinstance(placement, Shard):
+            d = placement.dim
+            start, length = chunk(lengths[d], parts, index)
+            offsets[d] += start
+            lengths[d] = length
+    full = global_value(name, shape, torch.float32)
+    local = full[offsets[0] : offsets[0] + lengths[0], offsets[1] : offsets[1] + lengths[1]]
+    args: dict[str, Any] = {
+        "local": local.clone(),
+        "global_shape": shape,
+        "offsets": tuple(offsets),
+        "replicated": "R" in spec,
+        "mesh": mesh,
+        "placements": placements,
+        **overrides,
+    }
+    return ckpt.ShardedTensor(**args)
+
+
+def _megatron_with_meshes(rank: int, world: int, root: str) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    flat = init_device_mesh("cpu", (world,))
+    dp_tp = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    state = {
+        "megatron": {
+            "col": _megatron_shard("m.col", (6, 12), flat, ("S1",)),
+            "row": _megatron_shard("m.row", (10, 4), flat, ("S0",)),
+            "uneven": _megatron_shard("m.uneven", (3, 5), flat, ("S0",)),  # rank 3: empty
+            "tp_dp": _megatron_shard("m.tp_dp", (8, 6), dp_tp, ("R", "S0")),
+            "grid": _megatron_shard("m.grid", (7, 9), dp_tp, ("S1", "S0")),
+            "full_rep": _megatron_shard("m.full_rep", (5, 5), flat, ("R",)),
+        }
+    }
+    tensors = flatten(state)[0]
+    rules = rules_of(tensors, rank, world)
+    coordinator = default_coordinator()
+    made = regular_plan(coordinator, tensors, rules, min_split_bytes=SPLIT)
+    assert made is not None
+    mine, whole = made
+    pieces_mine, pieces = make_plan(coordinator, tensors, min_split_bytes=SPLIT)
+    same = {
+        "part": mine.boxes == pieces_mine.boxes,
+        "bytes": whole.bytes_per_rank == pieces.bytes_per_rank,
+        "layouts": described_layouts(1, rank, whole, tensors)
+        == described_layouts(1, rank, pieces, tensors),
+    }
+    expected = full_values(state)
+    counting = _CountingCoordinator(default_coordinator())
+    ckpt.save(state, root, step=1, coordinator=counting)
+    zero_state(state)
+    ckpt.load(state, root, step=1)
+
+    refused = []
+    for overrides in (
+        {"replicated": False},  # the placements replicate it
+        {"placements": None},  # a mesh without placements
+        {"offsets": (1, 0)},  # not the region the mesh gives this rank
+    ):
+        try:
+            _megatron_shard("m.tp_dp", (8, 6), dp_tp, ("R", "S0"), **overrides)
+        except InvalidStateError as exc:
+            refused.append(str(exc))
+    return {
+        "same": same,
+        "exchanged": counting.gathered,
+        "problems": mismatches(state, expected),
+        "refused": refused,
+    }
+
+
+def test_megatron_shards_that_name_their_mesh_plan_from_rules(tmp_path: Path) -> None:
+    results = run_ranks(_megatron_with_meshes, 4, str(tmp_path / "m"), timeout_s=TIMEOUT_S)
+    for rank, result in enumerate(results):
+        assert result["same"] == {"part": True, "bytes": True, "layouts": True}, rank
+        assert result["exchanged"] == ["digest", "rules digest", "rules"], rank
+        assert result["problems"] == [], rank
+        replicated, together, region = result["refused"]
+        assert "replicated=False, but the placements replicate it" in replicated
+        assert "pass mesh and placements together" in together
+        assert "fix the offsets or the placements" in region
