@@ -9,7 +9,8 @@ The simulated state is what FSDP2 + AdamW hold for a llama-like model (default: 
 hidden 4096, FFN 11008, vocab 32000, 32 layers): per parameter the fp32 weight, its
 ``exp_avg`` and ``exp_avg_sq`` (sharded like the weight) and its 0-d ``step``
 (replicated, written once, by a rank chosen by a hash of its name), plus rank 0's
-JSON state tree that refers to every tensor. ``--tensors T`` keeps the first T sharded tensors (and their steps).
+JSON state tree that refers to every tensor (a ``ModelOptimizerState``'s). ``--tensors T``
+keeps the first T sharded tensors (and their steps).
 
 Layouts (``--layouts``), with DTensor's own rules (``torch.chunk``: chunks of
 ``ceil(n / parts)`` rows, the last ones shorter or empty, so shards are uneven
@@ -53,6 +54,12 @@ forked process (for its peak RSS):
   later save with the same layout costs instead (one digest per rank, ``PlanCache``); and
   the same first save planned from the tensors' layout rules (``rules_side``: what the
   engine does when every tensor is a DTensor, a plain tensor or a block of rows per rank).
+
+After the table, pipeline stages (``--stages``): the model's layers split over S stages,
+the first rank of each stage reports its stage's JSON state tree (the others send none),
+and the committer parses those reports and merges the trees into the manifest's state
+(``ManifestBuilder.render``; ``ckpt.format.merge_trees``): the cost a pipeline-parallel
+job adds to the commit after the last report, with the trees' and the merged state's bytes.
 
 World sizes whose estimated memory (from the largest measured size, per piece) exceeds
 ``--memory-gib`` are not run: their numbers are extrapolated linearly in the number of
@@ -195,24 +202,95 @@ def model_tensors(args: argparse.Namespace) -> list[TensorSpec]:
 
 
 def state_tree(tensors: list[TensorSpec]) -> dict[str, Any]:
-    """Rank 0's JSON state tree: a reference to every tensor, nested by name, as save makes."""
-    tree: dict[str, Any] = {"step": STEP, "scheduler": {"last_epoch": STEP, "_step_count": STEP}}
+    """Rank 0's JSON state tree, as save makes it of a ``ckpt.ModelOptimizerState``: the
+    model's parameters and each one's optimizer state by fully-qualified name, and the
+    parameter group by its first parameter's name."""
+    model: dict[str, Any] = {}
+    state: dict[str, Any] = {}
     for spec in tensors:
-        node = tree
-        parts = spec.name.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = {TENSOR_REF: spec.name}
-    tree["optim"]["param_groups"] = [
+        ref = {TENSOR_REF: spec.name}
+        if spec.name.startswith("model."):
+            model[spec.name.removeprefix("model.")] = ref
+        else:
+            fqn, moment = spec.name.removeprefix("optim.state.").rsplit(".", 1)
+            state.setdefault(fqn, {})[moment] = ref
+    params = list(model) or list(state)
+    groups = (
         {
-            "lr": 3e-4,
-            "betas": [0.9, 0.95],
-            "eps": 1e-8,
-            "weight_decay": 0.1,
-            "params": list(range(sum(1 for s in tensors if s.scalar))),
+            params[0]: {
+                "lr": 3e-4,
+                "betas": {"__tuple__": [0.9, 0.95]},
+                "eps": 1e-8,
+                "weight_decay": 0.1,
+                "params": params,
+            }
         }
+        if params
+        else {}
+    )
+    return {
+        "model": model,
+        "optim": {"state": state, "param_groups": groups},
+        "step": STEP,
+        "scheduler": {"last_epoch": STEP, "_step_count": STEP},
+    }
+
+
+def stage_of(name: str, stages: int, layers: int) -> int:
+    """The pipeline stage holding parameter ``name`` (embedding first, head last)."""
+    parts = name.split(".")
+    if "layers" in parts:
+        return int(parts[parts.index("layers") + 1]) * stages // max(1, layers)
+    return 0 if "tok_embeddings" in parts else stages - 1
+
+
+def stage_trees_side(tensors: list[TensorSpec], stages: int, layers: int) -> dict[str, Any]:
+    """Merge the JSON trees of ``stages`` pipeline stages as the committer does."""
+    trees = [
+        state_tree([t for t in tensors if stage_of(t.name, stages, layers) == s])
+        for s in range(stages)
     ]
-    return tree
+    reports = [
+        ShardIndex(rank=s, tensors={}, files={}, state=tree).to_bytes()
+        for s, tree in enumerate(trees)
+    ]
+    builder = ManifestBuilder(STEP)
+    t0 = time.perf_counter()
+    for s, data in enumerate(reports):
+        builder.add_report(data, f"stage {s}'s report", DEFAULT_CHUNK_BYTES)
+    t1 = time.perf_counter()
+    manifest = builder.build(generation=GENERATION, world_size=stages, chunk_bytes=1)
+    t2 = time.perf_counter()
+    return {
+        "stages": stages,
+        "tree_bytes_max": max(len(r) for r in reports),
+        "tree_bytes_total": sum(len(r) for r in reports),
+        "parse_s": t1 - t0,
+        "merge_s": t2 - t1,
+        "state_bytes": len(json.dumps(manifest.state)),
+        "partial_maps": len(manifest.partial_maps),
+    }
+
+
+def format_stage_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "pipeline stages: the committer merging one state tree per stage",
+        f"{'stages':>6} {'tree max':>10} {'trees':>10} {'parse':>8} {'merge':>8} "
+        f"{'state':>10} {'partial':>7}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['stages']:>6} {human_bytes(r['tree_bytes_max']):>10} "
+            f"{human_bytes(r['tree_bytes_total']):>10} {r['parse_s'] * 1e3:>6.1f}ms "
+            f"{r['merge_s'] * 1e3:>6.1f}ms {human_bytes(r['state_bytes']):>10} "
+            f"{r['partial_maps']:>7}"
+        )
+    lines.append(
+        "tree max / trees: the largest and all stage reports (sealed ShardIndex with the "
+        "tree); parse: add_report of them all; merge: build (merge_trees); state: the "
+        "merged tree's JSON; partial: partial_maps."
+    )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the layout
@@ -1080,6 +1158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=12.0,
         help="extrapolate world sizes estimated to need more than this per process",
     )
+    parser.add_argument(
+        "--stages",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 4, 16, 32],
+        help="pipeline stages whose state trees the committer merges (after the table)",
+    )
     parser.add_argument("--quick", action="store_true", help="256 ranks, fsdp and 2d")
     parser.add_argument("--format", default="1,2", help="format versions to measure: 1, 2 or 1,2")
     parser.add_argument("--dir", type=Path, default=None, help="where the sparse files go")
@@ -1110,8 +1194,13 @@ def main(argv: list[str] | None = None) -> None:
             rows += run_layout_v2(args, tp, tensors, workdir)
     print(format_rows(rows))
     print(LEGEND)
+    stage_rows = [stage_trees_side(tensors, s, args.layers) for s in args.stages]
+    print(format_stage_rows(stage_rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        args.json.with_name(args.json.stem + "-stages.json").write_text(
+            json.dumps(stage_rows, indent=1)
+        )
 
 
 if __name__ == "__main__":

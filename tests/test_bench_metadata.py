@@ -3,6 +3,7 @@ reports merged by the real committer, published, discovered and planned on three
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.support.benchmarks import run_benchmark
@@ -34,6 +35,10 @@ def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> Non
     ]
     assert "16~" in run.stdout and "format v2" in run.stdout and "seeded plan" in run.stdout
     assert "rules: gathered" in run.stdout
+    # Pipeline stages: the committer merged one tree per stage into the manifest's state.
+    stages = json.loads((tmp_path / "rows-stages.json").read_text())
+    assert [r["stages"] for r in stages] == [1, 4, 16, 32]
+    assert stages[0]["partial_maps"] == 0 and all(r["partial_maps"] > 0 for r in stages[1:])
     for row in (r for r in rows if r["measured"]):
         # The manifest a rank reads is the one the committer published, and every
         # sampled rank's plan on every target world found pieces to read.
@@ -55,4 +60,4 @@ def test_bench_metadata_runs_both_layouts_on_a_tiny_world(tmp_path: Path) -> Non
             plan = row["save_plan"]
             assert 0 < plan["rules_gather_bytes"] < plan["gather_bytes"]
             assert plan["rules_described"] > 0
-    assert list(tmp_path.iterdir()) == [out]  # the sparse checkpoint is gone
+    assert sorted(tmp_path.iterdir()) == sorted([out, tmp_path / "rows-stages.json"])
