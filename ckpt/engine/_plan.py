@@ -202,7 +202,10 @@ def assign_writers(
                 raise CoordinationError(
                     f"ranks disagree on tensor {p.name!r}: {known[0]}{list(known[1] or ())} on "
                     f"rank {known[2]}, {p.dtype}{list(p.shape or ())} on rank {rank}; every "
-                    "rank must save the same global tensor under a name. Nothing was saved"
+                    "rank must save the same global tensor under a name (pipeline stages: keep "
+                    "the whole model's parameter names and save optimizers through "
+                    "ckpt.ModelOptimizerState, which names their state by parameter). Nothing "
+                    "was saved"
                 )
     load = [0] * len(per_rank)
     shares: dict[PieceKey, tuple[Share, ...]] = {}

@@ -143,6 +143,7 @@ def _two_stages(root: Path, *partial: list[str]) -> None:
         "model": values,
         "sched": {"w": torch.ones(2), "stage1": {"microbatches": 4}},
         "step": 7,
+        "stage0_only": {"loss_scale": 1024.0},
     }
     ckpt.save(whole, root, step=1)
     if partial:
@@ -153,7 +154,7 @@ def _two_stages(root: Path, *partial: list[str]) -> None:
 def test_a_stage_loads_its_own_part_strictly_and_leaves_the_rest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _two_stages(tmp_path, ["model"], ["sched"])
+    _two_stages(tmp_path, [], ["model"], ["sched"])
     stage = Stage("l1.w", "head.w")
     state: dict[str, Any] = {"model": stage, "sched": {"w": torch.zeros(2)}, "step": 0}
     with caplog.at_level(logging.INFO):
@@ -162,12 +163,17 @@ def test_a_stage_loads_its_own_part_strictly_and_leaves_the_rest(
     assert loaded["l1.w"].tolist() == [3.0, 3.0] and loaded["head.w"].tolist() == [4.0, 4.0]
     assert state["step"] == 7 and state["sched"]["w"].tolist() == [1.0, 1.0]
     assert "stage1" not in state["sched"]  # another stage's value, left to it
-    assert "3 key(s) of the checkpoint belong to other ranks' parts" in caplog.text
+    assert "4 key(s) of the checkpoint belong to other ranks' parts" in caplog.text
 
 
 def test_without_partial_maps_the_other_stage_is_unexpected(tmp_path: Path) -> None:
     _two_stages(tmp_path)
-    state: dict[str, Any] = {"model": Stage("l1.w", "head.w"), "sched": {}, "step": 0}
+    state: dict[str, Any] = {
+        "model": Stage("l1.w", "head.w"),
+        "sched": {},
+        "step": 0,
+        "stage0_only": {},
+    }
     with pytest.raises(StateMismatchError, match=r"not in the state: model\.embed\.w"):
         ckpt.load(state, tmp_path)
 
@@ -188,12 +194,12 @@ def test_partial_maps_still_refuse_what_is_missing_or_unexpected_elsewhere(
 def test_a_plain_dict_gets_no_fresh_tensors_of_other_stages(tmp_path: Path) -> None:
     """A plain mapping may take tensors it lacks (an optimizer that never stepped), but not
     another stage's."""
-    _two_stages(tmp_path, ["model"])
+    _two_stages(tmp_path, [], ["model"])
     state: dict[str, Any] = {"model": {"l1.w": torch.zeros(2)}, "sched": {}, "step": 0}
     ckpt.load(state, tmp_path)
     assert list(state["model"]) == ["l1.w"] and state["model"]["l1.w"].tolist() == [3.0, 3.0]
     _two_stages(tmp_path / "whole")
-    state = {"model": {"l1.w": torch.zeros(2)}, "sched": {}, "step": 0}
+    state = {"model": {"l1.w": torch.zeros(2)}, "sched": {}, "step": 0, "stage0_only": {}}
     ckpt.load(state, tmp_path / "whole")
     assert sorted(state["model"]) == sorted(NAMES)  # without partial maps: all it holds
 
