@@ -13,8 +13,8 @@ out the replicated pieces and their holders from the rules. The result is exactl
 ``assign_writers`` makes of the gathered pieces.
 
 A rank that cannot describe its tensors by rules (a ``ShardedTensor`` of another shape
-without its mesh, FSDP2 over tensor parallelism on rows that do not divide evenly), or rules that contradict
-each other, make every rank plan from the pieces.
+without its mesh, FSDP2 over tensor parallelism on rows that do not divide evenly), or
+rules that contradict each other, make every rank plan from the pieces.
 """
 
 from __future__ import annotations
