@@ -3,7 +3,8 @@
 DCP drives it (``torch.distributed.checkpoint.state_dict_saver``), and DCP's own gathers
 are the coordination; nothing here runs a collective:
 
-1. every rank: ``set_up_storage_writer``, ``prepare_local_plan`` (unchanged);
+1. every rank: ``set_up_storage_writer``, ``prepare_local_plan`` (the plan as it is, with
+   the flat keys the rank holds, before DCP gives each replicated one to a single rank);
 2. the coordinator: ``prepare_global_plan`` picks the step (the one given, or the newest
    committed + 1), refuses one already committed, draws the writer generation, and hands
    both to every rank in its plan's ``storage_data``;
@@ -13,7 +14,8 @@ are the coordination; nothing here runs a collective:
    the storage backend. Its values DCP would pickle are encoded as JSON (or refused). Its
    shard index and values travel back to the coordinator in its ``WriteResult``s;
 4. the coordinator: ``finish`` merges the shard indexes, nests the keys back into the
-   state tree from DCP's flatten mappings and publishes ``manifest.json`` with an atomic
+   state tree from DCP's flatten mappings (with the ``partial_maps`` of ranks that held
+   different keys: pipeline stages) and publishes ``manifest.json`` with an atomic
    create: the single commit point. A committed step is never overwritten.
 """
 
@@ -56,7 +58,7 @@ from ckpt.errors import (
     InvalidStateError,
     SaveAbortedError,
 )
-from ckpt.format import TENSOR_REF, Box, Manifest, ShardIndex, step_prefix
+from ckpt.format import TENSOR_REF, Box, Manifest, ShardIndex, merge_trees, step_prefix
 from recovery import committed_steps
 from storage_backends import StorageBackend
 
@@ -74,6 +76,13 @@ class _Assignment:
 
     step: int
     generation: str
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The flat keys one rank's local plan holds, before DCP's deduplication."""
+
+    keys: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -190,6 +199,7 @@ class Writer(StorageWriter):
         self._backend: StorageBackend | None = None
         self._rank = 0
         self._assignment: _Assignment | None = None
+        self._held: list[frozenset[str] | None] = []
 
     @property
     def checkpoint_id(self) -> str:
@@ -230,7 +240,7 @@ class Writer(StorageWriter):
         self._assignment = None
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+        return replace(plan, storage_data=_Held(frozenset(i.index.fqn for i in plan.items)))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: choose the step, refuse a committed one, hand it to every rank."""
@@ -245,6 +255,9 @@ class Writer(StorageWriter):
             )
         assignment = _Assignment(step, new_generation())
         self._assignment = assignment
+        self._held = [
+            p.storage_data.keys if isinstance(p.storage_data, _Held) else None for p in plans
+        ]
         return [replace(plan, storage_data=assignment) for plan in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -344,6 +357,9 @@ class Writer(StorageWriter):
             user_metadata=self._user_metadata,
             layout=LAYOUT,
         )
+        partial = _partial_maps(metadata, self._held)
+        if partial:
+            manifest = msgspec.structs.replace(manifest, partial_maps=partial)
         try:
             publish(self.backend, manifest)
         except AlreadyCommittedError:
@@ -427,6 +443,30 @@ def _leaves(metadata: Metadata, values: Mapping[str, Any]) -> list[tuple[Path, A
                 f"ckpt.dcp.Writer: no rank reported the value {fqn!r}; step not committed"
             )
     return leaves
+
+
+def _partial_maps(
+    metadata: Metadata, held: Sequence[frozenset[str] | None]
+) -> tuple[tuple[str, ...], ...]:
+    """The mappings of the saved tree whose keys the ranks held in part (pipeline stages
+    hold different parameters): the trees of the ranks' own keys, merged as ckpt's own
+    committer merges the ranks' trees. None when every rank held the same keys (or a rank's
+    plan did not say)."""
+    if any(keys is None for keys in held):
+        return ()
+    distinct = list(dict.fromkeys(k for k in held if k is not None))
+    if len(distinct) < 2:
+        return ()
+    paths = dcp_paths(metadata)
+    try:
+        skeletons = [
+            rebuild_tree(((path, 0) for fqn, path in paths.items() if fqn in keys), _collision)
+            for keys in distinct
+        ]
+    except CheckpointError:  # the whole tree was built from these paths: cannot happen
+        log.warning("ckpt.dcp.Writer: the ranks' own keys do not form trees", exc_info=True)
+        return ()
+    return tuple(tuple(path) for path in merge_trees(skeletons)[1])
 
 
 def _collision(message: str) -> InvalidStateError:

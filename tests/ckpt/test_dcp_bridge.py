@@ -8,6 +8,8 @@
 * resharding on real gloo ranks: DTensors saved on 2 ranks (by DCP through the Writer, and
   by ``ckpt.save``) load on 1 rank and on 3 ranks through the Reader (and ``ckpt.load``);
   ``dcp.async_save`` with the Writer commits too;
+* pipeline stages saved through the Writer (each rank its own keys) load strictly with
+  ``ckpt.load`` on each stage, as ``ckpt.save``'s do;
 * one case through S3 (moto on loopback);
 * ``ckpt.dcp`` is there after a plain ``import ckpt``, which imports no DCP.
 """
@@ -463,6 +465,42 @@ def test_2d_mesh_replicas_are_written_once(tmp_path: Path) -> None:
     for name, (shape, dtype, _) in SHARDED.items():
         assert torch.equal(target["model"][name], _value(name, shape, dtype)), name
     assert target["meta"] == META
+
+
+def _stages_through_dcp(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Each rank a pipeline stage with its own layer, optimizer state and values."""
+    weight = torch.full((3, 2), float(rank + 1))
+    state = {
+        "model": {f"layers.{rank}.weight": weight},
+        "optim": {"state": {f"layers.{rank}.weight": {"exp_avg": weight * 2}}},
+        "sched": {f"stage{rank}": {"microbatches": 4 + rank}},
+        "step": 9,
+    }
+    dcp.save(state, storage_writer=Writer(root, step=1))
+    target = {
+        "model": {f"layers.{rank}.weight": torch.zeros(3, 2)},
+        "optim": {"state": {f"layers.{rank}.weight": {"exp_avg": torch.zeros(3, 2)}}},
+        "sched": {f"stage{rank}": {}},
+        "step": 0,
+    }
+    ckpt.load(target, root)
+    return {
+        "model": target["model"][f"layers.{rank}.weight"].tolist(),
+        "moment": target["optim"]["state"][f"layers.{rank}.weight"]["exp_avg"].tolist(),
+        "sched": target["sched"],
+        "step": target["step"],
+    }
+
+
+def test_pipeline_stages_saved_through_dcp_load_strictly_on_each_stage(tmp_path: Path) -> None:
+    results = run_ranks(_stages_through_dcp, 2, str(tmp_path))
+    for rank, result in enumerate(results):
+        assert result["model"] == [[rank + 1.0] * 2] * 3
+        assert result["moment"] == [[2 * (rank + 1.0)] * 2] * 3
+        assert result["sched"] == {f"stage{rank}": {"microbatches": 4 + rank}}
+        assert result["step"] == 9
+    manifest = read_manifest(LocalBackend(tmp_path), 1)
+    assert set(manifest.partial_maps) == {("model",), ("optim", "state"), ("sched",)}
 
 
 def test_ckpt_dcp_loads_on_first_use_after_a_plain_import_ckpt() -> None:
