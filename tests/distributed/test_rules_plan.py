@@ -21,7 +21,14 @@ import torch
 
 import ckpt
 from ckpt.coordination import default_coordinator
-from ckpt.engine import described_layouts, flatten, make_plan, regular_plan, rules_of
+from ckpt.engine import (
+    RegularPlan,
+    described_layouts,
+    flatten,
+    make_plan,
+    regular_plan,
+    rules_of,
+)
 from ckpt.errors import InvalidStateError
 from ckpt.format import read_manifest
 from storage_backends import LocalBackend
@@ -87,14 +94,11 @@ def _regular_state(rank: int, world: int) -> dict[str, Any]:
     return {**state, **_stages(rank), "fsdp_tp": _fsdp_over_tp(), "rng": ckpt.RNGState()}
 
 
-def _both_plans(rank: int, world: int, root: str) -> dict[str, Any]:
-    state = _regular_state(rank, world)
-    tensors = flatten(state)[0]
-    rules = rules_of(tensors, rank, world)
-    assert rules is not None, "every tensor of this state follows a rule"
-    spread = tensors["fsdp_tp.0.weight"].spread
-    assert spread is not None
-    assert any(type(p).__name__ == "_StridedShard" for p in spread.placements)
+def _plans_compared(
+    rank: int, tensors: dict[str, Any], rules: Any
+) -> tuple[dict[str, bool], RegularPlan]:
+    """Plan from the rules and from the pieces (two collectives): whether this rank's
+    part, the bytes per rank and the layouts it describes are the same; the rules plan."""
     coordinator = default_coordinator()
     made = regular_plan(coordinator, tensors, rules, min_split_bytes=SPLIT)
     assert made is not None
@@ -106,6 +110,18 @@ def _both_plans(rank: int, world: int, root: str) -> dict[str, Any]:
         "layouts": described_layouts(1, rank, whole, tensors)
         == described_layouts(1, rank, pieces, tensors),
     }
+    return same, whole
+
+
+def _both_plans(rank: int, world: int, root: str) -> dict[str, Any]:
+    state = _regular_state(rank, world)
+    tensors = flatten(state)[0]
+    rules = rules_of(tensors, rank, world)
+    assert rules is not None, "every tensor of this state follows a rule"
+    spread = tensors["fsdp_tp.0.weight"].spread
+    assert spread is not None
+    assert any(type(p).__name__ == "_StridedShard" for p in spread.placements)
+    same, whole = _plans_compared(rank, tensors, rules)
     cut = {key[0] for key, shares in whole.shares.items() if len(shares) > 1}
 
     # Each stage loads its own tensors back, strictly (the stored tree holds both stages').
@@ -197,18 +213,7 @@ def _megatron_with_meshes(rank: int, world: int, root: str) -> dict[str, Any]:
         }
     }
     tensors = flatten(state)[0]
-    rules = rules_of(tensors, rank, world)
-    coordinator = default_coordinator()
-    made = regular_plan(coordinator, tensors, rules, min_split_bytes=SPLIT)
-    assert made is not None
-    mine, whole = made
-    pieces_mine, pieces = make_plan(coordinator, tensors, min_split_bytes=SPLIT)
-    same = {
-        "part": mine.boxes == pieces_mine.boxes,
-        "bytes": whole.bytes_per_rank == pieces.bytes_per_rank,
-        "layouts": described_layouts(1, rank, whole, tensors)
-        == described_layouts(1, rank, pieces, tensors),
-    }
+    same, _ = _plans_compared(rank, tensors, rules_of(tensors, rank, world))
     expected = full_values(state)
     counting = _CountingCoordinator(default_coordinator())
     ckpt.save(state, root, step=1, coordinator=counting)
