@@ -477,7 +477,7 @@ def _stages_through_dcp(rank: int, world: int, root: str) -> dict[str, Any]:
         "step": 9,
     }
     dcp.save(state, storage_writer=Writer(root, step=1))
-    target = {
+    target: dict[str, Any] = {
         "model": {f"layers.{rank}.weight": torch.zeros(3, 2)},
         "optim": {"state": {f"layers.{rank}.weight": {"exp_avg": torch.zeros(3, 2)}}},
         "sched": {f"stage{rank}": {}},
