@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import torch
 
 from ckpt.coordination import merge_indexes, new_generation, publish
@@ -155,9 +154,8 @@ class OfflineRanks:
             chunk_bytes=chunk_bytes,
             indexes=self._indexes,
             user_metadata=user_metadata,
+            partial_maps=self._partial_maps,
         )
-        if self._partial_maps:
-            manifest = msgspec.structs.replace(manifest, partial_maps=self._partial_maps)
         publish(backend, manifest)
         return manifest
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from ckpt.errors import (
     AlreadyCommittedError,
     CheckpointError,
@@ -339,16 +341,19 @@ def merge_indexes(
     user_metadata: Mapping[str, Any] | None = None,
     layout: Mapping[str, Any] | None = None,
     reports_in: float | None = None,
+    partial_maps: tuple[tuple[str, ...], ...] = (),
 ) -> Manifest:
     """One manifest from every rank's index; data file paths become relative to the step prefix.
 
     ``reports_in`` (a ``time.perf_counter`` value) is when the committer held every index:
     with it, the manifest records the ranks' timings and the committer's merge time.
+    ``partial_maps`` replaces those of the indexes' trees, for writers that hand over one
+    tree already merged (an offline conversion, the DCP writer).
     """
     builder = ManifestBuilder(step)
     for index in sorted(indexes, key=lambda i: i.rank):
         builder.add(index)
-    return builder.build(
+    manifest = builder.build(
         generation=generation,
         world_size=world_size,
         chunk_bytes=chunk_bytes,
@@ -356,6 +361,9 @@ def merge_indexes(
         layout=layout,
         commit_seconds=None if reports_in is None else time.perf_counter() - reports_in,
     )
+    if partial_maps:
+        manifest = msgspec.structs.replace(manifest, partial_maps=partial_maps)
+    return manifest
 
 
 def _overlap_error(

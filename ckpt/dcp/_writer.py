@@ -356,10 +356,8 @@ class Writer(StorageWriter):
             indexes=indexes,
             user_metadata=self._user_metadata,
             layout=LAYOUT,
+            partial_maps=_partial_maps(metadata, self._held),
         )
-        partial = _partial_maps(metadata, self._held)
-        if partial:
-            manifest = msgspec.structs.replace(manifest, partial_maps=partial)
         try:
             publish(self.backend, manifest)
         except AlreadyCommittedError:
@@ -450,8 +448,8 @@ def _partial_maps(
 ) -> tuple[tuple[str, ...], ...]:
     """The mappings of the saved tree whose keys the ranks held in part (pipeline stages
     hold different parameters): the trees of the ranks' own keys, merged as ckpt's own
-    committer merges the ranks' trees. None when every rank held the same keys (or a rank's
-    plan did not say)."""
+    committer merges the ranks' trees. Empty when every rank held the same keys (or a
+    rank's plan did not say)."""
     if any(keys is None for keys in held):
         return ()
     distinct = list(dict.fromkeys(k for k in held if k is not None))
