@@ -82,31 +82,47 @@ def main() -> None:
         blob_file = Path(tmp) / "blob.safetensors"
         blob_file.write_bytes(blob)
         config = replace(server.config(), retry=RetryPolicy())
-        for repeat in range(args.repeats):
+
+        def transfers(repeat: int) -> None:
+            """TransferManager and ckpt on the same bytes; which goes first alternates
+            between repeats, for the uploads/save and for the downloads/load."""
             key = f"tm/{repeat}/blob"
-            t = time.perf_counter()
-            client.upload_fileobj(io.BytesIO(blob), server.bucket, key, Config=transfer_config)
-            record("TransferManager upload_fileobj (memory)", time.perf_counter() - t)
-            t = time.perf_counter()
-            client.upload_file(str(blob_file), server.bucket, key + "-file", Config=transfer_config)
-            record("TransferManager upload_file (cached file)", time.perf_counter() - t)
-
-            url = server.url(f"ckpt/{repeat}")
-            backend = S3Backend(url, config)
-            t = time.perf_counter()
-            ckpt.save(state, backend, step=1)
-            record("ckpt save to S3 (to commit)", time.perf_counter() - t)
-
-            sink = io.BytesIO()
-            t = time.perf_counter()
-            client.download_fileobj(server.bucket, key, sink, Config=transfer_config)
-            record("TransferManager download_fileobj", time.perf_counter() - t)
-            del sink
-
+            backend = S3Backend(server.url(f"ckpt/{repeat}"), config)
             target = {k: torch.empty_like(v) for k, v in state.items()}
-            t = time.perf_counter()
-            report = ckpt.restore(target, backend, options=LOAD_OPTIONS)
-            record("ckpt load from S3 (verified)", time.perf_counter() - t)
+            reports: list[ckpt.RestoreReport] = []
+
+            def tm_upload() -> None:
+                t = time.perf_counter()
+                client.upload_fileobj(io.BytesIO(blob), server.bucket, key, Config=transfer_config)
+                record("TransferManager upload_fileobj (memory)", time.perf_counter() - t)
+                t = time.perf_counter()
+                client.upload_file(
+                    str(blob_file), server.bucket, key + "-file", Config=transfer_config
+                )
+                record("TransferManager upload_file (cached file)", time.perf_counter() - t)
+
+            def ckpt_save() -> None:
+                t = time.perf_counter()
+                ckpt.save(state, backend, step=1)
+                record("ckpt save to S3 (to commit)", time.perf_counter() - t)
+
+            def tm_download() -> None:
+                sink = io.BytesIO()
+                t = time.perf_counter()
+                client.download_fileobj(server.bucket, key, sink, Config=transfer_config)
+                record("TransferManager download_fileobj", time.perf_counter() - t)
+
+            def ckpt_load() -> None:
+                t = time.perf_counter()
+                reports.append(ckpt.restore(target, backend, options=LOAD_OPTIONS))
+                record("ckpt load from S3 (verified)", time.perf_counter() - t)
+
+            steps = (tm_upload, ckpt_save, tm_download, ckpt_load)
+            if repeat % 2:
+                steps = (ckpt_save, tm_upload, ckpt_load, tm_download)
+            for run_step in steps:
+                run_step()
+            (report,) = reports
             if repeat == 0 and not all(torch.equal(target[k], state[k]) for k in state):
                 raise SystemExit(
                     "ckpt load from S3 returned different bytes; not benchmarking a broken path"
@@ -115,8 +131,10 @@ def main() -> None:
                 "ckpt load read amplification",
                 report.stats.read_amplification if report.stats else 1.0,
             )
-            del target
             backend.close()
+
+        for repeat in range(args.repeats):
+            transfers(repeat)
 
             tiered = TieredBackend(
                 LocalBackend(Path(tmp) / f"local-{repeat}"),
@@ -132,7 +150,8 @@ def main() -> None:
 
     print(
         f"\nS3 server: {args.server} on loopback; state {nbytes / 2**20:.0f} MiB "
-        f"({len(state)} tensors); {args.repeats} interleaved repeats; medians\n"
+        f"({len(state)} tensors); {args.repeats} interleaved repeats (which tool goes first "
+        "alternates); medians\n"
     )
     print(f"{'operation':46s} {'median s':>9s} {'GB/s':>7s}")
     med = {k: statistics.median(v) for k, v in samples.items()}
