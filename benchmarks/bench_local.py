@@ -426,6 +426,18 @@ def run_dcp(b: Bench) -> None:
     shutil.rmtree(directory)
 
 
+def timed_in_turn(
+    b: Bench, in_order: bool, *calls: tuple[str, Callable[[], Any]]
+) -> dict[str, Any]:
+    """Time each call into ``b.samples[key]``, in the given order or reversed; their results
+    by key."""
+    results = {}
+    for key, call in calls if in_order else calls[::-1]:
+        with timed(b.samples, key):
+            results[key] = call()
+    return results
+
+
 def run_ckpt(b: Bench) -> None:
     # The limits (one file written + fsynced, then read cold) back to back with ckpt's save
     # and cold load: this disk drifts within a repeat, so each limit is measured where ckpt
@@ -435,27 +447,23 @@ def run_ckpt(b: Bench) -> None:
     view = memoryview(b.flat.numpy()).cast("B")  # type: ignore[arg-type]
     directory = b.fresh_dir("ckpt")
     b.step += 1
-    results: list[ckpt.SaveResult] = []
-    writes: tuple[tuple[str, Callable[[], Any]], ...] = (
+    saved = timed_in_turn(
+        b,
+        odd,
         ("raw_write", lambda: write_file(raw, view)),
-        ("ckpt_save", lambda: results.append(ckpt.save(b.state, directory, step=b.step))),
+        ("ckpt_save", lambda: ckpt.save(b.state, directory, step=b.step)),
     )
-    for key, fn in writes if odd else writes[::-1]:
-        with timed(b.samples, key):
-            fn()
-    note_save_phases(b, "ckpt_save", results[0])
+    note_save_phases(b, "ckpt_save", saved["ckpt_save"])
     b.evict(directory)
     b.evict(raw)
-    reports: list[ckpt.RestoreReport] = []
-    cold: tuple[tuple[str, Callable[[], Any]], ...] = (
+    loaded = timed_in_turn(
+        b,
+        odd,
         ("raw_read", lambda: read_file(raw, view)),
-        ("ckpt_load", lambda: reports.append(ckpt.restore(b.targets, directory, step=b.step))),
+        ("ckpt_load", lambda: ckpt.restore(b.targets, directory, step=b.step)),
     )
-    for key, fn in cold if odd else cold[::-1]:
-        with timed(b.samples, key):
-            fn()
     raw.unlink()
-    (report,) = reports
+    report = loaded["ckpt_load"]
     if report.stats is not None:
         b.note("ckpt_load.reads", report.stats.seconds)
         b.note("ckpt_load.read_amplification", report.stats.read_amplification)
